@@ -1,0 +1,85 @@
+"""Knobs: the handful of numbers a policy sets and the controller applies to every decision.
+
+A request's priority (smaller runs first) is, in seconds::
+
+    key = length_weight      * predicted_service_s
+        + uncertainty_weight * uncertainty * predicted_service_s
+        - wait_weight        * (now - arrival)
+        + slack_weight       * (deadline - now - predicted_service_s)
+
+For fixed knobs the order of these keys does not change with ``now`` (the ``now`` terms are
+common to every request), so the controller keeps them in a heap and re-keys only when the knobs
+change. FCFS is ``wait_weight=1`` with everything else 0; shortest-job-first is
+``length_weight=1``; earliest-deadline-first is ``slack_weight=1``.
+
+>>> Knobs().validate()
+Knobs(length_weight=1.0, uncertainty_weight=0.0, wait_weight=0.0, slack_weight=0.0, max_batch_size=8, offload_threshold=inf, max_wait_s=inf)
+>>> Knobs(max_batch_size=0)
+Traceback (most recent call last):
+...
+ValueError: Knobs.max_batch_size must be >= 1, got 0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True, slots=True)
+class Knobs:
+    """What a policy decides.
+
+    Attributes
+    ----------
+    length_weight
+        Weight of the predicted service time in the priority (shortest-first pressure).
+    uncertainty_weight
+        Extra weight on the predicted service time of uncertain prompts (0..1 uncertainty);
+        positive pushes uncertain prompts back, as RT-LM does.
+    wait_weight
+        Aging: how much each second of waiting moves a request forward.
+    slack_weight
+        Deadline pressure: how much each second of slack moves a request back.
+    max_batch_size
+        Cap on requests running at once on the primary executor (dynamic consolidation).
+    offload_threshold
+        Requests whose predicted output length (tokens) is at least this are eligible for the
+        secondary executor; ``inf`` disables offloading.
+    max_wait_s
+        Hard aging bound: a request that has waited this long runs next, whatever its key.
+    """
+
+    length_weight: float = 1.0
+    uncertainty_weight: float = 0.0
+    wait_weight: float = 0.0
+    slack_weight: float = 0.0
+    max_batch_size: int = 8
+    offload_threshold: float = math.inf
+    max_wait_s: float = math.inf
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> Knobs:
+        for name in ("length_weight", "uncertainty_weight", "wait_weight", "slack_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ValueError(f"Knobs.{name} must be a number, got {value!r}")
+            if math.isinf(value):
+                raise ValueError(f"Knobs.{name} must be finite, got {value!r}")
+        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int):
+            raise TypeError(f"Knobs.max_batch_size must be an int, got {self.max_batch_size!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"Knobs.max_batch_size must be >= 1, got {self.max_batch_size}")
+        for name in ("offload_threshold", "max_wait_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+                raise ValueError(f"Knobs.{name} must be > 0 (inf disables it), got {value!r}")
+        return self
+
+    def replace(self, **changes: float) -> Knobs:
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)

@@ -1,0 +1,93 @@
+"""The Executor protocol: one interface for the simulated backend, the transformers backend and,
+later, a production engine.
+
+An executor runs a batch of requests iteration by iteration. The serving loop admits requests
+(they join before the next iteration: continuous batching) and calls ``step``; each step reports
+how long it took and which requests ended. A simulated executor may fuse several iterations into
+one ``step`` call while nothing changes (no request ends, no new request could join before
+``until``); a real one runs exactly one iteration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from rtlm_adapt.request import Completion, Request
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What one ``Executor.step`` call did.
+
+    Attributes
+    ----------
+    duration_s
+        Seconds the call took (virtual seconds for a simulated executor).
+    iterations
+        Decode iterations run (1 for a real executor; more when a simulator fused them).
+    batch_size
+        Requests running during the call.
+    prefill_tokens
+        Prompt tokens prefilled in this call (new joiners).
+    context_tokens
+        Total context (prompt + generated) tokens across the batch at the start of the call.
+    finished
+        Requests that ended in this call, successfully or with an error.
+    new_tokens
+        Tokens generated in this call, per request id.
+    """
+
+    duration_s: float
+    iterations: int
+    batch_size: int
+    prefill_tokens: int = 0
+    context_tokens: int = 0
+    finished: list[Completion] = field(default_factory=list)
+    new_tokens: dict[str, int] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """A backend that runs batches of requests."""
+
+    name: str
+    max_batch_size: int
+
+    def running(self) -> int:
+        """Number of requests currently in the batch."""
+        ...
+
+    def running_ids(self) -> list[str]:
+        """Ids of the requests currently in the batch."""
+        ...
+
+    def admit(self, requests: Sequence[Request], now: float) -> None:
+        """Add requests to the batch; they start with the next step."""
+        ...
+
+    def step(self, now: float, until: float = math.inf) -> StepResult:
+        """Run at least one iteration starting at ``now``; fused iterations end by ``until``."""
+        ...
+
+    def abort(self, request_id: str, now: float) -> Completion | None:
+        """Remove a running request; return its (error) completion, or None if not running."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorState:
+    """What the controller needs to know about an executor to choose its next requests."""
+
+    name: str
+    role: str  # "primary" or "secondary"
+    running: int
+    max_batch_size: int
+    now: float
+    running_context_tokens: int = 0
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_batch_size - self.running)

@@ -1,0 +1,118 @@
+"""StepCost: a cost model of one executor iteration, stored as a small JSON profile.
+
+One iteration (prefill of new joiners plus one decode step for the whole batch) costs::
+
+    step_s = decode_s_base + decode_s_per_seq * batch + decode_s_per_ctx_token * context_tokens
+             + (prefill_s_base + prefill_s_per_token * prefill_tokens   if anything is prefilled)
+
+This linear form fits measured CPU and GPU decode costs well in the ranges we serve (see
+``rtlm-adapt profile``). The simulated executor uses it to advance virtual time, and the latency
+model starts from it before it learns from real timings.
+
+>>> cost = StepCost.default()
+>>> cost.step_time(batch_size=1, context_tokens=100) < cost.step_time(batch_size=8, context_tokens=800)
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_PROFILE = "smollm2-135m-cpu2"
+DEFAULT_SECONDARY_PROFILE = "smollm2-135m-cpu2-secondary"
+
+
+@dataclass(frozen=True, slots=True)
+class StepCost:
+    name: str
+    decode_s_base: float
+    decode_s_per_seq: float
+    decode_s_per_ctx_token: float
+    prefill_s_base: float
+    prefill_s_per_token: float
+    max_batch_size: int = 16
+    kv_token_budget: int | None = None
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in (
+            "decode_s_base",
+            "decode_s_per_seq",
+            "decode_s_per_ctx_token",
+            "prefill_s_base",
+            "prefill_s_per_token",
+        ):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+                raise ValueError(f"StepCost.{key} must be a number >= 0, got {value!r}")
+        if self.decode_s_base + self.decode_s_per_seq <= 0:
+            raise ValueError("StepCost: a decode step must cost more than 0 seconds")
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ValueError(f"StepCost.max_batch_size must be an int >= 1, got {self.max_batch_size!r}")
+
+    def step_time(self, batch_size: int, context_tokens: int = 0, prefill_tokens: int = 0) -> float:
+        """Seconds for one iteration of a batch of ``batch_size`` requests."""
+        t = (
+            self.decode_s_base
+            + self.decode_s_per_seq * batch_size
+            + self.decode_s_per_ctx_token * context_tokens
+        )
+        if prefill_tokens > 0:
+            t += self.prefill_s_base + self.prefill_s_per_token * prefill_tokens
+        return t
+
+    def isolated_service_time(self, prompt_tokens: int, output_tokens: int) -> float:
+        """Seconds to serve one request alone: prefill, then ``output_tokens`` decode steps."""
+        n = max(1, output_tokens)
+        decode = n * (self.decode_s_base + self.decode_s_per_seq)
+        # context grows from prompt_tokens to prompt_tokens + n - 1 over the n steps
+        decode += self.decode_s_per_ctx_token * (n * prompt_tokens + n * (n - 1) / 2)
+        return decode + self.prefill_s_base + self.prefill_s_per_token * prompt_tokens
+
+    # -- persistence -------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StepCost:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"StepCost profile has unknown fields: {sorted(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"StepCost profile is missing fields: {exc}") from exc
+
+    @classmethod
+    def load(cls, path_or_name: str | Path) -> StepCost:
+        """Load a profile from a JSON file, or a packaged one by name (e.g. ``smollm2-135m-cpu2``)."""
+        path = Path(path_or_name)
+        if path.suffix == ".json" or path.exists():
+            text = path.read_text()
+        else:
+            res = resources.files("rtlm_adapt.profiles").joinpath(f"{path_or_name}.json")
+            if not res.is_file():
+                raise ValueError(f"unknown cost profile {str(path_or_name)!r} (no such file or packaged name)")
+            text = res.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"cost profile {str(path_or_name)!r} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def default(cls) -> StepCost:
+        return cls.load(DEFAULT_PROFILE)
+
+    @classmethod
+    def default_secondary(cls) -> StepCost:
+        return cls.load(DEFAULT_SECONDARY_PROFILE)
