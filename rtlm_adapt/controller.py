@@ -1,0 +1,417 @@
+"""AdaptiveController: the scheduler a serving loop embeds.
+
+The loop tells the controller three things and asks it one::
+
+    controller.submit(request)                 # a request arrived
+    batch = controller.next_batch(state)       # an executor has room: which requests run there?
+    controller.on_step(executor_name, result)  # an executor ran an iteration (timings)
+    controller.on_finish(completion)           # a request ended
+
+On ``submit`` the controller scores the prompt's uncertainty, predicts its output length (with an
+interval) and its service time, and queues it under a priority key built from the current
+:class:`~rtlm_adapt.knobs.Knobs`. ``next_batch`` hands out the best keys, honouring the batch cap,
+the offload threshold (only long or uncertain requests go to a secondary executor) and the hard
+aging bound. ``on_finish`` feeds the true length back to the predictor and ``on_step`` the timings
+back to the latency model, so both keep tracking the served model. Every ``epoch_s`` seconds the
+policy looks at an :class:`~rtlm_adapt.observation.Observation` and may change the knobs.
+
+>>> from rtlm_adapt import Request
+>>> from rtlm_adapt.serving.base import ExecutorState
+>>> ctl = AdaptiveController(policy="fcfs")
+>>> ctl.submit(Request("a", "Write a long story about the sea.", arrival_time=0.0))
+>>> ctl.submit(Request("b", "Name one prime number.", arrival_time=0.1))
+>>> [r.id for r in ctl.next_batch(ExecutorState("gpu", "primary", 0, 8, now=0.2))]
+['a', 'b']
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from rtlm_adapt.knobs import Knobs
+from rtlm_adapt.latency import LatencyModel
+from rtlm_adapt.observation import Observation
+from rtlm_adapt.predictor import LengthPrediction, LengthPredictor
+from rtlm_adapt.queue import QueueEntry, RequestQueue
+from rtlm_adapt.request import Completion, Request
+from rtlm_adapt.serving.base import ExecutorState, StepResult
+from rtlm_adapt.serving.profile import StepCost
+from rtlm_adapt.uncertainty import UncertaintyScorer
+
+logger = logging.getLogger(__name__)
+
+#: Slack (s) assumed for a request without a deadline, so the slack term stays finite.
+NO_DEADLINE_SLACK_S = 3600.0
+
+
+@dataclass(slots=True)
+class Tracked:
+    """What the controller remembers about one live request."""
+
+    request: Request
+    features: dict[str, float]
+    uncertainty: float
+    prediction: LengthPrediction
+    prompt_tokens: int
+    rank_length: float  # the length the priority uses (per the policy's length_source)
+    service_s: float  # predicted service time on the primary at the reference batch size
+    executor: str | None = None
+    submitted_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerStats:
+    submitted: int
+    queued: int
+    running: int
+    finished: int
+    failed: int
+
+    @property
+    def balanced(self) -> bool:
+        """Every submitted request is queued, running, finished or failed: nothing lost."""
+        return self.submitted == self.queued + self.running + self.finished + self.failed
+
+
+class AdaptiveController:
+    """Uncertainty-aware scheduler with an online length predictor; see the module docstring.
+
+    Parameters
+    ----------
+    policy
+        A Policy object, or a name understood by :func:`rtlm_adapt.policies.make_policy`
+        (``fcfs``, ``sjf-prompt``, ``oracle-sjf``, ``heuristic``, ...).
+    predictor
+        The online length predictor (default: a fresh :class:`LengthPredictor`).
+    profiles
+        Cost profile per executor name, the starting point of each latency model; executors not
+        named start from the default profile.
+    epoch_s
+        How often (seconds on the loop's clock) the policy may change the knobs.
+    batching
+        ``continuous`` or ``static``; in static mode batches are consolidated by predicted length.
+    max_queue
+        Optional bound on waiting requests; a submit beyond it raises ``QueueFullError``.
+    """
+
+    def __init__(
+        self,
+        policy: Any = "heuristic",
+        *,
+        predictor: LengthPredictor | None = None,
+        scorer: UncertaintyScorer | None = None,
+        profiles: Mapping[str, StepCost] | None = None,
+        epoch_s: float = 1.0,
+        batching: str = "continuous",
+        max_queue: int | None = None,
+        reference_batch: int = 8,
+    ) -> None:
+        if isinstance(policy, str):
+            from rtlm_adapt.policies import make_policy
+
+            policy = make_policy(policy)
+        for attr in ("decide", "length_source", "consolidate", "name"):
+            if not hasattr(policy, attr):
+                raise TypeError(f"policy {policy!r} lacks {attr!r}: not a Policy")
+        if batching not in ("continuous", "static"):
+            raise ValueError(f"unknown batching mode {batching!r}; expected 'continuous' or 'static'")
+        if not (isinstance(epoch_s, (int, float)) and epoch_s > 0 and math.isfinite(epoch_s)):
+            raise ValueError(f"epoch_s must be a positive number, got {epoch_s!r}")
+        if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 1):
+            raise ValueError(f"max_queue must be an int >= 1 or None, got {max_queue!r}")
+        self.policy = policy
+        self.predictor = predictor if predictor is not None else LengthPredictor()
+        self.scorer = scorer if scorer is not None else UncertaintyScorer()
+        self.profiles = dict(profiles or {})
+        self.latency: dict[str, LatencyModel] = {}
+        self.epoch_s = float(epoch_s)
+        self.batching = batching
+        self.max_queue = max_queue
+        self.reference_batch = reference_batch
+        self.knobs = Knobs()
+        self._queue = RequestQueue()
+        self._running: dict[str, Tracked] = {}
+        self._executors: dict[str, ExecutorState] = {}
+        self._primary: str | None = None
+        self._next_epoch = 0.0
+        self._last_epoch = 0.0
+        self._external_knobs = False
+        # counters (the accounting invariant) and smoothed signals for the observation
+        self._submitted = self._finished = self._failed = 0
+        self._arrivals_in_epoch = 0
+        self._arrival_rate = 0.0
+        self._service_ewma = 0.0
+        self._response_ewma = 0.0
+        self._miss_ewma = 0.0
+        self._step_ewma = 0.0
+
+    # -- the loop's calls ------------------------------------------------------------------------
+    def submit(self, request: Request, features: dict[str, float] | None = None) -> None:
+        """Queue a request. ``features`` may carry precomputed uncertainty features."""
+        if not isinstance(request, Request):
+            raise TypeError(f"submit() takes a Request, got {type(request).__name__}")
+        rid = request.id
+        if rid in self._queue or rid in self._running:
+            raise ValueError(f"duplicate request id {rid!r}: a request with this id is still live")
+        if self.max_queue is not None and len(self._queue) >= self.max_queue:
+            raise QueueFullError(f"queue is full ({self.max_queue} waiting); request {rid!r} rejected")
+        if features is None:
+            features = self.scorer.features(request.prompt)
+        uncertainty = self.scorer.score(features)
+        features["uncertainty"] = uncertainty
+        prediction = self.predictor.predict_one(features)
+        prompt_tokens = request.prompt_tokens or max(1, int(features.get("prompt_tokens_est", 1)))
+        rank_length = self._rank_length(request, prediction, prompt_tokens)
+        service_s = self._primary_latency().service_time(
+            prompt_tokens, rank_length, batch_size=self.reference_batch
+        )
+        tracked = Tracked(
+            request, features, uncertainty, prediction, prompt_tokens, rank_length, service_s,
+            submitted_at=request.arrival_time,
+        )
+        entry = QueueEntry(rid, request.arrival_time, payload=tracked)
+        entry.key, entry.offload = self._key_of(entry)
+        self._queue.push(entry)
+        self._submitted += 1
+        self._arrivals_in_epoch += 1
+        # smoothed isolated service time: the time scale of the observation and of aging
+        isolated = self._primary_latency().service_time(prompt_tokens, prediction.length, batch_size=1)
+        if self._submitted == 1:
+            self._service_ewma = isolated
+        else:
+            self._service_ewma += 0.05 * (isolated - self._service_ewma)
+
+    def next_batch(self, state: ExecutorState) -> list[Request]:
+        """The requests that should join ``state``'s executor now (possibly none)."""
+        self._register(state)
+        now = state.now
+        if now >= self._next_epoch:
+            self._run_policy(now)
+        if not self._queue:
+            return []
+        if state.role == "primary":
+            room = min(state.max_batch_size, self.knobs.max_batch_size) - state.running
+        else:
+            room = state.free_slots
+        if room <= 0:
+            return []
+        if self.batching == "static" and state.running == 0 and self.policy.consolidate:
+            entries = self._consolidated(room, offload_only=state.role != "primary")
+        else:
+            entries = self._take(room, now, offload_only=state.role != "primary")
+        batch = []
+        for entry in entries:
+            tracked: Tracked = entry.payload
+            tracked.executor = state.name
+            self._running[entry.request_id] = tracked
+            batch.append(tracked.request)
+        return batch
+
+    def on_step(self, executor: str, result: StepResult) -> None:
+        """An executor ran ``result.iterations`` iterations: learn its timing."""
+        model = self._latency_for(executor)
+        model.learn_step(
+            result.batch_size,
+            result.context_tokens,
+            result.prefill_tokens,
+            result.duration_s,
+            iterations=max(1, result.iterations),
+        )
+        if executor == self._primary and result.iterations > 0:
+            per_iter = result.duration_s / result.iterations
+            if math.isfinite(per_iter) and per_iter >= 0:
+                self._step_ewma += 0.1 * (per_iter - self._step_ewma)
+
+    def on_finish(self, completion: Completion) -> None:
+        """A request ended (with a result or an error): account for it and learn its length."""
+        tracked = self._running.pop(completion.request_id, None)
+        if tracked is None:
+            raise ValueError(
+                f"on_finish for request {completion.request_id!r}, which is not running "
+                "(unknown, never scheduled, or already finished)"
+            )
+        if completion.error is not None:
+            self._failed += 1
+            return
+        self._finished += 1
+        self.predictor.learn_one(tracked.features, completion.output_tokens)
+        rt = completion.response_time
+        if math.isfinite(rt) and rt >= 0:
+            self._response_ewma += 0.05 * (rt - self._response_ewma)
+        self._miss_ewma += 0.05 * (float(completion.missed_deadline) - self._miss_ewma)
+
+    def cancel(self, request_id: str) -> Request | None:
+        """Withdraw a waiting request; returns it, or None if it is not waiting."""
+        entry = self._queue.remove(request_id)
+        if entry is None:
+            return None
+        self._failed += 1
+        return entry.payload.request
+
+    # -- knobs -----------------------------------------------------------------------------------
+    def set_knobs(self, knobs: Knobs, *, hold: bool = True) -> None:
+        """Apply knobs now (re-keys the queue). ``hold`` keeps them until the next call,
+        suspending the policy (the RL environment drives the controller this way)."""
+        if not isinstance(knobs, Knobs):
+            raise TypeError(f"set_knobs() takes Knobs, got {type(knobs).__name__}")
+        self._external_knobs = hold
+        self._apply(knobs)
+
+    def observe(self, now: float) -> Observation:
+        """The current observation (queue statistics are over at most 512 waiting requests)."""
+        lengths, uncert, oldest, min_slack = [], 0.0, 0.0, math.inf
+        for i, entry in enumerate(self._queue):
+            if i >= 512:
+                break
+            t: Tracked = entry.payload
+            lengths.append(t.prediction.length)
+            uncert += t.uncertainty
+            oldest = max(oldest, now - t.request.arrival_time)
+            if t.request.deadline is not None:
+                min_slack = min(min_slack, t.request.deadline - now)
+        lengths.sort()
+        n = len(lengths)
+        primary = self._executors.get(self._primary or "")
+        secondary = next((s for s in self._executors.values() if s.role != "primary"), None)
+        svc = self._service_ewma
+        batch = max(1, primary.max_batch_size if primary else self.reference_batch)
+        mean_len = sum(lengths) / n if n else self.predictor.predict_one({}).length
+        per_request = self._primary_latency().service_time(64, mean_len, batch_size=batch)
+        capacity = batch / max(1e-9, per_request)
+        return Observation(
+            now=now,
+            queue_length=len(self._queue),
+            primary_running=primary.running if primary else 0,
+            primary_max_batch=primary.max_batch_size if primary else self.reference_batch,
+            secondary_running=secondary.running if secondary else 0,
+            secondary_max_batch=secondary.max_batch_size if secondary else 0,
+            pred_len_mean=mean_len if n else 0.0,
+            pred_len_p90=lengths[min(n - 1, int(0.9 * n))] if n else 0.0,
+            uncertainty_mean=uncert / n if n else 0.0,
+            oldest_wait_s=oldest,
+            min_slack_s=min_slack,
+            arrival_rate=self._arrival_rate,
+            service_time_s=svc,
+            load=self._arrival_rate / capacity if capacity > 0 else 0.0,
+            recent_response_s=self._response_ewma,
+            recent_miss_rate=self._miss_ewma,
+            step_time_s=self._step_ewma,
+        )
+
+    def stats(self) -> ControllerStats:
+        return ControllerStats(
+            submitted=self._submitted,
+            queued=len(self._queue),
+            running=len(self._running),
+            finished=self._finished,
+            failed=self._failed,
+        )
+
+    def __len__(self) -> int:
+        """Waiting requests."""
+        return len(self._queue)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _register(self, state: ExecutorState) -> None:
+        if state.name not in self._executors:
+            if state.role == "primary":
+                self._primary = state.name
+            self._latency_for(state.name)
+        self._executors[state.name] = state
+
+    def _latency_for(self, name: str) -> LatencyModel:
+        model = self.latency.get(name)
+        if model is None:
+            prior = self.profiles.get(name) or StepCost.default()
+            model = self.latency[name] = LatencyModel(prior)
+        return model
+
+    def _primary_latency(self) -> LatencyModel:
+        return self._latency_for(self._primary or "primary")
+
+    def _rank_length(self, request: Request, prediction: LengthPrediction, prompt_tokens: int) -> float:
+        source = self.policy.length_source
+        if source == "predicted":
+            return prediction.length
+        if source == "prompt":
+            return float(prompt_tokens)
+        true = request.true_output_tokens
+        if true is None:
+            raise ValueError(
+                f"policy {self.policy.name!r} ranks by true lengths, but request {request.id!r} "
+                "carries none (metadata[TRUE_LENGTH_KEY])"
+            )
+        return float(true)
+
+    def _key_of(self, entry: QueueEntry) -> tuple[float, bool]:
+        k = self.knobs
+        t: Tracked = entry.payload
+        s = t.service_s
+        key = (k.length_weight + k.uncertainty_weight * t.uncertainty) * s + k.wait_weight * t.submitted_at
+        if k.slack_weight:
+            deadline = t.request.deadline
+            if deadline is None:
+                deadline = t.submitted_at + NO_DEADLINE_SLACK_S
+            key += k.slack_weight * (deadline - s)
+        return key, t.prediction.length >= k.offload_threshold
+
+    def _take(self, room: int, now: float, *, offload_only: bool) -> list[QueueEntry]:
+        taken: list[QueueEntry] = []
+        max_wait = self.knobs.max_wait_s
+        queue = self._queue
+        while len(taken) < room and queue:
+            entry = None
+            if max_wait < math.inf and not offload_only:
+                oldest = queue.oldest()
+                if oldest is not None and now - oldest.arrival_time >= max_wait:
+                    entry = oldest
+                    queue.remove(entry.request_id)
+            if entry is None:
+                entry = queue.pop(offload_only=offload_only)
+            if entry is None:
+                break
+            taken.append(entry)
+        return taken
+
+    def _consolidated(self, room: int, *, offload_only: bool) -> list[QueueEntry]:
+        """A static batch: the best request plus those closest to it in predicted length."""
+        window = self._take(min(len(self._queue), room * 4), math.inf, offload_only=offload_only)
+        if not window:
+            return []
+        head, rest = window[0], window[1:]
+        target = math.log1p(head.payload.rank_length)
+        rest.sort(key=lambda e: abs(math.log1p(e.payload.rank_length) - target))
+        chosen, back = [head, *rest[: room - 1]], rest[room - 1 :]
+        for entry in back:  # return the others with a fresh entry (keys unchanged)
+            fresh = QueueEntry(entry.request_id, entry.arrival_time, payload=entry.payload)
+            fresh.key, fresh.offload = entry.key, entry.offload
+            self._queue.push(fresh)
+        return chosen
+
+    def _run_policy(self, now: float) -> None:
+        elapsed = now - self._last_epoch
+        if elapsed > 0:
+            rate = self._arrivals_in_epoch / elapsed
+            self._arrival_rate = rate if self._last_epoch == 0 else (
+                0.7 * self._arrival_rate + 0.3 * rate
+            )
+        self._arrivals_in_epoch = 0
+        self._last_epoch = now
+        self._next_epoch = now + self.epoch_s
+        if self._external_knobs:
+            return
+        knobs = self.policy.decide(self.observe(now))
+        if knobs != self.knobs:
+            self._apply(knobs)
+
+    def _apply(self, knobs: Knobs) -> None:
+        self.knobs = knobs
+        self._queue.rekey(self._key_of)
+
+
+class QueueFullError(RuntimeError):
+    """The controller's queue is at ``max_queue``: the request was not accepted."""

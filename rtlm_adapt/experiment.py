@@ -1,0 +1,136 @@
+"""Experiments: build a workload from real data, run policies on it, summarize.
+
+This is what ``rtlm-adapt simulate`` and the benchmarks call. Every policy sees the very same
+requests (same prompts, lengths, arrivals and deadlines) and a fresh controller and executors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from rtlm_adapt.controller import AdaptiveController
+from rtlm_adapt.metrics import Summary, summarize
+from rtlm_adapt.request import Completion, Request
+from rtlm_adapt.serving.loop import ServingLoop
+from rtlm_adapt.serving.profile import StepCost
+from rtlm_adapt.serving.sim import SimulatedExecutor
+from rtlm_adapt.workloads import (
+    PromptSample,
+    assign_deadlines,
+    build_requests,
+    make_arrivals,
+)
+
+
+@dataclass
+class Workload:
+    """Requests ready to replay, and how they were made."""
+
+    requests: list[Request]
+    rate_rps: float
+    load: float
+    mean_service_s: float
+    capacity_rps: float
+    description: str
+
+
+def capacity_rps(cost: StepCost, samples: Sequence[PromptSample], batch: int) -> float:
+    """Requests/s the executor sustains with full batches of ``batch`` on this prompt mix.
+
+    A request of prompt P and output L occupies L iterations of a full batch (1/batch of each
+    one's cost, at the batch's mean context) plus its own prefill.
+    """
+    per_request = []
+    for s in samples:
+        ctx = batch * (s.prompt_tokens + s.response_tokens / 2)
+        step = cost.step_time(batch, context_tokens=int(ctx))
+        prefill = cost.prefill_s_base / batch + cost.prefill_s_per_token * s.prompt_tokens
+        per_request.append(s.response_tokens * step / batch + prefill)
+    return 1.0 / float(np.mean(per_request))
+
+
+def mean_isolated_service_s(cost: StepCost, samples: Sequence[PromptSample]) -> float:
+    return float(np.mean([cost.isolated_service_time(s.prompt_tokens, s.response_tokens) for s in samples]))
+
+
+def build_workload(
+    samples: Sequence[PromptSample],
+    *,
+    arrivals: str = "poisson",
+    load: float = 0.9,
+    n: int = 1000,
+    seed: int = 0,
+    slo: str = "0.7:2,0.3:10",
+    cost: StepCost | None = None,
+    batch: int | None = None,
+) -> Workload:
+    """Sample ``n`` prompts (with replacement if needed), arrivals at ``load`` of capacity."""
+    if not samples:
+        raise ValueError("build_workload() needs at least one prompt sample")
+    if not (isinstance(load, (int, float)) and load > 0 and math.isfinite(load)):
+        raise ValueError(f"load must be a positive number, got {load!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of requests must be an int >= 1, got {n!r}")
+    cost = cost or StepCost.default()
+    batch = batch or cost.max_batch_size
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(samples), size=n, replace=n > len(samples))
+    chosen = [samples[i] for i in idx]
+    cap = capacity_rps(cost, chosen, batch)
+    rate = load * cap
+    times = make_arrivals(arrivals, n, rate, seed)
+    mean_svc = mean_isolated_service_s(cost, chosen)
+    deadlines = assign_deadlines(times, mean_svc, seed=seed, slo=slo)
+    requests = build_requests(chosen, times, deadlines)
+    # ids unique per position: the same prompt may be drawn twice
+    requests = [replace(r, id=f"{i}:{r.id}") for i, r in enumerate(requests)]
+    desc = (
+        f"{n} requests, arrivals={arrivals}, load={load} ({rate:.3f} req/s of "
+        f"{cap:.3f} capacity at batch {batch}), mean isolated service {mean_svc:.2f}s, slo={slo}"
+    )
+    return Workload(requests, rate, load, mean_svc, cap, desc)
+
+
+@dataclass
+class PolicyRun:
+    name: str
+    summary: Summary
+    completions: list[Completion]
+    controller: AdaptiveController
+
+
+def run_policy(
+    policy: str,
+    workload: Workload,
+    *,
+    batching: str = "continuous",
+    primary_cost: StepCost | None = None,
+    secondary_cost: StepCost | None = None,
+    controller_factory: Callable[..., AdaptiveController] | None = None,
+    on_completion: Callable[[Completion], None] | None = None,
+) -> PolicyRun:
+    """Serve the workload under one policy on simulated executors."""
+    primary_cost = primary_cost or StepCost.default()
+    profiles = {"primary": primary_cost}
+    secondary = None
+    if secondary_cost is not None:
+        profiles["secondary"] = secondary_cost
+        secondary = SimulatedExecutor("secondary", secondary_cost, batching=batching)
+    factory = controller_factory or AdaptiveController
+    controller = factory(policy, profiles=profiles, batching=batching)
+    loop = ServingLoop(
+        controller,
+        SimulatedExecutor("primary", primary_cost, batching=batching),
+        secondary,
+        batching=batching,
+        on_completion=on_completion,
+    )
+    result = loop.run(workload.requests)
+    stats = controller.stats()
+    if not stats.balanced or len(result.completions) != len(workload.requests):
+        raise RuntimeError(f"accounting mismatch after the run: {stats}")
+    return PolicyRun(policy, summarize(result.completions), result.completions, controller)

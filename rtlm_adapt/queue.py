@@ -1,0 +1,124 @@
+"""RequestQueue: the waiting requests, ordered by a time-invariant priority key.
+
+Two heaps share the same entries: one over every waiting request, one over those eligible for
+offloading. Removal is lazy (an entry is marked dead and skipped when it reaches the top), so
+taking a request from either heap is O(log n) and the other heap never needs a search. An
+arrival-ordered deque serves the hard aging bound: the oldest waiting request is found in O(1).
+
+Keys only change when the knobs do; ``rekey`` then rebuilds both heaps in O(n).
+
+>>> q = RequestQueue()
+>>> for name, key in [("a", 3.0), ("b", 1.0), ("c", 2.0)]:
+...     q.push(QueueEntry(request_id=name, arrival_time=0.0, key=key))
+>>> [q.pop().request_id for _ in range(len(q))]
+['b', 'c', 'a']
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True, eq=False)
+class QueueEntry:
+    """One waiting request and what the controller knows about it."""
+
+    request_id: str
+    arrival_time: float
+    key: float = 0.0
+    offload: bool = False
+    payload: Any = None
+    alive: bool = True
+    seq: int = field(default=0)
+
+
+class RequestQueue:
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, QueueEntry]] = []
+        self._offload_heap: list[tuple[float, int, QueueEntry]] = []
+        self._by_arrival: deque[QueueEntry] = deque()
+        self._entries: dict[str, QueueEntry] = {}
+        self._counter = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._entries
+
+    def __iter__(self) -> Iterator[QueueEntry]:
+        """Live entries, in no particular order."""
+        return iter(list(self._entries.values()))
+
+    def get(self, request_id: str) -> QueueEntry | None:
+        return self._entries.get(request_id)
+
+    def push(self, entry: QueueEntry) -> None:
+        """Add a waiting request."""
+        if entry.request_id in self._entries:
+            raise ValueError(f"request id {entry.request_id!r} is already queued")
+        entry.seq = next(self._counter)
+        entry.alive = True
+        self._entries[entry.request_id] = entry
+        heapq.heappush(self._heap, (entry.key, entry.seq, entry))
+        if entry.offload:
+            heapq.heappush(self._offload_heap, (entry.key, entry.seq, entry))
+        self._by_arrival.append(entry)
+
+    def peek(self, *, offload_only: bool = False) -> QueueEntry | None:
+        """The best waiting entry (optionally among offload-eligible ones), without removing it."""
+        heap = self._offload_heap if offload_only else self._heap
+        while heap and not heap[0][2].alive:
+            heapq.heappop(heap)
+        return heap[0][2] if heap else None
+
+    def pop(self, *, offload_only: bool = False) -> QueueEntry | None:
+        """Remove and return the best waiting entry."""
+        entry = self.peek(offload_only=offload_only)
+        if entry is not None:
+            self.remove(entry.request_id)
+        return entry
+
+    def oldest(self) -> QueueEntry | None:
+        """The longest-waiting live entry (by arrival time, then submission order)."""
+        arrivals = self._by_arrival
+        while arrivals and not arrivals[0].alive:
+            arrivals.popleft()
+        return arrivals[0] if arrivals else None
+
+    def remove(self, request_id: str) -> QueueEntry | None:
+        """Take a request out of the queue (lazily: heaps skip it later)."""
+        entry = self._entries.pop(request_id, None)
+        if entry is not None:
+            entry.alive = False
+        self._maybe_compact()
+        return entry
+
+    def rekey(self, key_of: Callable[[QueueEntry], tuple[float, bool]]) -> None:
+        """Recompute every live entry's (key, offload) and rebuild the heaps."""
+        heap, offload = [], []
+        for entry in self._entries.values():
+            entry.key, entry.offload = key_of(entry)
+            heap.append((entry.key, entry.seq, entry))
+            if entry.offload:
+                offload.append((entry.key, entry.seq, entry))
+        heapq.heapify(heap)
+        heapq.heapify(offload)
+        self._heap, self._offload_heap = heap, offload
+
+    def _maybe_compact(self) -> None:
+        # Dead entries deep in a heap are never popped; rebuild when they dominate.
+        live = len(self._entries)
+        if len(self._heap) > 64 and len(self._heap) > 4 * live:
+            self._heap = [t for t in self._heap if t[2].alive]
+            heapq.heapify(self._heap)
+        if len(self._offload_heap) > 64 and len(self._offload_heap) > 4 * live:
+            self._offload_heap = [t for t in self._offload_heap if t[2].alive]
+            heapq.heapify(self._offload_heap)
+        if len(self._by_arrival) > 64 and len(self._by_arrival) > 4 * live:
+            self._by_arrival = deque(e for e in self._by_arrival if e.alive)
