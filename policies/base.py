@@ -46,9 +46,6 @@ class FixedPolicy:
         self.consolidate = consolidate
 
     def decide(self, observation: Observation) -> Knobs:
-        # The batch cap follows the executor: a fixed policy runs full batches.
-        if self.knobs.max_batch_size != observation.primary_max_batch:
-            self.knobs = self.knobs.replace(max_batch_size=observation.primary_max_batch)
         return self.knobs
 
     def __repr__(self) -> str:

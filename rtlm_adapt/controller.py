@@ -194,7 +194,8 @@ class AdaptiveController:
         if not self._queue:
             return []
         if state.role == "primary":
-            room = min(state.max_batch_size, self.knobs.max_batch_size) - state.running
+            cap = self.knobs.max_batch_size or state.max_batch_size
+            room = min(state.max_batch_size, cap) - state.running
         else:
             room = state.free_slots
         if room <= 0:
@@ -357,7 +358,7 @@ class AdaptiveController:
             if deadline is None:
                 deadline = t.submitted_at + NO_DEADLINE_SLACK_S
             key += k.slack_weight * (deadline - s)
-        return key, t.prediction.length >= k.offload_threshold
+        return key, t.rank_length >= k.offload_threshold
 
     def _take(self, room: int, now: float, *, offload_only: bool) -> list[QueueEntry]:
         taken: list[QueueEntry] = []

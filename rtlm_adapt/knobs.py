@@ -13,7 +13,7 @@ change. FCFS is ``wait_weight=1`` with everything else 0; shortest-job-first is
 ``length_weight=1``; earliest-deadline-first is ``slack_weight=1``.
 
 >>> Knobs().validate()
-Knobs(length_weight=1.0, uncertainty_weight=0.0, wait_weight=0.0, slack_weight=0.0, max_batch_size=8, offload_threshold=inf, max_wait_s=inf)
+Knobs(length_weight=1.0, uncertainty_weight=0.0, wait_weight=0.0, slack_weight=0.0, max_batch_size=None, offload_threshold=inf, max_wait_s=inf)
 >>> Knobs(max_batch_size=0)
 Traceback (most recent call last):
 ...
@@ -42,7 +42,8 @@ class Knobs:
     slack_weight
         Deadline pressure: how much each second of slack moves a request back.
     max_batch_size
-        Cap on requests running at once on the primary executor (dynamic consolidation).
+        Cap on requests running at once on the primary executor (dynamic consolidation);
+        None leaves the executor's own maximum.
     offload_threshold
         Requests whose predicted output length (tokens) is at least this are eligible for the
         secondary executor; ``inf`` disables offloading.
@@ -54,7 +55,7 @@ class Knobs:
     uncertainty_weight: float = 0.0
     wait_weight: float = 0.0
     slack_weight: float = 0.0
-    max_batch_size: int = 8
+    max_batch_size: int | None = None
     offload_threshold: float = math.inf
     max_wait_s: float = math.inf
 
@@ -68,9 +69,11 @@ class Knobs:
                 raise ValueError(f"Knobs.{name} must be a number, got {value!r}")
             if math.isinf(value):
                 raise ValueError(f"Knobs.{name} must be finite, got {value!r}")
-        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int):
+        if self.max_batch_size is None:
+            pass
+        elif isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int):
             raise TypeError(f"Knobs.max_batch_size must be an int, got {self.max_batch_size!r}")
-        if self.max_batch_size < 1:
+        elif self.max_batch_size < 1:
             raise ValueError(f"Knobs.max_batch_size must be >= 1, got {self.max_batch_size}")
         for name in ("offload_threshold", "max_wait_s"):
             value = getattr(self, name)
