@@ -26,15 +26,19 @@ policy looks at an :class:`~rtlm_adapt.observation.Observation` and may change t
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.latency import LatencyModel
 from rtlm_adapt.observation import Observation
+from rtlm_adapt.persistence import decode_state, encode_state, read_state, write_bytes_atomic
 from rtlm_adapt.predictor import LengthPrediction, LengthPredictor
 from rtlm_adapt.queue import QueueEntry, RequestQueue
 from rtlm_adapt.request import Completion, Request
@@ -46,6 +50,32 @@ logger = logging.getLogger(__name__)
 
 #: Slack (s) assumed for a request without a deadline, so the slack term stays finite.
 NO_DEADLINE_SLACK_S = 3600.0
+
+#: Why a request ended without a result. A failed Completion's ``error`` starts with one of
+#: these followed by ": " (e.g. ``"timed_out: step exceeded 30 s"``); any other error text
+#: counts as ``executor_failure``.
+FAILURE_REASONS = ("rejected", "timed_out", "executor_failure", "cancelled", "shutdown")
+
+_STATE_KIND = "rtlm_adapt.AdaptiveController"
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def failure_reason(error: str) -> str:
+    """The :data:`FAILURE_REASONS` entry an error text belongs to."""
+    head = error.split(":", 1)[0].strip()
+    return head if head in FAILURE_REASONS else "executor_failure"
+
+
+def _locked(method: _F) -> _F:
+    # One re-entrant lock per controller: the loop thread, front-end threads and asyncio
+    # callbacks may all call in at once. Every public call is short (microseconds), so a
+    # single lock costs less than finer-grained schemes and makes each call atomic.
+    @functools.wraps(method)
+    def wrapper(self: AdaptiveController, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(slots=True)
@@ -70,11 +100,16 @@ class ControllerStats:
     running: int
     finished: int
     failed: int
+    #: Failures per reason (:data:`FAILURE_REASONS`); they sum to ``failed``.
+    failures: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def balanced(self) -> bool:
         """Every submitted request is queued, running, finished or failed: nothing lost."""
-        return self.submitted == self.queued + self.running + self.finished + self.failed
+        return (
+            self.submitted == self.queued + self.running + self.finished + self.failed
+            and sum(self.failures.values()) == self.failed
+        )
 
 
 class AdaptiveController:
@@ -95,7 +130,17 @@ class AdaptiveController:
     batching
         ``continuous`` or ``static``; in static mode batches are consolidated by predicted length.
     max_queue
-        Optional bound on waiting requests; a submit beyond it raises ``QueueFullError``.
+        Optional bound on waiting requests; a submit beyond it raises ``QueueFullError`` (and
+        counts as submitted and failed with reason ``rejected``).
+    autosave_path, autosave_every
+        Periodic checkpoint: after every ``autosave_every`` ended requests the learned state is
+        written to ``autosave_path`` with :meth:`save` (atomically).
+
+    Every public method takes the controller's lock, so threads may call in concurrently.
+
+    Accounting: every request passed to :meth:`submit` that is not invalid (TypeError or
+    ValueError) ends exactly once, as finished or failed with a reason from
+    :data:`FAILURE_REASONS`, and :meth:`stats` always balances.
     """
 
     def __init__(
@@ -109,6 +154,8 @@ class AdaptiveController:
         batching: str = "continuous",
         max_queue: int | None = None,
         reference_batch: int = 8,
+        autosave_path: str | Path | None = None,
+        autosave_every: int = 1000,
     ) -> None:
         if isinstance(policy, str):
             from rtlm_adapt.policies import make_policy
@@ -123,6 +170,17 @@ class AdaptiveController:
             raise ValueError(f"epoch_s must be a positive number, got {epoch_s!r}")
         if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 1):
             raise ValueError(f"max_queue must be an int >= 1 or None, got {max_queue!r}")
+        if isinstance(autosave_every, bool) or not isinstance(autosave_every, int) or (
+            autosave_every < 1
+        ):
+            raise ValueError(f"autosave_every must be an int >= 1, got {autosave_every!r}")
+        self._lock = threading.RLock()
+        self.autosave_path = autosave_path
+        self.autosave_every = autosave_every
+        self._ended_since_save = 0
+        self._failures: dict[str, int] = dict.fromkeys(FAILURE_REASONS, 0)
+        self._cancel_marks: set[str] = set()  # running requests the loop should abort
+        self._closed = False
         self.policy = policy
         self.predictor = predictor if predictor is not None else LengthPredictor()
         self.scorer = scorer if scorer is not None else UncertaintyScorer()
@@ -150,14 +208,24 @@ class AdaptiveController:
         self._step_ewma = 0.0
 
     # -- the loop's calls ------------------------------------------------------------------------
+    @_locked
     def submit(self, request: Request, features: dict[str, float] | None = None) -> None:
-        """Queue a request. ``features`` may carry precomputed uncertainty features."""
+        """Queue a request. ``features`` may carry precomputed uncertainty features.
+
+        Raises TypeError/ValueError for an invalid call (not counted), ``QueueFullError`` when
+        ``max_queue`` requests wait and ``ControllerClosedError`` after :meth:`close` (both
+        counted as submitted and failed, reasons ``rejected`` and ``shutdown``).
+        """
         if not isinstance(request, Request):
             raise TypeError(f"submit() takes a Request, got {type(request).__name__}")
         rid = request.id
         if rid in self._queue or rid in self._running:
             raise ValueError(f"duplicate request id {rid!r}: a request with this id is still live")
+        if self._closed:
+            self._count_failure("shutdown", submitted=True)
+            raise ControllerClosedError(f"controller is shut down; request {rid!r} not accepted")
         if self.max_queue is not None and len(self._queue) >= self.max_queue:
+            self._count_failure("rejected", submitted=True)
             raise QueueFullError(f"queue is full ({self.max_queue} waiting); request {rid!r} rejected")
         if features is None:
             features = self.scorer.features(request.prompt)
@@ -185,6 +253,7 @@ class AdaptiveController:
         else:
             self._service_ewma += 0.05 * (isolated - self._service_ewma)
 
+    @_locked
     def next_batch(self, state: ExecutorState) -> list[Request]:
         """The requests that should join ``state``'s executor now (possibly none)."""
         self._register(state)
@@ -212,6 +281,7 @@ class AdaptiveController:
             batch.append(tracked.request)
         return batch
 
+    @_locked
     def on_step(self, executor: str, result: StepResult) -> None:
         """An executor ran ``result.iterations`` iterations: learn its timing."""
         model = self._latency_for(executor)
@@ -227,33 +297,205 @@ class AdaptiveController:
             if math.isfinite(per_iter) and per_iter >= 0:
                 self._step_ewma += 0.1 * (per_iter - self._step_ewma)
 
+    @_locked
     def on_finish(self, completion: Completion) -> None:
-        """A request ended (with a result or an error): account for it and learn its length."""
+        """A request ended (with a result or an error): account for it and learn its length.
+
+        A failed completion is counted under ``failure_reason(completion.error)`` and teaches
+        nothing (its token count is not a length the model would have produced).
+        """
         tracked = self._running.pop(completion.request_id, None)
         if tracked is None:
             raise ValueError(
                 f"on_finish for request {completion.request_id!r}, which is not running "
                 "(unknown, never scheduled, or already finished)"
             )
+        self._cancel_marks.discard(completion.request_id)
         if completion.error is not None:
-            self._failed += 1
-            return
-        self._finished += 1
-        self.predictor.learn_one(tracked.features, completion.output_tokens)
-        rt = completion.response_time
-        if math.isfinite(rt) and rt >= 0:
-            self._response_ewma += 0.05 * (rt - self._response_ewma)
-        self._miss_ewma += 0.05 * (float(completion.missed_deadline) - self._miss_ewma)
+            self._count_failure(failure_reason(completion.error))
+        else:
+            self._finished += 1
+            self.predictor.learn_one(tracked.features, completion.output_tokens)
+            rt = completion.response_time
+            if math.isfinite(rt) and rt >= 0:
+                self._response_ewma += 0.05 * (rt - self._response_ewma)
+            self._miss_ewma += 0.05 * (float(completion.missed_deadline) - self._miss_ewma)
+        self._ended_since_save += 1
+        if self.autosave_path is not None and self._ended_since_save >= self.autosave_every:
+            # Amortized: one save (milliseconds, under the lock) per autosave_every requests.
+            self._autosave()
 
+    @_locked
     def cancel(self, request_id: str) -> Request | None:
-        """Withdraw a waiting request; returns it, or None if it is not waiting."""
+        """Cancel a request.
+
+        A waiting request is withdrawn at once (failed, reason ``cancelled``) and returned. A
+        running one is marked: the serving loop collects the marks with
+        :meth:`take_cancellations`, aborts the request on its executor and reports it through
+        :meth:`on_finish` with a ``cancelled`` error; None is returned. Unknown or already
+        ended ids are ignored (None): cancelling is idempotent.
+        """
         entry = self._queue.remove(request_id)
         if entry is None:
+            if request_id in self._running:
+                self._cancel_marks.add(request_id)
             return None
-        self._failed += 1
+        self._count_failure("cancelled")
         return entry.payload.request
 
+    @_locked
+    def take_cancellations(self) -> list[str]:
+        """Running requests marked by :meth:`cancel` since the last call (the loop aborts them)."""
+        if not self._cancel_marks:
+            return []
+        marks = [rid for rid in self._cancel_marks if rid in self._running]
+        self._cancel_marks.clear()
+        return marks
+
+    @_locked
+    def fail_queued(self, reason: str = "shutdown") -> list[Request]:
+        """Withdraw every waiting request as failed with ``reason``; returns them."""
+        if reason not in FAILURE_REASONS:
+            raise ValueError(f"unknown failure reason {reason!r}; expected {FAILURE_REASONS}")
+        out = []
+        while self._queue:
+            entry = self._queue.oldest()
+            if entry is None:
+                break
+            self._queue.remove(entry.request_id)
+            self._count_failure(reason)
+            out.append(entry.payload.request)
+        return out
+
+    @_locked
+    def close(self) -> None:
+        """Stop accepting requests (graceful shutdown); queued and running ones are untouched."""
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def is_running(self, request_id: str) -> bool:
+        """Whether ``request_id`` was handed to an executor and has not ended."""
+        return request_id in self._running
+
+    # -- persistence -----------------------------------------------------------------------------
+    @_locked
+    def state_bytes(self) -> bytes:
+        """The learned state as file bytes (see :meth:`save`)."""
+        state = {
+            "kind": _STATE_KIND,
+            "policy": self.policy,
+            "predictor": self.predictor,
+            "scorer": self.scorer,
+            "profiles": self.profiles,
+            "latency": self.latency,
+            "knobs": self.knobs,
+            "external_knobs": self._external_knobs,
+            "config": {
+                "epoch_s": self.epoch_s,
+                "batching": self.batching,
+                "max_queue": self.max_queue,
+                "reference_batch": self.reference_batch,
+            },
+            "counters": {
+                "submitted": self._submitted,
+                "finished": self._finished,
+                "failed": self._failed,
+                "failures": dict(self._failures),
+                # Live requests do not survive a restart: load() counts them as shut down.
+                "in_flight": len(self._queue) + len(self._running),
+            },
+            "signals": {
+                "arrival_rate": self._arrival_rate,
+                "service_ewma": self._service_ewma,
+                "response_ewma": self._response_ewma,
+                "miss_ewma": self._miss_ewma,
+                "step_ewma": self._step_ewma,
+            },
+        }
+        return encode_state(state)
+
+    def save(self, path: str | Path) -> None:
+        """Write everything learned online to ``path``, atomically (temp file, fsync, rename).
+
+        Saved: the policy, the length predictor, the uncertainty scorer, the latency models,
+        the knobs and the counters. Not saved: queued and running requests (a restart loses
+        them; :meth:`load` counts them as failed with reason ``shutdown``). The state is
+        serialized under the lock and written outside it.
+        """
+        write_bytes_atomic(path, self.state_bytes())
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        autosave_path: str | Path | None = None,
+        autosave_every: int = 1000,
+    ) -> AdaptiveController:
+        """A controller restored from a :meth:`save` file.
+
+        Raises ValueError if the file is truncated, corrupted, of another format version or
+        incomplete; nothing is half-loaded (the controller is built only from a fully checked
+        state). Only load files you wrote yourself: the state is a pickle.
+        """
+        return cls._from_state(read_state(path, kind=_STATE_KIND), str(path),
+                               autosave_path, autosave_every)
+
+    @classmethod
+    def from_state_bytes(cls, data: bytes) -> AdaptiveController:
+        """Like :meth:`load`, from :meth:`state_bytes` output."""
+        return cls._from_state(decode_state(data, kind=_STATE_KIND), "<bytes>", None, 1000)
+
+    @classmethod
+    def _from_state(
+        cls, state: dict, source: str, autosave_path: str | Path | None, autosave_every: int
+    ) -> AdaptiveController:
+        try:
+            cfg, cnt, sig = state["config"], state["counters"], state["signals"]
+            predictor, latency, knobs = state["predictor"], state["latency"], state["knobs"]
+            if not isinstance(predictor, LengthPredictor):
+                raise TypeError("predictor is not a LengthPredictor")
+            if not isinstance(knobs, Knobs):
+                raise TypeError("knobs are not Knobs")
+            if not isinstance(latency, dict) or not all(
+                isinstance(m, LatencyModel) for m in latency.values()
+            ):
+                raise TypeError("latency is not a dict of LatencyModel")
+            failures = {r: int(cnt["failures"].get(r, 0)) for r in FAILURE_REASONS}
+            failures["shutdown"] += int(cnt["in_flight"])
+            ctl = cls(
+                state["policy"],
+                predictor=predictor,
+                scorer=state["scorer"],
+                profiles=state["profiles"],
+                epoch_s=cfg["epoch_s"],
+                batching=cfg["batching"],
+                max_queue=cfg["max_queue"],
+                reference_batch=cfg["reference_batch"],
+                autosave_path=autosave_path,
+                autosave_every=autosave_every,
+            )
+            ctl.latency = dict(latency)
+            ctl.knobs = knobs
+            ctl._external_knobs = bool(state["external_knobs"])
+            ctl._submitted = int(cnt["submitted"])
+            ctl._finished = int(cnt["finished"])
+            ctl._failed = int(cnt["failed"]) + int(cnt["in_flight"])
+            ctl._failures = failures
+            ctl._arrival_rate = float(sig["arrival_rate"])
+            ctl._service_ewma = float(sig["service_ewma"])
+            ctl._response_ewma = float(sig["response_ewma"])
+            ctl._miss_ewma = float(sig["miss_ewma"])
+            ctl._step_ewma = float(sig["step_ewma"])
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"{source!r} holds an incomplete controller state: {exc!r}") from exc
+        return ctl
+
     # -- knobs -----------------------------------------------------------------------------------
+    @_locked
     def set_knobs(self, knobs: Knobs, *, hold: bool = True) -> None:
         """Apply knobs now (re-keys the queue). ``hold`` keeps them until the next call,
         suspending the policy (the RL environment drives the controller this way)."""
@@ -262,6 +504,7 @@ class AdaptiveController:
         self._external_knobs = hold
         self._apply(knobs)
 
+    @_locked
     def observe(self, now: float) -> Observation:
         """The current observation (queue statistics are over at most 512 waiting requests)."""
         lengths, uncert, oldest, min_slack = [], 0.0, 0.0, math.inf
@@ -303,6 +546,7 @@ class AdaptiveController:
             step_time_s=self._step_ewma,
         )
 
+    @_locked
     def stats(self) -> ControllerStats:
         return ControllerStats(
             submitted=self._submitted,
@@ -310,6 +554,7 @@ class AdaptiveController:
             running=len(self._running),
             finished=self._finished,
             failed=self._failed,
+            failures=dict(self._failures),
         )
 
     def __len__(self) -> int:
@@ -317,6 +562,20 @@ class AdaptiveController:
         return len(self._queue)
 
     # -- internals -------------------------------------------------------------------------------
+    def _count_failure(self, reason: str, *, submitted: bool = False) -> None:
+        if submitted:
+            self._submitted += 1
+        self._failed += 1
+        self._failures[reason] += 1
+
+    def _autosave(self) -> None:
+        # Called under the lock; a failing disk must not take the serving path down with it.
+        self._ended_since_save = 0
+        try:
+            self.save(self.autosave_path)  # type: ignore[arg-type]
+        except OSError:
+            logger.exception("autosave to %s failed", self.autosave_path)
+
     def _register(self, state: ExecutorState) -> None:
         if state.name not in self._executors:
             if state.role == "primary":
@@ -416,3 +675,7 @@ class AdaptiveController:
 
 class QueueFullError(RuntimeError):
     """The controller's queue is at ``max_queue``: the request was not accepted."""
+
+
+class ControllerClosedError(RuntimeError):
+    """The controller was closed (shutdown): the request was not accepted."""
