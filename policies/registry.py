@@ -10,7 +10,7 @@ which isolates the scheduling mechanism from the predictor.
 >>> make_policy("lifo")
 Traceback (most recent call last):
 ...
-ValueError: unknown policy 'lifo'; known: fcfs, heuristic, oracle-sjf, sjf, sjf-prompt (append +oracle to rank by true lengths, or ppo:PATH)
+ValueError: unknown policy 'lifo'; known: fcfs, heuristic, heuristic-local, oracle-sjf, sjf, sjf-prompt (append +oracle to rank by true lengths, or ppo:PATH)
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ POLICIES: dict[str, Callable[[], Policy]] = {
     "oracle-sjf": oracle_sjf,
     "sjf": sjf_predicted,
     "heuristic": RTLMHeuristic,
+    # the heuristic without a secondary executor: same hardware as the baselines
+    "heuristic-local": lambda: RTLMHeuristic(name="heuristic-local", offload=False),
 }
 
 

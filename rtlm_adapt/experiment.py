@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -85,9 +85,7 @@ def build_workload(
     times = make_arrivals(arrivals, n, rate, seed)
     mean_svc = mean_isolated_service_s(cost, chosen)
     deadlines = assign_deadlines(times, mean_svc, seed=seed, slo=slo)
-    requests = build_requests(chosen, times, deadlines)
-    # ids unique per position: the same prompt may be drawn twice
-    requests = [replace(r, id=f"{i}:{r.id}") for i, r in enumerate(requests)]
+    requests = build_requests(chosen, times, deadlines)  # ids are positions: unique
     desc = (
         f"{n} requests, arrivals={arrivals}, load={load} ({rate:.3f} req/s of "
         f"{cap:.3f} capacity at batch {batch}), mean isolated service {mean_svc:.2f}s, slo={slo}"

@@ -1,0 +1,109 @@
+"""Controller overhead per request, and uncertainty scoring per prompt.
+
+Controller cost per request = submit (priority key, predictor.predict_one, latency model) + its
+share of scheduling decisions (next_batch handing it out) + on_finish (predictor.learn_one),
+measured with ``--queued`` requests waiting, prompt scoring excluded (features precomputed).
+Uncertainty cost = UncertaintyScorer.score_prompt on each AlpacaEval prompt.
+
+    python benchmarks/overhead.py --json overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rtlm_adapt import Completion, Request
+from rtlm_adapt.controller import AdaptiveController
+from rtlm_adapt.serving.base import ExecutorState
+from rtlm_adapt.uncertainty import UncertaintyScorer
+from rtlm_adapt.workloads import TokenCounter, load_prompts
+
+
+def controller_costs(prompts: list[str], lengths: list[int], queued: int, n: int, policy: str):
+    scorer = UncertaintyScorer()
+    feats = [scorer.features(p) for p in prompts]
+    ctl = AdaptiveController(policy)
+    state = ExecutorState("primary", "primary", 0, 1, 0.0)
+    ctl.next_batch(state)  # register the executor, run the first policy epoch
+
+    def request(i: int, now: float) -> Request:
+        j = i % len(prompts)
+        return Request(f"r{i}", prompts[j], now, deadline=now + 30.0, prompt_tokens=64)
+
+    now = 0.0
+    for i in range(queued):
+        ctl.submit(request(i, now), dict(feats[i % len(feats)]))
+    costs = np.empty(n)
+    gc.disable()
+    for k in range(n):
+        i = queued + k
+        now += 0.01
+        req = request(i, now)
+        f = dict(feats[i % len(feats)])  # the copy is the caller's, not the controller's, cost
+        t0 = time.perf_counter()
+        ctl.submit(req, f)
+        batch = ctl.next_batch(ExecutorState("primary", "primary", 0, 1, now))
+        done = batch[0]
+        ctl.on_finish(Completion(done.id, lengths[i % len(lengths)], done.arrival_time, now, now,
+                                 "primary", prompt_tokens=64, deadline=done.deadline))
+        costs[k] = time.perf_counter() - t0
+    gc.enable()
+    assert len(ctl) == queued and ctl.stats().balanced
+    return costs * 1e6
+
+
+def scoring_costs(prompts: list[str], repeats: int) -> np.ndarray:
+    scorer = UncertaintyScorer()
+    out = []
+    for _ in range(repeats):
+        for p in prompts:
+            t0 = time.perf_counter()
+            scorer.score_prompt(p)
+            out.append(time.perf_counter() - t0)
+    return np.array(out) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", default="alpaca:gpt4_1106_preview")
+    ap.add_argument("--queued", type=int, default=1000)
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--policy", default="heuristic")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    samples = load_prompts(args.prompts, tokenizer=TokenCounter.words())
+    prompts = [s.prompt for s in samples]
+    lengths = [s.response_tokens for s in samples]
+    ctl_us = controller_costs(prompts, lengths, args.queued, args.requests, args.policy)
+    unc_us = scoring_costs(prompts, repeats=3)
+    result = {
+        "controller_us_p50": float(np.percentile(ctl_us, 50)),
+        "controller_us_p99": float(np.percentile(ctl_us, 99)),
+        "uncertainty_us_p50": float(np.percentile(unc_us, 50)),
+        "uncertainty_us_p99": float(np.percentile(unc_us, 99)),
+        "queued": args.queued,
+        "requests": args.requests,
+        "policy": args.policy,
+        "prompts": args.prompts,
+        "machine": f"{platform.machine()}, {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(f"{'what':<34}{'p50 us':>10}{'p99 us':>10}")
+    print(f"{'controller per request':<34}{result['controller_us_p50']:>10.1f}"
+          f"{result['controller_us_p99']:>10.1f}")
+    print(f"{'uncertainty scoring per prompt':<34}{result['uncertainty_us_p50']:>10.1f}"
+          f"{result['uncertainty_us_p99']:>10.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
