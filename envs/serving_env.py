@@ -1,0 +1,253 @@
+"""ServingEnv: the library's own serving loop as a gymnasium environment.
+
+Each episode replays a window of a real arrival trace (Azure LLM inference, conversation by
+default) rescaled to a load drawn from a range, with real prompts and the lengths of their real
+responses, through the very :class:`~rtlm_adapt.serving.loop.ServingLoop`,
+:class:`~rtlm_adapt.controller.AdaptiveController` (uncertainty scorer, online length predictor,
+latency models) and simulated executors that ``rtlm-adapt simulate`` runs. The agent replaces
+the controller's policy: it sets the Knobs once per scheduling epoch.
+
+Spaces
+------
+- **Action**: ``Box(-1, 1, (6,), float32)``, mapped to Knobs by
+  :class:`rtlm_adapt.policies.action_space.KnobsActionMap` (length, uncertainty, aging and slack
+  weights, batch-size cap as a fraction of the primary's maximum, offload threshold in predicted
+  tokens on a log scale).
+- **Observation**: ``Box(-1, 2, (11,), float32)``, :meth:`Observation.as_vector` (queue length,
+  executor utilisations, predicted-length mean and p90 and mean uncertainty of waiting requests,
+  oldest wait, smallest deadline slack, offered load, recent response time and miss rate).
+- **Reward** per epoch ``[t0, t1)``::
+
+      r = -( integral over [t0, t1) of (requests waiting or running) dt ) / S
+          - miss_penalty * (deadline misses completed in the epoch)
+
+  where ``S`` is the episode's mean isolated service time. The integral summed over an episode is
+  the total response time of its requests, so the undiscounted return is
+  ``-(n / S) * mean response time - miss_penalty * misses``: the real-time goals, per step.
+- **Episode end**: ``terminated`` once every request of the window has finished;
+  ``truncated`` after ``max_episode_steps`` epochs (a safety net).
+
+>>> env = ServingEnv(n_requests=20, load=0.9)
+>>> obs, info = env.reset(seed=0)
+>>> obs.shape, env.action_space.shape
+((11,), (6,))
+>>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+>>> bool(reward <= 0.0)
+True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from rtlm_adapt.policies.action_space import OBS_HIGH, OBS_LOW, KnobsActionMap, observation_array
+
+from rtlm_adapt.controller import AdaptiveController
+from rtlm_adapt.experiment import Workload
+from rtlm_adapt.knobs import Knobs
+from rtlm_adapt.observation import Observation
+from rtlm_adapt.request import Completion
+from rtlm_adapt.serving.loop import ServingLoop
+from rtlm_adapt.serving.profile import StepCost
+from rtlm_adapt.serving.sim import SimulatedExecutor
+
+from .episodes import EpisodeSampler, shared_scorer
+
+EXECUTORS = ("sim", "hf")
+PREDICTOR_TIERS = ("lexical",)
+
+
+class ServingEnv(gym.Env):
+    """The serving loop, one scheduling epoch per step (see the module docstring).
+
+    Parameters
+    ----------
+    prompts
+        Prompt set with real responses: ``"alpaca:MODEL"`` (default
+        ``alpaca:gpt4_1106_preview``), ``"sharegpt"``, or an AlpacaEval-format file.
+    arrivals
+        ``"azure-conv"`` (default) or ``"azure-code"``: windows of the real trace; or
+        ``"poisson"`` / ``"gamma:CV"``.
+    load
+        Offered load vs the primary's capacity: a number, or a ``(low, high)`` range drawn per
+        episode (default ``(0.6, 1.1)``).
+    n_requests
+        Requests per episode (default 100: a few hundred epochs).
+    trace_slice
+        Fraction of the trace that windows are drawn from (default ``(0, 0.8)``; evaluate on
+        ``(0.8, 1)`` for unseen windows).
+    epoch_s
+        Virtual seconds per step (default 5, about a seventh of a typical isolated service time
+        with the packaged profile).
+    batching
+        ``"continuous"`` (default) or ``"static"``.
+    executor
+        ``"sim"``: simulated executors with the cost profiles below. ``"hf"`` is reserved for the
+        real model and raises NotImplementedError until the loop can run on wall-clock time.
+    profile, secondary_profile
+        Cost profiles (names or paths for :meth:`StepCost.load`); ``secondary_profile=None``
+        disables offloading.
+    predictor_tier
+        The length predictor: ``"lexical"`` (online linear model on the uncertainty features).
+    slo
+        Deadline mix.
+    miss_penalty
+        Reward lost per deadline miss, in units of one request's mean isolated service time.
+    max_episode_steps
+        Truncation bound.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        *,
+        prompts: str = "alpaca:gpt4_1106_preview",
+        arrivals: str = "azure-conv",
+        load: float | tuple[float, float] = (0.6, 1.1),
+        n_requests: int = 100,
+        trace_slice: tuple[float, float] = (0.0, 0.8),
+        epoch_s: float = 5.0,
+        batching: str = "continuous",
+        executor: str = "sim",
+        profile: str = "smollm2-135m-cpu2",
+        secondary_profile: str | None = "smollm2-135m-cpu2-secondary",
+        predictor_tier: str = "lexical",
+        slo: str = "0.7:2,0.3:10",
+        miss_penalty: float = 0.5,
+        max_episode_steps: int = 20_000,
+    ) -> None:
+        super().__init__()
+        if executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {executor!r}; expected one of {EXECUTORS}")
+        if executor == "hf":
+            raise NotImplementedError(
+                "ServingEnv(executor='hf') needs a serving loop on wall-clock time driving the "
+                "transformers executor; ServingLoop runs on virtual time only so far. Use "
+                "executor='sim' (costs profiled from the real model)."
+            )
+        if predictor_tier not in PREDICTOR_TIERS:
+            raise ValueError(
+                f"unknown predictor_tier {predictor_tier!r}; expected one of {PREDICTOR_TIERS}"
+            )
+        if batching not in ("continuous", "static"):
+            raise ValueError(f"unknown batching {batching!r}; expected 'continuous' or 'static'")
+        if not (epoch_s > 0 and math.isfinite(epoch_s)):
+            raise ValueError(f"epoch_s must be a positive number, got {epoch_s!r}")
+        self.primary_cost = StepCost.load(profile)
+        self.secondary_cost = StepCost.load(secondary_profile) if secondary_profile else None
+        self.sampler = EpisodeSampler(
+            prompts,
+            arrivals=arrivals,
+            load=tuple(load) if isinstance(load, (list, tuple)) else load,
+            n_requests=n_requests,
+            trace_slice=tuple(trace_slice),
+            slo=slo,
+            cost=self.primary_cost,
+        )
+        self.epoch_s = float(epoch_s)
+        self.batching = batching
+        self.miss_penalty = float(miss_penalty)
+        self.max_episode_steps = int(max_episode_steps)
+        self.action_map = KnobsActionMap()
+        self.action_space = spaces.Box(-1.0, 1.0, (KnobsActionMap.size,), dtype=np.float32)
+        n_obs = len(Observation.VECTOR_FIELDS)
+        self.observation_space = spaces.Box(OBS_LOW, OBS_HIGH, (n_obs,), dtype=np.float32)
+        self.workload: Workload | None = None
+        self.controller: AdaptiveController | None = None
+        self.loop: ServingLoop | None = None
+
+    # -- gymnasium API -------------------------------------------------------------------------
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Start an episode on a fresh window. ``options={"load": x}`` pins the load."""
+        super().reset(seed=seed)
+        load = (options or {}).get("load")
+        self.workload = wl = self.sampler.sample(self.np_random, load=load)
+        profiles = {"primary": self.primary_cost}
+        secondary = None
+        if self.secondary_cost is not None:
+            profiles["secondary"] = self.secondary_cost
+            secondary = SimulatedExecutor("secondary", self.secondary_cost, batching=self.batching)
+        # The policy object is never consulted: the knobs are held from outside (set_knobs).
+        self.controller = AdaptiveController(
+            "fcfs", profiles=profiles, epoch_s=self.epoch_s, batching=self.batching,
+            scorer=shared_scorer(),
+        )
+        self.controller.set_knobs(Knobs(), hold=True)
+        primary = SimulatedExecutor("primary", self.primary_cost, batching=self.batching)
+        self.loop = ServingLoop(
+            self.controller, primary, secondary, batching=self.batching,
+            on_completion=self._on_completion,
+        )
+        self.loop.add_requests(wl.requests)
+        # prefix sums of arrival times, in arrival order, for the O(1) accrued-work formula
+        self._arrival_cumsum = [0.0]
+        for t in sorted(r.arrival_time for r in wl.requests):
+            self._arrival_cumsum.append(self._arrival_cumsum[-1] + t)
+        self._service_s = wl.mean_service_s
+        self._n_done = 0
+        self._finish_sum = 0.0
+        self._rt_sum = 0.0
+        self._misses = 0
+        self._epoch_misses = 0
+        self._steps = 0
+        self._work = 0.0  # W(now): response time accrued so far, over all requests
+        self.loop.advance(0.0)
+        info = {"load": wl.load, "rate_rps": wl.rate_rps, "workload": wl.description}
+        return self._obs(), info
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if self.loop is None or self.controller is None:
+            raise RuntimeError("call reset() before step()")
+        knobs = self.knobs_for(action)
+        self.controller.set_knobs(knobs, hold=True)
+        self._epoch_misses = 0
+        done = self.loop.advance(self.loop.now + self.epoch_s)
+        self._steps += 1
+        work = self._accrued(self.loop.now)
+        reward = -(work - self._work) / self._service_s - self.miss_penalty * self._epoch_misses
+        self._work = work
+        truncated = not done and self._steps >= self.max_episode_steps
+        info: dict[str, Any] = {"time": self.loop.now, "completed": self._n_done}
+        if done or truncated:
+            info["mean_response_s"] = self._rt_sum / max(1, self._n_done)
+            info["miss_rate"] = self._misses / max(1, self._n_done)
+        return self._obs(), float(reward), bool(done), bool(truncated), info
+
+    # -- helpers -------------------------------------------------------------------------------
+    def knobs_for(self, action: np.ndarray) -> Knobs:
+        """The Knobs an action means here (the primary's batch size sets the cap's scale)."""
+        return self.action_map.to_knobs(action, self.primary_cost.max_batch_size)
+
+    def observation(self) -> Observation:
+        """The controller's current Observation (what a Policy would see)."""
+        assert self.controller is not None and self.loop is not None
+        return self.controller.observe(self.loop.now)
+
+    def _obs(self) -> np.ndarray:
+        return observation_array(self.observation())
+
+    def _on_completion(self, c: Completion) -> None:
+        self._n_done += 1
+        self._finish_sum += c.finish_time
+        self._rt_sum += c.response_time
+        if c.missed_deadline:
+            self._misses += 1
+            self._epoch_misses += 1
+
+    def _accrued(self, t: float) -> float:
+        """W(t) = sum over arrived requests of (min(finish, t) - arrival), in O(1).
+
+        = (sum of finish times of completed) + (open requests) * t - (sum of arrival times),
+        where the loop has submitted exactly the arrivals up to ``t``.
+        """
+        assert self.loop is not None
+        n_arrived = self.loop.result.submitted
+        open_ = n_arrived - self._n_done
+        return self._finish_sum + open_ * t - self._arrival_cumsum[n_arrived]

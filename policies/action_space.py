@@ -1,0 +1,139 @@
+"""The one mapping between a learned policy's numbers and the controller's Knobs.
+
+The RL environment (:class:`rtlm_adapt.envs.ServingEnv`) and the deployed
+:class:`~rtlm_adapt.policies.ppo.PPOPolicy` both go through :class:`KnobsActionMap` and
+:func:`observation_array`, so a policy trained in the environment decides exactly the same way
+inside a live controller. Only numpy here: ``rtlm_adapt.policies`` stays importable without
+gymnasium.
+
+Action: a vector in ``[-1, 1]^6`` (SB3's recommended normalised Box), each entry mapped to a knob:
+
+=====  ======================  =====================================================
+index  knob                    mapping of ``a`` in [-1, 1]
+=====  ======================  =====================================================
+0      ``length_weight``       linear to [0, 1]
+1      ``uncertainty_weight``  linear to [0, 2]
+2      ``wait_weight``         log-linear to [1e-3, 1] (aging, per second waited)
+3      ``slack_weight``        linear to [0, 1]
+4      ``max_batch_size``      fraction in [1/16, 1] of the primary's maximum, rounded
+5      ``offload_threshold``   log-linear to [32, 4096] predicted tokens (4096 ~ off)
+=====  ======================  =====================================================
+
+Log scales where a knob spans orders of magnitude (aging, token thresholds); the batch cap is a
+fraction so one policy fits executors of any size.
+
+>>> amap = KnobsActionMap()
+>>> knobs = amap.to_knobs([1, 0, -1, -1, 1, 1], primary_max_batch=16)
+>>> knobs.length_weight, knobs.uncertainty_weight, round(knobs.wait_weight, 6), knobs.max_batch_size
+(1.0, 1.0, 0.001, 16)
+>>> [round(float(x), 6) for x in amap.to_action(knobs, primary_max_batch=16)]
+[1.0, 0.0, -1.0, -1.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from rtlm_adapt.knobs import Knobs
+from rtlm_adapt.observation import Observation
+
+#: Names of the action entries, in order.
+ACTION_FIELDS = (
+    "length_weight",
+    "uncertainty_weight",
+    "wait_weight",
+    "slack_weight",
+    "batch_fraction",
+    "offload_threshold",
+)
+
+#: Bounds of the observation vector: features are squashed to about [0, 1] (slack to [-1, 1]);
+#: the log-scaled ones can exceed 1 under extreme overload, so the vector is clipped to these.
+OBS_LOW, OBS_HIGH = -1.0, 2.0
+
+
+def observation_array(obs: Observation) -> np.ndarray:
+    """``obs.as_vector()`` as float32, clipped to ``[OBS_LOW, OBS_HIGH]`` (the env's Box)."""
+    return np.array(
+        [min(OBS_HIGH, max(OBS_LOW, x)) for x in obs.as_vector()], dtype=np.float32
+    )
+
+
+def _signed(u: float) -> float:
+    """[0, 1] -> [-1, 1], clipped."""
+    return min(1.0, max(-1.0, 2.0 * float(u) - 1.0))
+
+
+class KnobsActionMap:
+    """Maps an action vector in ``[-1, 1]^6`` to :class:`Knobs` and back (see module docstring).
+
+    Parameters
+    ----------
+    max_uncertainty_weight, wait_range, max_slack_weight, min_batch_fraction, offload_range
+        The ranges the entries are mapped to; the defaults suit the packaged profiles.
+    """
+
+    size = len(ACTION_FIELDS)
+
+    def __init__(
+        self,
+        *,
+        max_uncertainty_weight: float = 2.0,
+        wait_range: tuple[float, float] = (1e-3, 1.0),
+        max_slack_weight: float = 1.0,
+        min_batch_fraction: float = 1.0 / 16.0,
+        offload_range: tuple[float, float] = (32.0, 4096.0),
+    ) -> None:
+        if not (0 < wait_range[0] < wait_range[1]) or not (0 < offload_range[0] < offload_range[1]):
+            raise ValueError("wait_range and offload_range must be (low, high) with 0 < low < high")
+        if not 0 < min_batch_fraction <= 1:
+            raise ValueError(f"min_batch_fraction must be in (0, 1], got {min_batch_fraction!r}")
+        self.max_uncertainty_weight = float(max_uncertainty_weight)
+        self.max_slack_weight = float(max_slack_weight)
+        self.min_batch_fraction = float(min_batch_fraction)
+        self._log_wait = (math.log(wait_range[0]), math.log(wait_range[1]))
+        self._log_offload = (math.log(offload_range[0]), math.log(offload_range[1]))
+
+    def to_knobs(self, action: Sequence[float] | np.ndarray, primary_max_batch: int) -> Knobs:
+        """Knobs for one action; entries outside [-1, 1] are clipped (SB3 samples a Gaussian),
+        so any action is valid."""
+        if len(action) != self.size:
+            raise ValueError(f"expected an action of {self.size} numbers, got {len(action)}")
+        # one numpy clip, then plain floats: this runs every epoch, so keep it to microseconds
+        u = ((np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0) + 1.0) / 2.0).tolist()
+        lo, hi = self._log_wait
+        wait = math.exp(lo + u[2] * (hi - lo))
+        frac = self.min_batch_fraction + u[4] * (1.0 - self.min_batch_fraction)
+        batch = max(1, min(primary_max_batch, round(frac * max(1, primary_max_batch))))
+        lo, hi = self._log_offload
+        threshold = math.exp(lo + u[5] * (hi - lo))
+        return Knobs(
+            length_weight=u[0],
+            uncertainty_weight=u[1] * self.max_uncertainty_weight,
+            wait_weight=wait,
+            slack_weight=u[3] * self.max_slack_weight,
+            max_batch_size=int(batch),
+            offload_threshold=threshold,
+        )
+
+    def to_action(self, knobs: Knobs, primary_max_batch: int) -> np.ndarray:
+        """The action closest to ``knobs`` (knobs outside the ranges are clipped to them)."""
+        lo_w, hi_w = self._log_wait
+        lo_o, hi_o = self._log_offload
+        batch = knobs.max_batch_size or primary_max_batch
+        frac = batch / max(1, primary_max_batch)
+        threshold = min(knobs.offload_threshold, math.exp(hi_o))  # inf (off) -> the top
+        return np.array(
+            [
+                _signed(knobs.length_weight),
+                _signed(knobs.uncertainty_weight / self.max_uncertainty_weight),
+                _signed((math.log(max(knobs.wait_weight, 1e-12)) - lo_w) / (hi_w - lo_w)),
+                _signed(knobs.slack_weight / self.max_slack_weight),
+                _signed((frac - self.min_batch_fraction) / (1.0 - self.min_batch_fraction)),
+                _signed((math.log(threshold) - lo_o) / (hi_o - lo_o)),
+            ],
+            dtype=np.float32,
+        )
