@@ -6,39 +6,76 @@ durations, such as :class:`~rtlm_adapt.serving.sim.SimulatedExecutor`. It is res
 steps the very loop that the benchmarks run, one scheduling epoch at a time.
 
 Event order at one instant: executors that finish a step report first (freeing slots), then
-arrivals up to that instant are submitted, then every idle executor asks the controller for work
-and starts its next step. In ``continuous`` batching an executor takes new requests between any
-two steps; in ``static`` batching only when its batch is empty.
+cancellations are applied, then arrivals up to that instant are submitted, then every idle
+executor asks the controller for work and starts its next step. In ``continuous`` batching an
+executor takes new requests between any two steps; in ``static`` batching only when its batch is
+empty.
+
+Faults. Every request the loop hands to an executor ends exactly once. A step that raises, that
+returns garbage (a non-finite or negative duration, negative token counts, a result that is not
+a StepResult) or that runs past ``step_timeout_s`` (virtual seconds) or ``wall_timeout_s`` (real
+seconds, for real executors) is a fault: the requests in it are aborted on that executor and
+retried on the other one (on the same one when there is no other) up to ``max_retries`` times,
+then failed with the error (reason ``executor_failure`` or ``timed_out``). A single bad
+completion (NaN times, negative tokens) faults only its request; completions for unknown ids
+and duplicates are dropped; a request the executor silently lost is faulted. The controller
+learns only from results that passed these checks.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import math
+import numbers
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from rtlm_adapt.request import Completion, Request
 from rtlm_adapt.serving.base import Executor, ExecutorState, StepResult
 
+logger = logging.getLogger(__name__)
+
 BATCHING_MODES = ("continuous", "static")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Lane:
-    """One executor and the step it is in the middle of."""
+    """One executor, the step it is in the middle of, and the requests the loop placed on it."""
 
     executor: Executor
     role: str
     busy_until: float = math.inf
     pending: StepResult | None = None
+    #: requests admitted here that have not ended (the loop's truth, whatever the executor says)
+    inflight: dict[str, Request] = field(default_factory=dict)
+    #: ids in the pending step
+    step_ids: list[str] = field(default_factory=list)
+    #: set when the pending step is a (virtual-time) hang: (reason, detail) reported at its end
+    fault: tuple[str, str] | None = None
+    #: requests to retry here (faulted elsewhere); they go before the controller's next batch
+    retry: deque[Request] = field(default_factory=deque)
+    #: wall-clock mode: the worker thread that runs steps, and a step that never came back
+    pool: concurrent.futures.ThreadPoolExecutor | None = None
+    stuck: concurrent.futures.Future | None = None
 
 
 @dataclass(slots=True)
 class LoopResult:
+    """What the loop did. ``completions`` holds every ended request (successes and failures)
+    unless the loop was built with ``keep_completions=False``; the counters are always kept."""
+
     completions: list[Completion] = field(default_factory=list)
     submitted: int = 0
     rejected: int = 0
     end_time: float = 0.0
+    completed: int = 0  # ended with a result
+    failed: int = 0  # ended with an error (rejections included)
+    faults: int = 0  # executor steps that raised, hung or returned garbage
+    garbage: int = 0  # of which garbage (bad step fields or bad completions)
+    retries: int = 0  # requests re-admitted after a fault
+    dropped: int = 0  # completions ignored: unknown ids and duplicates
 
 
 class ServingLoop:
@@ -54,7 +91,19 @@ class ServingLoop:
     batching
         ``continuous`` or ``static``.
     on_completion
-        Called with each Completion as it happens.
+        Called with each Completion as it happens (failures included).
+    max_retries
+        How many times a request hit by an executor fault is re-admitted before it fails.
+    step_timeout_s
+        Virtual-time hang limit: a step reporting a longer duration is given up on after this
+        many seconds and its requests are retried or failed (``timed_out``).
+    wall_timeout_s
+        Real-time hang limit, for executors that really compute: each step runs on a worker
+        thread and is abandoned after this many wall-clock seconds; the executor is then out of
+        service until the stuck call returns.
+    keep_completions
+        Keep every Completion in ``result.completions`` (memory grows with the run). Long-running
+        services pass False and consume ``on_completion`` instead.
     """
 
     def __init__(
@@ -65,12 +114,27 @@ class ServingLoop:
         *,
         batching: str = "continuous",
         on_completion: Callable[[Completion], None] | None = None,
+        max_retries: int = 1,
+        step_timeout_s: float | None = None,
+        wall_timeout_s: float | None = None,
+        keep_completions: bool = True,
     ) -> None:
         if batching not in BATCHING_MODES:
             raise ValueError(f"unknown batching mode {batching!r}; expected one of {BATCHING_MODES}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        for name, value in (("step_timeout_s", step_timeout_s), ("wall_timeout_s", wall_timeout_s)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
         self.controller = controller
         self.batching = batching
         self.on_completion = on_completion
+        self.max_retries = max_retries
+        self.step_timeout_s = step_timeout_s
+        self.wall_timeout_s = wall_timeout_s
+        self.keep_completions = keep_completions
+        self._attempts: dict[str, int] = {}  # retries used, only for requests that faulted
+        self._take_cancellations = getattr(controller, "take_cancellations", None)
         self._lanes = [_Lane(primary, "primary")]
         if secondary is not None:
             if secondary.name == primary.name:
@@ -93,12 +157,68 @@ class ServingLoop:
         pending.sort(key=lambda r: r.arrival_time)
         self._arrivals, self._next = pending, 0
 
+    def submit_now(self, request: Request) -> bool:
+        """Submit ``request`` at the loop's current time (a live front end's arrivals).
+
+        Returns False if it was not accepted; it has then already ended with a failure
+        Completion (``rejected`` or ``shutdown``), reported like any other.
+        """
+        return self._submit(request, self.now)
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a queued or running request; False if it is not live in the controller.
+
+        A queued request ends at once; a running one when the loop next handles events (it is
+        aborted on its executor). Either way it ends with a ``cancelled`` failure Completion.
+        """
+        request = self.controller.cancel(request_id)
+        if request is not None:
+            self._emit(self._failure(request, "cancelled", "cancelled while queued", self.now))
+            return True
+        is_running = getattr(self.controller, "is_running", None)
+        return bool(is_running and is_running(request_id))
+
+    def shutdown(self, *, drain: bool = True) -> LoopResult:
+        """Stop: arrivals not yet submitted fail (``shutdown``); then either serve what was
+        accepted to the end (``drain=True``) or fail it (``drain=False``)."""
+        close = getattr(self.controller, "close", None)
+        if close is not None:
+            close()
+        while self._next < len(self._arrivals):  # the closed controller refuses each one
+            request = self._arrivals[self._next]
+            self._next += 1
+            self._submit(request, max(self.now, request.arrival_time))
+        self._arrivals, self._next = [], 0
+        if drain:
+            self.advance(math.inf)
+        else:
+            for request in self.controller.fail_queued("shutdown"):
+                self._emit(self._failure(request, "shutdown", "loop shut down", self.now))
+            for lane in self._lanes:
+                lane.pending, lane.busy_until, lane.fault = None, math.inf, None
+                while lane.retry:
+                    self._end(self._failure(lane.retry.popleft(), "shutdown", "loop shut down",
+                                            self.now))
+                for rid in list(lane.inflight):
+                    request = lane.inflight.pop(rid)
+                    if lane.stuck is None:
+                        self._abort_quietly(lane, rid)
+                    self._end(self._failure(request, "shutdown", "loop shut down", self.now,
+                                            lane.executor.name))
+        for lane in self._lanes:
+            if lane.pool is not None:
+                lane.pool.shutdown(wait=False)
+        return self.result
+
     @property
     def done(self) -> bool:
         """No arrivals left, nothing running, nothing queued."""
         return (
             self._next >= len(self._arrivals)
-            and all(lane.pending is None for lane in self._lanes)
+            and all(
+                lane.pending is None and not lane.retry and not lane.inflight
+                for lane in self._lanes
+            )
             and len(self.controller) == 0
         )
 
@@ -120,9 +240,18 @@ class ServingLoop:
             next_finish = min(lane.busy_until for lane in lanes)
             t = min(next_arrival, next_finish)
             if t == math.inf:
-                if len(self.controller) and self._dispatch(self.now):
+                self._apply_cancellations(self.now)
+                waiting = len(self.controller) or any(lane.retry for lane in lanes)
+                if waiting and self._dispatch(self.now):
                     continue  # work was queued while executors were idle (e.g. knobs changed)
-                if len(self.controller):
+                stuck = [lane.stuck for lane in lanes if lane.stuck is not None]
+                if stuck and (waiting or any(lane.inflight for lane in lanes)):
+                    # only a hung executor could take the work: wait for it to come back
+                    concurrent.futures.wait(stuck, timeout=self.wall_timeout_s,
+                                            return_when=concurrent.futures.FIRST_COMPLETED)
+                    self._dispatch(self.now)
+                    continue
+                if waiting:
                     raise RuntimeError(
                         f"{len(self.controller)} requests are queued but no executor will take "
                         "them (check the knobs and executor batch sizes)"
@@ -137,10 +266,16 @@ class ServingLoop:
             for lane in lanes:
                 if lane.busy_until == t:
                     self._finish_step(lane)
-            while self._next < len(self._arrivals) and self._arrivals[self._next].arrival_time <= t:
-                self.controller.submit(self._arrivals[self._next])
+            self._apply_cancellations(t)
+            arrivals = self._arrivals
+            while self._next < len(arrivals) and arrivals[self._next].arrival_time <= t:
+                request = arrivals[self._next]
                 self._next += 1
-                self.result.submitted += 1
+                self._submit(request, t)
+            if self._next > 4096 and 2 * self._next > len(arrivals):
+                # drop submitted arrivals so a long feed does not keep every Request alive
+                del arrivals[: self._next]
+                self._next = 0
             self._dispatch(t)
 
     def _dispatch(self, now: float) -> bool:
@@ -149,34 +284,273 @@ class ServingLoop:
         next_arrival = (
             self._arrivals[self._next].arrival_time if self._next < len(self._arrivals) else math.inf
         )
-        for lane in self._lanes:
-            if lane.pending is not None:
-                continue
-            ex = lane.executor
+        # A fault moves requests to another lane's retry queue; a second pass lets that lane
+        # take them at this same instant even if it was visited first.
+        for _ in range(2):
+            faults = self.result.faults
+            for lane in self._lanes:
+                if lane.pending is None and self._lane_usable(lane, now):
+                    started |= self._start_step(lane, now, next_arrival)
+            if self.result.faults == faults:
+                break
+        return started
+
+    def _start_step(self, lane: _Lane, now: float, next_arrival: float) -> bool:
+        ex = lane.executor
+        batch: list[Request] = []
+        try:
             if self.batching == "continuous" or ex.running() == 0:
-                state = ExecutorState(ex.name, lane.role, ex.running(), ex.max_batch_size, now)
-                batch = self.controller.next_batch(state)
+                room = ex.max_batch_size - ex.running()
+                while lane.retry and len(batch) < room:
+                    batch.append(lane.retry.popleft())
+                running = ex.running() + len(batch)
+                state = ExecutorState(ex.name, lane.role, running, ex.max_batch_size, now)
+                batch += self.controller.next_batch(state)
                 if batch:
+                    for request in batch:
+                        lane.inflight[request.id] = request
                     ex.admit(batch, now)
-            if ex.running() == 0:
-                continue
+            if not lane.inflight:
+                return False
+            lane.step_ids = list(lane.inflight)
             # While the batch is full nobody can join, so a simulator may fuse steps freely.
             horizon = math.inf if ex.running() >= ex.max_batch_size else next_arrival
-            result = ex.step(now, horizon)
-            lane.pending = result
-            lane.busy_until = now + result.duration_s
-            started = True
-        return started
+            result = self._call_step(lane, now, horizon)
+        except _StepHung as hung:
+            self._fault(lane, lane.step_ids, "timed_out", str(hung), now, abort=False)
+            return False
+        except Exception as exc:  # any executor error is a fault of this step, not of the loop
+            self._fault(lane, list(lane.inflight), "executor_failure", f"{exc!r}", now)
+            return False
+        problem = _check_step(result)
+        if problem is not None:
+            self.result.garbage += 1
+            self._fault(lane, lane.step_ids, "executor_failure", f"garbage step: {problem}", now)
+            return False
+        duration = result.duration_s
+        if self.step_timeout_s is not None and duration > self.step_timeout_s:
+            lane.fault = ("timed_out", f"step ran past {self.step_timeout_s} s")
+            duration = self.step_timeout_s
+        lane.pending = result
+        lane.busy_until = now + duration
+        return True
+
+    def _call_step(self, lane: _Lane, now: float, horizon: float) -> StepResult:
+        if self.wall_timeout_s is None:
+            return lane.executor.step(now, horizon)
+        if lane.pool is None:
+            lane.pool = concurrent.futures.ThreadPoolExecutor(1, f"step-{lane.executor.name}")
+        future = lane.pool.submit(lane.executor.step, now, horizon)
+        try:
+            return future.result(timeout=self.wall_timeout_s)
+        except concurrent.futures.TimeoutError:
+            lane.stuck = future
+            raise _StepHung(f"step ran past {self.wall_timeout_s} s of wall time") from None
+
+    def _lane_usable(self, lane: _Lane, now: float) -> bool:
+        stuck = lane.stuck
+        if stuck is None:
+            return True
+        if not stuck.done():
+            return False
+        # The hung call came back: whatever it still holds is no longer ours.
+        lane.stuck = None
+        try:
+            leftovers = lane.executor.running_ids()
+        except Exception:  # noqa: BLE001 - a broken executor stays out of service
+            lane.stuck = stuck
+            return False
+        for rid in leftovers:
+            if rid not in lane.inflight:
+                self._abort_quietly(lane, rid, now)
+        return True
 
     def _finish_step(self, lane: _Lane) -> None:
         result = lane.pending
         lane.pending = None
         lane.busy_until = math.inf
         assert result is not None
+        now = self.now
+        self.result.end_time = now
+        if lane.fault is not None:
+            (reason, detail), lane.fault = lane.fault, None
+            self.result.faults += 1
+            self._fault(lane, lane.step_ids, reason, detail, now, counted=True)
+            return
         self.controller.on_step(lane.executor.name, result)
+        ended: set[str] = set()
         for completion in result.finished:
-            self.controller.on_finish(completion)
-            self.result.completions.append(completion)
-            if self.on_completion is not None:
-                self.on_completion(completion)
-        self.result.end_time = self.now
+            rid = getattr(completion, "request_id", None)
+            if rid not in lane.inflight or rid in ended:
+                # unknown, duplicate, or already ended here (cancelled, faulted): ignore
+                self.result.dropped += 1
+                continue
+            ended.add(rid)
+            problem = _check_completion(completion)
+            if problem is not None:
+                self.result.garbage += 1
+                self._fault(lane, [rid], "executor_failure", f"garbage completion: {problem}", now)
+                continue
+            del lane.inflight[rid]
+            self._attempts.pop(rid, None)
+            self._end(completion)
+        # A request neither finished nor still in the executor was lost by it: fault it.
+        missing = [rid for rid in lane.step_ids if rid in lane.inflight and rid not in ended]
+        if missing:
+            try:
+                still = set(lane.executor.running_ids())
+            except Exception:  # noqa: BLE001
+                still = set()
+            lost = [rid for rid in missing if rid not in still]
+            if lost:
+                self._fault(lane, lost, "executor_failure", "executor lost the request", now)
+
+    # -- ending requests -----------------------------------------------------------------------
+    def _submit(self, request: Request, now: float) -> bool:
+        self.result.submitted += 1
+        try:
+            self.controller.submit(request)
+            return True
+        except (TypeError, ValueError) as exc:  # invalid: the controller did not count it
+            detail = f"invalid request: {exc}"
+        except RuntimeError as exc:  # QueueFullError, ControllerClosedError: counted there
+            detail = str(exc)
+            if "shut down" in detail:
+                self.result.rejected += 1
+                self._emit(self._failure(request, "shutdown", detail, now))
+                return False
+        self.result.rejected += 1
+        if isinstance(request, Request):
+            self._emit(self._failure(request, "rejected", detail, now))
+        else:
+            logger.warning("dropped a submission that is not a Request: %s", detail)
+        return False
+
+    def _apply_cancellations(self, now: float) -> None:
+        if self._take_cancellations is None:
+            return
+        for rid in self._take_cancellations():
+            for lane in self._lanes:
+                request = lane.inflight.pop(rid, None)
+                if request is not None:
+                    if lane.stuck is None:
+                        self._abort_quietly(lane, rid, now)
+                    break
+                request = next((r for r in lane.retry if r.id == rid), None)
+                if request is not None:
+                    lane.retry.remove(request)
+                    break
+            if request is not None:
+                self._attempts.pop(rid, None)
+                self._end(self._failure(request, "cancelled", "cancelled while running", now,
+                                        lane.executor.name))
+
+    def _fault(self, lane: _Lane, ids: Sequence[str], reason: str, detail: str, now: float,
+               *, abort: bool = True, counted: bool = False) -> None:
+        """Take ``ids`` off ``lane`` after a fault; retry each elsewhere or fail it."""
+        if not counted:
+            self.result.faults += 1
+        logger.warning("%s: %s (%s) affecting %d requests", lane.executor.name, reason, detail,
+                       len(ids))
+        others = [o for o in self._lanes if o is not lane and o.stuck is None]
+        target = others[0] if others else (lane if lane.stuck is None else None)
+        for rid in ids:
+            request = lane.inflight.pop(rid, None)
+            if request is None:
+                continue
+            if abort:
+                self._abort_quietly(lane, rid, now)
+            used = self._attempts.get(rid, 0)
+            if target is not None and used < self.max_retries:
+                self._attempts[rid] = used + 1
+                target.retry.append(request)
+                self.result.retries += 1
+            else:
+                self._attempts.pop(rid, None)
+                self._end(self._failure(request, reason, detail, now, lane.executor.name))
+
+    def _abort_quietly(self, lane: _Lane, rid: str, now: float | None = None) -> None:
+        try:
+            lane.executor.abort(rid, self.now if now is None else now)
+        except Exception:  # noqa: BLE001 - the request ends anyway; the executor is suspect
+            logger.warning("%s: abort(%r) failed", lane.executor.name, rid, exc_info=True)
+
+    @staticmethod
+    def _failure(request: Request, reason: str, detail: str, now: float,
+                 executor: str = "") -> Completion:
+        t = max(now, request.arrival_time)
+        return Completion(
+            request_id=request.id,
+            output_tokens=0,
+            arrival_time=request.arrival_time,
+            start_time=t,
+            finish_time=t,
+            executor=executor,
+            deadline=request.deadline,
+            error=f"{reason}: {detail}",
+        )
+
+    def _end(self, completion: Completion) -> None:
+        """A request the controller holds as running ends: account for it, then report it."""
+        self.controller.on_finish(completion)
+        self._emit(completion)
+
+    def _emit(self, completion: Completion) -> None:
+        result = self.result
+        if completion.error is None:
+            result.completed += 1
+        else:
+            result.failed += 1
+        if self.keep_completions:
+            result.completions.append(completion)
+        if self.on_completion is not None:
+            self.on_completion(completion)
+
+
+class _StepHung(Exception):
+    """A wall-clock step did not return within ``wall_timeout_s``."""
+
+
+def _is_count(value: object) -> bool:
+    # numbers.Integral admits numpy integers, which real executors may well return
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+
+def _is_time(value: object) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def _check_step(result: object) -> str | None:
+    """Why a step result cannot be trusted, or None. O(batch): cheap next to the step."""
+    if not isinstance(result, StepResult):
+        return f"step returned {type(result).__name__}, not a StepResult"
+    if not _is_time(result.duration_s):
+        return f"duration_s={result.duration_s!r}"
+    for name in ("iterations", "batch_size", "prefill_tokens", "context_tokens"):
+        if not _is_count(getattr(result, name)):
+            return f"{name}={getattr(result, name)!r}"
+    if not isinstance(result.finished, list) or not isinstance(result.new_tokens, dict):
+        return "finished/new_tokens have the wrong types"
+    if not all(_is_count(n) for n in result.new_tokens.values()):
+        return "negative or non-integer new_tokens"
+    return None
+
+
+def _check_completion(c: object) -> str | None:
+    if not isinstance(c, Completion):
+        return f"{type(c).__name__} is not a Completion"
+    if not _is_count(c.output_tokens):
+        return f"output_tokens={c.output_tokens!r}"
+    for name in ("arrival_time", "start_time", "finish_time"):
+        if not _is_time(getattr(c, name)):
+            return f"{name}={getattr(c, name)!r}"
+    if c.finish_time < c.start_time:
+        return "finish_time before start_time"
+    if c.first_token_time is not None and not _is_time(c.first_token_time):
+        return f"first_token_time={c.first_token_time!r}"
+    return None
