@@ -107,6 +107,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         slo=args.slo,
         cost=primary,
+        batching=args.batching,
     )
     print(f"workload: {workload.description}", file=sys.stderr)
     print(f"prompts: {args.prompts} ({len(samples)} samples), lengths in {counter.kind} tokens",

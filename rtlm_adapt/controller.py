@@ -270,7 +270,7 @@ class AdaptiveController:
         if room <= 0:
             return []
         if self.batching == "static" and state.running == 0 and self.policy.consolidate:
-            entries = self._consolidated(room, offload_only=state.role != "primary")
+            entries = self._consolidated(room, now, offload_only=state.role != "primary")
         else:
             entries = self._take(room, now, offload_only=state.role != "primary")
         batch = []
@@ -637,9 +637,9 @@ class AdaptiveController:
             taken.append(entry)
         return taken
 
-    def _consolidated(self, room: int, *, offload_only: bool) -> list[QueueEntry]:
+    def _consolidated(self, room: int, now: float, *, offload_only: bool) -> list[QueueEntry]:
         """A static batch: the best request plus those closest to it in predicted length."""
-        window = self._take(min(len(self._queue), room * 4), math.inf, offload_only=offload_only)
+        window = self._take(min(len(self._queue), room * 4), now, offload_only=offload_only)
         if not window:
             return []
         head, rest = window[0], window[1:]

@@ -38,12 +38,29 @@ class Workload:
     description: str
 
 
-def capacity_rps(cost: StepCost, samples: Sequence[PromptSample], batch: int) -> float:
-    """Requests/s the executor sustains with full batches of ``batch`` on this prompt mix.
+def capacity_rps(
+    cost: StepCost, samples: Sequence[PromptSample], batch: int, batching: str = "continuous"
+) -> float:
+    """Requests/s the executor sustains with full batches of ``batch`` on this prompt mix,
+    served in arrival order (the FCFS capacity: load 1.0 saturates FCFS).
 
-    A request of prompt P and output L occupies L iterations of a full batch (1/batch of each
-    one's cost, at the batch's mean context) plus its own prefill.
+    Continuous: a request of prompt P and output L occupies L iterations of a full batch (1/batch
+    of each one's cost, at the batch's mean context) plus its own prefill. Static: a batch of
+    ``batch`` random requests runs max(L) iterations, every member paying for every one.
     """
+    if batching == "static":
+        rng = np.random.default_rng(0)
+        durations = []
+        for _ in range(200):
+            group = [samples[i] for i in rng.integers(0, len(samples), size=batch)]
+            longest = max(s.response_tokens for s in group)
+            prompt = sum(s.prompt_tokens for s in group)
+            ctx = int(prompt + batch * longest / 2)
+            durations.append(
+                longest * cost.step_time(batch, context_tokens=ctx)
+                + cost.prefill_s_base + cost.prefill_s_per_token * prompt
+            )
+        return batch / float(np.mean(durations))
     per_request = []
     for s in samples:
         ctx = batch * (s.prompt_tokens + s.response_tokens / 2)
@@ -67,6 +84,7 @@ def build_workload(
     slo: str = "0.7:2,0.3:10",
     cost: StepCost | None = None,
     batch: int | None = None,
+    batching: str = "continuous",
 ) -> Workload:
     """Sample ``n`` prompts (with replacement if needed), arrivals at ``load`` of capacity."""
     if not samples:
@@ -80,7 +98,7 @@ def build_workload(
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(samples), size=n, replace=n > len(samples))
     chosen = [samples[i] for i in idx]
-    cap = capacity_rps(cost, chosen, batch)
+    cap = capacity_rps(cost, chosen, batch, batching)
     rate = load * cap
     times = make_arrivals(arrivals, n, rate, seed)
     mean_svc = mean_isolated_service_s(cost, chosen)
@@ -88,7 +106,7 @@ def build_workload(
     requests = build_requests(chosen, times, deadlines)  # ids are positions: unique
     desc = (
         f"{n} requests, arrivals={arrivals}, load={load} ({rate:.3f} req/s of "
-        f"{cap:.3f} capacity at batch {batch}), mean isolated service {mean_svc:.2f}s, slo={slo}"
+        f"{cap:.3f} capacity, {batching} batches of {batch}), mean isolated service {mean_svc:.2f}s, slo={slo}"
     )
     return Workload(requests, rate, load, mean_svc, cap, desc)
 

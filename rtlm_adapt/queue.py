@@ -2,8 +2,9 @@
 
 Two heaps share the same entries: one over every waiting request, one over those eligible for
 offloading. Removal is lazy (an entry is marked dead and skipped when it reaches the top), so
-taking a request from either heap is O(log n) and the other heap never needs a search. An
-arrival-ordered deque serves the hard aging bound: the oldest waiting request is found in O(1).
+taking a request from either heap is O(log n) and the other heap never needs a search. A third
+heap, by arrival time, serves the hard aging bound: the oldest waiting request in O(log n), even
+when requests are put back out of order.
 
 Keys only change when the knobs do; ``rekey`` then rebuilds both heaps in O(n).
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +41,7 @@ class RequestQueue:
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, QueueEntry]] = []
         self._offload_heap: list[tuple[float, int, QueueEntry]] = []
-        self._by_arrival: deque[QueueEntry] = deque()
+        self._by_arrival: list[tuple[float, int, QueueEntry]] = []
         self._entries: dict[str, QueueEntry] = {}
         self._counter = itertools.count()
 
@@ -68,7 +68,7 @@ class RequestQueue:
         heapq.heappush(self._heap, (entry.key, entry.seq, entry))
         if entry.offload:
             heapq.heappush(self._offload_heap, (entry.key, entry.seq, entry))
-        self._by_arrival.append(entry)
+        heapq.heappush(self._by_arrival, (entry.arrival_time, entry.seq, entry))
 
     def peek(self, *, offload_only: bool = False) -> QueueEntry | None:
         """The best waiting entry (optionally among offload-eligible ones), without removing it."""
@@ -87,9 +87,9 @@ class RequestQueue:
     def oldest(self) -> QueueEntry | None:
         """The longest-waiting live entry (by arrival time, then submission order)."""
         arrivals = self._by_arrival
-        while arrivals and not arrivals[0].alive:
-            arrivals.popleft()
-        return arrivals[0] if arrivals else None
+        while arrivals and not arrivals[0][2].alive:
+            heapq.heappop(arrivals)
+        return arrivals[0][2] if arrivals else None
 
     def remove(self, request_id: str) -> QueueEntry | None:
         """Take a request out of the queue (lazily: heaps skip it later)."""
@@ -121,4 +121,5 @@ class RequestQueue:
             self._offload_heap = [t for t in self._offload_heap if t[2].alive]
             heapq.heapify(self._offload_heap)
         if len(self._by_arrival) > 64 and len(self._by_arrival) > 4 * live:
-            self._by_arrival = deque(e for e in self._by_arrival if e.alive)
+            self._by_arrival = [t for t in self._by_arrival if t[2].alive]
+            heapq.heapify(self._by_arrival)
