@@ -233,6 +233,7 @@ class ServingLoop:
     def advance(self, until: float) -> bool:
         """Process every event up to virtual time ``until``; returns ``self.done``."""
         lanes = self._lanes
+        self._apply_cancellations(self.now)  # those requested since the last call
         while True:
             next_arrival = (
                 self._arrivals[self._next].arrival_time if self._next < len(self._arrivals) else math.inf
@@ -260,6 +261,7 @@ class ServingLoop:
                 return True
             if t > until:
                 self.now = until
+                self._apply_cancellations(until)
                 self._dispatch(until)
                 return False
             self.now = t
@@ -279,8 +281,10 @@ class ServingLoop:
             self._dispatch(t)
 
     def _dispatch(self, now: float) -> bool:
-        """Give every idle executor work; returns True if any step started."""
+        """Give every idle executor work; returns True if any step started or a fault moved
+        requests on (progress either way: each fault uses up a retry or ends requests)."""
         started = False
+        faults_before = self.result.faults
         next_arrival = (
             self._arrivals[self._next].arrival_time if self._next < len(self._arrivals) else math.inf
         )
@@ -293,7 +297,7 @@ class ServingLoop:
                     started |= self._start_step(lane, now, next_arrival)
             if self.result.faults == faults:
                 break
-        return started
+        return started or self.result.faults != faults_before
 
     def _start_step(self, lane: _Lane, now: float, next_arrival: float) -> bool:
         ex = lane.executor
@@ -444,6 +448,9 @@ class ServingLoop:
                 self._attempts.pop(rid, None)
                 self._end(self._failure(request, "cancelled", "cancelled while running", now,
                                         lane.executor.name))
+                if not lane.inflight and lane.pending is not None and lane.fault is None:
+                    # the step now serves nobody: free the executor instead of waiting it out
+                    lane.pending, lane.busy_until = None, math.inf
 
     def _fault(self, lane: _Lane, ids: Sequence[str], reason: str, detail: str, now: float,
                *, abort: bool = True, counted: bool = False) -> None:
