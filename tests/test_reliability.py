@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 from conftest import make_request
+from rtlm_adapt.policies import FixedPolicy
 
 from rtlm_adapt import Completion, Knobs, Request
 from rtlm_adapt.controller import (
@@ -17,7 +18,6 @@ from rtlm_adapt.controller import (
     ControllerClosedError,
     QueueFullError,
 )
-from rtlm_adapt.policies import FixedPolicy
 from rtlm_adapt.request import TRUE_LENGTH_KEY
 from rtlm_adapt.serving.base import ExecutorState, StepResult
 from rtlm_adapt.serving.faults import FaultyExecutor
@@ -212,7 +212,7 @@ def test_garbage_step_result_is_not_learned():
     assert ctl.latency["primary"].n_learned == before
 
 
-# -- persistence ------------------------------------------------------------------------------------
+# -- persistence ----------------------------------------------------------------------
 def trained_controller(n=300):
     ctl = AdaptiveController("heuristic", profiles={"p": COST})
     loop = ServingLoop(ctl, SimulatedExecutor("p", COST))
@@ -347,7 +347,7 @@ def test_loop_reports_rejections_as_failed_completions():
     assert ctl.stats().failures["rejected"] == res.rejected and ctl.stats().balanced
 
 
-# -- concurrency ------------------------------------------------------------------------------------
+# -- concurrency ----------------------------------------------------------------------
 def test_64_threads_and_256_asyncio_tasks_20000_requests():
     ctl = AdaptiveController("fcfs", profiles={"p": COST, "s": COST})
     loop = ServingLoop(
