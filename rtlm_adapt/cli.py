@@ -168,6 +168,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the PPO knob policy (the same run as examples/train_ppo.py)."""
+    from rtlm_adapt.policies.ppo_train import make_config, train
+
+    config = make_config(
+        out=args.out, timesteps=args.timesteps, quick=args.quick, prompts=args.prompts,
+        load=args.load, n_envs=args.n_envs, seed=args.seed, progress_bar=not args.no_progress,
+    )
+    print(f"saved {train(config)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rtlm-adapt",
@@ -194,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", help="write the figures to this JSON file")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.set_defaults(func=cmd_simulate)
+
+    tr = sub.add_parser("train", help="train the PPO knob policy on ServingEnvs (needs [rl])")
+    tr.add_argument("--timesteps", type=_positive_int, help="environment steps (default 300000)")
+    tr.add_argument("--out", default="runs/ppo", help="output folder (model.zip, logs)")
+    tr.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
+    tr.add_argument("--n-envs", type=_positive_int, default=2, help="parallel environments")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--prompts", default="alpaca:gpt4_1106_preview", help="prompt set")
+    tr.add_argument("--load", default="0.6,1.1", help="training load range LOW,HIGH")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,231 @@
+"""PPOPolicy: a PPO actor trained in :class:`~rtlm_adapt.envs.ServingEnv`, as a Policy.
+
+Deployed inference needs neither gymnasium nor stable-baselines3: :meth:`PPOPolicy.load` reads the
+actor's weights out of the SB3 ``model.zip`` (``policy.pth``, with torch) into numpy, and
+``decide`` is three small matrix products — a few microseconds — followed by the same
+:class:`~rtlm_adapt.policies.action_space.KnobsActionMap` the environment uses. The deterministic
+action (the Gaussian's mean, clipped to [-1, 1]) is what SB3's ``predict(deterministic=True)``
+returns.
+
+With ``online=True`` the policy keeps learning from the live loop (see
+:class:`~rtlm_adapt.policies.ppo_online.OnlinePPO`), and a
+:class:`~rtlm_adapt.policies.ppo_online.PerformanceGuard` hands the knobs to the RT-LM heuristic
+whenever the learned policy's recent performance falls below the heuristic's.
+
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> layers = [(rng.normal(size=(8, 11)), np.zeros(8)), (rng.normal(size=(6, 8)), np.zeros(6))]
+>>> policy = PPOPolicy(MLPActor(layers))
+>>> policy.actor(np.zeros(11, dtype=np.float32)).shape
+(6,)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rtlm_adapt.knobs import Knobs
+from rtlm_adapt.observation import Observation
+
+from .action_space import KnobsActionMap, observation_array
+from .heuristic import RTLMHeuristic
+from .ppo_online import PerformanceGuard, epoch_cost
+
+_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "Tanh": np.tanh,
+    "ReLU": lambda x: np.maximum(x, 0.0),
+}
+
+
+class MLPActor:
+    """The deterministic actor of an SB3 ``MlpPolicy`` in numpy: hidden layers, then the mean.
+
+    Parameters
+    ----------
+    layers
+        ``(weight, bias)`` per linear layer, the last one being SB3's ``action_net``.
+    activation
+        ``"Tanh"`` (SB3's PPO default) or ``"ReLU"``, applied after every hidden layer.
+    """
+
+    def __init__(
+        self, layers: Sequence[tuple[np.ndarray, np.ndarray]], activation: str = "Tanh"
+    ) -> None:
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"unsupported activation {activation!r}; expected one of {list(_ACTIVATIONS)}"
+            )
+        if not layers:
+            raise ValueError("MLPActor needs at least one layer")
+        # float64 is as fast as float32 at this size and avoids casting on every call
+        self.layers = [(np.asarray(w, dtype=np.float64), np.asarray(b, dtype=np.float64))
+                       for w, b in layers]
+        self.activation = activation
+        self._act = _ACTIVATIONS[activation]
+        self.obs_size = self.layers[0][0].shape[1]
+        self.action_size = self.layers[-1][0].shape[0]
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        """The action in [-1, 1]^k for one observation vector."""
+        x = np.asarray(obs, dtype=np.float64)
+        for w, b in self.layers[:-1]:
+            x = self._act(w @ x + b)
+        w, b = self.layers[-1]
+        return np.clip(w @ x + b, -1.0, 1.0)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], activation: str = "Tanh") -> MLPActor:
+        """From an SB3 ActorCriticPolicy state dict (``mlp_extractor.policy_net.*``,
+        ``action_net``); tensors or arrays."""
+
+        def arr(key: str) -> np.ndarray:
+            value = state[key]
+            return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+        prefix = "mlp_extractor.policy_net."
+        indices = sorted(
+            {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
+        )
+        layers = [(arr(f"{prefix}{i}.weight"), arr(f"{prefix}{i}.bias")) for i in indices]
+        if "action_net.weight" not in state:
+            raise ValueError("not an SB3 actor-critic state dict: no action_net.weight")
+        layers.append((arr("action_net.weight"), arr("action_net.bias")))
+        return cls(layers, activation)
+
+
+def _activation_from_data(data: dict[str, Any]) -> str:
+    """The activation named in a saved model's policy_kwargs (SB3's default: Tanh)."""
+    fn = data.get("policy_kwargs", {}).get("activation_fn")
+    if fn is None:
+        return "Tanh"
+    # SB3 stores classes cloudpickled by reference: the class name is in the pickle's bytes.
+    blob = base64.b64decode(fn.get(":serialized:", "")) if isinstance(fn, dict) else b""
+    for name in _ACTIVATIONS:
+        if name.encode() in blob:
+            return name
+    raise ValueError(f"unsupported activation_fn in the saved model: {fn!r:.80}")
+
+
+class PPOPolicy:
+    """A trained PPO actor behind the Policy protocol (``name``, ``length_source``,
+    ``consolidate``, ``decide``).
+
+    Parameters
+    ----------
+    actor
+        The numpy actor (see :meth:`load`).
+    name
+        Policy name in tables.
+    action_map
+        Must match the environment the actor was trained in (the default does).
+    guard
+        Optional :class:`PerformanceGuard`; with it, ``decide`` hands over to ``fallback``
+        whenever the guard judges the learned policy worse.
+    fallback
+        The policy to fall back to (default: :class:`RTLMHeuristic`).
+    online
+        Optional :class:`~rtlm_adapt.policies.ppo_online.OnlinePPO` learner: ``decide`` then
+        samples exploratory actions from it and it updates the actor periodically.
+    """
+
+    length_source = "predicted"
+    consolidate = True
+
+    def __init__(
+        self,
+        actor: MLPActor,
+        *,
+        name: str = "ppo",
+        action_map: KnobsActionMap | None = None,
+        guard: PerformanceGuard | None = None,
+        fallback: Any = None,
+        online: Any = None,
+    ) -> None:
+        self.actor = actor
+        self.name = name
+        self.action_map = action_map or KnobsActionMap()
+        if actor.action_size != self.action_map.size:
+            raise ValueError(
+                f"the actor outputs {actor.action_size} numbers, the action map takes "
+                f"{self.action_map.size}"
+            )
+        self.guard = guard
+        self.fallback = fallback if fallback is not None else RTLMHeuristic()
+        self.online = online
+        self._last_obs: Observation | None = None
+        self._last_source = "learned"
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, *, online: bool = False, **kwargs: Any) -> PPOPolicy:
+        """Load the actor of an SB3 PPO ``model.zip``.
+
+        Needs torch (to read ``policy.pth``) but not gymnasium or stable-baselines3, unless
+        ``online=True``, which loads the whole SB3 model to keep training it. Other keyword
+        arguments go to the constructor (``guard``, ``fallback``, ``name``, ...).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved PPO model at {path}")
+        if online:
+            from .ppo_online import OnlinePPO
+
+            learner = OnlinePPO.load(path)
+            kwargs.setdefault("guard", PerformanceGuard())
+            return cls(learner.actor(), online=learner, **kwargs)
+        import torch
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                state = torch.load(io.BytesIO(z.read("policy.pth")), weights_only=True)
+                data = json.loads(z.read("data"))
+        except (zipfile.BadZipFile, KeyError) as exc:
+            raise ValueError(f"{path} is not a stable-baselines3 model zip ({exc})") from None
+        return cls(MLPActor.from_state_dict(state, _activation_from_data(data)), **kwargs)
+
+    @classmethod
+    def from_model(cls, model: Any, **kwargs: Any) -> PPOPolicy:
+        """From a live SB3 PPO model (e.g. inside a training callback)."""
+        state = model.policy.state_dict()
+        activation = getattr(model.policy, "activation_fn", None)
+        name = activation.__name__ if activation is not None else "Tanh"
+        return cls(MLPActor.from_state_dict(state, name), **kwargs)
+
+    # -- Policy protocol -----------------------------------------------------------------------
+    def decide(self, observation: Observation) -> Knobs:
+        """Knobs for the next epoch: the learned actor's, or the fallback's if the guard says so."""
+        source = "learned"
+        if self.guard is not None or self.online is not None:
+            if self._last_obs is not None:
+                cost = epoch_cost(self._last_obs, observation)
+                if self.guard is not None:
+                    self.guard.record(self._last_source, cost)
+                if self.online is not None and self._last_source == "learned":
+                    self.online.record_reward(-cost)
+            self._last_obs = observation
+            if self.guard is not None:
+                source = self.guard.choose()
+        self._last_source = source
+        if source != "learned":
+            if self.online is not None:
+                self.online.interrupt()  # the fallback's epochs are not the learner's transitions
+            return self.fallback.decide(observation)
+        obs = observation_array(observation)
+        if self.online is not None:
+            action = self.online.act(obs)
+            if self.online.updated:
+                self.actor = self.online.actor()
+        else:
+            action = self.actor(obs)
+        return self.action_map.to_knobs(action, max(1, observation.primary_max_batch))
+
+    def __repr__(self) -> str:
+        return f"PPOPolicy(name={self.name!r}, layers={len(self.actor.layers)})"

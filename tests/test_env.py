@@ -1,0 +1,100 @@
+"""ServingEnv: the gymnasium contract, reproducibility, episodes, and the action mapping."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+gym = pytest.importorskip("gymnasium")
+pytest.importorskip("stable_baselines3")
+
+from rtlm_adapt.envs import ENV_ID, ServingEnv  # noqa: E402
+from rtlm_adapt.policies.action_space import KnobsActionMap  # noqa: E402
+
+from rtlm_adapt.knobs import Knobs  # noqa: E402
+
+SMALL = {"n_requests": 20, "load": 0.9}
+
+
+def test_gymnasium_check_env():
+    from gymnasium.utils.env_checker import check_env
+
+    env = gym.make(ENV_ID, **SMALL)
+    check_env(env.unwrapped, skip_render_check=True)
+
+
+def test_sb3_check_env():
+    from stable_baselines3.common.env_checker import check_env
+
+    check_env(ServingEnv(**SMALL), warn=True)
+
+
+def _rollout(seed: int, steps: int = 40) -> tuple[list[np.ndarray], list[float]]:
+    env = ServingEnv(**SMALL)
+    obs, _ = env.reset(seed=seed)
+    env.action_space.seed(seed)
+    observations, rewards = [obs], []
+    for _ in range(steps):
+        obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+        observations.append(obs)
+        rewards.append(reward)
+        if terminated or truncated:
+            break
+    return observations, rewards
+
+
+def test_same_seed_same_trajectory():
+    obs_a, rew_a = _rollout(7)
+    obs_b, rew_b = _rollout(7)
+    assert rew_a == rew_b
+    assert all(np.array_equal(a, b) for a, b in zip(obs_a, obs_b, strict=True))
+    obs_c, rew_c = _rollout(8)
+    assert rew_c != rew_a  # another seed, another window
+
+
+def test_episode_terminates_with_finite_rewards_and_return_matches_response_time():
+    env = ServingEnv(**SMALL, miss_penalty=0.0)
+    obs, info = env.reset(seed=3)
+    total, steps = 0.0, 0
+    while True:
+        obs, reward, terminated, truncated, info = env.step(np.zeros(6, dtype=np.float32))
+        assert math.isfinite(reward) and reward <= 1e-9
+        assert env.observation_space.contains(obs)
+        total += reward
+        steps += 1
+        if terminated or truncated:
+            break
+    assert terminated and not truncated and info["completed"] == SMALL["n_requests"]
+    assert 10 < steps < 2000
+    # the return is -(total response time) / mean service time (the reward's definition)
+    expected = -info["mean_response_s"] * SMALL["n_requests"] / env.workload.mean_service_s
+    assert total == pytest.approx(expected, rel=1e-6)
+
+
+def test_hf_executor_not_yet():
+    with pytest.raises(NotImplementedError, match="virtual time"):
+        ServingEnv(executor="hf")
+
+
+def test_action_mapping_round_trips_and_stays_in_bounds():
+    amap = KnobsActionMap()
+    rng = np.random.default_rng(0)
+    for action in rng.uniform(-1.0, 1.0, size=(200, amap.size)):
+        knobs = amap.to_knobs(action, primary_max_batch=16)
+        assert isinstance(knobs, Knobs)
+        assert 0.0 <= knobs.length_weight <= 1.0
+        assert 0.0 <= knobs.uncertainty_weight <= 2.0
+        assert 1e-3 - 1e-12 <= knobs.wait_weight <= 1.0 + 1e-12
+        assert 0.0 <= knobs.slack_weight <= 1.0
+        assert 1 <= knobs.max_batch_size <= 16
+        assert 32.0 - 1e-9 <= knobs.offload_threshold <= 4096.0 + 1e-6
+        back = amap.to_action(knobs, primary_max_batch=16)
+        continuous = [0, 1, 2, 3, 5]
+        np.testing.assert_allclose(back[continuous], action[continuous], atol=1e-5)
+        # the batch cap is rounded to a whole request: within half a slot's share of the range
+        assert abs(back[4] - action[4]) <= 2.0 / 15.0 / (1 - 1 / 16) + 1e-6
+    # out-of-range actions are clipped, never invalid
+    extreme = amap.to_knobs([5.0, -5.0, 9.0, -9.0, 3.0, -3.0], primary_max_batch=16)
+    assert extreme.max_batch_size == 16 and extreme.offload_threshold == pytest.approx(32.0)
