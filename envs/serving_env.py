@@ -99,6 +99,8 @@ class ServingEnv(gym.Env):
         Reward lost per deadline miss, in units of one request's mean isolated service time.
     max_episode_steps
         Truncation bound.
+    render_mode
+        Only None: there is nothing to render (the info dict carries the figures).
     """
 
     metadata = {"render_modes": []}
@@ -120,8 +122,12 @@ class ServingEnv(gym.Env):
         slo: str = "0.7:2,0.3:10",
         miss_penalty: float = 0.5,
         max_episode_steps: int = 20_000,
+        render_mode: str | None = None,
     ) -> None:
         super().__init__()
+        if render_mode is not None:
+            raise ValueError(f"ServingEnv renders nothing; got render_mode={render_mode!r}")
+        self.render_mode = render_mode
         if executor not in EXECUTORS:
             raise ValueError(f"unknown executor {executor!r}; expected one of {EXECUTORS}")
         if executor == "hf":

@@ -189,7 +189,8 @@ def train(config: TrainConfig) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
-    env_kwargs = {**config.env, "trace_slice": TRAIN_SLICE}
+    # render_mode=None: SB3 otherwise asks for "rgb_array", which ServingEnv does not render
+    env_kwargs = {**config.env, "trace_slice": TRAIN_SLICE, "render_mode": None}
     vec_cls = SubprocVecEnv if config.vec_env == "subproc" and config.n_envs > 1 else DummyVecEnv
     # "module:id" makes gymnasium import rtlm_adapt.envs (the registration) in each subprocess
     venv = make_vec_env("rtlm_adapt.envs:rtlm_adapt/Serving-v0", n_envs=config.n_envs,
