@@ -51,8 +51,18 @@ def controller_costs(prompts: list[str], lengths: list[int], queued: int, n: int
         ctl.submit(req, f)
         batch = ctl.next_batch(ExecutorState("primary", "primary", 0, 1, now))
         done = batch[0]
-        ctl.on_finish(Completion(done.id, lengths[i % len(lengths)], done.arrival_time, now, now,
-                                 "primary", prompt_tokens=64, deadline=done.deadline))
+        ctl.on_finish(
+            Completion(
+                done.id,
+                lengths[i % len(lengths)],
+                done.arrival_time,
+                now,
+                now,
+                "primary",
+                prompt_tokens=64,
+                deadline=done.deadline,
+            )
+        )
         costs[k] = time.perf_counter() - t0
     gc.enable()
     assert len(ctl) == queued and ctl.stats().balanced
@@ -97,10 +107,14 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     print(f"{'what':<34}{'p50 us':>10}{'p99 us':>10}")
-    print(f"{'controller per request':<34}{result['controller_us_p50']:>10.1f}"
-          f"{result['controller_us_p99']:>10.1f}")
-    print(f"{'uncertainty scoring per prompt':<34}{result['uncertainty_us_p50']:>10.1f}"
-          f"{result['uncertainty_us_p99']:>10.1f}")
+    print(
+        f"{'controller per request':<34}{result['controller_us_p50']:>10.1f}"
+        f"{result['controller_us_p99']:>10.1f}"
+    )
+    print(
+        f"{'uncertainty scoring per prompt':<34}{result['uncertainty_us_p50']:>10.1f}"
+        f"{result['uncertainty_us_p99']:>10.1f}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

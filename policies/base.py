@@ -39,7 +39,9 @@ class FixedPolicy:
         consolidate: bool = False,
     ) -> None:
         if length_source not in LENGTH_SOURCES:
-            raise ValueError(f"unknown length_source {length_source!r}; expected one of {LENGTH_SOURCES}")
+            raise ValueError(
+                f"unknown length_source {length_source!r}; expected one of {LENGTH_SOURCES}"
+            )
         self.name = name
         self.knobs = knobs
         self.length_source = length_source

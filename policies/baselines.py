@@ -22,7 +22,7 @@ def sjf_prompt() -> FixedPolicy:
 
 
 def oracle_sjf() -> FixedPolicy:
-    """Shortest true output first, no aging: the limit of length-based ordering (benchmarks only)."""
+    """Shortest true output first, no aging: the limit of length-based ordering (benchmarks)."""
     return FixedPolicy("oracle-sjf", Knobs(length_weight=1.0), length_source="oracle")
 
 

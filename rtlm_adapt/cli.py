@@ -64,7 +64,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer",
         default="smollm2",
-        help="tokenizer for response lengths: smollm2 (packaged), words (estimate), or a path/hub id",
+        help="tokenizer for response lengths: smollm2 (packaged), words (estimate), or path/hub id",
     )
 
 
@@ -110,11 +110,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         batching=args.batching,
     )
     print(f"workload: {workload.description}", file=sys.stderr)
-    print(f"prompts: {args.prompts} ({len(samples)} samples), lengths in {counter.kind} tokens",
-          file=sys.stderr)
+    print(
+        f"prompts: {args.prompts} ({len(samples)} samples), lengths in {counter.kind} tokens",
+        file=sys.stderr,
+    )
     results = {}
-    bar = tqdm(total=len(policies) * len(workload.requests), unit="req", disable=args.no_progress,
-               file=sys.stderr)
+    bar = tqdm(
+        total=len(policies) * len(workload.requests),
+        unit="req",
+        disable=args.no_progress,
+        file=sys.stderr,
+    )
     for name in policies:
         bar.set_description(name)
         run = run_policy(
@@ -129,8 +135,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     bar.close()
     print(format_table(results))
     elapsed = time.perf_counter() - t0
-    print(f"({elapsed:.1f}s; batching={args.batching}, profile={primary.name}, "
-          f"secondary={secondary.name if secondary else 'none'})", file=sys.stderr)
+    print(
+        f"({elapsed:.1f}s; batching={args.batching}, profile={primary.name}, "
+        f"secondary={secondary.name if secondary else 'none'})",
+        file=sys.stderr,
+    )
     if args.json:
         payload = {
             "policies": {
@@ -173,8 +182,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rtlm_adapt.policies.ppo_train import make_config, train
 
     config = make_config(
-        out=args.out, timesteps=args.timesteps, quick=args.quick, prompts=args.prompts,
-        load=args.load, n_envs=args.n_envs, seed=args.seed, progress_bar=not args.no_progress,
+        out=args.out,
+        timesteps=args.timesteps,
+        quick=args.quick,
+        prompts=args.prompts,
+        load=args.load,
+        n_envs=args.n_envs,
+        seed=args.seed,
+        progress_bar=not args.no_progress,
     )
     print(f"saved {train(config)}")
     return 0
@@ -187,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sim = sub.add_parser("simulate", help="compare policies on a real workload, simulated executors")
+    sim = sub.add_parser(
+        "simulate", help="compare policies on a real workload, simulated executors"
+    )
     _add_workload_args(sim)
     sim.add_argument(
         "--policies",

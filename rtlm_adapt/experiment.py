@@ -58,7 +58,8 @@ def capacity_rps(
             ctx = int(prompt + batch * longest / 2)
             durations.append(
                 longest * cost.step_time(batch, context_tokens=ctx)
-                + cost.prefill_s_base + cost.prefill_s_per_token * prompt
+                + cost.prefill_s_base
+                + cost.prefill_s_per_token * prompt
             )
         return batch / float(np.mean(durations))
     per_request = []
@@ -71,7 +72,9 @@ def capacity_rps(
 
 
 def mean_isolated_service_s(cost: StepCost, samples: Sequence[PromptSample]) -> float:
-    return float(np.mean([cost.isolated_service_time(s.prompt_tokens, s.response_tokens) for s in samples]))
+    return float(
+        np.mean([cost.isolated_service_time(s.prompt_tokens, s.response_tokens) for s in samples])
+    )
 
 
 def build_workload(
@@ -106,7 +109,8 @@ def build_workload(
     requests = build_requests(chosen, times, deadlines)  # ids are positions: unique
     desc = (
         f"{n} requests, arrivals={arrivals}, load={load} ({rate:.3f} req/s of "
-        f"{cap:.3f} capacity, {batching} batches of {batch}), mean isolated service {mean_svc:.2f}s, slo={slo}"
+        f"{cap:.3f} capacity, {batching} batches of {batch}), "
+        f"mean isolated service {mean_svc:.2f}s, slo={slo}"
     )
     return Workload(requests, rate, load, mean_svc, cap, desc)
 

@@ -12,8 +12,8 @@ common to every request), so the controller keeps them in a heap and re-keys onl
 change. FCFS is ``wait_weight=1`` with everything else 0; shortest-job-first is
 ``length_weight=1``; earliest-deadline-first is ``slack_weight=1``.
 
->>> Knobs().validate()
-Knobs(length_weight=1.0, uncertainty_weight=0.0, wait_weight=0.0, slack_weight=0.0, max_batch_size=None, offload_threshold=inf, max_wait_s=inf)
+>>> Knobs(wait_weight=0.1).as_dict()["wait_weight"]
+0.1
 >>> Knobs(max_batch_size=0)
 Traceback (most recent call last):
 ...

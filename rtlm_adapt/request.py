@@ -89,7 +89,9 @@ class Request:
         if self.prompt_tokens is not None:
             _check_positive_int("Request.prompt_tokens", self.prompt_tokens)
         if not isinstance(self.metadata, Mapping):
-            raise TypeError(f"Request.metadata must be a mapping, got {type(self.metadata).__name__}")
+            raise TypeError(
+                f"Request.metadata must be a mapping, got {type(self.metadata).__name__}"
+            )
 
     def slack(self, now: float) -> float:
         """Seconds left until the deadline (infinite when there is none)."""
@@ -134,7 +136,8 @@ class Completion:
         _check_time("Completion.finish_time", self.finish_time)
         if self.finish_time < self.start_time:
             raise ValueError(
-                f"Completion.finish_time ({self.finish_time}) is before start_time ({self.start_time})"
+                f"Completion.finish_time ({self.finish_time}) is before "
+                f"start_time ({self.start_time})"
             )
 
     @property

@@ -38,8 +38,14 @@ def azure_conv() -> Path:
     return path
 
 
-def make_request(rid: str, arrival: float, length: int, prompt: str = "Explain why the sky is blue.",
-                 deadline: float | None = None, prompt_tokens: int = 16) -> Request:
+def make_request(
+    rid: str,
+    arrival: float,
+    length: int,
+    prompt: str = "Explain why the sky is blue.",
+    deadline: float | None = None,
+    prompt_tokens: int = 16,
+) -> Request:
     return Request(
         id=rid,
         prompt=prompt,

@@ -2,10 +2,10 @@ import math
 
 import pytest
 from conftest import make_request
+from rtlm_adapt.policies import FixedPolicy
 
 from rtlm_adapt import Completion, Knobs, Request
 from rtlm_adapt.controller import AdaptiveController, QueueFullError
-from rtlm_adapt.policies import FixedPolicy
 from rtlm_adapt.serving.base import ExecutorState
 
 
@@ -14,9 +14,18 @@ def state(now, running=0, cap=8, role="primary", name=None):
 
 
 def finish(ctl, req, now, tokens=None, error=None, executor="primary"):
-    ctl.on_finish(Completion(req.id, tokens if tokens is not None else req.true_output_tokens,
-                             req.arrival_time, req.arrival_time, now, executor,
-                             deadline=req.deadline, error=error))
+    ctl.on_finish(
+        Completion(
+            req.id,
+            tokens if tokens is not None else req.true_output_tokens,
+            req.arrival_time,
+            req.arrival_time,
+            now,
+            executor,
+            deadline=req.deadline,
+            error=error,
+        )
+    )
 
 
 def test_oracle_sjf_hands_out_shortest_first():
@@ -51,7 +60,9 @@ def test_hard_aging_bound_beats_a_stream_of_short_requests():
 
 
 def test_secondary_only_takes_offload_eligible_requests():
-    ctl = AdaptiveController(FixedPolicy("p", Knobs(offload_threshold=100.0), length_source="oracle"))
+    ctl = AdaptiveController(
+        FixedPolicy("p", Knobs(offload_threshold=100.0), length_source="oracle")
+    )
     ctl.set_knobs(Knobs(offload_threshold=100.0))
     for i, n in enumerate([10, 500, 20, 900]):
         ctl.submit(make_request(f"r{i}", 0.0, n))

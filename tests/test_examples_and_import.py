@@ -21,7 +21,10 @@ def test_import_is_light():
 def test_embed_controller_example_runs():
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "embed_controller.py")],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     lines = out.stdout.strip().splitlines()
     finished = [ln for ln in lines if "tokens" in ln]

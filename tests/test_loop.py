@@ -8,25 +8,46 @@ from rtlm_adapt.serving.loop import ServingLoop
 from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.serving.sim import SimulatedExecutor
 
-COST = StepCost("t", decode_s_base=0.02, decode_s_per_seq=0.004, decode_s_per_ctx_token=0.0,
-                prefill_s_base=0.01, prefill_s_per_token=1e-4, max_batch_size=4)
-SLOW = StepCost("s", decode_s_base=0.05, decode_s_per_seq=0.01, decode_s_per_ctx_token=0.0,
-                prefill_s_base=0.02, prefill_s_per_token=2e-4, max_batch_size=2)
+COST = StepCost(
+    "t",
+    decode_s_base=0.02,
+    decode_s_per_seq=0.004,
+    decode_s_per_ctx_token=0.0,
+    prefill_s_base=0.01,
+    prefill_s_per_token=1e-4,
+    max_batch_size=4,
+)
+SLOW = StepCost(
+    "s",
+    decode_s_base=0.05,
+    decode_s_per_seq=0.01,
+    decode_s_per_ctx_token=0.0,
+    prefill_s_base=0.02,
+    prefill_s_per_token=2e-4,
+    max_batch_size=2,
+)
 
 
 def workload(n=300, seed=0, rate=6.0):
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1 / rate, n))
     lengths = np.maximum(1, rng.lognormal(3.0, 1.2, n).astype(int))
-    return [make_request(f"r{i}", float(t), int(n_), deadline=float(t) + 5.0)
-            for i, (t, n_) in enumerate(zip(arrivals, lengths, strict=True))]
+    return [
+        make_request(f"r{i}", float(t), int(n_), deadline=float(t) + 5.0)
+        for i, (t, n_) in enumerate(zip(arrivals, lengths, strict=True))
+    ]
 
 
 def run(policy, reqs, batching="continuous", secondary=False):
-    ctl = AdaptiveController(policy, batching=batching, profiles={"primary": COST, "secondary": SLOW})
-    loop = ServingLoop(ctl, SimulatedExecutor("primary", COST, batching=batching),
-                       SimulatedExecutor("secondary", SLOW, batching=batching) if secondary else None,
-                       batching=batching)
+    ctl = AdaptiveController(
+        policy, batching=batching, profiles={"primary": COST, "secondary": SLOW}
+    )
+    loop = ServingLoop(
+        ctl,
+        SimulatedExecutor("primary", COST, batching=batching),
+        SimulatedExecutor("secondary", SLOW, batching=batching) if secondary else None,
+        batching=batching,
+    )
     res = loop.run(reqs)
     return ctl, res
 

@@ -39,8 +39,9 @@ def test_request_slack_and_true_length():
 
 
 def test_completion_validation_and_derived_fields():
-    c = Completion("a", 5, arrival_time=1.0, start_time=2.0, finish_time=4.0, executor="e",
-                   deadline=3.5)
+    c = Completion(
+        "a", 5, arrival_time=1.0, start_time=2.0, finish_time=4.0, executor="e", deadline=3.5
+    )
     assert c.response_time == pytest.approx(3.0)
     assert c.missed_deadline and c.ok
     with pytest.raises(ValueError, match="output_tokens"):

@@ -1,12 +1,18 @@
 import pytest
+from conftest import make_request
 
 from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.serving.sim import SimulatedExecutor
 
-from conftest import make_request
-
-COST = StepCost("t", decode_s_base=0.01, decode_s_per_seq=0.002, decode_s_per_ctx_token=1e-5,
-                prefill_s_base=0.02, prefill_s_per_token=1e-4, max_batch_size=4)
+COST = StepCost(
+    "t",
+    decode_s_base=0.01,
+    decode_s_per_seq=0.002,
+    decode_s_per_ctx_token=1e-5,
+    prefill_s_base=0.02,
+    prefill_s_per_token=1e-4,
+    max_batch_size=4,
+)
 
 
 def step_by_step_cost(batch, ctx0, k, prefill):
@@ -18,7 +24,9 @@ def step_by_step_cost(batch, ctx0, k, prefill):
 
 def test_fused_steps_cost_the_same_as_single_steps():
     ex = SimulatedExecutor("p", COST)
-    ex.admit([make_request("a", 0, 5, prompt_tokens=10), make_request("b", 0, 9, prompt_tokens=20)], 0.0)
+    ex.admit(
+        [make_request("a", 0, 5, prompt_tokens=10), make_request("b", 0, 9, prompt_tokens=20)], 0.0
+    )
     r = ex.step(0.0)
     assert r.iterations == 5 and [c.request_id for c in r.finished] == ["a"]
     assert r.duration_s == pytest.approx(step_by_step_cost(2, 30, 5, 30))
@@ -56,6 +64,7 @@ def test_errors_are_clear():
     with pytest.raises(RuntimeError, match="empty batch"):
         ex.step(0.0)
     from rtlm_adapt.request import Request
+
     with pytest.raises(ValueError, match="true output length"):
         ex.admit([Request("x", "hi", 0.0)], 0.0)
     with pytest.raises(RuntimeError, match="max_batch_size"):

@@ -10,7 +10,9 @@ This linear form fits measured CPU and GPU decode costs well in the ranges we se
 model starts from it before it learns from real timings.
 
 >>> cost = StepCost.default()
->>> cost.step_time(batch_size=1, context_tokens=100) < cost.step_time(batch_size=8, context_tokens=800)
+>>> one = cost.step_time(batch_size=1, context_tokens=100)
+>>> eight = cost.step_time(batch_size=8, context_tokens=800)
+>>> one < eight < 8 * one  # batching amortises the fixed cost of a step
 True
 """
 
@@ -53,7 +55,9 @@ class StepCost:
         if self.decode_s_base + self.decode_s_per_seq <= 0:
             raise ValueError("StepCost: a decode step must cost more than 0 seconds")
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
-            raise ValueError(f"StepCost.max_batch_size must be an int >= 1, got {self.max_batch_size!r}")
+            raise ValueError(
+                f"StepCost.max_batch_size must be an int >= 1, got {self.max_batch_size!r}"
+            )
 
     def step_time(self, batch_size: int, context_tokens: int = 0, prefill_tokens: int = 0) -> float:
         """Seconds for one iteration of a batch of ``batch_size`` requests."""
@@ -94,19 +98,23 @@ class StepCost:
 
     @classmethod
     def load(cls, path_or_name: str | Path) -> StepCost:
-        """Load a profile from a JSON file, or a packaged one by name (e.g. ``smollm2-135m-cpu2``)."""
+        """Load a profile from a JSON file, or a packaged one by name (``smollm2-135m-cpu2``)."""
         path = Path(path_or_name)
         if path.suffix == ".json" or path.exists():
             text = path.read_text()
         else:
             res = resources.files("rtlm_adapt.profiles").joinpath(f"{path_or_name}.json")
             if not res.is_file():
-                raise ValueError(f"unknown cost profile {str(path_or_name)!r} (no such file or packaged name)")
+                raise ValueError(
+                    f"unknown cost profile {str(path_or_name)!r} (no such file or packaged name)"
+                )
             text = res.read_text()
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"cost profile {str(path_or_name)!r} is not valid JSON: {exc}") from exc
+            raise ValueError(
+                f"cost profile {str(path_or_name)!r} is not valid JSON: {exc}"
+            ) from exc
         return cls.from_dict(data)
 
     @classmethod

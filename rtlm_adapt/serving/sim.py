@@ -57,7 +57,9 @@ class SimulatedExecutor:
         default_prompt_tokens: int = 64,
     ) -> None:
         if batching not in BATCHING_MODES:
-            raise ValueError(f"unknown batching mode {batching!r}; expected one of {BATCHING_MODES}")
+            raise ValueError(
+                f"unknown batching mode {batching!r}; expected one of {BATCHING_MODES}"
+            )
         self.name = name
         self.cost = cost
         self.max_batch_size = max_batch_size or cost.max_batch_size
@@ -167,7 +169,11 @@ class SimulatedExecutor:
     def _iterations_within(self, budget: float, batch: int, ctx0: int, prefill_s: float) -> int:
         """Largest k >= 1 whose fused cost fits in ``budget`` seconds."""
         c = self.cost
-        a = c.decode_s_base + c.decode_s_per_seq * batch + c.decode_s_per_ctx_token * (ctx0 - batch / 2)
+        a = (
+            c.decode_s_base
+            + c.decode_s_per_seq * batch
+            + c.decode_s_per_ctx_token * (ctx0 - batch / 2)
+        )
         b = c.decode_s_per_ctx_token * batch / 2
         rest = budget - prefill_s
         if rest <= a + b:
