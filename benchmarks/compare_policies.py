@@ -44,7 +44,7 @@ def main() -> None:
         "rows": [],
         "args": vars(args),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {platform.processor()} python {platform.python_version()}",
+        "machine": f"{platform.machine()} python {platform.python_version()}",
         "profile": primary.name,
         "secondary_profile": secondary.name,
     }
