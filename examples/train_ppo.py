@@ -27,10 +27,12 @@ def main() -> None:
     parser.add_argument("--prompts", default="alpaca:gpt4_1106_preview", help="prompt set")
     parser.add_argument("--load", default="0.6,1.1", help="training load range LOW,HIGH")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--max-minutes", type=float, help="stop (and save) after this long")
     args = parser.parse_args()
     config = make_config(
         out=args.out, timesteps=args.timesteps, quick=args.quick, prompts=args.prompts,
         load=args.load, n_envs=args.n_envs, seed=args.seed, progress_bar=not args.no_progress,
+        max_minutes=args.max_minutes,
     )
     print(f"saved {train(config)}")
 

@@ -35,7 +35,7 @@ import numpy as np
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
 
-from .action_space import KnobsActionMap, observation_array
+from .action_space import OBS_HIGH, OBS_LOW, KnobsActionMap, observation_array
 from .heuristic import RTLMHeuristic
 from .ppo_online import PerformanceGuard, epoch_cost
 
@@ -74,12 +74,16 @@ class MLPActor:
         self.action_size = self.layers[-1][0].shape[0]
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
-        """The action in [-1, 1]^k for one observation vector."""
+        """The action in [-1, 1]^k for one observation vector (SB3's deterministic predict)."""
+        return np.minimum(np.maximum(self.mean(obs), -1.0), 1.0)
+
+    def mean(self, obs: np.ndarray | list[float]) -> np.ndarray:
+        """The Gaussian's mean, unclipped (the action map clips; np.clip costs microseconds)."""
         x = np.asarray(obs, dtype=np.float64)
         for w, b in self.layers[:-1]:
             x = self._act(w @ x + b)
         w, b = self.layers[-1]
-        return np.clip(w @ x + b, -1.0, 1.0)
+        return w @ x + b
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], activation: str = "Tanh") -> MLPActor:
@@ -218,13 +222,14 @@ class PPOPolicy:
             if self.online is not None:
                 self.online.interrupt()  # the fallback's epochs are not the learner's transitions
             return self.fallback.decide(observation)
-        obs = observation_array(observation)
         if self.online is not None:
-            action = self.online.act(obs)
+            action = self.online.act(observation_array(observation))
             if self.online.updated:
                 self.actor = self.online.actor()
         else:
-            action = self.actor(obs)
+            # the hot path: plain floats in, plain floats out; clipping happens in to_knobs
+            vec = [min(OBS_HIGH, max(OBS_LOW, v)) for v in observation.as_vector()]
+            action = self.actor.mean(vec).tolist()
         return self.action_map.to_knobs(action, max(1, observation.primary_max_batch))
 
     def __repr__(self) -> str:

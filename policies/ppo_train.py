@@ -34,7 +34,8 @@ EVAL_SLICE = (0.8, 1.0)
 class TrainConfig:
     """Everything a training run depends on (saved as ``OUT/config.json``).
 
-    ``env`` holds ServingEnv options (``prompts``, ``arrivals``, ``load``, ``n_requests``,
+    ``max_minutes`` stops training early (wall clock, evaluations included); the model is saved
+    as usual. ``env`` holds ServingEnv options (``prompts``, ``arrivals``, ``load``, ``n_requests``,
     ``epoch_s``, ``batching``, ...); ``trace_slice`` is forced to :data:`TRAIN_SLICE`.
     """
 
@@ -57,6 +58,7 @@ class TrainConfig:
     checkpoint_freq: int = 50_000
     vec_env: str = "subproc"
     progress_bar: bool = True
+    max_minutes: float | None = None
 
     @classmethod
     def quick(cls, **overrides: Any) -> TrainConfig:
@@ -169,9 +171,16 @@ def _make_callbacks(config: TrainConfig, out: Path) -> list[Any]:
                 self.best = ppo["mean_rt_s"]
                 self.model.save(out / "best_model.zip")
 
+    class TimeBudgetCallback(BaseCallback):
+        """Stops training (and lets ``train`` save the model) once ``max_minutes`` have passed."""
+
+        def _on_step(self) -> bool:
+            return config.max_minutes is None or time.time() - started < 60 * config.max_minutes
+
     started = time.time()
     return [
         BaselineEvalCallback(),
+        TimeBudgetCallback(),
         CheckpointCallback(
             max(1, config.checkpoint_freq // config.n_envs), str(out / "checkpoints"), "ppo"
         ),

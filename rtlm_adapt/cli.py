@@ -190,6 +190,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         n_envs=args.n_envs,
         seed=args.seed,
         progress_bar=not args.no_progress,
+        max_minutes=args.max_minutes,
     )
     print(f"saved {train(config)}")
     return 0
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--prompts", default="alpaca:gpt4_1106_preview", help="prompt set")
     tr.add_argument("--load", default="0.6,1.1", help="training load range LOW,HIGH")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--max-minutes", type=_positive_float, help="stop (and save) after this long")
     tr.set_defaults(func=cmd_train)
     return parser
 
