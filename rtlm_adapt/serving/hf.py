@@ -241,6 +241,13 @@ class HFExecutor:
         Optional streaming callback ``on_token(request_id, token_id, text_piece)``.
     clock
         Clock used to measure step durations.
+
+    Notes
+    -----
+    Times in completions are on the serving loop's clock: a step that starts at ``now`` ends
+    at ``now`` plus its measured duration. ``eos_token_ids`` (a set, from the tokenizer and
+    generation config) may be replaced. ``time_prefill`` and ``time_decode`` time the step's
+    two parts on synthetic inputs, for ``rtlm_adapt.serving.profiler``.
     """
 
     def __init__(
@@ -264,6 +271,12 @@ class HFExecutor:
             raise ValueError(f"max_context must be >= 2, got {max_context}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(
+                f"HFExecutor supports full-attention models only; this one has layer types "
+                f"{sorted(set(layer_types))}"
+            )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
