@@ -196,6 +196,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict_eval(args: argparse.Namespace) -> int:
+    from rtlm_adapt.predict_eval import evaluate
+    from rtlm_adapt.workloads import TokenCounter, load_prompts
+
+    if args.tokenizer == "smollm2":
+        counter = TokenCounter.default()
+    elif args.tokenizer == "words":
+        counter = TokenCounter.words()
+    else:
+        counter = TokenCounter.from_pretrained(args.tokenizer)
+    samples = load_prompts(args.prompts, tokenizer=counter)
+    result = evaluate(
+        samples,
+        tier=args.tier,
+        holdout_fraction=args.holdout_fraction,
+        seed=args.seed,
+        coverage=args.coverage,
+    )
+    result.update(prompts=str(args.prompts), seed=args.seed, tokenizer=counter.kind)
+    for key, value in result.items():
+        print(f"{key:24s} {value:.4g}" if isinstance(value, float) else f"{key:24s} {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rtlm-adapt",
@@ -224,6 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", help="write the figures to this JSON file")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.set_defaults(func=cmd_simulate)
+
+    pe = sub.add_parser(
+        "predict-eval",
+        help="length predictor quality: prior + prequential stream, then held-out prompts",
+    )
+    pe.add_argument("--prompts", required=True, help="AlpacaEval-format .jsonl/.jsonl.gz, "
+                    "'alpaca:MODEL' or 'sharegpt'")
+    pe.add_argument("--tier", choices=("lexical", "encoder"), default="lexical")
+    pe.add_argument("--holdout-fraction", type=float, default=0.25)
+    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--coverage", type=float, default=0.9, help="interval coverage target")
+    pe.add_argument("--tokenizer", default="smollm2", help="smollm2, words, or a path/hub id")
+    pe.add_argument("--json", help="write the figures to this JSON file")
+    pe.set_defaults(func=cmd_predict_eval)
 
     tr = sub.add_parser("train", help="train the PPO knob policy on ServingEnvs (needs [rl])")
     tr.add_argument("--timesteps", type=_positive_int, help="environment steps (default 300000)")
