@@ -165,13 +165,17 @@ class AdaptiveController:
             if not hasattr(policy, attr):
                 raise TypeError(f"policy {policy!r} lacks {attr!r}: not a Policy")
         if batching not in ("continuous", "static"):
-            raise ValueError(f"unknown batching mode {batching!r}; expected 'continuous' or 'static'")
+            raise ValueError(
+                f"unknown batching mode {batching!r}; expected 'continuous' or 'static'"
+            )
         if not (isinstance(epoch_s, (int, float)) and epoch_s > 0 and math.isfinite(epoch_s)):
             raise ValueError(f"epoch_s must be a positive number, got {epoch_s!r}")
         if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 1):
             raise ValueError(f"max_queue must be an int >= 1 or None, got {max_queue!r}")
-        if isinstance(autosave_every, bool) or not isinstance(autosave_every, int) or (
-            autosave_every < 1
+        if (
+            isinstance(autosave_every, bool)
+            or not isinstance(autosave_every, int)
+            or (autosave_every < 1)
         ):
             raise ValueError(f"autosave_every must be an int >= 1, got {autosave_every!r}")
         self._lock = threading.RLock()
@@ -226,7 +230,9 @@ class AdaptiveController:
             raise ControllerClosedError(f"controller is shut down; request {rid!r} not accepted")
         if self.max_queue is not None and len(self._queue) >= self.max_queue:
             self._count_failure("rejected", submitted=True)
-            raise QueueFullError(f"queue is full ({self.max_queue} waiting); request {rid!r} rejected")
+            raise QueueFullError(
+                f"queue is full ({self.max_queue} waiting); request {rid!r} rejected"
+            )
         if features is None:
             features = self.scorer.features(request.prompt)
         uncertainty = self.scorer.score(features)
@@ -238,7 +244,13 @@ class AdaptiveController:
             prompt_tokens, rank_length, batch_size=self.reference_batch
         )
         tracked = Tracked(
-            request, features, uncertainty, prediction, prompt_tokens, rank_length, service_s,
+            request,
+            features,
+            uncertainty,
+            prediction,
+            prompt_tokens,
+            rank_length,
+            service_s,
             submitted_at=request.arrival_time,
         )
         entry = QueueEntry(rid, request.arrival_time, payload=tracked)
@@ -247,7 +259,9 @@ class AdaptiveController:
         self._submitted += 1
         self._arrivals_in_epoch += 1
         # smoothed isolated service time: the time scale of the observation and of aging
-        isolated = self._primary_latency().service_time(prompt_tokens, prediction.length, batch_size=1)
+        isolated = self._primary_latency().service_time(
+            prompt_tokens, prediction.length, batch_size=1
+        )
         if self._submitted == 1:
             self._service_ewma = isolated
         else:
@@ -441,8 +455,9 @@ class AdaptiveController:
         incomplete; nothing is half-loaded (the controller is built only from a fully checked
         state). Only load files you wrote yourself: the state is a pickle.
         """
-        return cls._from_state(read_state(path, kind=_STATE_KIND), str(path),
-                               autosave_path, autosave_every)
+        return cls._from_state(
+            read_state(path, kind=_STATE_KIND), str(path), autosave_path, autosave_every
+        )
 
     @classmethod
     def from_state_bytes(cls, data: bytes) -> AdaptiveController:
@@ -593,7 +608,9 @@ class AdaptiveController:
     def _primary_latency(self) -> LatencyModel:
         return self._latency_for(self._primary or "primary")
 
-    def _rank_length(self, request: Request, prediction: LengthPrediction, prompt_tokens: int) -> float:
+    def _rank_length(
+        self, request: Request, prediction: LengthPrediction, prompt_tokens: int
+    ) -> float:
         source = self.policy.length_source
         if source == "predicted":
             return prediction.length
@@ -611,7 +628,9 @@ class AdaptiveController:
         k = self.knobs
         t: Tracked = entry.payload
         s = t.service_s
-        key = (k.length_weight + k.uncertainty_weight * t.uncertainty) * s + k.wait_weight * t.submitted_at
+        key = (
+            k.length_weight + k.uncertainty_weight * t.uncertainty
+        ) * s + k.wait_weight * t.submitted_at
         if k.slack_weight:
             deadline = t.request.deadline
             if deadline is None:
@@ -656,8 +675,8 @@ class AdaptiveController:
         elapsed = now - self._last_epoch
         if elapsed > 0:
             rate = self._arrivals_in_epoch / elapsed
-            self._arrival_rate = rate if self._last_epoch == 0 else (
-                0.7 * self._arrival_rate + 0.3 * rate
+            self._arrival_rate = (
+                rate if self._last_epoch == 0 else (0.7 * self._arrival_rate + 0.3 * rate)
             )
         self._arrivals_in_epoch = 0
         self._last_epoch = now

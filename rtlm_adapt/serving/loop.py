@@ -120,7 +120,9 @@ class ServingLoop:
         keep_completions: bool = True,
     ) -> None:
         if batching not in BATCHING_MODES:
-            raise ValueError(f"unknown batching mode {batching!r}; expected one of {BATCHING_MODES}")
+            raise ValueError(
+                f"unknown batching mode {batching!r}; expected one of {BATCHING_MODES}"
+            )
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
         for name, value in (("step_timeout_s", step_timeout_s), ("wall_timeout_s", wall_timeout_s)):
@@ -197,14 +199,18 @@ class ServingLoop:
             for lane in self._lanes:
                 lane.pending, lane.busy_until, lane.fault = None, math.inf, None
                 while lane.retry:
-                    self._end(self._failure(lane.retry.popleft(), "shutdown", "loop shut down",
-                                            self.now))
+                    self._end(
+                        self._failure(lane.retry.popleft(), "shutdown", "loop shut down", self.now)
+                    )
                 for rid in list(lane.inflight):
                     request = lane.inflight.pop(rid)
                     if lane.stuck is None:
                         self._abort_quietly(lane, rid)
-                    self._end(self._failure(request, "shutdown", "loop shut down", self.now,
-                                            lane.executor.name))
+                    self._end(
+                        self._failure(
+                            request, "shutdown", "loop shut down", self.now, lane.executor.name
+                        )
+                    )
         for lane in self._lanes:
             if lane.pool is not None:
                 lane.pool.shutdown(wait=False)
@@ -236,7 +242,9 @@ class ServingLoop:
         self._apply_cancellations(self.now)  # those requested since the last call
         while True:
             next_arrival = (
-                self._arrivals[self._next].arrival_time if self._next < len(self._arrivals) else math.inf
+                self._arrivals[self._next].arrival_time
+                if self._next < len(self._arrivals)
+                else math.inf
             )
             next_finish = min(lane.busy_until for lane in lanes)
             t = min(next_arrival, next_finish)
@@ -248,8 +256,11 @@ class ServingLoop:
                 stuck = [lane.stuck for lane in lanes if lane.stuck is not None]
                 if stuck and (waiting or any(lane.inflight for lane in lanes)):
                     # only a hung executor could take the work: wait for it to come back
-                    concurrent.futures.wait(stuck, timeout=self.wall_timeout_s,
-                                            return_when=concurrent.futures.FIRST_COMPLETED)
+                    concurrent.futures.wait(
+                        stuck,
+                        timeout=self.wall_timeout_s,
+                        return_when=concurrent.futures.FIRST_COMPLETED,
+                    )
                     self._dispatch(self.now)
                     continue
                 if waiting:
@@ -286,7 +297,9 @@ class ServingLoop:
         started = False
         faults_before = self.result.faults
         next_arrival = (
-            self._arrivals[self._next].arrival_time if self._next < len(self._arrivals) else math.inf
+            self._arrivals[self._next].arrival_time
+            if self._next < len(self._arrivals)
+            else math.inf
         )
         # A fault moves requests to another lane's retry queue; a second pass lets that lane
         # take them at this same instant even if it was visited first.
@@ -446,19 +459,32 @@ class ServingLoop:
                     break
             if request is not None:
                 self._attempts.pop(rid, None)
-                self._end(self._failure(request, "cancelled", "cancelled while running", now,
-                                        lane.executor.name))
+                self._end(
+                    self._failure(
+                        request, "cancelled", "cancelled while running", now, lane.executor.name
+                    )
+                )
                 if not lane.inflight and lane.pending is not None and lane.fault is None:
                     # the step now serves nobody: free the executor instead of waiting it out
                     lane.pending, lane.busy_until = None, math.inf
 
-    def _fault(self, lane: _Lane, ids: Sequence[str], reason: str, detail: str, now: float,
-               *, abort: bool = True, counted: bool = False) -> None:
+    def _fault(
+        self,
+        lane: _Lane,
+        ids: Sequence[str],
+        reason: str,
+        detail: str,
+        now: float,
+        *,
+        abort: bool = True,
+        counted: bool = False,
+    ) -> None:
         """Take ``ids`` off ``lane`` after a fault; retry each elsewhere or fail it."""
         if not counted:
             self.result.faults += 1
-        logger.warning("%s: %s (%s) affecting %d requests", lane.executor.name, reason, detail,
-                       len(ids))
+        logger.warning(
+            "%s: %s (%s) affecting %d requests", lane.executor.name, reason, detail, len(ids)
+        )
         others = [o for o in self._lanes if o is not lane and o.stuck is None]
         target = others[0] if others else (lane if lane.stuck is None else None)
         for rid in ids:
@@ -483,8 +509,9 @@ class ServingLoop:
             logger.warning("%s: abort(%r) failed", lane.executor.name, rid, exc_info=True)
 
     @staticmethod
-    def _failure(request: Request, reason: str, detail: str, now: float,
-                 executor: str = "") -> Completion:
+    def _failure(
+        request: Request, reason: str, detail: str, now: float, executor: str = ""
+    ) -> Completion:
         t = max(now, request.arrival_time)
         return Completion(
             request_id=request.id,
