@@ -154,7 +154,8 @@ class ServingLoop:
         for r in requests:
             if r.arrival_time < self.now:
                 raise ValueError(
-                    f"request {r.id!r} arrives at {r.arrival_time}, before the loop's time {self.now}"
+                    f"request {r.id!r} arrives at {r.arrival_time}, "
+                    f"before the loop's time {self.now}"
                 )
         pending.sort(key=lambda r: r.arrival_time)
         self._arrivals, self._next = pending, 0
