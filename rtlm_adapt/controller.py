@@ -235,6 +235,12 @@ class AdaptiveController:
             )
         if features is None:
             features = self.scorer.features(request.prompt)
+            extend = getattr(self.predictor, "features", None)
+            if callable(extend):
+                # The predictor's own features on top: hashed words (int keys) and, on the
+                # encoder tier, the prompt embedding (batch 1 here; batch upstream and pass
+                # ``features`` to avoid that cost).
+                features = extend(request.prompt, base=features)
         uncertainty = self.scorer.score(features)
         features["uncertainty"] = uncertainty
         prediction = self.predictor.predict_one(features)

@@ -347,7 +347,7 @@ class LengthPredictor:
         prior_length: float = 200.0,
         *,
         learning_rate: float = 0.02,
-        intercept_lr: float = 0.03,
+        intercept_lr: float = 0.025,
         window: int = 500,
         min_residuals: int = 30,
         default_log_spread: float = 1.0,
