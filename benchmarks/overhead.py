@@ -27,9 +27,15 @@ from rtlm_adapt.workloads import TokenCounter, load_prompts
 
 
 def controller_costs(prompts: list[str], lengths: list[int], queued: int, n: int, policy: str):
-    scorer = UncertaintyScorer()
-    feats = [scorer.features(p) for p in prompts]
     ctl = AdaptiveController(policy)
+    # Prompt scoring happens upstream (and is measured separately): the uncertainty features
+    # and score, plus the predictor's own prompt features (hashed words on the lexical tier).
+    feats = []
+    for p in prompts:
+        f, u = ctl.scorer.score_prompt(p)
+        f["uncertainty"] = u
+        extend = getattr(ctl.predictor, "features", None)
+        feats.append(extend(p, base=f) if callable(extend) else f)
     state = ExecutorState("primary", "primary", 0, 1, 0.0)
     ctl.next_batch(state)  # register the executor, run the first policy epoch
 

@@ -82,7 +82,8 @@ class RTLMHeuristic:
             and obs.secondary_max_batch > 0
             and obs.queue_length >= self.offload_queue_factor * obs.primary_max_batch
         ):
-            threshold = max(1.0, obs.pred_len_p90)
+            # on a grid of quarter octaves, so small moves of the p90 don't re-flag the queue
+            threshold = 2.0 ** (round(4 * math.log2(max(1.0, obs.pred_len_p90))) / 4)
         return Knobs(
             length_weight=1.0,
             uncertainty_weight=self.uncertainty_weight,

@@ -48,6 +48,9 @@ from rtlm_adapt.uncertainty import UncertaintyScorer
 
 logger = logging.getLogger(__name__)
 
+#: Waiting requests an observation summarises (a sample: the queue may hold thousands).
+OBSERVE_SAMPLE = 128
+
 #: Slack (s) assumed for a request without a deadline, so the slack term stays finite.
 NO_DEADLINE_SLACK_S = 3600.0
 
@@ -241,8 +244,9 @@ class AdaptiveController:
                 # encoder tier, the prompt embedding (batch 1 here; batch upstream and pass
                 # ``features`` to avoid that cost).
                 features = extend(request.prompt, base=features)
-        uncertainty = self.scorer.score(features)
-        features["uncertainty"] = uncertainty
+        uncertainty = features.get("uncertainty")
+        if uncertainty is None:  # not precomputed upstream along with the features
+            uncertainty = features["uncertainty"] = self.scorer.score(features)
         prediction = self.predictor.predict_one(features)
         prompt_tokens = request.prompt_tokens or max(1, int(features.get("prompt_tokens_est", 1)))
         rank_length = self._rank_length(request, prediction, prompt_tokens)
@@ -527,17 +531,20 @@ class AdaptiveController:
 
     @_locked
     def observe(self, now: float) -> Observation:
-        """The current observation (queue statistics are over at most 512 waiting requests)."""
-        lengths, uncert, oldest, min_slack = [], 0.0, 0.0, math.inf
-        for i, entry in enumerate(self._queue):
-            if i >= 512:
-                break
+        """The current observation.
+
+        Queue statistics are over at most ``OBSERVE_SAMPLE`` waiting requests (the oldest wait is
+        exact), so an epoch costs the same whatever the queue length.
+        """
+        lengths, uncert, min_slack = [], 0.0, math.inf
+        for entry in self._queue.sample(OBSERVE_SAMPLE):
             t: Tracked = entry.payload
             lengths.append(t.prediction.length)
             uncert += t.uncertainty
-            oldest = max(oldest, now - t.request.arrival_time)
             if t.request.deadline is not None:
                 min_slack = min(min_slack, t.request.deadline - now)
+        first = self._queue.oldest()
+        oldest = max(0.0, now - first.arrival_time) if first is not None else 0.0
         lengths.sort()
         n = len(lengths)
         primary = self._executors.get(self._primary or "")
@@ -694,8 +701,14 @@ class AdaptiveController:
             self._apply(knobs)
 
     def _apply(self, knobs: Knobs) -> None:
-        self.knobs = knobs
-        self._queue.rekey(self._key_of)
+        old, self.knobs = self.knobs, knobs
+        # Re-key (O(n)) only when the order changes; a new offload threshold only re-flags.
+        weights = ("length_weight", "uncertainty_weight", "wait_weight", "slack_weight")
+        if any(getattr(old, w) != getattr(knobs, w) for w in weights):
+            self._queue.rekey(self._key_of)
+        elif old.offload_threshold != knobs.offload_threshold:
+            threshold = knobs.offload_threshold
+            self._queue.reflag(lambda entry: entry.payload.rank_length >= threshold)
 
 
 class QueueFullError(RuntimeError):

@@ -111,6 +111,20 @@ class RequestQueue:
         heapq.heapify(offload)
         self._heap, self._offload_heap = heap, offload
 
+    def reflag(self, flag_of: Callable[[QueueEntry], bool]) -> None:
+        """Recompute every live entry's offload flag (keys unchanged); rebuild the offload heap."""
+        offload = []
+        for entry in self._entries.values():
+            entry.offload = flag_of(entry)
+            if entry.offload:
+                offload.append((entry.key, entry.seq, entry))
+        heapq.heapify(offload)
+        self._offload_heap = offload
+
+    def sample(self, n: int) -> list[QueueEntry]:
+        """Up to ``n`` live entries (the longest-queued first: dicts keep insertion order)."""
+        return list(itertools.islice(self._entries.values(), n))
+
     def _maybe_compact(self) -> None:
         # Dead entries deep in a heap are never popped; rebuild when they dominate.
         live = len(self._entries)
