@@ -130,6 +130,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             primary_cost=primary,
             secondary_cost=secondary,
             on_completion=lambda _c: bar.update(1),
+            tier=args.tier,
         )
         results[name] = run.summary
     bar.close()
@@ -169,6 +170,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 "tokenizer": counter.kind,
             },
             "batching": args.batching,
+            "tier": args.tier,
             "profile": primary.name,
             "secondary_profile": secondary.name if secondary else None,
             "elapsed_s": elapsed,
@@ -246,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="smollm2-135m-cpu2-secondary",
         help="secondary executor's cost profile for offloading, or 'none'",
     )
-    sim.add_argument("--tier", choices=("lexical",), default="lexical", help="predictor tier")
+    sim.add_argument(
+        "--tier",
+        choices=("lexical", "encoder"),
+        default="lexical",
+        help="length predictor tier: lexical (microseconds) or encoder (adds MiniLM embeddings)",
+    )
     sim.add_argument("--json", help="write the figures to this JSON file")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.set_defaults(func=cmd_simulate)

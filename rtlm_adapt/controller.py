@@ -124,7 +124,8 @@ class AdaptiveController:
         A Policy object, or a name understood by :func:`rtlm_adapt.policies.make_policy`
         (``fcfs``, ``sjf-prompt``, ``oracle-sjf``, ``heuristic``, ...).
     predictor
-        The online length predictor (default: a fresh :class:`LengthPredictor`).
+        The online length predictor (default: ``LengthPredictor.pretrained("lexical")``, which
+        starts from a prior fitted on ShareGPT and adapts to the served model online).
     profiles
         Cost profile per executor name, the starting point of each latency model; executors not
         named start from the default profile.
@@ -189,7 +190,8 @@ class AdaptiveController:
         self._cancel_marks: set[str] = set()  # running requests the loop should abort
         self._closed = False
         self.policy = policy
-        self.predictor = predictor if predictor is not None else LengthPredictor()
+        # Default: the lexical tier from its packaged ShareGPT prior, useful on request one.
+        self.predictor = predictor if predictor is not None else LengthPredictor.pretrained()
         self.scorer = scorer if scorer is not None else UncertaintyScorer()
         self.profiles = dict(profiles or {})
         self.latency: dict[str, LatencyModel] = {}

@@ -14,6 +14,7 @@ import numpy as np
 
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.metrics import Summary, summarize
+from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.request import Completion, Request
 from rtlm_adapt.serving.loop import ServingLoop
 from rtlm_adapt.serving.profile import StepCost
@@ -132,16 +133,30 @@ def run_policy(
     secondary_cost: StepCost | None = None,
     controller_factory: Callable[..., AdaptiveController] | None = None,
     on_completion: Callable[[Completion], None] | None = None,
+    tier: str = "lexical",
 ) -> PolicyRun:
-    """Serve the workload under one policy on simulated executors."""
+    """Serve the workload under one policy on simulated executors.
+
+    ``tier`` picks the length predictor (``lexical`` or ``encoder``); prompt features are
+    computed once per workload, in batches, as a serving front end would upstream.
+    """
     primary_cost = primary_cost or StepCost.default()
     profiles = {"primary": primary_cost}
     secondary = None
     if secondary_cost is not None:
         profiles["secondary"] = secondary_cost
         secondary = SimulatedExecutor("secondary", secondary_cost, batching=batching)
-    factory = controller_factory or AdaptiveController
-    controller = factory(policy, profiles=profiles, batching=batching)
+    if controller_factory is not None:
+        controller = controller_factory(policy, profiles=profiles, batching=batching)
+    else:
+        predictor = LengthPredictor.pretrained(tier)
+        controller = _PrecomputedFeatures(
+            policy,
+            profiles=profiles,
+            batching=batching,
+            predictor=predictor,
+            features=workload_features(workload, tier),
+        )
     loop = ServingLoop(
         controller,
         SimulatedExecutor("primary", primary_cost, batching=batching),
@@ -154,3 +169,44 @@ def run_policy(
     if not stats.balanced or len(result.completions) != len(workload.requests):
         raise RuntimeError(f"accounting mismatch after the run: {stats}")
     return PolicyRun(policy, summarize(result.completions), result.completions, controller)
+
+
+_FEATURE_CACHE: dict[tuple[int, str], dict[str, dict]] = {}
+
+
+def workload_features(workload: Workload, tier: str) -> dict[str, dict]:
+    """Uncertainty + predictor features of every request, batched (cached per workload)."""
+    key = (id(workload), tier)
+    if key not in _FEATURE_CACHE:
+        _FEATURE_CACHE.clear()  # one workload at a time: bounded memory
+        predictor = LengthPredictor.pretrained(tier)
+        from rtlm_adapt.uncertainty import UncertaintyScorer
+
+        scorer = UncertaintyScorer()
+        bases = []
+        for r in workload.requests:
+            f, u = scorer.score_prompt(r.prompt)
+            f["uncertainty"] = u
+            bases.append(f)
+        prompts = [r.prompt for r in workload.requests]
+        if tier == "encoder":
+            full = predictor.features_many(prompts)
+            for f, b in zip(full, bases, strict=True):
+                f.update(b)
+        else:
+            full = [predictor.features(p, base=b) for p, b in zip(prompts, bases, strict=True)]
+        _FEATURE_CACHE[key] = {r.id: f for r, f in zip(workload.requests, full, strict=True)}
+    return _FEATURE_CACHE[key]
+
+
+class _PrecomputedFeatures(AdaptiveController):
+    """A controller fed features computed upstream (batched), as a front end would."""
+
+    def __init__(self, *args, features: dict[str, dict], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._features = features
+
+    def submit(self, request: Request, features: dict | None = None) -> None:
+        if features is None and request.id in self._features:
+            features = dict(self._features[request.id])  # the controller may add keys
+        super().submit(request, features)
