@@ -1,0 +1,104 @@
+"""The command line as a user meets it: real data in, one table and a JSON out."""
+
+import gzip
+import json
+
+import pytest
+
+from rtlm_adapt.cli import main
+
+
+def test_simulate_writes_the_documented_json(alpaca_file, azure_conv, tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    code = main(
+        [
+            "simulate",
+            "--prompts",
+            str(alpaca_file),
+            "--arrivals",
+            str(azure_conv),
+            "--load",
+            "0.9",
+            "--requests",
+            "150",
+            "--seed",
+            "3",
+            "--tokenizer",
+            "words",
+            "--policies",
+            "fcfs,heuristic,heuristic+oracle,oracle-sjf",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "heuristic+oracle" in table and "fcfs" in table
+    data = json.loads(out.read_text())
+    assert list(data["policies"]) == ["fcfs", "heuristic", "heuristic+oracle", "oracle-sjf"]
+    for figures in data["policies"].values():
+        for key in ("mean_rt_s", "p50_rt_s", "p99_rt_s", "deadline_miss_rate", "throughput_rps"):
+            assert isinstance(figures[key], float) and figures[key] >= 0
+        assert figures["completed"] == 150
+    assert data["workload"]["tokenizer"] == "words-estimate"
+
+
+def test_simulate_static_batching_and_a_process(alpaca_file, tmp_path):
+    out = tmp_path / "sim.json"
+    assert (
+        main(
+            [
+                "simulate",
+                "--prompts",
+                str(alpaca_file),
+                "--arrivals",
+                "gamma:2",
+                "--requests",
+                "80",
+                "--tokenizer",
+                "words",
+                "--policies",
+                "fcfs,heuristic",
+                "--batching",
+                "static",
+                "--json",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["batching"] == "static"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--policies", "fcfs,lifo"], "unknown policy 'lifo'"),
+        (["--arrivals", "weibull"], "weibull"),
+        (["--prompts", "alpaca:no-such-model"], "no-such-model"),
+        (["--slo", "0.5:2"], "SLO probabilities"),
+    ],
+)
+def test_simulate_bad_options_fail_clearly(args, message, capsys):
+    code = main(["simulate", "--requests", "20", "--tokenizer", "words", "--no-progress", *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_malformed_prompts_file_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write(json.dumps({"id": 0, "instruction": "hi", "output": "hello"}) + "\n")
+        f.write("{not json\n")
+    code = main(["simulate", "--prompts", str(bad), "--requests", "5", "--tokenizer", "words"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "bad.jsonl.gz" in err
+
+
+def test_bad_numbers_are_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--load", "-1"])
+    assert "positive" in capsys.readouterr().err
