@@ -37,7 +37,7 @@ from rtlm_adapt.observation import Observation
 
 from .action_space import OBS_HIGH, OBS_LOW, KnobsActionMap, observation_array
 from .heuristic import RTLMHeuristic
-from .ppo_online import PerformanceGuard, epoch_cost
+from .ppo_online import SOURCES, PerformanceGuard, epoch_cost
 
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "Tanh": np.tanh,
@@ -118,6 +118,18 @@ def _activation_from_data(data: dict[str, Any]) -> str:
     raise ValueError(f"unsupported activation_fn in the saved model: {fn!r:.80}")
 
 
+def _trained_with_secondary(model_path: Path) -> bool:
+    """From the training's config.json beside the model (ppo_train writes it); default True."""
+    config = model_path.parent / "config.json"
+    if not config.is_file():
+        return True
+    try:
+        env = json.loads(config.read_text()).get("env", {})
+    except (json.JSONDecodeError, AttributeError):
+        return True
+    return env.get("secondary_profile", "default") is not None
+
+
 class PPOPolicy:
     """A trained PPO actor behind the Policy protocol (``name``, ``length_source``,
     ``consolidate``, ``decide``).
@@ -138,6 +150,11 @@ class PPOPolicy:
     online
         Optional :class:`~rtlm_adapt.policies.ppo_online.OnlinePPO` learner: ``decide`` then
         samples exploratory actions from it and it updates the actor periodically.
+    trained_with_secondary
+        Whether the training environment had a secondary executor. A policy trained with one
+        leans on offloading (and caps the primary's batch accordingly); where the controller has
+        no secondary that is outside what it learned, so ``decide`` defers to ``fallback``.
+        :meth:`load` reads it from the training's ``config.json`` beside the model, if any.
     """
 
     length_source = "predicted"
@@ -152,6 +169,7 @@ class PPOPolicy:
         guard: PerformanceGuard | None = None,
         fallback: Any = None,
         online: Any = None,
+        trained_with_secondary: bool = True,
     ) -> None:
         self.actor = actor
         self.name = name
@@ -164,6 +182,7 @@ class PPOPolicy:
         self.guard = guard
         self.fallback = fallback if fallback is not None else RTLMHeuristic()
         self.online = online
+        self.trained_with_secondary = trained_with_secondary
         self._last_obs: Observation | None = None
         self._last_source = "learned"
 
@@ -184,6 +203,7 @@ class PPOPolicy:
 
             learner = OnlinePPO.load(path)
             kwargs.setdefault("guard", PerformanceGuard())
+            kwargs.setdefault("trained_with_secondary", _trained_with_secondary(path))
             return cls(learner.actor(), online=learner, **kwargs)
         import torch
 
@@ -193,6 +213,7 @@ class PPOPolicy:
                 data = json.loads(z.read("data"))
         except (zipfile.BadZipFile, KeyError) as exc:
             raise ValueError(f"{path} is not a stable-baselines3 model zip ({exc})") from None
+        kwargs.setdefault("trained_with_secondary", _trained_with_secondary(path))
         return cls(MLPActor.from_state_dict(state, _activation_from_data(data)), **kwargs)
 
     @classmethod
@@ -207,10 +228,13 @@ class PPOPolicy:
     def decide(self, observation: Observation) -> Knobs:
         """Knobs for the next epoch: the learned actor's, or the fallback's if the guard says so."""
         source = "learned"
+        if self.trained_with_secondary and observation.secondary_max_batch == 0:
+            self._last_source = "fallback"
+            return self.fallback.decide(observation)
         if self.guard is not None or self.online is not None:
             if self._last_obs is not None:
                 cost = epoch_cost(self._last_obs, observation)
-                if self.guard is not None:
+                if self.guard is not None and self._last_source in SOURCES:
                     self.guard.record(self._last_source, cost)
                 if self.online is not None and self._last_source == "learned":
                     self.online.record_reward(-cost)

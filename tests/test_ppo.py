@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -109,3 +110,17 @@ def test_online_learning_updates_the_actor(tiny_model):
     assert policy.online.updates == 1
     after = [w for w, _ in policy.actor.layers]
     assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_no_secondary_defers_to_the_fallback(tiny_model):
+    path, _ = tiny_model
+    policy = PPOPolicy.load(path)  # no config.json beside it: assumed trained with a secondary
+    assert policy.trained_with_secondary
+    alone = replace(_obs(10, 5.0), secondary_max_batch=0)
+    assert policy.decide(alone) == RTLMHeuristic().decide(alone)
+    assert policy.decide(_obs(10, 5.0)) != RTLMHeuristic().decide(_obs(10, 5.0))
+    (path.parent / "config.json").write_text(json.dumps({"env": {"secondary_profile": None}}))
+    try:
+        assert not PPOPolicy.load(path).trained_with_secondary
+    finally:
+        (path.parent / "config.json").unlink()
