@@ -47,6 +47,28 @@ def nonneg_lstsq(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return coef
 
 
+def robust_fit(
+    features: np.ndarray, targets: np.ndarray, passes: int = 2, cutoff: float = 3.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``nonneg_lstsq`` that drops outliers: points slower than the fit by more than
+    ``cutoff`` times the median absolute residual, refitting up to ``passes`` times.
+
+    Other jobs on a shared machine only make points slower, so only those are dropped.
+    Returns the coefficients and a boolean mask of the points kept.
+    """
+    keep = np.ones(len(targets), dtype=bool)
+    coef = nonneg_lstsq(features, targets)
+    for _ in range(passes):
+        residual = targets - features @ coef
+        scale = np.median(np.abs(residual[keep])) + 1e-9
+        new_keep = residual <= cutoff * scale
+        if new_keep.sum() < features.shape[1] + 1 or (new_keep == keep).all():
+            break
+        keep = new_keep
+        coef = nonneg_lstsq(features[keep], targets[keep])
+    return coef, keep
+
+
 def machine_description() -> str:
     """Platform, CPU count and torch threads (and the GPU, if one is used)."""
     import torch
@@ -105,12 +127,12 @@ def profile_executor(
             rebuild.append((b, ctx, build))
 
     p = np.array(prefill, dtype=float)
-    prefill_coef = nonneg_lstsq(np.column_stack([np.ones(len(p)), p[:, 0]]), p[:, 1])
+    prefill_coef, prefill_kept = robust_fit(np.column_stack([np.ones(len(p)), p[:, 0]]), p[:, 1])
     d = np.array(decode, dtype=float)
     # context_tokens in StepCost is the total across the batch: batch * per-request context
     features = np.column_stack([np.ones(len(d)), d[:, 0], d[:, 0] * d[:, 1]])
-    decode_coef = nonneg_lstsq(features, d[:, 2])
-    decode_rel_err = np.abs(features @ decode_coef - d[:, 2]) / d[:, 2]
+    decode_coef, decode_kept = robust_fit(features, d[:, 2])
+    decode_rel_err = (np.abs(features @ decode_coef - d[:, 2]) / d[:, 2])[decode_kept]
     r = np.array(rebuild, dtype=float)
     rebuild_per_token = float(
         np.sum(r[:, 0] * r[:, 1] * r[:, 2]) / np.sum((r[:, 0] * r[:, 1]) ** 2)
@@ -133,6 +155,14 @@ def profile_executor(
         extra={
             "prefill_points_s": {str(n): round(t, 5) for n, t in prefill},
             "decode_points_s": {f"b{b}_ctx{c}": round(t, 5) for b, c, t in decode},
+            "outliers_dropped": [
+                f"prefill {n}" for (n, _), k in zip(prefill, prefill_kept, strict=True) if not k
+            ]
+            + [
+                f"decode b{b}_ctx{c}"
+                for (b, c, _), k in zip(decode, decode_kept, strict=True)
+                if not k
+            ],
             "decode_fit_max_rel_err": round(float(decode_rel_err.max()), 3),
             "decode_fit_mean_rel_err": round(float(decode_rel_err.mean()), 3),
             # rebuilding the padded batch cache happens when the batch membership changes;
