@@ -574,7 +574,19 @@ class AdaptiveController:
             recent_response_s=self._response_ewma,
             recent_miss_rate=self._miss_ewma,
             step_time_s=self._step_ewma,
+            primary_knee_batch=self._knee_batch(batch, 64 + mean_len / 2),
+            pred_len_p50=lengths[n // 2] if n else 0.0,
         )
+
+    def _knee_batch(self, max_batch: int, context_per_seq: float, share: float = 0.95) -> int:
+        """Smallest batch whose decode throughput is ``share`` of the throughput at max_batch."""
+        model = self._primary_latency()
+
+        def throughput(b: int) -> float:
+            return b / max(1e-12, model.step_time(b, int(b * context_per_seq)))
+
+        peak = throughput(max_batch)
+        return next(b for b in range(1, max_batch + 1) if throughput(b) >= share * peak)
 
     @_locked
     def stats(self) -> ControllerStats:

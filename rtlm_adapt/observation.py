@@ -39,6 +39,12 @@ class Observation:
     recent_miss_rate: float
     #: Recent duration of one decode iteration on the primary (s).
     step_time_s: float
+    #: The primary's knee batch size: the smallest batch reaching 95% of its peak decode
+    #: throughput per the learned latency model (0 when unknown). Larger batches add latency
+    #: for everyone and little throughput. Not part of ``as_vector``.
+    primary_knee_batch: int = 0
+    #: Median predicted output length of waiting requests (tokens). Not part of ``as_vector``.
+    pred_len_p50: float = 0.0
 
     VECTOR_FIELDS = (
         "queue_length",
