@@ -434,7 +434,12 @@ def test_cancelling_an_awaiting_task_cancels_the_request():
         async with AsyncServer(loop, slice_s=0.01) as server:
             big = asyncio.create_task(server.generate(make_request("big", 0.0, 100_000)))
             waiting = asyncio.create_task(server.generate(make_request("w", 0.0, 5)))
-            await asyncio.sleep(0.05)
+            # wait until the driver thread has handed both to the controller (not a fixed
+            # sleep: on a loaded machine that thread may not have run yet)
+            for _ in range(500):
+                if ctl.stats().submitted == 2:
+                    break
+                await asyncio.sleep(0.01)
             waiting.cancel()
             big.cancel()
             for t in (big, waiting):
