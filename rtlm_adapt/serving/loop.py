@@ -313,24 +313,33 @@ class ServingLoop:
                 break
         return started or self.result.faults != faults_before
 
-    def _start_step(self, lane: _Lane, now: float, next_arrival: float) -> bool:
+    def _fill(self, lane: _Lane, now: float) -> bool:
+        """Admit retries, then the controller's choice, onto an idle lane; True if it has work.
+
+        Executor errors propagate (the caller faults the lane's requests)."""
         ex = lane.executor
         batch: list[Request] = []
+        if self.batching == "continuous" or ex.running() == 0:
+            room = ex.max_batch_size - ex.running()
+            while lane.retry and len(batch) < room:
+                batch.append(lane.retry.popleft())
+            running = ex.running() + len(batch)
+            state = ExecutorState(ex.name, lane.role, running, ex.max_batch_size, now)
+            batch += self.controller.next_batch(state)
+            if batch:
+                for request in batch:
+                    lane.inflight[request.id] = request
+                ex.admit(batch, now)
+        if not lane.inflight:
+            return False
+        lane.step_ids = list(lane.inflight)
+        return True
+
+    def _start_step(self, lane: _Lane, now: float, next_arrival: float) -> bool:
+        ex = lane.executor
         try:
-            if self.batching == "continuous" or ex.running() == 0:
-                room = ex.max_batch_size - ex.running()
-                while lane.retry and len(batch) < room:
-                    batch.append(lane.retry.popleft())
-                running = ex.running() + len(batch)
-                state = ExecutorState(ex.name, lane.role, running, ex.max_batch_size, now)
-                batch += self.controller.next_batch(state)
-                if batch:
-                    for request in batch:
-                        lane.inflight[request.id] = request
-                    ex.admit(batch, now)
-            if not lane.inflight:
+            if not self._fill(lane, now):
                 return False
-            lane.step_ids = list(lane.inflight)
             # While the batch is full nobody can join, so a simulator may fuse steps freely.
             horizon = math.inf if ex.running() >= ex.max_batch_size else next_arrival
             result = self._call_step(lane, now, horizon)
