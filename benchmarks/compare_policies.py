@@ -22,7 +22,9 @@ from rtlm_adapt.experiment import build_workload, run_policy
 from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.workloads import TokenCounter, load_prompts
 
-POLICIES = "fcfs,sjf-prompt,sjf,oracle-sjf,heuristic+oracle,heuristic-local,heuristic"
+POLICIES = (
+    "fcfs,sjf-prompt,sjf,oracle-sjf,heuristic-local+oracle,heuristic-local,heuristic+oracle,heuristic"
+)
 
 
 def main() -> None:
@@ -70,7 +72,7 @@ def main() -> None:
             base = per_policy["fcfs"]
             print(f"\n{batching}, load {load}  (ratios to FCFS, mean over {args.seeds} seeds)")
             print(
-                f"{'policy':<18}{'mean':>8}{'p99':>8}{'miss':>8}{'thr':>8}"
+                f"{'policy':<24}{'mean':>8}{'p99':>8}{'miss':>8}{'thr':>8}"
                 f"{'mean s':>9}{'p99 s':>9}{'miss %':>8}"
             )
             for p in policies:
@@ -107,7 +109,7 @@ def main() -> None:
                 }
                 out["rows"].append(row)
                 print(
-                    f"{p:<18}{row['mean_rt_ratio']:>8.3f}{row['p99_rt_ratio']:>8.3f}"
+                    f"{p:<24}{row['mean_rt_ratio']:>8.3f}{row['p99_rt_ratio']:>8.3f}"
                     f"{row['miss_ratio']:>8.3f}{row['throughput_ratio']:>8.3f}"
                     f"{row['mean_rt_s']:>9.1f}{row['p99_rt_s']:>9.1f}"
                     f"{100 * row['deadline_miss_rate']:>8.1f}"
