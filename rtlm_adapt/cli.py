@@ -4,6 +4,9 @@ Subcommands:
 
 - ``simulate``: run policies on the same real workload through the simulated executors and print
   one table (``--json PATH`` writes the figures).
+- ``profile``: measure a real executor (``--model smollm2|tiny|PATH``), write a JSON cost profile.
+- ``serve-bench``: the same policies on the REAL executor in real time (rtlm_adapt.serve_bench);
+  ``--compare-sim`` adds the simulator's fidelity on the same requests and real lengths.
 """
 
 from __future__ import annotations
@@ -224,6 +227,19 @@ def cmd_predict_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from rtlm_adapt.serve_bench import cmd_profile as run
+
+    return run(args)
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    from rtlm_adapt.serve_bench import cmd_serve_bench as run
+
+    samples, counter = _load_samples(args)
+    return run(args, samples, counter.kind)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rtlm-adapt",
@@ -283,6 +299,51 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--max-minutes", type=_positive_float, help="stop (and save) after this long")
     tr.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("profile", help="measure a real executor; write its JSON cost profile")
+    pr.add_argument("--model", default="smollm2", help="smollm2, tiny, or a local path/hub id")
+    pr.add_argument("--out", required=True, help="profile JSON to write")
+    pr.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    pr.add_argument("--max-batch-size", type=_positive_int, default=16)
+    pr.add_argument("--kv-token-budget", type=_positive_int)
+    pr.add_argument("--batch-sizes", default="1,2,4,8,16")
+    pr.add_argument("--prompt-lengths", default="16,64,128,256,512")
+    pr.add_argument("--context-lengths", default="64,256,512")
+    pr.add_argument("--repeats", type=_positive_int, default=5, help="timings per point (min)")
+    pr.add_argument("--name", help="profile name (default: from --out)")
+    pr.add_argument("--note", default="", help="appended to the profile's source")
+    pr.set_defaults(func=cmd_profile)
+
+    sb = sub.add_parser(
+        "serve-bench", help="compare policies on the REAL executor, wall-clock arrivals"
+    )
+    _add_workload_args(sb)
+    sb.set_defaults(requests=80, load=0.8, prompts="alpaca:gpt4_1106_preview")
+    sb.add_argument("--model", default="smollm2", help="smollm2, tiny, or a local path/hub id")
+    sb.add_argument("--policies", default="fcfs,heuristic", help="comma-separated policy names")
+    sb.add_argument("--max-tokens", type=_positive_int, default=256, help="generation cap")
+    sb.add_argument("--threads", type=_positive_int, help="primary's torch threads")
+    sb.add_argument(
+        "--secondary-threads",
+        type=int,
+        default=1,
+        help="torch threads of the secondary executor (same weights); 0 for none (default 1)",
+    )
+    sb.add_argument("--max-batch-size", type=_positive_int, help="primary cap (default: profile)")
+    sb.add_argument(
+        "--profile", default="auto", help="primary cost profile (auto: packaged or measured)"
+    )
+    sb.add_argument("--secondary-profile", default="auto", help="secondary cost profile")
+    sb.add_argument("--tier", choices=("lexical", "encoder"), default="lexical")
+    sb.add_argument("--wall-timeout", type=_positive_float, default=120.0, help="hung step (s)")
+    sb.add_argument(
+        "--compare-sim",
+        action="store_true",
+        help="replay the requests with their real lengths through the simulator: fidelity",
+    )
+    sb.add_argument("--json", help="write the figures to this JSON file")
+    sb.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sb.set_defaults(func=cmd_serve_bench)
     return parser
 
 

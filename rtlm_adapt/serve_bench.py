@@ -1,0 +1,531 @@
+"""Serve-bench: the benchmark policies on the REAL executor, and the simulator's fidelity.
+
+What ``rtlm-adapt serve-bench`` runs:
+
+1. The same real workload as ``simulate`` (prompts with reference responses, arrivals at
+   ``load`` of the profiled capacity, deadlines), but served by :class:`HFExecutor` in real
+   time (:class:`~rtlm_adapt.serving.realtime.RealTimeLoop`): arrivals at their wall-clock
+   offsets, the model generating its own responses (greedy, up to ``max_tokens``).
+   The capacity is computed from the profile with the reference lengths capped at
+   ``max_tokens`` (the served model's lengths are unknown before the run); the load realised
+   with the served model's own lengths is reported too.
+2. Optionally (``compare_sim``), the very same requests replayed through the simulator with the
+   profiled costs and, per request, the length the real model generated in that policy's run:
+   mean response time ratio sim / real and the Spearman correlation of per-request response
+   times measure how far the simulator can be trusted.
+
+The controller predicts lengths with its default pretrained predictor, which has never seen the
+served model's outputs; requests carry no true length (oracle policies are refused).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rtlm_adapt.experiment import (
+    Workload,
+    _PrecomputedFeatures,
+    build_workload,
+    capacity_rps,
+    run_policy,
+    workload_features,
+)
+from rtlm_adapt.metrics import Summary, summarize
+from rtlm_adapt.predictor import LengthPredictor
+from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
+from rtlm_adapt.serving.profile import StepCost
+from rtlm_adapt.workloads import PromptSample
+
+#: ``--model`` names that are not paths or hub ids.
+PACKAGED_PROFILES = {"smollm2": ("smollm2-135m-cpu2", "smollm2-135m-cpu2-secondary")}
+
+
+def load_executor(model: str, *, name: str = "primary", max_batch_size: int = 8, **kwargs: Any):
+    """An HFExecutor for ``model``: ``tiny`` (random tiny Llama, for tests), ``smollm2`` (the
+    packaged default) or a local path / hub id."""
+    from rtlm_adapt.serving.hf import HFExecutor
+
+    if model == "tiny":
+        return HFExecutor.tiny_random(name=name, max_batch_size=max_batch_size, **kwargs)
+    return HFExecutor.from_pretrained(model, name=name, max_batch_size=max_batch_size, **kwargs)
+
+
+def sibling_executor(executor, *, name: str, max_batch_size: int):
+    """A second executor sharing ``executor``'s weights (read-only) with its own KV caches and
+    its own tokenizer copy (tokenizers are not safe to share across threads)."""
+    return type(executor)(
+        executor.model,
+        copy.deepcopy(executor.tokenizer),
+        name=name,
+        max_batch_size=max_batch_size,
+        device=executor.device,
+        dtype=executor.dtype,
+        max_context=executor.max_context,
+    )
+
+
+def quick_profile(executor, *, name: str, max_batch_size: int, threads: int | None = None):
+    """A small profile of ``executor`` (seconds on a tiny model; a minute or two on SmolLM2)."""
+    import torch
+
+    from rtlm_adapt.serving.profiler import profile_executor
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return profile_executor(
+            executor,
+            prompt_lengths=(16, 64, 256),
+            batch_sizes=sorted({1, 2, max(1, max_batch_size // 2), max_batch_size}),
+            context_lengths=(64, 256),
+            repeats=2,
+            name=name,
+            model=f"quick profile of {getattr(executor, 'name', 'executor')}",
+            max_batch_size=max_batch_size,
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def real_workload(
+    samples: Sequence[PromptSample],
+    *,
+    n: int,
+    load: float,
+    seed: int,
+    arrivals: str,
+    slo: str,
+    cost: StepCost,
+    max_tokens: int,
+) -> Workload:
+    """The simulate workload for a real model: capacity from the reference lengths capped at
+    ``max_tokens``; requests capped at ``max_tokens`` and stripped of their true lengths."""
+    capped = [
+        dataclasses.replace(s, response_tokens=max(1, min(s.response_tokens, max_tokens)))
+        for s in samples
+    ]
+    workload = build_workload(
+        capped, arrivals=arrivals, load=load, n=n, seed=seed, slo=slo, cost=cost
+    )
+    requests = []
+    for r in workload.requests:
+        meta = {k: v for k, v in r.metadata.items() if k != TRUE_LENGTH_KEY}
+        requests.append(dataclasses.replace(r, max_tokens=max_tokens, metadata=meta))
+    return dataclasses.replace(workload, requests=requests)
+
+
+@dataclass
+class RealRun:
+    name: str
+    summary: Summary
+    completions: list[Completion]
+    offloaded: int
+
+
+def run_real_policy(
+    policy: str,
+    workload: Workload,
+    primary,
+    secondary=None,
+    *,
+    profiles: dict[str, StepCost],
+    threads: dict[str, int] | None = None,
+    tier: str = "lexical",
+    wall_timeout_s: float | None = 120.0,
+    on_completion: Callable[[Completion], None] | None = None,
+) -> RealRun:
+    """Serve ``workload`` in real time under ``policy``; every request ends (checked)."""
+    from rtlm_adapt.serving.realtime import RealTimeLoop
+
+    controller = _PrecomputedFeatures(
+        policy,
+        profiles=profiles,
+        batching="continuous",
+        predictor=LengthPredictor.pretrained(tier),
+        features=workload_features(workload, tier),
+    )
+    loop = RealTimeLoop(
+        controller,
+        primary,
+        secondary,
+        threads=threads,
+        wall_timeout_s=wall_timeout_s,
+        on_completion=on_completion,
+    )
+    result = loop.run(workload.requests)
+    ids = {c.request_id for c in result.completions}
+    if len(result.completions) != len(workload.requests) or ids != {
+        r.id for r in workload.requests
+    }:
+        raise RuntimeError(
+            f"{policy}: {len(result.completions)} completions for {len(workload.requests)} requests"
+        )
+    offloaded = sum(1 for c in result.completions if secondary and c.executor == secondary.name)
+    return RealRun(policy, summarize(result.completions), result.completions, offloaded)
+
+
+def replay_length(completion: Completion, max_tokens: int) -> int:
+    """The simulated length that costs what the real request cost.
+
+    HFExecutor samples a request's first token in its prefill and one more per decode step,
+    (the first decode runs in the prefill's step), and a request that stops on EOS samples
+    the EOS token too. So a request that sampled S tokens took S - 1 real steps; the simulator
+    runs one iteration per token, the prefill in the first: S - 1 simulated iterations.
+    """
+    n = completion.output_tokens
+    sampled = n if n >= max_tokens else n + 1  # + the EOS token it stopped on
+    return max(1, sampled - 1)
+
+
+def sim_replay(
+    policy: str,
+    workload: Workload,
+    real: Sequence[Completion],
+    *,
+    primary_cost: StepCost,
+    secondary_cost: StepCost | None,
+    max_tokens: int,
+    tier: str = "lexical",
+) -> list[Completion]:
+    """The workload through the simulator, each request with its real generated length."""
+    lengths = {c.request_id: replay_length(c, max_tokens) for c in real}
+    requests = [
+        dataclasses.replace(r, metadata={**r.metadata, TRUE_LENGTH_KEY: lengths[r.id]})
+        for r in workload.requests
+    ]
+    replay = dataclasses.replace(workload, requests=requests)
+    run = run_policy(
+        policy,
+        replay,
+        primary_cost=primary_cost,
+        secondary_cost=secondary_cost,
+        tier=tier,
+    )
+    return run.completions
+
+
+def fidelity(sim: Sequence[Completion], real: Sequence[Completion]) -> dict[str, float]:
+    """Mean response time ratio sim / real and Spearman correlation of per-request times
+    (over the requests that succeeded in both)."""
+    from scipy.stats import spearmanr
+
+    sim_rt = {c.request_id: c.response_time for c in sim if c.error is None}
+    real_rt = {c.request_id: c.response_time for c in real if c.error is None}
+    common = sorted(set(sim_rt) & set(real_rt))
+    if not common:
+        return {"mean_rt_ratio_sim_over_real": float("nan"), "spearman": float("nan"), "n": 0}
+    s = np.array([sim_rt[i] for i in common])
+    r = np.array([real_rt[i] for i in common])
+    rho = spearmanr(s, r).statistic if len(common) > 2 else float("nan")
+    return {
+        "mean_rt_ratio_sim_over_real": float(s.mean() / r.mean()),
+        "spearman": float(rho),
+        "n": len(common),
+        "sim_mean_rt_s": float(s.mean()),
+        "real_mean_rt_s": float(r.mean()),
+    }
+
+
+def realised_load(workload: Workload, cost: StepCost, runs: Sequence[RealRun]) -> float:
+    """The offered load with the served model's own lengths (mean over the runs)."""
+    prompts = {r.id: r for r in workload.requests}
+    caps = []
+    for run in runs:
+        samples = [
+            PromptSample(
+                id=c.request_id,
+                prompt=prompts[c.request_id].prompt,
+                response_tokens=max(1, c.output_tokens),
+                prompt_tokens=c.prompt_tokens or prompts[c.request_id].prompt_tokens or 1,
+                source="real",
+            )
+            for c in run.completions
+        ]
+        caps.append(capacity_rps(cost, samples, cost.max_batch_size))
+    return float(workload.rate_rps / np.mean(caps)) if caps else float("nan")
+
+
+def summary_json(s: Summary) -> dict[str, float]:
+    """The figures ``simulate --json`` reports per policy."""
+    return {
+        "mean_rt_s": s.mean_rt_s,
+        "p50_rt_s": s.p50_rt_s,
+        "p90_rt_s": s.p90_rt_s,
+        "p99_rt_s": s.p99_rt_s,
+        "deadline_miss_rate": s.deadline_miss_rate,
+        "throughput_rps": s.throughput_rps,
+        "goodput_rps": s.goodput_rps,
+        "completed": s.completed,
+        "failed": s.failed,
+    }
+
+
+def machine_load() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the platform has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# -- command-line entry points (argument parsing lives in rtlm_adapt.cli) ------------------------
+
+
+def cmd_profile(args) -> int:
+    """``rtlm-adapt profile``: measure a real executor, write its StepCost JSON."""
+    import torch
+
+    from rtlm_adapt.serving.profiler import profile_executor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # before any work: torch fixes its pool early
+    executor = load_executor(args.model, name="profiled", max_batch_size=args.max_batch_size)
+    label = {
+        "smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)",
+        "tiny": "tiny random Llama (tests)",
+    }.get(args.model, args.model)
+    cost = profile_executor(
+        executor,
+        prompt_lengths=_ints(args.prompt_lengths),
+        batch_sizes=_ints(args.batch_sizes),
+        context_lengths=_ints(args.context_lengths),
+        repeats=args.repeats,
+        name=args.name or os.path.splitext(os.path.basename(args.out))[0],
+        model=f"{label}, HFExecutor on {executor.device}",
+        max_batch_size=args.max_batch_size,
+        kv_token_budget=args.kv_token_budget,
+        note=args.note,
+    )
+    cost.save(args.out)
+    print(cost.to_json())
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise ValueError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) -> int:
+    """``rtlm-adapt serve-bench``: the policies on the real executor (see the module doc)."""
+    import datetime as dt
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch
+    from tqdm import tqdm
+
+    from rtlm_adapt.metrics import format_table
+    from rtlm_adapt.policies import make_policy
+    from rtlm_adapt.serving.profiler import machine_description
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not policies:
+        raise ValueError("--policies is empty")
+    for name in policies:
+        policy = make_policy(name)
+        if getattr(policy, "length_source", "") == "oracle" or name.startswith("oracle"):
+            raise ValueError(
+                f"policy {name!r} needs true lengths, which a real model only knows afterwards"
+            )
+    load_before = machine_load()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    packaged = PACKAGED_PROFILES.get(args.model)
+    t0 = time.perf_counter()
+
+    # executors and their cost profiles
+    if args.profile != "auto":
+        primary_cost = StepCost.load(args.profile)
+    elif packaged:
+        primary_cost = StepCost.load(packaged[0])
+    else:
+        primary_cost = None
+    primary = load_executor(
+        args.model,
+        name="primary",
+        max_batch_size=args.max_batch_size or (primary_cost.max_batch_size if primary_cost else 8),
+    )
+    if primary_cost is None:
+        print("profiling the primary executor (quick)...", file=sys.stderr)
+        primary_cost = quick_profile(
+            primary, name=f"{args.model}-quick", max_batch_size=primary.max_batch_size
+        )
+    secondary = secondary_cost = None
+    if args.secondary_threads > 0:
+        if args.secondary_profile != "auto":
+            secondary_cost = StepCost.load(args.secondary_profile)
+        elif packaged:
+            secondary_cost = StepCost.load(packaged[1])
+        secondary = sibling_executor(
+            primary,
+            name="secondary",
+            max_batch_size=secondary_cost.max_batch_size if secondary_cost else 4,
+        )
+        if secondary_cost is None:
+            print("profiling the secondary executor (quick)...", file=sys.stderr)
+            secondary_cost = quick_profile(
+                secondary,
+                name=f"{args.model}-quick-secondary",
+                max_batch_size=secondary.max_batch_size,
+                threads=args.secondary_threads,
+            )
+    # the simulator and the controller assume the profiles' batch caps
+    primary_cost = dataclasses.replace(primary_cost, max_batch_size=primary.max_batch_size)
+    profiles = {"primary": primary_cost}
+    thread_map = {"primary": threads}
+    if secondary is not None:
+        profiles["secondary"] = secondary_cost
+        thread_map["secondary"] = args.secondary_threads
+
+    workload = real_workload(
+        samples,
+        n=args.requests,
+        load=args.load,
+        seed=args.seed,
+        arrivals=args.arrivals,
+        slo=args.slo,
+        cost=primary_cost,
+        max_tokens=args.max_tokens,
+    )
+    print(f"workload: {workload.description}", file=sys.stderr)
+    _warm_up(primary, secondary, thread_map)
+
+    runs: dict[str, RealRun] = {}
+    bar = tqdm(
+        total=len(policies) * len(workload.requests),
+        unit="req",
+        disable=args.no_progress,
+        file=sys.stderr,
+    )
+    for name in policies:
+        bar.set_description(name)
+        runs[name] = run_real_policy(
+            name,
+            workload,
+            primary,
+            secondary,
+            profiles=profiles,
+            threads=thread_map,
+            tier=args.tier,
+            wall_timeout_s=args.wall_timeout,
+            on_completion=lambda _c: bar.update(1),
+        )
+    bar.close()
+    results = {name: run.summary for name, run in runs.items()}
+    print(format_table(results))
+
+    payload: dict[str, Any] = {
+        "policies": {
+            name: {
+                **summary_json(run.summary),
+                "tokens_per_s": run.summary.tokens_per_s,
+                "mean_output_tokens": float(
+                    np.mean([c.output_tokens for c in run.completions if c.error is None] or [0])
+                ),
+                "offloaded": run.offloaded,
+            }
+            for name, run in runs.items()
+        }
+    }
+    if args.compare_sim:
+        fid = {}
+        sim_results = {}
+        for name, run in runs.items():
+            sim = sim_replay(
+                name,
+                workload,
+                run.completions,
+                primary_cost=primary_cost,
+                secondary_cost=secondary_cost if secondary is not None else None,
+                max_tokens=args.max_tokens,
+                tier=args.tier,
+            )
+            fid[name] = fidelity(sim, run.completions)
+            sim_results[name] = summarize(sim)
+        payload["sim_fidelity"] = fid
+        payload["sim_policies"] = {n: summary_json(s) for n, s in sim_results.items()}
+        print("simulator replay with the real lengths:")
+        print(format_table(sim_results))
+        for name, f in fid.items():
+            print(
+                f"fidelity {name}: mean RT sim/real {f['mean_rt_ratio_sim_over_real']:.3f}, "
+                f"Spearman {f['spearman']:.3f} (n={f['n']})"
+            )
+    elapsed = time.perf_counter() - t0
+    payload["workload"] = {
+        "prompts": args.prompts,
+        "arrivals": args.arrivals,
+        "load": args.load,
+        "requests": args.requests,
+        "seed": args.seed,
+        "slo": args.slo,
+        "max_tokens": args.max_tokens,
+        "rate_rps": workload.rate_rps,
+        "capacity_rps": workload.capacity_rps,
+        "realised_load": realised_load(workload, primary_cost, list(runs.values())),
+        "mean_isolated_service_s": workload.mean_service_s,
+        "tokenizer": counter_kind,
+    }
+    payload["executor"] = {
+        "model": args.model,
+        "device": str(primary.device),
+        "primary_threads": threads,
+        "primary_max_batch": primary.max_batch_size,
+        "secondary_threads": args.secondary_threads if secondary is not None else 0,
+        "secondary_max_batch": secondary.max_batch_size if secondary is not None else 0,
+    }
+    payload.update(
+        batching="continuous",
+        tier=args.tier,
+        profile=primary_cost.name,
+        secondary_profile=secondary_cost.name if secondary_cost else None,
+        machine=machine_description(),
+        started_at_utc=started_at,
+        load_average_before=load_before,
+        load_average_after=machine_load(),
+        elapsed_s=elapsed,
+    )
+    print(
+        f"({elapsed:.1f}s; model={args.model}, threads={threads}, "
+        f"secondary threads={args.secondary_threads if secondary is not None else 0}, "
+        f"load average before {load_before}, after {payload['load_average_after']})",
+        file=sys.stderr,
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _warm_up(primary, secondary, threads: dict[str, int]) -> None:
+    """A few short requests on each executor (first calls allocate and tune)."""
+    import torch
+
+    for ex in (primary, secondary):
+        if ex is None:
+            continue
+        torch.set_num_threads(threads.get(ex.name, torch.get_num_threads()))
+        ex.admit(
+            [
+                Request(f"warm-{ex.name}-{i}", "Hello there!" * (i + 1), 0.0, max_tokens=4)
+                for i in range(min(2, ex.max_batch_size))
+            ],
+            0.0,
+        )
+        while ex.running():
+            ex.step(0.0)
+    torch.set_num_threads(threads["primary"])

@@ -1,0 +1,88 @@
+"""serve-bench and profile CLIs on the tiny random model (fast; SmolLM2 runs are benchmarks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from rtlm_adapt.cli import main  # noqa: E402
+from rtlm_adapt.serving.profile import StepCost  # noqa: E402
+
+SIMULATE_KEYS = {
+    "mean_rt_s",
+    "p50_rt_s",
+    "p99_rt_s",
+    "deadline_miss_rate",
+    "throughput_rps",
+    "completed",
+    "failed",
+}
+
+
+def _tiny_cost(path, name, batch):
+    StepCost(
+        name=name,
+        decode_s_base=0.004,
+        decode_s_per_seq=0.0005,
+        decode_s_per_ctx_token=1e-6,
+        prefill_s_base=0.004,
+        prefill_s_per_token=2e-5,
+        max_batch_size=batch,
+    ).save(path)
+    return str(path)
+
+
+def test_serve_bench_tiny_writes_the_documented_json(tmp_path, alpaca_file):
+    out = tmp_path / "bench.json"
+    argv = [
+        "serve-bench",
+        "--model", "tiny",
+        "--prompts", str(alpaca_file),
+        "--tokenizer", "words",
+        "--requests", "8",
+        "--load", "0.8",
+        "--seed", "3",
+        "--policies", "fcfs,heuristic",
+        "--max-tokens", "12",
+        "--profile", _tiny_cost(tmp_path / "p.json", "tiny-p", 4),
+        "--secondary-profile", _tiny_cost(tmp_path / "s.json", "tiny-s", 2),
+        "--threads", "1",
+        "--compare-sim",
+        "--no-progress",
+        "--json", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert set(payload["policies"]) == {"fcfs", "heuristic"}
+    for figures in payload["policies"].values():
+        assert SIMULATE_KEYS <= set(figures)
+        assert figures["completed"] + figures["failed"] == 8
+        assert figures["mean_rt_s"] > 0
+    assert set(payload["sim_fidelity"]) == {"fcfs", "heuristic"}
+    for fid in payload["sim_fidelity"].values():
+        assert {"mean_rt_ratio_sim_over_real", "spearman"} <= set(fid)
+        assert fid["mean_rt_ratio_sim_over_real"] > 0
+    assert payload["workload"]["requests"] == 8
+    assert payload["executor"]["secondary_threads"] == 1
+
+
+def test_serve_bench_refuses_oracle_policies(tmp_path, alpaca_file, capsys):
+    argv = ["serve-bench", "--model", "tiny", "--prompts", str(alpaca_file), "--tokenizer",
+            "words", "--policies", "oracle-sjf", "--requests", "2"]  # fmt: skip
+    assert main(argv) == 2
+    assert "true lengths" in capsys.readouterr().err
+
+
+def test_profile_cli_tiny(tmp_path):
+    out = tmp_path / "tiny.json"
+    argv = ["profile", "--model", "tiny", "--out", str(out), "--threads", "1",
+            "--batch-sizes", "1,2", "--prompt-lengths", "8,16,32", "--context-lengths", "16,32",
+            "--repeats", "1", "--max-batch-size", "2"]  # fmt: skip
+    assert main(argv) == 0
+    cost = StepCost.load(str(out))
+    assert cost.name == "tiny" and cost.max_batch_size == 2
+    assert cost.step_time(2, 64) > 0
