@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shlex
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -32,9 +35,12 @@ def policies(model: str) -> dict[str, object]:
     return {
         "fcfs": "fcfs",
         "heuristic": "heuristic",
+        # the same heuristic without the secondary executor: how much offloading alone buys
+        "heuristic-local": "heuristic-local",
         # a hand-tuned fixed-knob reference: SJF plus always-on offloading of long predictions
-        "sjf+offload400": FixedPolicy("sjf+offload400",
-                                      Knobs(length_weight=1.0, offload_threshold=400.0)),
+        "sjf+offload400": FixedPolicy(
+            "sjf+offload400", Knobs(length_weight=1.0, offload_threshold=400.0)
+        ),
         "ppo": PPOPolicy.load(model),
         "oracle-sjf": "oracle-sjf",
     }
@@ -74,14 +80,18 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {"prompts": args.prompts, "n_requests": args.requests}
+    load_avg = os.getloadavg()
     t0 = time.perf_counter()
     table: dict[str, dict[str, dict[str, float]]] = {}
     for load in (float(x) for x in args.loads.split(",")):
         workloads = eval_workloads(env, (load,), args.windows, seed=BENCH_SEED)
-        table[str(load)] = {name: evaluate(p, workloads, env)
-                            for name, p in policies(args.model).items()}
-    lines = ["| load | policy | mean RT (s) | vs heuristic | miss rate | vs heuristic |",
-             "|---|---|---|---|---|---|"]
+        table[str(load)] = {
+            name: evaluate(p, workloads, env) for name, p in policies(args.model).items()
+        }
+    lines = [
+        "| load | policy | mean RT (s) | vs heuristic | miss rate | vs heuristic |",
+        "|---|---|---|---|---|---|",
+    ]
     for load, rows in table.items():
         h = rows["heuristic"]
         for name, r in rows.items():
@@ -93,7 +103,26 @@ def main() -> None:
             )
     text = "\n".join(lines)
     print(text)
-    (out / "ppo_eval.md").write_text(text + "\n")
+    command = shlex.join(["python", *sys.argv])
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
+        f"load average {', '.join(f'{x:.2f}' for x in load_avg)} at the start"
+    )
+    header = [
+        "# PPO vs baselines on held-out Azure-conv windows",
+        "",
+        f"- command: `{command}`",
+        f"- date: {date.today().isoformat()}; machine: {machine}",
+        f"- model: `{args.model}`; {args.windows} windows x {args.requests} requests per load "
+        f"({args.prompts} lengths), window starts in the last 20% of the trace (training draws "
+        f"from the first 80%), seed {BENCH_SEED}",
+        "",
+        "Mean response time and deadline-miss rate, averaged over windows; "
+        "relative to the RT-LM heuristic (v2, with offloading).",
+        "",
+        "",
+    ]
+    (out / "ppo_eval.md").write_text("\n".join(header) + text + "\n")
     payload = {
         "table": table,
         "model": args.model,
@@ -102,7 +131,8 @@ def main() -> None:
         "prompts": args.prompts,
         "arrivals": "azure-conv, window starts in the last 20% of the trace (unseen in training)",
         "seed": BENCH_SEED,
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, shared 2 cores",
+        "command": command,
+        "machine": machine,
         "date": date.today().isoformat(),
         "elapsed_s": time.perf_counter() - t0,
     }
