@@ -618,6 +618,14 @@ class AdaptiveController:
         except OSError:
             logger.exception("autosave to %s failed", self.autosave_path)
 
+    @_locked
+    def register_executor(self, state: ExecutorState) -> None:
+        """Tell the controller about an executor before it first asks for work, so the first
+        policy decision already knows a secondary exists (the loop does this on construction)."""
+        if not isinstance(state, ExecutorState):
+            raise TypeError(f"register_executor() takes an ExecutorState, got {state!r}")
+        self._register(state)
+
     def _register(self, state: ExecutorState) -> None:
         if state.name not in self._executors:
             if state.role == "primary":

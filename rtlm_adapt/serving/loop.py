@@ -142,6 +142,11 @@ class ServingLoop:
             if secondary.name == primary.name:
                 raise ValueError("primary and secondary executors need different names")
             self._lanes.append(_Lane(secondary, "secondary"))
+        register = getattr(controller, "register_executor", None)
+        if callable(register):  # the first policy epoch then already sees both executors
+            for lane in self._lanes:
+                ex = lane.executor
+                register(ExecutorState(ex.name, lane.role, 0, ex.max_batch_size, 0.0))
         self._arrivals: list[Request] = []
         self._next = 0
         self.now = 0.0
