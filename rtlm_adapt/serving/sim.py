@@ -131,10 +131,8 @@ class SimulatedExecutor:
             made = min(k, slot.target - slot.generated)
             slot.generated += made
             new_tokens[slot.request.id] = made
-            done = slot.generated >= slot.target
-            if self.batching == "static":
-                done = k == max(remaining)
-            if done:
+            # static: k ran the longest member to its end, so the whole batch returns together
+            if self.batching == "static" or slot.generated >= slot.target:
                 finished.append(self._complete(slot, end))
             else:
                 kept.append(slot)
