@@ -76,6 +76,13 @@ _MAX_WORDS = 64
 _MAX_PAIRS = 24
 _TOKEN_CACHE: dict[str, int] = {}
 _TOKEN_CACHE_MAX = 200_000
+#: Prepared forms of recently predicted feature dicts (per predictor), see
+#: ``LengthPredictor._prepared``; cleared when full.
+_MEMO_MAX = 4096
+#: :meth:`LengthPredictor.features` stores the prepared form of the features it returns under
+#: this key (its value is a float 0.0; the model ignores the key), so that predict and learn
+#: skip that per-request work (see ``LengthPredictor._prepared``).
+PREPARED_KEY = "_prepared"
 
 #: Packaged prior files per tier (in ``rtlm_adapt/priors/``).
 PRIOR_FILES = {"lexical": "sharegpt_lexical.npz", "encoder": "sharegpt_encoder.npz"}
@@ -136,6 +143,19 @@ class LengthPrediction:
     length: float
     low: float
     high: float
+
+
+class _Prepared(float):
+    """The parts of a features dict the model uses (see ``LengthPredictor._prepare``).
+
+    A float (0.0) so that a features dict carrying one under :data:`PREPARED_KEY` still sums,
+    compares and serializes as numbers; it pickles (and deep-copies) as a plain 0.0.
+    """
+
+    __slots__ = ("snap", "n_stats", "idx", "x", "norm2", "var", "new", "emb", "dup", "sig")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (float, (0.0,))
 
 
 class LengthPrior:
@@ -396,14 +416,15 @@ class LengthPredictor:
         # per-deployment log-scale offset.
         self._base = math.log1p(self.prior_length) if prior is None else prior.bias
         self._offset = 0.0
-        # Hashed-bucket weights, prior and online correction in ONE list: predict_one does one
-        # list index per word (the hot loop; ~100 words per prompt).
+        # Hashed-bucket weights, prior and online correction in ONE list (the saved form; while
+        # running they live in ``self._w``, see _init_caches).
         self._hw: list[float] = (
             list(prior.hash_weights) if prior is not None else [0.0] * (1 << HASH_BITS)
         )
         # One record per dense feature: [count, mean, M2, 1/std, weight, fixed]. Features the
         # prior knows keep the prior's standardization (fixed=1; weight = prior + online);
         # others get running (Welford) statistics. 1/std is cached so predict does no sqrt.
+        # (While running, the weights of the fixed records live in ``self._w`` too.)
         self._stats: dict[str, list[float]] = {}
         if prior is not None:
             for name, mu, inv_sd, w in prior.dense:
@@ -417,6 +438,7 @@ class LengthPredictor:
         self._q_low = alpha / 2.0
         self._q_high = 1.0 - alpha / 2.0
         self._z_default = NormalDist().inv_cdf(self._q_high) * self.default_log_spread
+        self._init_caches()
 
     @classmethod
     def pretrained(cls, tier: str = "lexical", **kwargs: Any) -> LengthPredictor:
@@ -450,7 +472,10 @@ class LengthPredictor:
         here, with the ``uncertainty`` score) is extended with the hashed words
         (:func:`lexical_features`) and, on the encoder tier, the embedding features (computing
         the embedding at batch 1 unless ``embedding`` is given; use :meth:`features_many` to
-        batch).
+        batch). On the lexical tier the dict also carries, under :data:`PREPARED_KEY` (a float
+        0.0 the model ignores), the split of the features this predictor's weights need, so that
+        :meth:`predict_one` and :meth:`learn_one` on it (or a copy) skip that per-request work;
+        it is checked against the dict's contents, so changing the dict afterwards is safe.
         """
         if base is None:
             from rtlm_adapt.uncertainty import UncertaintyScorer
@@ -465,6 +490,14 @@ class LengthPredictor:
             if embedding is None:
                 embedding = self._get_encoder().encode([prompt], batch_size=1)[0]
             feats.update(self.prior.embedding_features(embedding))  # type: ignore[union-attr]
+        elif self._fixed[0]:
+            # The prepared form, computed once here with the other prompt features; predict_one
+            # and learn_one use it while the dict still equals what it was (any copy of it too).
+            prep = self._prepare(feats, pure=True)
+            if prep is not None:
+                feats[PREPARED_KEY] = prep
+                prep.snap = feats.copy()
+                prep.snap[PREPARED_KEY] = 0.0  # equal to prep; no reference cycle
         return feats
 
     def features_many(self, prompts: list[str], batch_size: int = 32) -> list[dict[Any, float]]:
@@ -480,15 +513,35 @@ class LengthPredictor:
         Non-finite feature values are treated as missing rather than raising: the scheduler
         always needs an answer.
         """
-        if not self._finite_features(features):
-            logger.warning("LengthPredictor: non-finite feature values treated as missing")
-            features = _finite_only(features)
-        y = self._clip_log(self._predict_log(features))
-        low_off, high_off = self._interval_offsets()
+        prep = features.get(PREPARED_KEY)
+        if (
+            prep.__class__ is not _Prepared
+            or (prep.sig is not self._sig and prep.sig != self._sig)
+            or (prep.new and prep.n_stats != len(self._stats))
+            or features != prep.snap
+        ):
+            prep = self._prepared(features)
+            if prep is None:
+                logger.warning("LengthPredictor: non-finite feature values treated as missing")
+                prep = self._prepare(_finite_only(features), checked=True)
+        y = self._score(prep)
+        y = 0.0 if y < 0.0 else (_LOG_MAX if y > _LOG_MAX else y)  # _clip_log, inlined
+        srt = self._resid_sorted
+        n = len(srt)
+        if n < self.min_residuals:
+            high_off = self._z_default
+            low_off = -high_off
+        else:  # _interval_offsets, inlined
+            low_off = srt[max(0, math.floor((n + 1) * self._q_low) - 1)]
+            high_off = srt[min(n - 1, math.ceil((n + 1) * self._q_high) - 1)]
         length = max(1.0, math.expm1(y))
-        low = min(length, max(1.0, math.expm1(self._clip_log(y + low_off))))
-        high = max(length, math.expm1(self._clip_log(y + high_off)))
-        return LengthPrediction(length=length, low=low, high=high)
+        lo = y + low_off
+        lo = 0.0 if lo < 0.0 else (_LOG_MAX if lo > _LOG_MAX else lo)
+        hi = y + high_off
+        hi = 0.0 if hi < 0.0 else (_LOG_MAX if hi > _LOG_MAX else hi)
+        low = min(length, max(1.0, math.expm1(lo)))
+        high = max(length, math.expm1(hi))
+        return LengthPrediction(length, low, high)
 
     def predict_remaining(
         self, features: Mapping[Any, float], generated_tokens: float
@@ -513,9 +566,10 @@ class LengthPredictor:
         g = max(0.0, g)
         if g < 1.0:
             return self.predict_one(features)
-        if not self._finite_features(features):
-            features = _finite_only(features)
-        y = self._clip_log(self._predict_log(features))
+        prep = self._prepared(features)
+        if prep is None:
+            prep = self._prepare(_finite_only(features), checked=True)
+        y = self._clip_log(self._score(prep))
         threshold = math.log1p(g) - y
         srt = self._resid_sorted
         if len(srt) >= self.min_residuals:
@@ -553,36 +607,37 @@ class LengthPredictor:
         if not ok_length:
             logger.warning("LengthPredictor: rejected true_length=%r", true_length)
             return False
-        if not self._finite_features(features):
-            logger.warning(
-                "LengthPredictor: rejected features with non-finite or non-numeric values"
-            )
-            return False
+        prep = features.get(PREPARED_KEY)
+        if not self._valid(prep, features):
+            # predicted (memoised), now learnt from: done with it
+            prep = self._memo.pop(id(features), None)
+            if not self._valid(prep, features):
+                prep = self._prepare(features)
+            if prep is None:
+                logger.warning(
+                    "LengthPredictor: rejected features with non-finite or non-numeric values"
+                )
+                return False
+        idx, x, norm2, var, new, dup = prep.idx, prep.x, prep.norm2, prep.var, prep.new, prep.dup
+        emb = prep.emb
 
         if true_length < 1:
             logger.warning("LengthPredictor: true_length=%r clipped to 1", true_length)
         y = math.log1p(max(1.0, float(true_length)))
         # Score before learning so the residual is out-of-sample (prequential calibration).
-        pred = self._base + self._offset + features.get("emb_prior", 0.0)
-        stats, hw = self._stats, self._hw
-        clip = self.feature_clip
-        z: list[tuple[list[float], float]] = []
-        hashed: list[int] = []
-        norm2 = 1.0  # the offset's "feature"
-        for k, v in features.items():
-            if k.__class__ is int:
-                pred += hw[k]
-                hashed.append(k)
-                continue
-            st = stats.get(k)
-            if st is not None:
+        w = self._w
+        g = w[idx]
+        pred = self._base + self._offset + emb + float(g.dot(x))
+        var_z: list[tuple[list[float], float]] = []
+        if var:  # features with running standardization: z changes with every update
+            clip = self.feature_clip
+            for st, v in var:
                 zv = (v - st[1]) * st[3]
                 zv = zv if -clip <= zv <= clip else (clip if zv > 0 else -clip)
                 pred += st[4] * zv
                 norm2 += zv * zv
-                z.append((st, zv))
-        norm2 += len(hashed)
-        residual = y - self._clip_log(pred)
+                var_z.append((st, zv))
+        residual = y - (0.0 if pred < 0.0 else (_LOG_MAX if pred > _LOG_MAX else pred))
         c = self.huber
         r = residual if -c <= residual <= c else (c if residual > 0 else -c)
         if abs(residual) > 3.0 * c:
@@ -596,12 +651,15 @@ class LengthPredictor:
         # Normalised LMS: the step on the prediction itself is learning_rate * r whatever the
         # number of active features, so a long prompt cannot take a bigger step than a short one.
         step = self.learning_rate * r / norm2
-        for st, zv in z:
-            st[4] += step * zv
-        for k in hashed:
-            hw[k] += step
+        if dup:
+            np.add.at(w, idx, step * x)
+        else:
+            w[idx] = g + step * x  # x: 1.0 for a hashed bucket, z for a dense feature
         self._offset += self.intercept_lr * r
-        self._update_scaler(features)
+        if var or new:
+            for st, zv in var_z:
+                st[4] += step * zv
+            self._update_scaler(var, new)
         self._push_residual(residual)
         self._check_drift(r)
         self._n_learned += 1
@@ -614,7 +672,7 @@ class LengthPredictor:
         Only load files you wrote yourself: unpickling runs code from the file. The encoder
         (a model) is not saved; it is recreated on first use.
         """
-        state = dict(self.__dict__)
+        state = self.__getstate__()
         state["encoder"] = None
         envelope = {"format": _FORMAT, "version": _VERSION, "state": state}
         Path(path).write_bytes(pickle.dumps(envelope, protocol=pickle.HIGHEST_PROTOCOL))
@@ -637,12 +695,33 @@ class LengthPredictor:
                 f"this code reads version {_VERSION}"
             )
         state = envelope.get("state")
-        reference = cls()
-        if not isinstance(state, dict) or set(state) != set(reference.__dict__):
+        reference = cls().__getstate__()
+        if not isinstance(state, dict) or set(state) != set(reference):
             raise ValueError(f"{str(path)!r} has an incomplete or unknown LengthPredictor state")
         obj = cls.__new__(cls)
-        obj.__dict__.update(state)
+        obj.__setstate__(state)
         return obj
+
+    # Derived, rebuilt on load: the saved (and pickled) state is exactly format version 1's.
+    _CACHE_ATTRS = ("_w", "_fixed", "_memo", "_sig")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in self._CACHE_ATTRS:
+            state.pop(name, None)
+        # The weights in their saved places: the hashed list and the records' weight slot.
+        n = 1 << HASH_BITS
+        w = self._w
+        state["_hw"] = w[:n].tolist()
+        stats = {k: list(st) for k, st in self._stats.items()}
+        for i, name in enumerate(self._fixed[0]):
+            stats[name][4] = float(w[n + i])
+        state["_stats"] = stats
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_caches()
 
     # -- internals -------------------------------------------------------------------------
     def _get_encoder(self) -> Any:
@@ -655,19 +734,157 @@ class LengthPredictor:
             self.encoder = PromptEncoder(max_tokens=max_tokens)
         return self.encoder
 
-    def _predict_log(self, features: Mapping[Any, float]) -> float:
-        s = self._base + self._offset + features.get("emb_prior", 0.0)
-        stats, hw = self._stats, self._hw
+    def _init_caches(self) -> None:
+        # All weights the hot path touches in ONE float64 array: the 2**HASH_BITS hashed
+        # buckets, then the features the prior standardizes (fixed=1; their z-scores depend on
+        # the value only, so a prepared features dict keeps them). A contiguous array gathered
+        # with one fancy index beats a list of float objects, whose loads miss the cache.
+        fixed = [(k, st) for k, st in self._stats.items() if st[5]]
+        n = 1 << HASH_BITS
+        self._fixed = (
+            tuple(k for k, _ in fixed),
+            [st for _, st in fixed],
+            list(range(n, n + len(fixed))),
+        )
+        self._w = np.array(self.__dict__.pop("_hw") + [st[4] for _, st in fixed], np.float64)
+        # What a prepared form depends on besides the features: another predictor with the same
+        # standardization (the same prior) can use this one's.
+        self._sig = (
+            self._fixed[0],
+            tuple(st[1] for _, st in fixed),
+            tuple(st[3] for _, st in fixed),
+            self.feature_clip,
+        )
+        self._memo: dict[int, _Prepared] = {}
+
+    def _prepared(self, features: Mapping[Any, float]) -> _Prepared | None:
+        """:meth:`_prepare` of ``features``, memoised per dict object (None if not finite).
+
+        The controller predicts a request at submit and learns from it at finish with the same
+        dict, and the scheduler may ask :meth:`predict_remaining` in between: the split of the
+        keys, the hashed buckets and the prior's z-scores are computed once per request (or
+        before, by :meth:`features`). A hit needs equal contents (a snapshot) and, if the dict
+        has features the model had not seen, no feature added to the model since.
+        """
+        prep = features.get(PREPARED_KEY)
+        if self._valid(prep, features):
+            return prep
+        memo = self._memo
+        prep = memo.get(id(features))
+        if self._valid(prep, features):
+            return prep
+        prep = self._prepare(features)
+        if prep is not None and features.__class__ is dict:
+            if len(memo) >= _MEMO_MAX:
+                memo.clear()  # requests predicted but never learned from (dropped, failed)
+            prep.snap = features.copy()
+            memo[id(features)] = prep
+        return prep
+
+    def _valid(self, prep: Any, features: Mapping[Any, float]) -> bool:
+        """Whether ``prep`` (a stored prepared form, or anything else) is that of ``features``."""
+        return (
+            prep.__class__ is _Prepared
+            and (prep.sig is self._sig or prep.sig == self._sig)
+            and not (prep.new and prep.n_stats != len(self._stats))
+            and features == prep.snap
+        )
+
+    def _prepare(
+        self, features: Mapping[Any, float], checked: bool = False, pure: bool = False
+    ) -> _Prepared | None:
+        """The parts of ``features`` the model uses, or None if a value is not finite.
+
+        The prediction is ``base + offset + emb + w[idx] @ x`` (``x`` is the clipped z-score
+        for a feature with the prior's standardization, 1 for a hashed bucket) plus, for
+        ``var`` (``[(record, value)]``, running standardization), ``weight * z``; ``new``
+        (``[(key, value)]``) are features the model has not seen (as of ``n_stats``
+        features); ``norm2`` is the NLMS norm of the ``w[idx]`` part, plus 1 for the offset;
+        ``dup``: ``idx`` repeats a weight (negative keys, which index like a list). ``pure``:
+        None unless every feature but the hashed ones has the prior's standardization.
+        """
+        if not checked:
+            # One C-level sum catches any NaN/inf (they propagate) and non-numbers (TypeError)
+            # far cheaper than a per-value isfinite loop.
+            try:
+                if not math.isfinite(sum(features.values())):
+                    return None
+            except (TypeError, OverflowError, ValueError):
+                return None
+        stats = self._stats
         clip = self.feature_clip
-        for k, v in features.items():
-            if k.__class__ is int:
-                s += hw[k]
-                continue
-            st = stats.get(k)
-            if st is not None:  # a feature never seen in training has no weight to apply
+        n_hash = 1 << HASH_BITS
+        hashed = [k for k in features if k.__class__ is int]
+        dup = False
+        if hashed and (min(hashed) < 0 or max(hashed) >= n_hash):
+            if min(hashed) < -n_hash or max(hashed) >= n_hash:
+                raise IndexError("list index out of range")  # as indexing the weight list
+            hashed = [k + n_hash if k < 0 else k for k in hashed]
+            dup = len(set(hashed)) < len(hashed)
+        names, fixed, positions = self._fixed
+        values = list(map(features.get, names)) if names else []
+        n_other = len(features) - len(hashed) - (PREPARED_KEY in features)
+        z: list[float] = []
+        norm2 = 1.0
+        var: list[tuple[list[float], float]] = []
+        new: list[tuple[Any, float]] = []
+        if n_other == len(names) and None not in values:
+            # The common case: the prior's dense features and hashed words, nothing else.
+            pos = positions
+            for st, v in zip(fixed, values, strict=True):
+                zv = (v - st[1]) * st[3]
+                zv = zv if -clip <= zv <= clip else (clip if zv > 0 else -clip)
+                z.append(zv)
+                norm2 += zv * zv
+        elif pure:
+            return None
+        else:
+            index = dict(zip(names, positions, strict=True))
+            pos = []
+            for k, v in features.items():
+                if k.__class__ is int or k == PREPARED_KEY:
+                    continue
+                st = stats.get(k)
+                if st is None:
+                    new.append((k, v))  # no weight yet; gets a scaler when learnt from
+                elif st[5]:
+                    zv = (v - st[1]) * st[3]
+                    zv = zv if -clip <= zv <= clip else (clip if zv > 0 else -clip)
+                    pos.append(index[k])
+                    z.append(zv)
+                    norm2 += zv * zv
+                else:
+                    var.append((st, v))
+        prep = _Prepared(0.0)
+        prep.snap = None
+        prep.n_stats = len(stats)
+        n = len(pos) + len(hashed)  # fromiter with a count: the cheapest list -> array
+        prep.idx = np.fromiter(pos + hashed, np.intp, n)
+        prep.x = np.fromiter(z + [1.0] * len(hashed), np.float64, n)
+        prep.norm2 = norm2 + len(hashed)
+        prep.var = var
+        prep.new = new
+        prep.emb = features.get("emb_prior", 0.0)
+        prep.dup = dup
+        prep.sig = self._sig
+        return prep
+
+    def _score(self, prep: _Prepared) -> float:
+        """The prediction in log1p space (not clipped) for a prepared features dict."""
+        s = self._base + self._offset + prep.emb + float(self._w[prep.idx].dot(prep.x))
+        var = prep.var
+        if var:
+            clip = self.feature_clip
+            for st, v in var:
                 zv = (v - st[1]) * st[3]
                 s += st[4] * (zv if -clip <= zv <= clip else (clip if zv > 0 else -clip))
         return s
+
+    def _predict_log(self, features: Mapping[Any, float]) -> float:
+        prep = self._prepared(features)
+        if prep is None:
+            prep = self._prepare(_finite_only(features), checked=True)
+        return self._score(prep)
 
     def _check_drift(self, r: float) -> None:
         adwin = self._adwin
@@ -700,34 +917,31 @@ class LengthPredictor:
         # Keeps expm1 from overflowing if the weights ever run away.
         return 0.0 if y < 0.0 else (_LOG_MAX if y > _LOG_MAX else y)
 
-    @staticmethod
-    def _finite_features(features: Mapping[Any, float]) -> bool:
-        # One C-level sum catches any NaN/inf (they propagate) and non-numbers (TypeError)
-        # far cheaper than a per-value isfinite loop.
-        try:
-            return math.isfinite(sum(features.values()))
-        except (TypeError, OverflowError, ValueError):
-            return False
-
-    def _update_scaler(self, features: Mapping[Any, float]) -> None:
+    def _update_scaler(
+        self, var: list[tuple[list[float], float]], new: list[tuple[Any, float]]
+    ) -> None:
+        # Welford updates of the running standardizations (the prior's are kept as they are so
+        # its weights stay valid); unseen features get one.
         stats = self._stats
-        for key, value in features.items():
-            if key.__class__ is int:
-                continue
-            st = stats.get(key)
-            if st is None:
-                st = stats[key] = [0, 0.0, 0.0, 0.0, 0.0, 0]
-            elif st[5]:
-                continue  # the prior's standardization, kept so its weights stay valid
+        if new:
+            var = list(var)
+            for key, value in new:
+                st = stats.get(key)
+                if st is None:
+                    st = stats[key] = [0, 0.0, 0.0, 0.0, 0.0, 0]
+                elif st[5]:
+                    continue
+                var.append((st, value))
+        for st, value in var:
             n = st[0] + 1
             mu = st[1]
             delta = value - mu
             mu += delta / n
             m2 = st[2] + delta * (value - mu)
             st[0], st[1], st[2] = n, mu, m2
-            var = m2 / n
+            var_ = m2 / n
             # A constant feature carries no information: scale 0 maps it to the mean.
-            st[3] = 1.0 / math.sqrt(var) if var > 1e-12 else 0.0
+            st[3] = 1.0 / math.sqrt(var_) if var_ > 1e-12 else 0.0
 
     def _push_residual(self, r: float) -> None:
         fifo, srt = self._resid_fifo, self._resid_sorted
