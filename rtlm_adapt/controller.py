@@ -240,6 +240,8 @@ class AdaptiveController:
             )
         if features is None:
             features = self.scorer.features(request.prompt)
+            # score first: the predictor's features() then sees the complete dict
+            features["uncertainty"] = self.scorer.score(features)
             extend = getattr(self.predictor, "features", None)
             if callable(extend):
                 # The predictor's own features on top: hashed words (int keys) and, on the
