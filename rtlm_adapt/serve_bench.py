@@ -128,6 +128,8 @@ class RealRun:
     summary: Summary
     completions: list[Completion]
     offloaded: int
+    #: per executor: steps, busy seconds, real step time / the profile's prediction, batch
+    step_check: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def run_real_policy(
@@ -160,7 +162,32 @@ def run_real_policy(
         wall_timeout_s=wall_timeout_s,
         on_completion=on_completion,
     )
+    checks: dict[str, list[float]] = {name: [0.0, 0.0, 0, 0] for name in profiles}
+    on_step = controller.on_step
+
+    def record(name: str, step) -> None:
+        # real step seconds vs what the profile predicts for the same batch, context, prefill
+        if name in checks and step.iterations == 1:
+            c = checks[name]
+            c[0] += step.duration_s
+            c[1] += profiles[name].step_time(
+                step.batch_size, step.context_tokens, step.prefill_tokens
+            )
+            c[2] += 1
+            c[3] += step.batch_size
+        on_step(name, step)
+
+    controller.on_step = record
     result = loop.run(workload.requests)
+    step_check = {
+        name: {
+            "steps": int(c[2]),
+            "real_over_profile": c[0] / c[1] if c[1] else float("nan"),
+            "busy_s": c[0],
+            "mean_batch": c[3] / c[2] if c[2] else 0.0,
+        }
+        for name, c in checks.items()
+    }
     ids = {c.request_id for c in result.completions}
     if len(result.completions) != len(workload.requests) or ids != {
         r.id for r in workload.requests
@@ -169,7 +196,7 @@ def run_real_policy(
             f"{policy}: {len(result.completions)} completions for {len(workload.requests)} requests"
         )
     offloaded = sum(1 for c in result.completions if secondary and c.executor == secondary.name)
-    return RealRun(policy, summarize(result.completions), result.completions, offloaded)
+    return RealRun(policy, summarize(result.completions), result.completions, offloaded, step_check)
 
 
 def replay_length(completion: Completion, max_tokens: int) -> int:
@@ -437,6 +464,7 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
                     np.mean([c.output_tokens for c in run.completions if c.error is None] or [0])
                 ),
                 "offloaded": run.offloaded,
+                "step_check": run.step_check,
             }
             for name, run in runs.items()
         }
