@@ -17,6 +17,7 @@ import time
 import timeit
 
 import numpy as np
+
 from rtlm_adapt.envs import ServingEnv
 from rtlm_adapt.policies.ppo import PPOPolicy
 

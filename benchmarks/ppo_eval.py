@@ -22,11 +22,10 @@ import time
 from datetime import date
 from pathlib import Path
 
+from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.policies.base import FixedPolicy
 from rtlm_adapt.policies.ppo import PPOPolicy
 from rtlm_adapt.policies.ppo_train import eval_workloads, evaluate
-
-from rtlm_adapt.knobs import Knobs
 
 BENCH_SEED = 20_000  # training uses seeds 0.., its evaluation callback 10_000
 

@@ -2,10 +2,10 @@ import math
 
 import pytest
 from conftest import make_request
-from rtlm_adapt.policies import FixedPolicy
 
 from rtlm_adapt import Completion, Knobs, Request
 from rtlm_adapt.controller import AdaptiveController, QueueFullError
+from rtlm_adapt.policies import FixedPolicy
 from rtlm_adapt.serving.base import ExecutorState
 
 

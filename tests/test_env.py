@@ -11,9 +11,8 @@ gym = pytest.importorskip("gymnasium")
 pytest.importorskip("stable_baselines3")
 
 from rtlm_adapt.envs import ENV_ID, ServingEnv  # noqa: E402
-from rtlm_adapt.policies.action_space import KnobsActionMap  # noqa: E402
-
 from rtlm_adapt.knobs import Knobs  # noqa: E402
+from rtlm_adapt.policies.action_space import KnobsActionMap  # noqa: E402
 
 SMALL = {"n_requests": 20, "load": 0.9}
 

@@ -11,20 +11,20 @@ import pytest
 pytest.importorskip("gymnasium")
 pytest.importorskip("stable_baselines3")
 
+from rtlm_adapt.knobs import Knobs  # noqa: E402
+from rtlm_adapt.observation import Observation  # noqa: E402
 from rtlm_adapt.policies import make_policy  # noqa: E402
 from rtlm_adapt.policies.heuristic import RTLMHeuristic  # noqa: E402
 from rtlm_adapt.policies.ppo import MLPActor, PPOPolicy  # noqa: E402
 from rtlm_adapt.policies.ppo_online import PerformanceGuard  # noqa: E402
 
-from rtlm_adapt.knobs import Knobs  # noqa: E402
-from rtlm_adapt.observation import Observation  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     import torch
-    from rtlm_adapt.envs import ServingEnv
     from stable_baselines3 import PPO
+
+    from rtlm_adapt.envs import ServingEnv
 
     torch.set_num_threads(1)
     model = PPO("MlpPolicy", ServingEnv(n_requests=20, load=0.9), n_steps=128, batch_size=64,

@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pytest
 from conftest import make_request
-from rtlm_adapt.policies import FixedPolicy
 
 from rtlm_adapt import Completion, Knobs, Request
 from rtlm_adapt.controller import (
@@ -18,6 +17,7 @@ from rtlm_adapt.controller import (
     ControllerClosedError,
     QueueFullError,
 )
+from rtlm_adapt.policies import FixedPolicy
 from rtlm_adapt.request import TRUE_LENGTH_KEY
 from rtlm_adapt.serving.base import ExecutorState, StepResult
 from rtlm_adapt.serving.faults import FaultyExecutor
