@@ -3,31 +3,21 @@
 Run: python examples/embed_controller.py
 """
 
+# fmt: off
 from rtlm_adapt import Request
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.serving import ExecutorState, StepCost
 from rtlm_adapt.serving.sim import SimulatedExecutor
 
-prompts = [
-    "Name one prime number.",
-    "Write a detailed essay on the history of Rome.",
-    "Translate 'cat' into French.",
-    "Explain, step by step, how a transformer works.",
-]
+prompts = ["Name one prime number.", "Write a detailed essay on the history of Rome.",
+           "Translate 'cat' into French.", "Explain, step by step, how a transformer works."]
 engine = SimulatedExecutor("gpu", StepCost.default())  # your engine: admit() + step()
 controller = AdaptiveController(policy="heuristic")  # or "fcfs", "ppo:model.zip", ...
 
 now = 0.0
 for i, prompt in enumerate(prompts):  # true lengths only drive the simulated engine
-    controller.submit(
-        Request(
-            f"r{i}",
-            prompt,
-            arrival_time=now,
-            deadline=now + 60.0,
-            metadata={"true_output_tokens": 20 + 150 * (i % 2)},
-        )
-    )
+    controller.submit(Request(f"r{i}", prompt, arrival_time=now, deadline=now + 60.0,
+                              metadata={"true_output_tokens": 20 + 150 * (i % 2)}))
 while len(controller) or engine.running():
     state = ExecutorState("gpu", "primary", engine.running(), engine.max_batch_size, now)
     engine.admit(controller.next_batch(state), now)  # the controller picks who joins the batch

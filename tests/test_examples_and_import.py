@@ -32,3 +32,12 @@ def test_embed_controller_example_runs():
     # short answers finish before long ones under the heuristic
     assert {finished[0].split(":")[0], finished[1].split(":")[0]} == {"r0", "r2"}
     assert "submitted=4" in lines[-1] and "finished=4" in lines[-1]
+
+
+def test_readme_shows_the_example_as_it_runs():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```python\n") + len("```python\n")
+    block = readme[start : readme.index("```", start)].strip()
+    example = (ROOT / "examples" / "embed_controller.py").read_text()
+    assert block in example
+    assert len(block.splitlines()) <= 25
