@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from rtlm_adapt.metrics import format_table
+from rtlm_adapt.metrics import format_table, summary_json
 
 
 def _positive_float(text: str) -> float:
@@ -146,20 +146,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     if args.json:
         payload = {
-            "policies": {
-                name: {
-                    "mean_rt_s": s.mean_rt_s,
-                    "p50_rt_s": s.p50_rt_s,
-                    "p90_rt_s": s.p90_rt_s,
-                    "p99_rt_s": s.p99_rt_s,
-                    "deadline_miss_rate": s.deadline_miss_rate,
-                    "throughput_rps": s.throughput_rps,
-                    "goodput_rps": s.goodput_rps,
-                    "completed": s.completed,
-                    "failed": s.failed,
-                }
-                for name, s in results.items()
-            },
+            "policies": {name: summary_json(s) for name, s in results.items()},
             "workload": {
                 "prompts": args.prompts,
                 "arrivals": args.arrivals,

@@ -76,6 +76,21 @@ def summarize(completions: Sequence[Completion]) -> Summary:
     )
 
 
+def summary_json(s: Summary) -> dict[str, float]:
+    """The figures ``simulate --json`` and ``serve-bench --json`` report per policy."""
+    return {
+        "mean_rt_s": s.mean_rt_s,
+        "p50_rt_s": s.p50_rt_s,
+        "p90_rt_s": s.p90_rt_s,
+        "p99_rt_s": s.p99_rt_s,
+        "deadline_miss_rate": s.deadline_miss_rate,
+        "throughput_rps": s.throughput_rps,
+        "goodput_rps": s.goodput_rps,
+        "completed": s.completed,
+        "failed": s.failed,
+    }
+
+
 def format_table(rows: dict[str, Summary]) -> str:
     """A plain-text table, one row per policy."""
     header = (

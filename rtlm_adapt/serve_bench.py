@@ -37,7 +37,7 @@ from rtlm_adapt.experiment import (
     run_policy,
     workload_features,
 )
-from rtlm_adapt.metrics import Summary, summarize
+from rtlm_adapt.metrics import Summary, summarize, summary_json
 from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
 from rtlm_adapt.serving.profile import StepCost
@@ -278,21 +278,6 @@ def realised_load(workload: Workload, cost: StepCost, runs: Sequence[RealRun]) -
         ]
         caps.append(capacity_rps(cost, samples, cost.max_batch_size))
     return float(workload.rate_rps / np.mean(caps)) if caps else float("nan")
-
-
-def summary_json(s: Summary) -> dict[str, float]:
-    """The figures ``simulate --json`` reports per policy."""
-    return {
-        "mean_rt_s": s.mean_rt_s,
-        "p50_rt_s": s.p50_rt_s,
-        "p90_rt_s": s.p90_rt_s,
-        "p99_rt_s": s.p99_rt_s,
-        "deadline_miss_rate": s.deadline_miss_rate,
-        "throughput_rps": s.throughput_rps,
-        "goodput_rps": s.goodput_rps,
-        "completed": s.completed,
-        "failed": s.failed,
-    }
 
 
 def machine_load() -> list[float] | None:
