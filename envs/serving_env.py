@@ -39,6 +39,7 @@ True
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import gymnasium as gym
@@ -86,8 +87,15 @@ class ServingEnv(gym.Env):
     batching
         ``"continuous"`` (default) or ``"static"``.
     executor
-        ``"sim"``: simulated executors with the cost profiles below. ``"hf"`` is reserved for the
-        real model and raises NotImplementedError until the loop can run on wall-clock time.
+        ``"sim"``: simulated executors with the cost profiles below (virtual time, thousands of
+        steps per second). ``"hf"``: the real model (``model``) on the wall-clock
+        :class:`~rtlm_adapt.serving.realtime.RealTimeLoop`, a secondary executor sharing its
+        weights; an epoch then lasts ``epoch_s`` real seconds and generation is capped at
+        ``hf_max_tokens`` (for evaluating or fine-tuning a policy on the real loop, not for
+        training from scratch).
+    model
+        With ``executor="hf"``: ``smollm2`` (packaged), ``tiny`` (a tiny random model, for tests)
+        or a local path / hub id.
     profile, secondary_profile
         Cost profiles (names or paths for :meth:`StepCost.load`); ``secondary_profile=None``
         disables offloading.
@@ -123,6 +131,8 @@ class ServingEnv(gym.Env):
         miss_penalty: float = 0.5,
         max_episode_steps: int = 20_000,
         render_mode: str | None = None,
+        model: str = "smollm2",
+        hf_max_tokens: int = 256,
     ) -> None:
         super().__init__()
         if render_mode is not None:
@@ -130,12 +140,10 @@ class ServingEnv(gym.Env):
         self.render_mode = render_mode
         if executor not in EXECUTORS:
             raise ValueError(f"unknown executor {executor!r}; expected one of {EXECUTORS}")
-        if executor == "hf":
-            raise NotImplementedError(
-                "ServingEnv(executor='hf') needs a serving loop on wall-clock time driving the "
-                "transformers executor; ServingLoop runs on virtual time only so far. Use "
-                "executor='sim' (costs profiled from the real model)."
-            )
+        self.executor = executor
+        self.model = model
+        self.hf_max_tokens = int(hf_max_tokens)
+        self._hf: tuple[Any, Any] | None = None  # (primary, secondary) real executors, loaded once
         if predictor_tier not in PREDICTOR_TIERS:
             raise ValueError(
                 f"unknown predictor_tier {predictor_tier!r}; expected one of {PREDICTOR_TIERS}"
@@ -173,25 +181,43 @@ class ServingEnv(gym.Env):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Start an episode on a fresh window. ``options={"load": x}`` pins the load."""
         super().reset(seed=seed)
+        if self.loop is not None and not self.loop.done:
+            # a truncated episode: end what is left, so reused real executors start empty
+            self.loop.shutdown(drain=False)
         load = (options or {}).get("load")
         self.workload = wl = self.sampler.sample(self.np_random, load=load)
         profiles = {"primary": self.primary_cost}
-        secondary = None
         if self.secondary_cost is not None:
             profiles["secondary"] = self.secondary_cost
-            secondary = SimulatedExecutor("secondary", self.secondary_cost, batching=self.batching)
         # The policy object is never consulted: the knobs are held from outside (set_knobs).
         self.controller = AdaptiveController(
             "fcfs", profiles=profiles, epoch_s=self.epoch_s, batching=self.batching,
             scorer=shared_scorer(),
         )
         self.controller.set_knobs(Knobs(), hold=True)
-        primary = SimulatedExecutor("primary", self.primary_cost, batching=self.batching)
-        self.loop = ServingLoop(
-            self.controller, primary, secondary, batching=self.batching,
-            on_completion=self._on_completion,
-        )
-        self.loop.add_requests(wl.requests)
+        requests = wl.requests
+        if self.executor == "hf":
+            from rtlm_adapt.serving.realtime import RealTimeLoop
+
+            primary, secondary = self._real_executors()
+            # the real model decides its lengths; cap them so an epoch stays bounded
+            requests = [replace(r, max_tokens=self.hf_max_tokens) for r in requests]
+            self.loop = RealTimeLoop(
+                self.controller, primary, secondary, batching=self.batching,
+                on_completion=self._on_completion,
+            )
+        else:
+            primary = SimulatedExecutor("primary", self.primary_cost, batching=self.batching)
+            secondary = None
+            if self.secondary_cost is not None:
+                secondary = SimulatedExecutor(
+                    "secondary", self.secondary_cost, batching=self.batching
+                )
+            self.loop = ServingLoop(
+                self.controller, primary, secondary, batching=self.batching,
+                on_completion=self._on_completion,
+            )
+        self.loop.add_requests(requests)
         # prefix sums of arrival times, in arrival order, for the O(1) accrued-work formula
         self._arrival_cumsum = [0.0]
         for t in sorted(r.arrival_time for r in wl.requests):
@@ -238,6 +264,26 @@ class ServingEnv(gym.Env):
 
     def _obs(self) -> np.ndarray:
         return observation_array(self.observation())
+
+    def _real_executors(self) -> tuple[Any, Any]:
+        """The real primary (and a secondary sharing its weights), loaded on first use.
+
+        Executors hold no request between episodes (every episode runs to its end), so they are
+        reused rather than reloading the model each reset.
+        """
+        if self._hf is None:
+            from rtlm_adapt.serve_bench import load_executor, sibling_executor
+
+            primary = load_executor(
+                self.model, name="primary", max_batch_size=self.primary_cost.max_batch_size
+            )
+            secondary = None
+            if self.secondary_cost is not None:
+                secondary = sibling_executor(
+                    primary, name="secondary", max_batch_size=self.secondary_cost.max_batch_size
+                )
+            self._hf = (primary, secondary)
+        return self._hf
 
     def _on_completion(self, c: Completion) -> None:
         self._n_done += 1

@@ -72,11 +72,6 @@ def test_episode_terminates_with_finite_rewards_and_return_matches_response_time
     assert total == pytest.approx(expected, rel=1e-6)
 
 
-def test_hf_executor_not_yet():
-    with pytest.raises(NotImplementedError, match="virtual time"):
-        ServingEnv(executor="hf")
-
-
 def test_action_mapping_round_trips_and_stays_in_bounds():
     amap = KnobsActionMap()
     rng = np.random.default_rng(0)
@@ -97,3 +92,25 @@ def test_action_mapping_round_trips_and_stays_in_bounds():
     # out-of-range actions are clipped, never invalid
     extreme = amap.to_knobs([5.0, -5.0, 9.0, -9.0, 3.0, -3.0], primary_max_batch=16)
     assert extreme.max_batch_size == 16 and extreme.offload_threshold == pytest.approx(32.0)
+
+
+def test_hf_executor_runs_the_real_model_on_the_wall_clock_loop():
+    pytest.importorskip("transformers")
+    # a tiny random model; a high load packs the arrivals into about a second of wall time
+    env = ServingEnv(
+        executor="hf", model="tiny", n_requests=6, load=40.0, epoch_s=0.5, hf_max_tokens=8
+    )
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    done, steps, rewards = False, 0, []
+    while not done and steps < 200:
+        obs, reward, done, truncated, info = env.step(env.action_space.sample())
+        rewards.append(reward)
+        steps += 1
+        done = done or truncated
+    assert done and info["completed"] == 6
+    assert all(math.isfinite(r) for r in rewards)
+    stats = env.controller.stats()
+    assert stats.balanced and stats.finished == 6
+    env.reset(seed=1)  # the loaded executors are reused: the new episode starts cleanly
+    assert env.controller.stats().balanced and env.controller.stats().failed == 0
