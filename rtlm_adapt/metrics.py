@@ -93,14 +93,15 @@ def summary_json(s: Summary) -> dict[str, float]:
 
 def format_table(rows: dict[str, Summary]) -> str:
     """A plain-text table, one row per policy."""
+    w = max([22, *(len(name) + 2 for name in rows)])  # long names (ppo:PATH) keep alignment
     header = (
-        f"{'policy':<22}{'mean s':>9}{'p50 s':>9}{'p99 s':>9}{'miss %':>8}"
+        f"{'policy':<{w}}{'mean s':>9}{'p50 s':>9}{'p99 s':>9}{'miss %':>8}"
         f"{'thr rps':>9}{'good rps':>9}{'done':>7}{'fail':>6}"
     )
     lines = [header, "-" * len(header)]
     for name, s in rows.items():
         lines.append(
-            f"{name:<22}{s.mean_rt_s:>9.2f}{s.p50_rt_s:>9.2f}{s.p99_rt_s:>9.2f}"
+            f"{name:<{w}}{s.mean_rt_s:>9.2f}{s.p50_rt_s:>9.2f}{s.p99_rt_s:>9.2f}"
             f"{100 * s.deadline_miss_rate:>8.1f}{s.throughput_rps:>9.3f}{s.goodput_rps:>9.3f}"
             f"{s.completed:>7d}{s.failed:>6d}"
         )
