@@ -74,12 +74,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
 def _load_samples(args: argparse.Namespace):
     from rtlm_adapt.workloads import TokenCounter, load_prompts
 
-    if args.tokenizer == "smollm2":
-        counter = TokenCounter.default()
-    elif args.tokenizer == "words":
-        counter = TokenCounter.words()
-    else:
-        counter = TokenCounter.from_pretrained(args.tokenizer)
+    counter = TokenCounter.resolve(args.tokenizer)
     limit = None if args.prompts != "sharegpt" else max(2000, args.requests)
     samples = load_prompts(args.prompts, tokenizer=counter, limit=limit, seed=args.seed)
     return samples, counter
@@ -192,12 +187,7 @@ def cmd_predict_eval(args: argparse.Namespace) -> int:
     from rtlm_adapt.predict_eval import evaluate
     from rtlm_adapt.workloads import TokenCounter, load_prompts
 
-    if args.tokenizer == "smollm2":
-        counter = TokenCounter.default()
-    elif args.tokenizer == "words":
-        counter = TokenCounter.words()
-    else:
-        counter = TokenCounter.from_pretrained(args.tokenizer)
+    counter = TokenCounter.resolve(args.tokenizer)
     samples = load_prompts(args.prompts, tokenizer=counter)
     result = evaluate(
         samples,

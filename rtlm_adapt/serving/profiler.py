@@ -14,10 +14,10 @@ any work)::
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import os
 import platform
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -173,44 +173,12 @@ def profile_executor(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Profile SmolLM2 (or another model) on HFExecutor")
-    parser.add_argument("--model", default="smollm2", help="'smollm2', a local path or hub id")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--name", default=None, help="profile name (default: from --out)")
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--kv-token-budget", type=int, default=None)
-    parser.add_argument("--batch-sizes", default="1,2,4,8,16")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--note", default="")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rtlm_adapt.serving.profiler ARGS`` is ``rtlm-adapt profile ARGS``."""
+    from rtlm_adapt.cli import main as cli_main
 
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from rtlm_adapt.serving.hf import HFExecutor
-
-    executor = HFExecutor.from_pretrained(args.model, max_batch_size=args.max_batch_size)
-    label = (
-        "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)"
-        if args.model == "smollm2"
-        else args.model
-    )
-    cost = profile_executor(
-        executor,
-        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-        repeats=args.repeats,
-        name=args.name or os.path.splitext(os.path.basename(args.out))[0],
-        model=f"{label}, HFExecutor on {executor.device}",
-        max_batch_size=args.max_batch_size,
-        kv_token_budget=args.kv_token_budget,
-        note=args.note,
-    )
-    cost.save(args.out)
-    print(cost.to_json())
+    return cli_main(["profile", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
