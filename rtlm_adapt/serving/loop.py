@@ -247,11 +247,7 @@ class ServingLoop:
         lanes = self._lanes
         self._apply_cancellations(self.now)  # those requested since the last call
         while True:
-            next_arrival = (
-                self._arrivals[self._next].arrival_time
-                if self._next < len(self._arrivals)
-                else math.inf
-            )
+            next_arrival = self._next_arrival()
             next_finish = min(lane.busy_until for lane in lanes)
             t = min(next_arrival, next_finish)
             if t == math.inf:
@@ -286,27 +282,33 @@ class ServingLoop:
                 if lane.busy_until == t:
                     self._finish_step(lane)
             self._apply_cancellations(t)
-            arrivals = self._arrivals
-            while self._next < len(arrivals) and arrivals[self._next].arrival_time <= t:
-                request = arrivals[self._next]
-                self._next += 1
-                self._submit(request, t)
-            if self._next > 4096 and 2 * self._next > len(arrivals):
-                # drop submitted arrivals so a long feed does not keep every Request alive
-                del arrivals[: self._next]
-                self._next = 0
+            self._submit_arrivals(t)
             self._dispatch(t)
+
+    def _next_arrival(self) -> float:
+        """When the next not-yet-submitted request arrives (inf when none is left)."""
+        if self._next < len(self._arrivals):
+            return self._arrivals[self._next].arrival_time
+        return math.inf
+
+    def _submit_arrivals(self, now: float) -> None:
+        """Submit every request that has arrived by ``now``."""
+        arrivals = self._arrivals
+        while self._next < len(arrivals) and arrivals[self._next].arrival_time <= now:
+            request = arrivals[self._next]
+            self._next += 1
+            self._submit(request, now)
+        if self._next > 4096 and 2 * self._next > len(arrivals):
+            # drop submitted arrivals so a long feed does not keep every Request alive
+            del arrivals[: self._next]
+            self._next = 0
 
     def _dispatch(self, now: float) -> bool:
         """Give every idle executor work; returns True if any step started or a fault moved
         requests on (progress either way: each fault uses up a retry or ends requests)."""
         started = False
         faults_before = self.result.faults
-        next_arrival = (
-            self._arrivals[self._next].arrival_time
-            if self._next < len(self._arrivals)
-            else math.inf
-        )
+        next_arrival = self._next_arrival()
         # A fault moves requests to another lane's retry queue; a second pass lets that lane
         # take them at this same instant even if it was visited first.
         for _ in range(2):

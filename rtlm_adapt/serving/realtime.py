@@ -141,22 +141,13 @@ class RealTimeLoop(ServingLoop):
                     self._hang(lane)
             now = self._tick()
             self._apply_cancellations(now)
-            arrivals = self._arrivals
-            while self._next < len(arrivals) and arrivals[self._next].arrival_time <= now:
-                request = arrivals[self._next]
-                self._next += 1
-                self._submit(request, now)
-            if self._next > 4096 and 2 * self._next > len(arrivals):
-                del arrivals[: self._next]
-                self._next = 0
+            self._submit_arrivals(now)
             self._dispatch(now)
             if self.done:
                 return True
             if now >= until:
                 return False
-            next_arrival = (
-                arrivals[self._next].arrival_time if self._next < len(arrivals) else math.inf
-            )
+            next_arrival = self._next_arrival()
             wake = min(next_arrival, until)
             if self.wall_timeout_s is not None:
                 for _, started in self._flight.values():
