@@ -93,7 +93,6 @@ class Tracked:
     rank_length: float  # the length the priority uses (per the policy's length_source)
     service_s: float  # predicted service time on the primary at the reference batch size
     executor: str | None = None
-    submitted_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +207,7 @@ class AdaptiveController:
         self._last_epoch = 0.0
         self._external_knobs = False
         # counters (the accounting invariant) and smoothed signals for the observation
-        self._submitted = self._finished = self._failed = 0
+        self._submitted = self._finished = 0
         self._arrivals_in_epoch = 0
         self._arrival_rate = 0.0
         self._service_ewma = 0.0
@@ -254,7 +253,8 @@ class AdaptiveController:
         prediction = self.predictor.predict_one(features)
         prompt_tokens = request.prompt_tokens or max(1, int(features.get("prompt_tokens_est", 1)))
         rank_length = self._rank_length(request, prediction, prompt_tokens)
-        service_s = self._primary_latency().service_time(
+        latency = self._primary_latency()
+        service_s = latency.service_time(
             prompt_tokens, rank_length, batch_size=self.reference_batch
         )
         tracked = Tracked(
@@ -265,7 +265,6 @@ class AdaptiveController:
             prompt_tokens,
             rank_length,
             service_s,
-            submitted_at=request.arrival_time,
         )
         entry = QueueEntry(rid, request.arrival_time, payload=tracked)
         entry.key, entry.offload = self._key_of(entry)
@@ -273,9 +272,7 @@ class AdaptiveController:
         self._submitted += 1
         self._arrivals_in_epoch += 1
         # smoothed isolated service time: the time scale of the observation and of aging
-        isolated = self._primary_latency().service_time(
-            prompt_tokens, prediction.length, batch_size=1
-        )
+        isolated = latency.service_time(prompt_tokens, prediction.length, batch_size=1)
         if self._submitted == 1:
             self._service_ewma = isolated
         else:
@@ -430,7 +427,7 @@ class AdaptiveController:
             "counters": {
                 "submitted": self._submitted,
                 "finished": self._finished,
-                "failed": self._failed,
+                "failed": self._failed_total(),
                 "failures": dict(self._failures),
                 # Live requests do not survive a restart: load() counts them as shut down.
                 "in_flight": len(self._queue) + len(self._running),
@@ -512,7 +509,6 @@ class AdaptiveController:
             ctl._external_knobs = bool(state["external_knobs"])
             ctl._submitted = int(cnt["submitted"])
             ctl._finished = int(cnt["finished"])
-            ctl._failed = int(cnt["failed"]) + int(cnt["in_flight"])
             ctl._failures = failures
             ctl._arrival_rate = float(sig["arrival_rate"])
             ctl._service_ewma = float(sig["service_ewma"])
@@ -597,7 +593,7 @@ class AdaptiveController:
             queued=len(self._queue),
             running=len(self._running),
             finished=self._finished,
-            failed=self._failed,
+            failed=self._failed_total(),
             failures=dict(self._failures),
         )
 
@@ -609,8 +605,10 @@ class AdaptiveController:
     def _count_failure(self, reason: str, *, submitted: bool = False) -> None:
         if submitted:
             self._submitted += 1
-        self._failed += 1
         self._failures[reason] += 1
+
+    def _failed_total(self) -> int:
+        return sum(self._failures.values())
 
     def _autosave(self) -> None:
         # Called under the lock; a failing disk must not take the serving path down with it.
@@ -667,13 +665,13 @@ class AdaptiveController:
         s = t.service_s
         key = (
             k.length_weight + k.uncertainty_weight * t.uncertainty
-        ) * s + k.wait_weight * t.submitted_at
+        ) * s + k.wait_weight * t.request.arrival_time
         if k.slack_weight:
             deadline = t.request.deadline
             if deadline is None:
-                deadline = t.submitted_at + NO_DEADLINE_SLACK_S
+                deadline = t.request.arrival_time + NO_DEADLINE_SLACK_S
             key += k.slack_weight * (deadline - s)
-        return key, t.rank_length >= k.offload_threshold
+        return key, _offloadable(t, k.offload_threshold)
 
     def _take(self, room: int, now: float, *, offload_only: bool) -> list[QueueEntry]:
         taken: list[QueueEntry] = []
@@ -732,7 +730,12 @@ class AdaptiveController:
             self._queue.rekey(self._key_of)
         elif old.offload_threshold != knobs.offload_threshold:
             threshold = knobs.offload_threshold
-            self._queue.reflag(lambda entry: entry.payload.rank_length >= threshold)
+            self._queue.reflag(lambda entry: _offloadable(entry.payload, threshold))
+
+
+def _offloadable(tracked: Tracked, threshold: float) -> bool:
+    """Eligible for the secondary executor: the length the policy ranks by reaches the threshold."""
+    return tracked.rank_length >= threshold
 
 
 class QueueFullError(RuntimeError):
