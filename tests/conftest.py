@@ -55,3 +55,16 @@ def make_request(
         prompt_tokens=prompt_tokens,
         metadata={TRUE_LENGTH_KEY: length},
     )
+
+
+def alpaca_samples(model: str):
+    """One AlpacaEval model's prompts with real lengths (SmolLM2 tokens); skips without data."""
+    from rtlm_adapt import workloads
+
+    try:
+        path = workloads.find_data_dir() / "alpaca_eval" / f"{model}.jsonl.gz"
+    except (FileNotFoundError, OSError) as exc:
+        pytest.skip(f"no shared data folder: {exc}")
+    if not path.is_file():
+        pytest.skip(f"no AlpacaEval outputs at {path}")
+    return workloads.load_alpaca_eval(path, tokenizer=workloads.TokenCounter.default())

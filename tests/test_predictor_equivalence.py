@@ -21,6 +21,7 @@ from statistics import NormalDist
 from typing import Any
 
 import pytest
+from conftest import alpaca_samples
 from river import drift
 
 from rtlm_adapt.predictor import (
@@ -339,23 +340,11 @@ def _plain(features: Mapping[Any, float]) -> dict[Any, float]:
     return {k: v for k, v in features.items() if k != PREPARED_KEY}
 
 
-def _alpaca(model: str):
-    from rtlm_adapt import workloads
-
-    try:
-        path = workloads.find_data_dir() / "alpaca_eval" / f"{model}.jsonl.gz"
-    except (FileNotFoundError, OSError) as exc:
-        pytest.skip(f"no shared data folder: {exc}")
-    if not path.is_file():
-        pytest.skip(f"no AlpacaEval outputs at {path}")
-    return workloads.load_alpaca_eval(path, tokenizer=workloads.TokenCounter.default())
-
-
 @pytest.fixture(scope="module")
 def stream():
     """2,400 (prompt features, length) steps: GPT-4's answers, then Llama-2's made 6x longer
     (a served-model switch that ADWIN detects)."""
-    gpt4, llama = _alpaca("gpt4_1106_preview"), _alpaca("llama-2-7b-chat-hf")
+    gpt4, llama = alpaca_samples("gpt4_1106_preview"), alpaca_samples("llama-2-7b-chat-hf")
     p = LengthPredictor.pretrained("lexical")
     feats = {s.prompt: p.features(s.prompt) for s in gpt4}
     rng = random.Random(0)

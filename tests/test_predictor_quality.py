@@ -17,31 +17,20 @@ import time
 
 import numpy as np
 import pytest
+from conftest import alpaca_samples
 
 from rtlm_adapt.predict_eval import REQUIRED_KEYS, evaluate, kendall_tau
 from rtlm_adapt.predictor import LengthPredictor, LengthPrior, lexical_features
 
 
-def _alpaca(model: str):
-    from rtlm_adapt import workloads
-
-    try:
-        path = workloads.find_data_dir() / "alpaca_eval" / f"{model}.jsonl.gz"
-    except (FileNotFoundError, OSError) as exc:
-        pytest.skip(f"no shared data folder: {exc}")
-    if not path.is_file():
-        pytest.skip(f"no AlpacaEval outputs at {path}")
-    return workloads.load_alpaca_eval(path, tokenizer=workloads.TokenCounter.default())
-
-
 @pytest.fixture(scope="module")
 def gpt4():
-    return _alpaca("gpt4_1106_preview")
+    return alpaca_samples("gpt4_1106_preview")
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return _alpaca("llama-2-7b-chat-hf")
+    return alpaca_samples("llama-2-7b-chat-hf")
 
 
 @pytest.fixture(scope="module")
@@ -199,16 +188,33 @@ def test_predict_eval_cli_writes_the_json(tmp_path) -> None:
     from rtlm_adapt.cli import main
 
     rows = [
-        {"id": i, "instruction": ("Explain " if i % 2 else "Name ") + f"thing {i}",
-         "output": "word " * (5 + 40 * (i % 2) + i % 7)}
+        {
+            "id": i,
+            "instruction": ("Explain " if i % 2 else "Name ") + f"thing {i}",
+            "output": "word " * (5 + 40 * (i % 2) + i % 7),
+        }
         for i in range(60)
     ]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "r.json"
-    rc = main(["predict-eval", "--prompts", str(prompts), "--tier", "lexical",
-               "--holdout-fraction", "0.25", "--seed", "3", "--tokenizer", "words",
-               "--json", str(out)])
+    rc = main(
+        [
+            "predict-eval",
+            "--prompts",
+            str(prompts),
+            "--tier",
+            "lexical",
+            "--holdout-fraction",
+            "0.25",
+            "--seed",
+            "3",
+            "--tokenizer",
+            "words",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     assert set(REQUIRED_KEYS) <= set(result)
