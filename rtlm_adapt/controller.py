@@ -81,18 +81,50 @@ def _locked(method: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-@dataclass(slots=True)
-class Tracked:
-    """What the controller remembers about one live request."""
+class Tracked(QueueEntry):
+    """What the controller remembers about one live request.
 
-    request: Request
-    features: dict[str, float]
-    uncertainty: float
-    prediction: LengthPrediction
-    prompt_tokens: int
-    rank_length: float  # the length the priority uses (per the policy's length_source)
-    service_s: float  # predicted service time on the primary at the reference batch size
-    executor: str | None = None
+    It is the request's queue entry too: one object per request from submit to finish (the
+    queue orders it while it waits, ``_running`` holds it while it runs).
+    """
+
+    __slots__ = (
+        "request",
+        "features",
+        "uncertainty",
+        "prediction",
+        "prompt_tokens",
+        "rank_length",
+        "service_s",
+        "executor",
+    )
+
+    def __init__(
+        self,
+        request: Request,
+        features: dict[str, float],
+        uncertainty: float,
+        prediction: LengthPrediction,
+        prompt_tokens: int,
+        rank_length: float,  # the length the priority uses (per the policy's length_source)
+        service_s: float,  # predicted service time on the primary at the reference batch size
+    ) -> None:
+        # QueueEntry's fields, set here rather than through its __init__ (per-request hot path)
+        self.request_id = request.id
+        self.arrival_time = request.arrival_time
+        self.key = 0.0
+        self.offload = False
+        self.payload = None
+        self.alive = True
+        self.seq = 0
+        self.request = request
+        self.features = features
+        self.uncertainty = uncertainty
+        self.prediction = prediction
+        self.prompt_tokens = prompt_tokens
+        self.rank_length = rank_length
+        self.service_s = service_s
+        self.executor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +248,6 @@ class AdaptiveController:
         self._step_ewma = 0.0
 
     # -- the loop's calls ------------------------------------------------------------------------
-    @_locked
     def submit(self, request: Request, features: dict[str, float] | None = None) -> None:
         """Queue a request. ``features`` may carry precomputed uncertainty features.
 
@@ -224,87 +255,98 @@ class AdaptiveController:
         ``max_queue`` requests wait and ``ControllerClosedError`` after :meth:`close` (both
         counted as submitted and failed, reasons ``rejected`` and ``shutdown``).
         """
-        if not isinstance(request, Request):
-            raise TypeError(f"submit() takes a Request, got {type(request).__name__}")
-        rid = request.id
-        if rid in self._queue or rid in self._running:
-            raise ValueError(f"duplicate request id {rid!r}: a request with this id is still live")
-        if self._closed:
-            self._count_failure("shutdown", submitted=True)
-            raise ControllerClosedError(f"controller is shut down; request {rid!r} not accepted")
-        if self.max_queue is not None and len(self._queue) >= self.max_queue:
-            self._count_failure("rejected", submitted=True)
-            raise QueueFullError(
-                f"queue is full ({self.max_queue} waiting); request {rid!r} rejected"
+        # The three hot calls (submit, next_batch, on_finish) take the lock inline rather than
+        # through @_locked: a wrapper frame per call is a measurable share of their cost.
+        with self._lock:
+            if not isinstance(request, Request):
+                raise TypeError(f"submit() takes a Request, got {type(request).__name__}")
+            rid = request.id
+            queue = self._queue
+            if rid in queue._entries or rid in self._running:
+                raise ValueError(
+                    f"duplicate request id {rid!r}: a request with this id is still live"
+                )
+            if self._closed:
+                self._count_failure("shutdown", submitted=True)
+                raise ControllerClosedError(
+                    f"controller is shut down; request {rid!r} not accepted"
+                )
+            if self.max_queue is not None and len(queue) >= self.max_queue:
+                self._count_failure("rejected", submitted=True)
+                raise QueueFullError(
+                    f"queue is full ({self.max_queue} waiting); request {rid!r} rejected"
+                )
+            if features is None:
+                features = self.scorer.features(request.prompt)
+                # score first: the predictor's features() then sees the complete dict
+                features["uncertainty"] = self.scorer.score(features)
+                extend = getattr(self.predictor, "features", None)
+                if callable(extend):
+                    # The predictor's own features on top: hashed words (int keys) and, on the
+                    # encoder tier, the prompt embedding (batch 1 here; batch upstream and pass
+                    # ``features`` to avoid that cost).
+                    features = extend(request.prompt, base=features)
+            uncertainty = features.get("uncertainty")
+            if uncertainty is None:  # not precomputed upstream along with the features
+                uncertainty = features["uncertainty"] = self.scorer.score(features)
+            prediction = self.predictor.predict_one(features)
+            prompt_tokens = request.prompt_tokens or max(
+                1, int(features.get("prompt_tokens_est", 1))
             )
-        if features is None:
-            features = self.scorer.features(request.prompt)
-            # score first: the predictor's features() then sees the complete dict
-            features["uncertainty"] = self.scorer.score(features)
-            extend = getattr(self.predictor, "features", None)
-            if callable(extend):
-                # The predictor's own features on top: hashed words (int keys) and, on the
-                # encoder tier, the prompt embedding (batch 1 here; batch upstream and pass
-                # ``features`` to avoid that cost).
-                features = extend(request.prompt, base=features)
-        uncertainty = features.get("uncertainty")
-        if uncertainty is None:  # not precomputed upstream along with the features
-            uncertainty = features["uncertainty"] = self.scorer.score(features)
-        prediction = self.predictor.predict_one(features)
-        prompt_tokens = request.prompt_tokens or max(1, int(features.get("prompt_tokens_est", 1)))
-        rank_length = self._rank_length(request, prediction, prompt_tokens)
-        latency = self._primary_latency()
-        service_s = latency.service_time(
-            prompt_tokens, rank_length, batch_size=self.reference_batch
-        )
-        tracked = Tracked(
-            request,
-            features,
-            uncertainty,
-            prediction,
-            prompt_tokens,
-            rank_length,
-            service_s,
-        )
-        entry = QueueEntry(rid, request.arrival_time, payload=tracked)
-        entry.key, entry.offload = self._key_of(entry)
-        self._queue.push(entry)
-        self._submitted += 1
-        self._arrivals_in_epoch += 1
-        # smoothed isolated service time: the time scale of the observation and of aging
-        isolated = latency.service_time(prompt_tokens, prediction.length, batch_size=1)
-        if self._submitted == 1:
-            self._service_ewma = isolated
-        else:
-            self._service_ewma += 0.05 * (isolated - self._service_ewma)
+            if self.policy.length_source == "predicted":
+                rank_length = prediction.length
+            else:
+                rank_length = self._rank_length(request, prediction, prompt_tokens)
+            latency = self.latency.get(self._primary or "primary") or self._primary_latency()
+            service_s = latency.service_time(
+                prompt_tokens, rank_length, batch_size=self.reference_batch
+            )
+            tracked = Tracked(
+                request, features, uncertainty, prediction, prompt_tokens, rank_length, service_s
+            )
+            tracked.key, tracked.offload = self._key_of(tracked)
+            queue.push(tracked)
+            self._submitted += 1
+            self._arrivals_in_epoch += 1
+            # smoothed isolated service time: the time scale of the observation and of aging
+            isolated = latency.service_time(prompt_tokens, prediction.length)
+            if self._submitted == 1:
+                self._service_ewma = isolated
+            else:
+                self._service_ewma += 0.05 * (isolated - self._service_ewma)
 
-    @_locked
     def next_batch(self, state: ExecutorState) -> list[Request]:
         """The requests that should join ``state``'s executor now (possibly none)."""
-        self._register(state)
-        now = state.now
-        if now >= self._next_epoch:
-            self._run_policy(now)
-        if not self._queue:
-            return []
-        if state.role == "primary":
-            cap = self.knobs.max_batch_size or state.max_batch_size
-            room = min(state.max_batch_size, cap) - state.running
-        else:
-            room = state.free_slots
-        if room <= 0:
-            return []
-        if self.batching == "static" and state.running == 0 and self.policy.consolidate:
-            entries = self._consolidated(room, now, offload_only=state.role != "primary")
-        else:
-            entries = self._take(room, now, offload_only=state.role != "primary")
-        batch = []
-        for entry in entries:
-            tracked: Tracked = entry.payload
-            tracked.executor = state.name
-            self._running[entry.request_id] = tracked
-            batch.append(tracked.request)
-        return batch
+        with self._lock:
+            if state.name not in self._executors:
+                self._register(state)
+            else:
+                self._executors[state.name] = state  # the latest state, for observe()
+            now = state.now
+            if now >= self._next_epoch:
+                self._run_policy(now)
+            if not self._queue:
+                return []
+            primary = state.role == "primary"
+            if primary:
+                cap = self.knobs.max_batch_size or state.max_batch_size
+                room = (cap if cap < state.max_batch_size else state.max_batch_size) - state.running
+            else:
+                room = state.free_slots
+            if room <= 0:
+                return []
+            if self.batching == "static" and state.running == 0 and self.policy.consolidate:
+                entries = self._consolidated(room, now, offload_only=not primary)
+            else:
+                entries = self._take(room, now, offload_only=not primary)
+            batch = []
+            running = self._running
+            name = state.name
+            for tracked in entries:
+                tracked.executor = name
+                running[tracked.request_id] = tracked
+                batch.append(tracked.request)
+            return batch
 
     @_locked
     def on_step(self, executor: str, result: StepResult) -> None:
@@ -322,33 +364,35 @@ class AdaptiveController:
             if math.isfinite(per_iter) and per_iter >= 0:
                 self._step_ewma += 0.1 * (per_iter - self._step_ewma)
 
-    @_locked
     def on_finish(self, completion: Completion) -> None:
         """A request ended (with a result or an error): account for it and learn its length.
 
         A failed completion is counted under ``failure_reason(completion.error)`` and teaches
         nothing (its token count is not a length the model would have produced).
         """
-        tracked = self._running.pop(completion.request_id, None)
-        if tracked is None:
-            raise ValueError(
-                f"on_finish for request {completion.request_id!r}, which is not running "
-                "(unknown, never scheduled, or already finished)"
-            )
-        self._cancel_marks.discard(completion.request_id)
-        if completion.error is not None:
-            self._count_failure(failure_reason(completion.error))
-        else:
-            self._finished += 1
-            self.predictor.learn_one(tracked.features, completion.output_tokens)
-            rt = completion.response_time
-            if math.isfinite(rt) and rt >= 0:
-                self._response_ewma += 0.05 * (rt - self._response_ewma)
-            self._miss_ewma += 0.05 * (float(completion.missed_deadline) - self._miss_ewma)
-        self._ended_since_save += 1
-        if self.autosave_path is not None and self._ended_since_save >= self.autosave_every:
-            # Amortized: one save (milliseconds, under the lock) per autosave_every requests.
-            self._autosave()
+        with self._lock:
+            rid = completion.request_id
+            tracked = self._running.pop(rid, None)
+            if tracked is None:
+                raise ValueError(
+                    f"on_finish for request {rid!r}, which is not running "
+                    "(unknown, never scheduled, or already finished)"
+                )
+            if self._cancel_marks:
+                self._cancel_marks.discard(rid)
+            if completion.error is not None:
+                self._count_failure(failure_reason(completion.error))
+            else:
+                self._finished += 1
+                self.predictor.learn_one(tracked.features, completion.output_tokens)
+                rt = completion.response_time
+                if 0.0 <= rt < math.inf:
+                    self._response_ewma += 0.05 * (rt - self._response_ewma)
+                self._miss_ewma += 0.05 * (completion.missed_deadline - self._miss_ewma)
+            self._ended_since_save += 1
+            if self.autosave_path is not None and self._ended_since_save >= self.autosave_every:
+                # Amortized: one save (milliseconds, under the lock) per autosave_every requests.
+                self._autosave()
 
     @_locked
     def cancel(self, request_id: str) -> Request | None:
@@ -366,7 +410,7 @@ class AdaptiveController:
                 self._cancel_marks.add(request_id)
             return None
         self._count_failure("cancelled")
-        return entry.payload.request
+        return entry.request
 
     @_locked
     def take_cancellations(self) -> list[str]:
@@ -389,7 +433,7 @@ class AdaptiveController:
                 break
             self._queue.remove(entry.request_id)
             self._count_failure(reason)
-            out.append(entry.payload.request)
+            out.append(entry.request)
         return out
 
     @_locked
@@ -538,7 +582,7 @@ class AdaptiveController:
         """
         lengths, uncert, min_slack = [], 0.0, math.inf
         for entry in self._queue.sample(OBSERVE_SAMPLE):
-            t: Tracked = entry.payload
+            t: Tracked = entry
             lengths.append(t.prediction.length)
             uncert += t.uncertainty
             if t.request.deadline is not None:
@@ -659,9 +703,8 @@ class AdaptiveController:
             )
         return float(true)
 
-    def _key_of(self, entry: QueueEntry) -> tuple[float, bool]:
+    def _key_of(self, t: Tracked) -> tuple[float, bool]:
         k = self.knobs
-        t: Tracked = entry.payload
         s = t.service_s
         key = (
             k.length_weight + k.uncertainty_weight * t.uncertainty
@@ -673,8 +716,8 @@ class AdaptiveController:
             key += k.slack_weight * (deadline - s)
         return key, _offloadable(t, k.offload_threshold)
 
-    def _take(self, room: int, now: float, *, offload_only: bool) -> list[QueueEntry]:
-        taken: list[QueueEntry] = []
+    def _take(self, room: int, now: float, *, offload_only: bool) -> list[Tracked]:
+        taken: list[Tracked] = []
         max_wait = self.knobs.max_wait_s
         queue = self._queue
         while len(taken) < room and queue:
@@ -691,19 +734,17 @@ class AdaptiveController:
             taken.append(entry)
         return taken
 
-    def _consolidated(self, room: int, now: float, *, offload_only: bool) -> list[QueueEntry]:
+    def _consolidated(self, room: int, now: float, *, offload_only: bool) -> list[Tracked]:
         """A static batch: the best request plus those closest to it in predicted length."""
         window = self._take(min(len(self._queue), room * 4), now, offload_only=offload_only)
         if not window:
             return []
         head, rest = window[0], window[1:]
-        target = math.log1p(head.payload.rank_length)
-        rest.sort(key=lambda e: abs(math.log1p(e.payload.rank_length) - target))
+        target = math.log1p(head.rank_length)
+        rest.sort(key=lambda e: abs(math.log1p(e.rank_length) - target))
         chosen, back = [head, *rest[: room - 1]], rest[room - 1 :]
-        for entry in back:  # return the others with a fresh entry (keys unchanged)
-            fresh = QueueEntry(entry.request_id, entry.arrival_time, payload=entry.payload)
-            fresh.key, fresh.offload = entry.key, entry.offload
-            self._queue.push(fresh)
+        for entry in back:  # put the others back (keys unchanged; the queue re-sequences them)
+            self._queue.push(entry)
         return chosen
 
     def _run_policy(self, now: float) -> None:
@@ -730,7 +771,7 @@ class AdaptiveController:
             self._queue.rekey(self._key_of)
         elif old.offload_threshold != knobs.offload_threshold:
             threshold = knobs.offload_threshold
-            self._queue.reflag(lambda entry: _offloadable(entry.payload, threshold))
+            self._queue.reflag(lambda entry: _offloadable(entry, threshold))
 
 
 def _offloadable(tracked: Tracked, threshold: float) -> bool:

@@ -2,7 +2,9 @@
 
 Two heaps share the same entries: one over every waiting request, one over those eligible for
 offloading. Removal is lazy (an entry is marked dead and skipped when it reaches the top), so
-taking a request from either heap is O(log n) and the other heap never needs a search. A third
+taking a request from either heap is O(log n) and the other heap never needs a search. A heap
+item is ``(key, seq, entry)``; it is live only while the entry is alive and still carries that
+``seq``, so an entry taken out and pushed again is never served from a stale item. A third
 heap, by arrival time, serves the hard aging bound: the oldest waiting request in O(log n), even
 when requests are put back out of order.
 
@@ -26,7 +28,11 @@ from typing import Any
 
 @dataclass(slots=True, eq=False)
 class QueueEntry:
-    """One waiting request and what the controller knows about it."""
+    """One waiting request: its id, arrival time, priority key and offload flag.
+
+    ``payload`` carries anything the caller wants; a subclass may instead add its own fields
+    (the controller's per-request record is a QueueEntry).
+    """
 
     request_id: str
     arrival_time: float
@@ -44,6 +50,7 @@ class RequestQueue:
         self._by_arrival: list[tuple[float, int, QueueEntry]] = []
         self._entries: dict[str, QueueEntry] = {}
         self._counter = itertools.count()
+        self._removed = 0  # removals since the last compaction check
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -73,30 +80,48 @@ class RequestQueue:
     def peek(self, *, offload_only: bool = False) -> QueueEntry | None:
         """The best waiting entry (optionally among offload-eligible ones), without removing it."""
         heap = self._offload_heap if offload_only else self._heap
-        while heap and not heap[0][2].alive:
+        while heap:
+            _, seq, entry = heap[0]
+            if entry.alive and entry.seq == seq:
+                return entry
             heapq.heappop(heap)
-        return heap[0][2] if heap else None
+        return None
 
     def pop(self, *, offload_only: bool = False) -> QueueEntry | None:
         """Remove and return the best waiting entry."""
-        entry = self.peek(offload_only=offload_only)
-        if entry is not None:
-            self.remove(entry.request_id)
-        return entry
+        heap = self._offload_heap if offload_only else self._heap
+        while heap:
+            _, seq, entry = heapq.heappop(heap)
+            if entry.alive and entry.seq == seq:
+                # remove(), inlined: pop is the hot path of every scheduling decision
+                del self._entries[entry.request_id]
+                entry.alive = False
+                self._removed += 1
+                if self._removed >= 64:
+                    self._removed = 0
+                    self._maybe_compact()
+                return entry
+        return None
 
     def oldest(self) -> QueueEntry | None:
         """The longest-waiting live entry (by arrival time, then submission order)."""
         arrivals = self._by_arrival
-        while arrivals and not arrivals[0][2].alive:
+        while arrivals:
+            _, seq, entry = arrivals[0]
+            if entry.alive and entry.seq == seq:
+                return entry
             heapq.heappop(arrivals)
-        return arrivals[0][2] if arrivals else None
+        return None
 
     def remove(self, request_id: str) -> QueueEntry | None:
         """Take a request out of the queue (lazily: heaps skip it later)."""
         entry = self._entries.pop(request_id, None)
         if entry is not None:
             entry.alive = False
-        self._maybe_compact()
+            self._removed += 1
+            if self._removed >= 64:
+                self._removed = 0
+                self._maybe_compact()
         return entry
 
     def rekey(self, key_of: Callable[[QueueEntry], tuple[float, bool]]) -> None:
@@ -126,14 +151,12 @@ class RequestQueue:
         return list(itertools.islice(self._entries.values(), n))
 
     def _maybe_compact(self) -> None:
-        # Dead entries deep in a heap are never popped; rebuild when they dominate.
+        # Dead items deep in a heap are never popped; rebuild a heap when they dominate it.
+        # (Checked every 64 removals: the check is cheap, but remove() is on the hot path.)
         live = len(self._entries)
-        if len(self._heap) > 64 and len(self._heap) > 4 * live:
-            self._heap = [t for t in self._heap if t[2].alive]
-            heapq.heapify(self._heap)
-        if len(self._offload_heap) > 64 and len(self._offload_heap) > 4 * live:
-            self._offload_heap = [t for t in self._offload_heap if t[2].alive]
-            heapq.heapify(self._offload_heap)
-        if len(self._by_arrival) > 64 and len(self._by_arrival) > 4 * live:
-            self._by_arrival = [t for t in self._by_arrival if t[2].alive]
-            heapq.heapify(self._by_arrival)
+        for name in ("_heap", "_offload_heap", "_by_arrival"):
+            heap = getattr(self, name)
+            if len(heap) > 64 and len(heap) > 4 * live:
+                heap = [t for t in heap if t[2].alive and t[2].seq == t[1]]
+                heapq.heapify(heap)
+                setattr(self, name, heap)

@@ -45,3 +45,32 @@ def test_duplicate_push_is_rejected():
         assert "'a'" in str(exc)
     else:
         raise AssertionError("duplicate id accepted")
+
+
+def test_an_entry_taken_out_and_pushed_again_is_served_once():
+    # The controller puts a request back (static consolidation) as the same object: the stale
+    # heap items it left behind must not serve it a second time, in either heap.
+    q = RequestQueue()
+    for i in range(4):
+        q.push(QueueEntry(str(i), arrival_time=float(i), key=float(i), offload=True))
+    a = q.get("0")
+    q.remove("0")
+    q.push(a)  # back, with its old items still in the heaps
+    b = q.pop()
+    q.push(b)  # popped and pushed again
+    served = []
+    while q:
+        served.append(q.pop(offload_only=len(served) % 2 == 0).request_id)
+    assert sorted(served) == ["0", "1", "2", "3"]
+    assert q.pop() is None and q.pop(offload_only=True) is None and q.oldest() is None
+
+
+def test_lazy_deletion_stays_bounded_under_churn():
+    q = RequestQueue()
+    for i in range(10_000):
+        q.push(QueueEntry(str(i), arrival_time=float(i), key=float(-i)))
+        if i >= 10:
+            q.pop()  # keeps the newest-keyed; the arrival heap fills with dead items
+    assert len(q) == 10
+    assert len(q._by_arrival) < 1000  # compacted, not 10,000
+    assert q.oldest().request_id == "0"
