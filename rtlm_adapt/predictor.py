@@ -152,7 +152,9 @@ class _Prepared(float):
     compares and serializes as numbers; it pickles (and deep-copies) as a plain 0.0.
     """
 
-    __slots__ = ("snap", "n_stats", "idx", "x", "norm2", "var", "new", "emb", "dup", "sig")
+    __slots__ = (
+        "snap", "n_keys", "dense", "n_stats", "idx", "x", "norm2", "var", "new", "emb", "dup", "sig"
+    )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (float, (0.0,))
@@ -496,6 +498,7 @@ class LengthPredictor:
             prep = self._prepare(feats, pure=True)
             if prep is not None:
                 feats[PREPARED_KEY] = prep
+                prep.n_keys = len(feats)
                 prep.snap = feats.copy()
                 prep.snap[PREPARED_KEY] = 0.0  # equal to prep; no reference cycle
         return feats
@@ -514,12 +517,7 @@ class LengthPredictor:
         always needs an answer.
         """
         prep = features.get(PREPARED_KEY)
-        if (
-            prep.__class__ is not _Prepared
-            or (prep.sig is not self._sig and prep.sig != self._sig)
-            or (prep.new and prep.n_stats != len(self._stats))
-            or features != prep.snap
-        ):
+        if not self._valid(prep, features):
             prep = self._prepared(features)
             if prep is None:
                 logger.warning("LengthPredictor: non-finite feature values treated as missing")
@@ -778,17 +776,24 @@ class LengthPredictor:
             if len(memo) >= _MEMO_MAX:
                 memo.clear()  # requests predicted but never learned from (dropped, failed)
             prep.snap = features.copy()
+            prep.n_keys = len(features)
             memo[id(features)] = prep
         return prep
 
     def _valid(self, prep: Any, features: Mapping[Any, float]) -> bool:
         """Whether ``prep`` (a stored prepared form, or anything else) is that of ``features``."""
-        return (
-            prep.__class__ is _Prepared
-            and (prep.sig is self._sig or prep.sig == self._sig)
-            and not (prep.new and prep.n_stats != len(self._stats))
-            and features == prep.snap
-        )
+        if prep.__class__ is not _Prepared or (prep.sig is not self._sig and prep.sig != self._sig):
+            return False
+        if prep.new and prep.n_stats != len(self._stats):
+            return False
+        dense = prep.dense
+        if dense is None:
+            return features == prep.snap
+        # The common form (the prior's dense features and hashed words): the same number of
+        # keys and the same dense values. Cheaper than comparing whole dicts, which at learn
+        # time is mostly cache misses on a request's long-cold dict; it only misses a hashed
+        # word swapped for another, which no caller of features() does.
+        return len(features) == prep.n_keys and tuple(map(features.get, self._fixed[0])) == dense
 
     def _prepare(
         self, features: Mapping[Any, float], checked: bool = False, pure: bool = False
@@ -828,8 +833,10 @@ class LengthPredictor:
         norm2 = 1.0
         var: list[tuple[list[float], float]] = []
         new: list[tuple[Any, float]] = []
+        dense = None
         if n_other == len(names) and None not in values:
             # The common case: the prior's dense features and hashed words, nothing else.
+            dense = tuple(values)
             pos = positions
             for st, v in zip(fixed, values, strict=True):
                 zv = (v - st[1]) * st[3]
@@ -857,6 +864,8 @@ class LengthPredictor:
                     var.append((st, v))
         prep = _Prepared(0.0)
         prep.snap = None
+        prep.n_keys = -1
+        prep.dense = dense
         prep.n_stats = len(stats)
         n = len(pos) + len(hashed)  # fromiter with a count: the cheapest list -> array
         prep.idx = np.fromiter(pos + hashed, np.intp, n)

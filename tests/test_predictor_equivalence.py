@@ -485,3 +485,25 @@ def test_copies_and_pickles_predict_the_same() -> None:
     # the features of one predictor serve another with the same prior
     other = LengthPredictor.pretrained("lexical")
     assert other.predict_one(f) == other.predict_one(_plain(f))
+
+
+def test_a_changed_features_dict_is_prepared_again() -> None:
+    # The prepared form stored in a features dict must not outlive a change to the dict: a
+    # changed dense value, an added or a removed feature each give the plain dict's prediction.
+    p = LengthPredictor.pretrained("lexical")
+    base = p.features("Write a detailed essay on the French Revolution.")
+    name = next(k for k in base if isinstance(k, str) and k != PREPARED_KEY)
+    changed = dict(base)
+    changed[name] = base[name] + 5.0
+    added = dict(base)
+    added["an_unseen_feature"] = 3.0
+    removed = dict(base)
+    del removed[next(k for k in base if isinstance(k, int))]
+    for f in (changed, added, removed):
+        assert p.predict_one(f) == p.predict_one(_plain(f))
+    assert p.predict_one(changed) != p.predict_one(base)
+    # and learning from a changed dict learns what it now says, like the plain dict
+    q = copy.deepcopy(p)
+    p.learn_one(changed, 40.0)
+    q.learn_one(_plain(changed), 40.0)
+    assert p.predict_one(base) == q.predict_one(base)
