@@ -42,16 +42,16 @@ import bisect
 import json
 import logging
 import math
+import operator
 import pickle
 import re
 import zlib
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from river import drift
@@ -131,8 +131,7 @@ def lexical_features(prompt: str) -> dict[int, float]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class LengthPrediction:
+class LengthPrediction(NamedTuple):
     """A predicted output length in tokens, with an interval.
 
     Attributes
@@ -663,7 +662,8 @@ class LengthPredictor:
         if dup:
             np.add.at(w, idx, step * x)
         else:
-            w[idx] = g + step * x  # x: 1.0 for a hashed bucket, z for a dense feature
+            g += step * x  # x: 1.0 for a hashed bucket, z for a dense feature (g is a copy)
+            w[idx] = g
         self._offset += self.intercept_lr * r
         if var or new:
             for st, zv in var_z:
@@ -718,7 +718,7 @@ class LengthPredictor:
         return obj
 
     # Derived, rebuilt on load: the saved (and pickled) state is exactly format version 1's.
-    _CACHE_ATTRS = ("_w", "_fixed", "_memo", "_sig")
+    _CACHE_ATTRS = ("_w", "_fixed", "_memo", "_sig", "_dense_values")
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -771,6 +771,8 @@ class LengthPredictor:
             self.feature_clip,
         )
         self._memo: dict[int, _Prepared] = {}
+        # The prior's dense values of a features dict as a tuple, in one C call (see _valid).
+        self._dense_values = _values_getter(self._fixed[0])
 
     def _prepared(self, features: Mapping[Any, float]) -> _Prepared | None:
         """:meth:`_prepare` of ``features``, memoised per dict object (None if not finite).
@@ -810,7 +812,12 @@ class LengthPredictor:
         # keys and the same dense values. Cheaper than comparing whole dicts, which at learn
         # time is mostly cache misses on a request's long-cold dict; it only misses a hashed
         # word swapped for another, which no caller of features() does.
-        return len(features) == prep.n_keys and tuple(map(features.get, self._fixed[0])) == dense
+        if len(features) != prep.n_keys:
+            return False
+        try:
+            return self._dense_values(features) == dense
+        except KeyError:  # a dense feature replaced by another
+            return False
 
     def _prepare(
         self, features: Mapping[Any, float], checked: bool = False, pure: bool = False
@@ -997,6 +1004,13 @@ def _scorer(cls: type) -> Any:
     if s is None:
         s = _SCORERS[cls] = cls()
     return s
+
+
+def _values_getter(names: tuple[str, ...]) -> Any:
+    """``f -> tuple(f[n] for n in names)`` (always a tuple, unlike a 1-key itemgetter)."""
+    if len(names) > 1:
+        return operator.itemgetter(*names)
+    return lambda f: tuple(f[n] for n in names)
 
 
 def _finite_only(features: Mapping[Any, float]) -> dict[Any, float]:

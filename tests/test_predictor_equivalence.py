@@ -507,3 +507,13 @@ def test_a_changed_features_dict_is_prepared_again() -> None:
     p.learn_one(changed, 40.0)
     q.learn_one(_plain(changed), 40.0)
     assert p.predict_one(base) == q.predict_one(base)
+
+
+def test_a_dense_feature_swapped_for_another_is_noticed() -> None:
+    p = LengthPredictor.pretrained("lexical")
+    base = p.features("Explain briefly how a bicycle stays upright.")
+    name = next(k for k in base if isinstance(k, str) and k != PREPARED_KEY)
+    swapped = dict(base)
+    value = swapped.pop(name)
+    swapped["another_feature"] = value  # same number of keys
+    assert p.predict_one(swapped) == p.predict_one(_plain(swapped))
