@@ -27,7 +27,15 @@ from rtlm_adapt.workloads import TokenCounter, load_prompts
 
 
 def controller_costs(
-    prompts: list[str], lengths: list[int], queued: int, n: int, policy: str, predictor: str
+    prompts: list[str],
+    lengths: list[int],
+    queued: int,
+    n: int,
+    policy: str,
+    predictor: str,
+    setup=None,
+    record: np.ndarray | None = None,
+    times: np.ndarray | None = None,
 ):
     # "lexical": the default (ShareGPT prior over hashed words + uncertainty features);
     # "uncertainty-only": a predictor on the ~19 uncertainty features alone (cheaper, ranks worse)
@@ -43,6 +51,8 @@ def controller_costs(
         feats.append(ctl.predictor.features(p, base=f) if predictor == "lexical" else f)
     state = ExecutorState("primary", "primary", 0, 1, 0.0)
     ctl.next_batch(state)  # register the executor, run the first policy epoch
+    if setup is not None:
+        setup(ctl)
 
     def request(i: int, now: float) -> Request:
         j = i % len(prompts)
@@ -51,7 +61,7 @@ def controller_costs(
     now = 0.0
     for i in range(queued):
         ctl.submit(request(i, now), dict(feats[i % len(feats)]))
-    costs = np.empty(n)
+    costs = np.empty((n, 3))  # submit, next_batch, on_finish
     gc.disable()
     for k in range(n):
         i = queued + k
@@ -63,6 +73,7 @@ def controller_costs(
         # the Completion are the loop's objects)
         t0 = time.perf_counter()
         ctl.submit(req, f)
+        t01 = time.perf_counter()
         batch = ctl.next_batch(state)
         t1 = time.perf_counter()
         done = batch[0]
@@ -78,10 +89,49 @@ def controller_costs(
         )
         t2 = time.perf_counter()
         ctl.on_finish(completion)
-        costs[k] = (t1 - t0) + (time.perf_counter() - t2)
+        t3 = time.perf_counter()
+        costs[k] = (t01 - t0, t1 - t01, t3 - t2)
+        if record is not None:
+            record[k] = times
     gc.enable()
     assert len(ctl) == queued and ctl.stats().balanced
-    return costs * 1e6
+    return costs * 1e6  # per request: submit, next_batch, on_finish (sum = the total)
+
+
+def predictor_share(
+    prompts: list[str], lengths: list[int], queued: int, n: int, policy: str, predictor: str
+) -> np.ndarray:
+    """The predictor's predict_one and learn_one as the controller calls them, per request.
+
+    A separate run with the two methods wrapped in timers (the wrapper's own cost stays out of
+    these figures, but would inflate the controller's, so they come from another run).
+    """
+    times = np.zeros(2)
+    real: dict = {}
+
+    def wrap(ctl: AdaptiveController) -> None:
+        pred = ctl.predictor
+        real["predict"], real["learn"] = pred.predict_one, pred.learn_one
+
+        def predict_one(f):
+            t = time.perf_counter()
+            out = real["predict"](f)
+            times[0] = time.perf_counter() - t
+            return out
+
+        def learn_one(f, y):
+            t = time.perf_counter()
+            out = real["learn"](f, y)
+            times[1] = time.perf_counter() - t
+            return out
+
+        pred.predict_one, pred.learn_one = predict_one, learn_one
+
+    out = np.empty((n, 2))
+    controller_costs(
+        prompts, lengths, queued, n, policy, predictor, setup=wrap, record=out, times=times
+    )
+    return out * 1e6
 
 
 def scoring_costs(prompts: list[str], repeats: int) -> np.ndarray:
@@ -119,21 +169,32 @@ def main() -> None:
             prompts, lengths, args.queued, args.requests, args.policy, args.predictor
         )
         unc_us = scoring_costs(prompts, repeats=3)
+        total = ctl_us.sum(axis=1)
         runs.append(
             {
-                "controller_us_p50": float(np.percentile(ctl_us, 50)),
-                "controller_us_p99": float(np.percentile(ctl_us, 99)),
+                "controller_us_p50": float(np.percentile(total, 50)),
+                "controller_us_p99": float(np.percentile(total, 99)),
+                "controller_us_mean": float(total.mean()),
+                "submit_us_p50": float(np.percentile(ctl_us[:, 0], 50)),
+                "next_batch_us_p50": float(np.percentile(ctl_us[:, 1], 50)),
+                "on_finish_us_p50": float(np.percentile(ctl_us[:, 2], 50)),
                 "uncertainty_us_p50": float(np.percentile(unc_us, 50)),
                 "uncertainty_us_p99": float(np.percentile(unc_us, 99)),
             }
         )
+    # where the time goes: the predictor's calls inside submit and on_finish (another run)
+    share = predictor_share(
+        prompts, lengths, args.queued, args.requests, args.policy, args.predictor
+    )
 
     def median_of(key: str) -> float:
         return float(np.median([r[key] for r in runs]))
 
+    keys = [k for k in runs[0] if k.startswith(("controller", "submit", "next", "on_finish"))]
     result = {
-        "controller_us_p50": median_of("controller_us_p50"),
-        "controller_us_p99": median_of("controller_us_p99"),
+        **{k: median_of(k) for k in keys},
+        "predict_one_us_p50": float(np.percentile(share[:, 0], 50)),
+        "learn_one_us_p50": float(np.percentile(share[:, 1], 50)),
         "uncertainty_us_p50": median_of("uncertainty_us_p50"),
         "uncertainty_us_p99": median_of("uncertainty_us_p99"),
         "runs": runs,
@@ -154,6 +215,14 @@ def main() -> None:
         f"{'controller per request':<34}{result['controller_us_p50']:>10.1f}"
         f"{result['controller_us_p99']:>10.1f}"
     )
+    for name, key in (
+        ("  submit", "submit_us_p50"),
+        ("    of which predict_one", "predict_one_us_p50"),
+        ("  next_batch", "next_batch_us_p50"),
+        ("  on_finish", "on_finish_us_p50"),
+        ("    of which learn_one", "learn_one_us_p50"),
+    ):
+        print(f"{name:<34}{result[key]:>10.1f}")
     print(
         f"{'uncertainty scoring per prompt':<34}{result['uncertainty_us_p50']:>10.1f}"
         f"{result['uncertainty_us_p99']:>10.1f}"
