@@ -157,7 +157,7 @@ class _Prepared(float):
 
     __slots__ = (
         "snap", "n_keys", "dense", "n_stats", "idx", "x", "norm2", "var", "new", "emb", "dup",
-        "sig", "vec",
+        "sig", "vec", "seen",
     )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -527,7 +527,9 @@ class LengthPredictor:
         always needs an answer.
         """
         prep = features.get(PREPARED_KEY)
-        if not self._valid(prep, features):
+        if self._valid(prep, features):
+            prep.seen = id(features)  # learn_one can trust it for this dict (see there)
+        else:
             prep = self._prepared(features)
             if prep is None:
                 logger.warning("LengthPredictor: non-finite feature values treated as missing")
@@ -603,6 +605,11 @@ class LengthPredictor:
 
         A rejected call does not change the model. A length of 0 is clipped to 1; lengths that
         are not finite numbers in ``[0, MAX_TRUE_LENGTH]`` are rejected.
+
+        Pass the dict :meth:`predict_one` was given for this request (the controller does):
+        the model then learns from the features as they were predicted, without checking the
+        dict's contents again. That check would touch every entry of a dict that has gone
+        cold in memory while its request ran, the largest part of this call's cost.
         """
         try:
             ok_length = (
@@ -616,7 +623,13 @@ class LengthPredictor:
             logger.warning("LengthPredictor: rejected true_length=%r", true_length)
             return False
         prep = features.get(PREPARED_KEY)
-        if not self._valid(prep, features):
+        if not (
+            prep.__class__ is _Prepared
+            and prep.seen == id(features)  # predict_one checked it for this very dict
+            and (prep.sig is self._sig or prep.sig == self._sig)
+            and len(features) == prep.n_keys
+            and not (prep.new and prep.n_stats != len(self._stats))
+        ) and not self._valid(prep, features):
             # predicted (memoised), now learnt from: done with it
             prep = self._memo.pop(id(features), None)
             if not self._valid(prep, features):
@@ -889,6 +902,7 @@ class LengthPredictor:
         prep = _Prepared(0.0)
         prep.snap = None
         prep.n_keys = -1
+        prep.seen = -1
         prep.dense = dense
         prep.n_stats = len(stats)
         n = len(pos) + len(hashed)  # fromiter with a count: the cheapest list -> array

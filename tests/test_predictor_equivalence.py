@@ -517,3 +517,24 @@ def test_a_dense_feature_swapped_for_another_is_noticed() -> None:
     value = swapped.pop(name)
     swapped["another_feature"] = value  # same number of keys
     assert p.predict_one(swapped) == p.predict_one(_plain(swapped))
+
+
+def test_learn_one_learns_a_predicted_request_as_it_was_predicted() -> None:
+    # The controller predicts at submit and learns at finish with the same dict: the model
+    # learns from the features it predicted with. A dict learnt from without a prediction is
+    # read as it is now.
+    base = LengthPredictor.pretrained("lexical")
+    f = base.features("Write a detailed essay on the French Revolution.")
+    name = next(k for k in f if isinstance(k, str) and k != PREPARED_KEY)
+    p, q, r = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    predicted = dict(f)
+    p.predict_one(predicted)
+    predicted[name] += 5.0  # changed after the prediction: not seen
+    p.learn_one(predicted, 40.0)
+    q.learn_one(_plain(f), 40.0)
+    unpredicted = dict(f)
+    unpredicted[name] += 5.0  # never predicted: read as it is
+    r.learn_one(unpredicted, 40.0)
+    probe = base.features("Name one prime number.")
+    assert p.predict_one(probe) == q.predict_one(probe)
+    assert r.predict_one(probe) != q.predict_one(probe)
