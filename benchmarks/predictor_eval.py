@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from rtlm_adapt.predict_eval import evaluate, kendall_tau, split_by_prompt
-from rtlm_adapt.predictor import LengthPredictor, LengthPrior
+from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.workloads import TokenCounter, alpaca_models, load_prompts
 
 
@@ -85,7 +86,6 @@ def ref_other_models(samples, mask, model: str, lengths: dict[str, dict[str, flo
 def drift_run(tier: str, lengths, prompts_by_id, emb_by_id, seeds, before: str, after: str,
               n_before: int = 400, n_after: int = 200):
     """Per-request absolute errors: switch run and steady-state run (same prompts)."""
-    prior = LengthPrior.packaged(tier)
     ids = sorted(set(lengths[before]) & set(lengths[after]), key=int)
     switch_err, steady_err, drifts = [], [], []
     for seed in seeds:
@@ -93,7 +93,7 @@ def drift_run(tier: str, lengths, prompts_by_id, emb_by_id, seeds, before: str, 
         order = order[: n_before + n_after]
         runs = {}
         for name, first in (("switch", before), ("steady", after)):
-            p = LengthPredictor(prior=prior)
+            p = LengthPredictor.pretrained(tier)
             errs = []
             for k, pid in enumerate(order):
                 f = p.features(prompts_by_id[pid], embedding=emb_by_id.get(pid))
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drift-seeds", type=int, default=5)
     ap.add_argument("--drift-before", default="gpt4_1106_preview")
     ap.add_argument("--drift-after", default="llama-2-7b-chat-hf")
+    ap.add_argument("--extra-seeds", default="",
+                    help="other split seeds (e.g. 1,2) for which only the tiers' median Kendall "
+                         "tau is computed: how much the figure moves with the held-out set")
     args = ap.parse_args(argv)
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
 
@@ -176,6 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     medians = {c: float(np.median([r[c] for r in rows.values()])) for c in rows[models[0]]}
     print(f"{'MEDIAN':28s}" + "".join(f"{medians[c]:19.3f}" for c in cols))
 
+    extra: dict[str, dict[str, float]] = {}
+    for seed in [int(x) for x in args.extra_seeds.split(",") if x.strip()]:
+        taus: dict[str, list[float]] = {t: [] for t in tiers}
+        for m in models:
+            samples = load_prompts(f"alpaca:{m}", tokenizer=counter)
+            for tier in tiers:
+                embs = np.stack([emb_by_id[s.id] for s in samples]) if tier == "encoder" else None
+                r = evaluate(samples, tier=tier, holdout_fraction=args.holdout_fraction,
+                             seed=seed, embeddings=embs)
+                taus[tier].append(r["kendall_tau"])
+        extra[str(seed)] = {t: float(np.median(v)) for t, v in taus.items()}
+        print(f"split seed {seed}: median Kendall tau {extra[str(seed)]}", flush=True)
+
     drift: dict[str, dict] = {}
     curves = {}
     for tier in tiers:
@@ -223,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         "median": medians,
         "drift": drift,
         "embedding_cost": emb_cost,
+        "median_kendall_tau_other_split_seeds": extra,
         "settings": {"seed": args.seed, "holdout_fraction": args.holdout_fraction,
                      "tokenizer": counter.kind, "tiers": tiers},
         "elapsed_s": time.perf_counter() - t0,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_at_end": os.getloadavg(),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
