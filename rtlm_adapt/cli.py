@@ -303,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument(
         "--secondary-threads",
         type=int,
-        default=1,
-        help="torch threads of the secondary executor (same weights); 0 for none (default 1)",
+        default=None,
+        help="torch threads of the secondary executor (same weights); 0 for none "
+        "(default: 1 if the machine has a core beyond the primary's threads, else none)",
     )
     sb.add_argument("--max-batch-size", type=_positive_int, help="primary cap (default: profile)")
     sb.add_argument(

@@ -129,6 +129,68 @@ def test_continuous_batching_matches_running_alone(arch: str) -> None:
         assert batched.tokens[r.id] == alone.tokens[r.id], r.id
 
 
+def test_in_place_joins_and_leaves_match_one_at_a_time_greedy(arch: str) -> None:
+    # Requests of different lengths join and leave a running batch over many steps: short and
+    # long prompts (a long one does not fit the batch's columns: rebuild), aborts, a full batch.
+    # Every request must generate exactly the tokens it generates alone with greedy decoding.
+    batched = _Recorder()
+    ex = HFExecutor.tiny_random(arch=arch, max_batch_size=4, on_token=batched)
+    ex.eos_token_ids = set()  # lengths set by max_tokens, so leaves happen at known steps
+    prompts = PROMPTS + ["Tell me a long story about " + "many distant lands, " * 6]
+    reqs = [
+        Request(f"q{i}", prompts[(3 * i) % len(prompts)], 0.0, max_tokens=3 + (7 * i) % 17)
+        for i in range(14)
+    ]
+    queue = list(reqs)
+    aborted = set()
+    step = 0
+    while queue or ex.running():
+        free = ex.max_batch_size - ex.running()
+        if queue and free and step % 2 == 0:
+            ex.admit(queue[: min(free, 1 + step % 3)], now=0.0)
+            del queue[: min(free, 1 + step % 3)]
+        if step == 9 and ex.running() > 1:
+            victim = ex.running_ids()[1]
+            ex.abort(victim, now=0.0)
+            aborted.add(victim)
+        if ex.running():
+            ex.step(now=0.0)
+        step += 1
+    assert ex.batch_stats["joins"] >= 3 and ex.batch_stats["leaves"] >= 3
+    assert ex.batch_stats["rebuilds"] >= 2
+    for r in reqs:
+        alone = _Recorder()
+        single = HFExecutor.tiny_random(arch=arch, max_batch_size=1, on_token=alone)
+        single.eos_token_ids = set()
+        single.admit([r], now=0.0)
+        _run(single)
+        if r.id in aborted:
+            got = batched.tokens[r.id]
+            assert got == alone.tokens[r.id][: len(got)], r.id
+        else:
+            assert len(alone.tokens[r.id]) == r.max_tokens
+            assert batched.tokens[r.id] == alone.tokens[r.id], r.id
+
+
+def test_batch_cache_stays_finite_and_compact() -> None:
+    ex = HFExecutor.tiny_random(max_batch_size=3)
+    ex.eos_token_ids = set()
+    long_prompt = "A question with a long preamble: " + "words and more words " * 5
+    ex.admit([Request("long", long_prompt, 0.0, max_tokens=4)], now=0.0)
+    ex.admit([Request("s0", "Hi", 0.0, max_tokens=40)], now=0.0)
+    for _ in range(6):  # the long row leaves after its 4 tokens
+        ex.step(now=0.0)
+    batch = ex._batch
+    assert ex.running_ids() == ["s0"] and batch.size == 1
+    # the columns only the long row used are no longer attended to
+    assert batch.length - batch.start == ex._running[0].context - 1
+    ex.admit([Request("s1", "Yo", 0.0, max_tokens=5)], now=0.0)
+    ex.step(now=0.0)
+    assert ex._batch is batch and batch.size == 2  # joined in place
+    for layer in batch.layers:
+        assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
+
+
 def test_eos_ends_a_request() -> None:
     rec = _Recorder()
     ex = HFExecutor.tiny_random(on_token=rec)

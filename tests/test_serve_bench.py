@@ -51,6 +51,7 @@ def test_serve_bench_tiny_writes_the_documented_json(tmp_path, alpaca_file):
         "--profile", _tiny_cost(tmp_path / "p.json", "tiny-p", 4),
         "--secondary-profile", _tiny_cost(tmp_path / "s.json", "tiny-s", 2),
         "--threads", "1",
+        "--secondary-threads", "1",
         "--compare-sim",
         "--no-progress",
         "--json", str(out),
@@ -68,6 +69,25 @@ def test_serve_bench_tiny_writes_the_documented_json(tmp_path, alpaca_file):
         assert fid["mean_rt_ratio_sim_over_real"] > 0
     assert payload["workload"]["requests"] == 8
     assert payload["executor"]["secondary_threads"] == 1
+    assert payload["executor"]["secondary_choice"] == "requested"
+    records = payload["policies"]["fcfs"]["requests"]
+    assert len(records) == 8 and {"id", "output_tokens", "response_time_s"} <= set(records[0])
+    check = payload["policies"]["fcfs"]["step_check"]["primary"]
+    assert check["steps"] > 0 and check["real_over_profile"] > 0
+
+
+def test_secondary_is_used_only_with_a_spare_core(monkeypatch):
+    from rtlm_adapt import serve_bench
+
+    monkeypatch.setattr(serve_bench.os, "cpu_count", lambda: 2)
+    assert serve_bench.secondary_threads_for(None, 2)[0] == 0
+    assert serve_bench.secondary_threads_for(None, 1)[0] == 1
+    assert serve_bench.secondary_threads_for(0, 1) == (0, "requested: none")
+    assert serve_bench.secondary_threads_for(2, 2) == (2, "requested")
+    monkeypatch.setattr(serve_bench.os, "cpu_count", lambda: 16)
+    assert serve_bench.secondary_threads_for(None, 8)[0] == 1
+    with pytest.raises(ValueError, match="secondary-threads"):
+        serve_bench.secondary_threads_for(-1, 2)
 
 
 def test_serve_bench_refuses_oracle_policies(tmp_path, alpaca_file, capsys):
@@ -86,3 +106,7 @@ def test_profile_cli_tiny(tmp_path):
     cost = StepCost.load(str(out))
     assert cost.name == "tiny" and cost.max_batch_size == 2
     assert cost.step_time(2, 64) > 0
+    # the tiny HFExecutor's membership changes are measured and its attention is padded
+    assert cost.padded_context and cost.join_s > 0 and cost.leave_s > 0
+    assert set(cost.extra["membership_points_s"]) == {"b2_ctx16", "b2_ctx32"}
+    assert len(cost.extra["load_average_before"]) == 3

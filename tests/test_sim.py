@@ -79,3 +79,39 @@ def test_abort_returns_an_error_completion():
     c = ex.abort("a", 1.0)
     assert c.error == "aborted" and ex.running() == 0
     assert ex.abort("zz", 1.0) is None
+
+
+def test_membership_changes_and_padded_context_are_charged():
+    import dataclasses
+
+    cost = dataclasses.replace(COST, join_s=0.5, leave_s=0.25, padded_context=True)
+    ex = SimulatedExecutor("p", cost)
+    ex.admit(
+        [make_request("a", 0, 5, prompt_tokens=10), make_request("b", 0, 9, prompt_tokens=20)], 0.0
+    )
+    r = ex.step(0.0)
+    # two joins; attention over 2 rows of the longest context (20), growing by 1 a step
+    assert r.attended_tokens == 40 and r.context_tokens == 30
+    assert r.duration_s == pytest.approx(step_by_step_cost(2, 40, 5, 30) + 2 * 0.5)
+    # the next call pays for "a" leaving, and then for nothing more
+    r2 = ex.step(r.duration_s)
+    assert r2.duration_s == pytest.approx(step_by_step_cost(1, 25, 4, 0) + 0.25)
+    assert [c.request_id for c in r2.finished] == ["b"]
+
+
+def test_old_profiles_charge_no_membership_cost():
+    old = {
+        "name": "old",
+        "decode_s_base": 0.01,
+        "decode_s_per_seq": 0.002,
+        "decode_s_per_ctx_token": 1e-5,
+        "prefill_s_base": 0.02,
+        "prefill_s_per_token": 1e-4,
+    }
+    cost = StepCost.from_dict(old)
+    assert (cost.join_s, cost.leave_s, cost.padded_context) == (0.0, 0.0, False)
+    assert cost.step_time(2, 30, 0, joins=3, leaves=1) == cost.step_time(2, 30)
+    with pytest.raises(ValueError, match="padded_context"):
+        StepCost.from_dict({**old, "padded_context": 1})
+    with pytest.raises(ValueError, match="join_s"):
+        StepCost.from_dict({**old, "join_s": -1.0})

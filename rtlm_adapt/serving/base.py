@@ -34,6 +34,9 @@ class StepResult:
         Prompt tokens prefilled in this call (new joiners).
     context_tokens
         Total context (prompt + generated) tokens across the batch at the start of the call.
+    attended_tokens
+        Context tokens the decode attended to (``batch * longest`` for an executor whose
+        batch cache is padded to its longest member); 0 when the executor does not say.
     finished
         Requests that ended in this call, successfully or with an error.
     new_tokens
@@ -47,6 +50,7 @@ class StepResult:
     context_tokens: int = 0
     finished: list[Completion] = field(default_factory=list)
     new_tokens: dict[str, int] = field(default_factory=dict)
+    attended_tokens: int = 0
 
 
 @runtime_checkable

@@ -65,38 +65,39 @@ def cache_dir() -> Path:
 
 
 class _BufferLayer(DynamicLayer):
-    """One layer's cache that writes new K/V into a preallocated buffer (no concatenation).
-
-    ``keys``/``values`` are views of the first ``length`` columns, as transformers expects.
+    """One layer of a :class:`_BatchKV`: writes new K/V into the preallocated buffers in
+    place (no concatenation) and shows the model the batch's active rows and columns.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+    def __init__(self, batch: _BatchKV, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
+        self.batch = batch
         self.key_buffer = keys
         self.value_buffer = values
         self.device = keys.device
         self.is_initialized = True
-        self._set_length(length)
+        self._set_views(batch.length)
 
-    def _set_length(self, length: int) -> None:
-        self.length = length
-        self.keys = self.key_buffer[:, :, :length]
-        self.values = self.value_buffer[:, :, :length]
+    def _set_views(self, stop: int) -> None:
+        b = self.batch
+        self.keys = self.key_buffer[: b.size, :, b.start : stop]
+        self.values = self.value_buffer[: b.size, :, b.start : stop]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + key_states.shape[-2]
-        self.key_buffer[:, :, self.length : end].copy_(key_states)
-        self.value_buffer[:, :, self.length : end].copy_(value_states)
-        self._set_length(end)
+        b = self.batch
+        end = b.length + key_states.shape[-2]
+        self.key_buffer[: b.size, :, b.length : end].copy_(key_states)
+        self.value_buffer[: b.size, :, b.length : end].copy_(value_states)
+        self._set_views(end)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.batch.length - self.batch.start
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
 
 @dataclass
@@ -111,41 +112,65 @@ class _KVSlice:
 
 
 class _BatchKV:
-    """Left-padded K/V buffers of the running batch, one row per sequence.
+    """The running batch's K/V in preallocated per-layer buffers ``[rows, heads, capacity, dim]``.
 
-    Row i holds its ``n_i`` cached tokens in columns ``[length - n_i, length)``; the columns
-    before are padding, masked out by ``mask``. All rows append in column ``length``.
+    Active rows are ``0 .. size-1``, in the executor's running order. Row i holds its ``n_i``
+    cached tokens right-aligned in columns ``[length - n_i, length)``, so every row writes its
+    next token in column ``length``; ``mask`` marks the real columns. The model sees columns
+    ``[start, length)`` with ``start = min(length - n_i)``: the padding all rows share is
+    skipped, so a long row leaving shrinks every later step's attention without a copy.
+
+    Membership changes are in place: a leaving row is overwritten by the last row (``remove``:
+    one row copied) and a joiner's prefilled K/V go into the first free row (``add``: one row
+    copied). Only a joiner longer than ``length``, a full set of rows, or used-up column
+    headroom needs a new ``_BatchKV`` (``fits`` says which), which compacts the padding.
+
+    Invariant: the buffers hold finite values only (zeros or real K/V), so masked columns
+    never turn attention scores into NaN.
     """
 
-    def __init__(self, parts: Sequence[_KVSlice], capacity_extra: int, dtype, device) -> None:
+    def __init__(
+        self, parts: Sequence[_KVSlice], rows: int, capacity_extra: int, dtype, device
+    ) -> None:
         lengths = [p.stop - p.start for p in parts]
         self.length = max(lengths)
+        self.size = 0
+        self.start = self.length
+        self.starts: list[int] = []  # per active row: its first real column
         capacity = self.length + max(1, capacity_extra)
-        n_layers = len(parts[0].keys)
-        batch = len(parts)
-        self.mask = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        layers = []
-        for layer in range(n_layers):
-            k0 = parts[0].keys[layer]
-            v0 = parts[0].values[layer]
-            kbuf = k0.new_zeros(batch, k0.shape[1], capacity, k0.shape[3], dtype=dtype)
-            vbuf = v0.new_zeros(batch, v0.shape[1], capacity, v0.shape[3], dtype=dtype)
-            for row, (p, n) in enumerate(zip(parts, lengths, strict=True)):
-                kbuf[row, :, self.length - n : self.length] = p.keys[layer][
-                    p.row, :, p.start : p.stop
-                ]
-                vbuf[row, :, self.length - n : self.length] = p.values[layer][
-                    p.row, :, p.start : p.stop
-                ]
-            layers.append(_BufferLayer(kbuf, vbuf, self.length))
-        for row, n in enumerate(lengths):
-            self.mask[row, self.length - n : self.length] = 1
-        self.cache = Cache(layers=layers)
-        self.layers = layers
+        rows = max(rows, len(parts))
+        self.mask = torch.zeros(rows, capacity, dtype=torch.long, device=device)
+        self.layers: list[_BufferLayer] = []
+        for layer in range(len(parts[0].keys)):
+            bufs = []
+            for tensors in ([p.keys[layer] for p in parts], [p.values[layer] for p in parts]):
+                t = tensors[0]
+                buf = t.new_zeros(rows, t.shape[1], capacity, t.shape[3], dtype=dtype)
+                for row, (p, src) in enumerate(zip(parts, tensors, strict=True)):
+                    buf[row, :, self.length - (p.stop - p.start) : self.length] = src[
+                        p.row, :, p.start : p.stop
+                    ]
+                bufs.append(buf)
+            self.layers.append(_BufferLayer(self, *bufs))
+        self.cache = Cache(layers=self.layers)
+        for row, p in enumerate(parts):
+            begin = self.length - (p.stop - p.start)
+            self.mask[row, begin : self.length] = 1
+            self.starts.append(begin)
+        self.size = len(parts)
+        self._update_views()
 
     @property
     def capacity(self) -> int:
-        return self.layers[0].key_buffer.shape[2]
+        return self.mask.shape[1]
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    def fits(self, tokens: int) -> bool:
+        """Whether a joiner with ``tokens`` cached tokens can be added in place."""
+        return self.size < self.rows and tokens <= self.length
 
     def slice(self, row: int, cached: int) -> _KVSlice:
         """The K/V of row ``row``, which holds ``cached`` tokens."""
@@ -157,9 +182,52 @@ class _BatchKV:
             self.length,
         )
 
+    def add(self, part: _KVSlice) -> int:
+        """Copy a joiner's K/V into the first free row; return the row."""
+        n = part.stop - part.start
+        if not self.fits(n):
+            raise ValueError(f"a {n}-token joiner does not fit in place")
+        row = self.size
+        self._put(row, part)
+        self.size += 1
+        self._update_views()
+        return row
+
+    def remove(self, row: int) -> None:
+        """Drop row ``row``; the last row moves into its place (callers reorder likewise)."""
+        last = self.size - 1
+        if row != last:
+            begin = self.starts[last]
+            for layer in self.layers:
+                for buf in (layer.key_buffer, layer.value_buffer):
+                    buf[row, :, begin : self.length] = buf[last, :, begin : self.length]
+            self.mask[row] = self.mask[last]
+            self.starts[row] = begin
+        self.starts.pop()
+        self.size -= 1
+        self._update_views()
+
     def advance(self) -> None:
-        """Record that the last forward appended one column to every row."""
-        self.length = self.layers[0].length
+        """Record that the last forward appended one column to every active row."""
+        self.length += 1
+
+    def _put(self, row: int, part: _KVSlice) -> None:
+        n = part.stop - part.start
+        begin = self.length - n
+        for layer, keys, values in zip(self.layers, part.keys, part.values, strict=True):
+            for buf, src in ((layer.key_buffer, keys), (layer.value_buffer, values)):
+                buf[row, :, begin : self.length] = src[part.row, :, part.start : part.stop]
+        self.mask[row].zero_()
+        self.mask[row, begin : self.length] = 1
+        if row == len(self.starts):
+            self.starts.append(begin)
+        else:
+            self.starts[row] = begin
+
+    def _update_views(self) -> None:
+        self.start = min(self.starts) if self.starts else self.length
+        for layer in self.layers:
+            layer._set_views(self.length)
 
 
 # -- per-request state ---------------------------------------------------------------------------
@@ -250,6 +318,9 @@ class HFExecutor:
     two parts on synthetic inputs, for ``rtlm_adapt.serving.profiler``.
     """
 
+    #: the batch KV cache is padded to its longest member (see StepCost.padded_context)
+    padded_context = True
+
     def __init__(
         self,
         model: Any,
@@ -303,7 +374,9 @@ class HFExecutor:
         self._pending: list[_Sequence] = []
         self._running: list[_Sequence] = []
         self._batch: _BatchKV | None = None
-        self._batch_ids: list[str] = []  # row order of self._batch
+        self._rows: list[_Sequence] = []  # the sequences in self._batch, in row order
+        #: membership changes so far: in place (``joins``, ``leaves``) and full ``rebuilds``
+        self.batch_stats = {"joins": 0, "leaves": 0, "rebuilds": 0}
 
     # -- construction helpers ---------------------------------------------------------------
     @classmethod
@@ -433,7 +506,7 @@ class HFExecutor:
             finished_ids = {s.id for s, _ in done}
             done.extend((s, error) for s in members if s.id not in finished_ids)
             self._running = []
-            self._batch, self._batch_ids = None, []
+            self._batch, self._rows = None, []
         result.duration_s = self.clock() - t0
         end = now + result.duration_s
         result.finished = [self._completion(s, end, error) for s, error in done]
@@ -498,8 +571,6 @@ class HFExecutor:
                 seq.kv = _KVSlice(kv[0], kv[1], row, 0, len(seq.prompt_ids))
                 seq.first_token_time = t
                 self._accept(seq, token, result)
-        # membership changed: the batch buffers must be rebuilt before the next decode
-        self._batch_ids = []
 
     def prefill_ids(
         self, prompts: Sequence[Sequence[int]]
@@ -534,32 +605,67 @@ class HFExecutor:
         values = [layer.values for layer in cache.layers]
         return (keys, values), logits[:, -1, :]
 
-    def _ensure_batch(self) -> None:
-        """(Re)build the padded batch buffers if membership changed or headroom ran out."""
-        ids = [s.id for s in self._running]
-        if ids == self._batch_ids and self._batch is not None:
-            if self._batch.length < self._batch.capacity:
+    def _sync_batch(self) -> None:
+        """Make the batch rows hold exactly the running sequences, and order ``_running`` by row.
+
+        Leavers are removed and joiners added in place (one row copy each); the buffers are
+        rebuilt, compacting the padding, only when a joiner does not fit (no free row, or a
+        prompt longer than the batch's columns) or the column headroom is used up.
+        """
+        batch = self._batch
+        running = {id(s) for s in self._running}
+        joiners = [s for s in self._running if s.kv is not None]
+        if batch is not None and batch.length < batch.capacity:
+            leavers = [row for row, s in enumerate(self._rows) if id(s) not in running]
+            free = batch.rows - (batch.size - len(leavers))
+            longest = max((s.kv.stop - s.kv.start for s in joiners), default=0)
+            if len(joiners) <= free and longest <= batch.length:
+                for row in reversed(leavers):  # from the end: moved rows are never leavers
+                    batch.remove(row)
+                    last = self._rows.pop()
+                    if row < len(self._rows):
+                        self._rows[row] = last
+                    self.batch_stats["leaves"] += 1
+                for seq in joiners:
+                    batch.add(seq.kv)
+                    seq.kv = None
+                    self._rows.append(seq)
+                    self.batch_stats["joins"] += 1
+                self._running = list(self._rows)
                 return
-        # headroom: enough for the longest remaining generation, capped to bound memory
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """New batch buffers holding the running sequences (compacted), with headroom for the
+        longest remaining generation (capped, to bound memory)."""
+        rows = {id(s): row for row, s in enumerate(self._rows)}
+        parts = []
+        for seq in self._running:
+            if seq.kv is None:  # in the old batch (every running sequence holds context - 1)
+                parts.append(self._batch.slice(rows[id(seq)], seq.context - 1))
+            else:
+                parts.append(seq.kv)
         remaining = max(
             min(s.request.max_tokens - len(s.output_ids), self.max_context - s.context)
             for s in self._running
         )
-        parts = [s.kv for s in self._running]
-        self._batch = _BatchKV(parts, min(remaining + 1, 256), self.dtype, self.device)
-        self._batch_ids = ids
-        for row, seq in enumerate(self._running):
-            seq.kv = self._batch.slice(row, seq.context - 1)
+        # at least 64 columns, so that joiners decode in place for a while too
+        headroom = min(max(remaining + 1, 64), 256)
+        self._batch = _BatchKV(parts, self.max_batch_size, headroom, self.dtype, self.device)
+        for seq in self._running:
+            seq.kv = None
+        self._rows = list(self._running)
+        self.batch_stats["rebuilds"] += 1
 
     def _decode(self, now: float, t0: float, result: StepResult) -> None:
         """One decode forward for all running sequences."""
-        self._ensure_batch()
+        self._sync_batch()
         seqs = self._running
+        result.attended_tokens = len(seqs) * (self._batch.length - self._batch.start + 1)
         tokens = self._decode_forward(
             self._batch, [s.output_ids[-1] for s in seqs], [s.context - 1 for s in seqs]
         )
-        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            seq.kv = self._batch.slice(row, seq.context)
+        for seq, token in zip(seqs, tokens, strict=True):
             self._accept(seq, token, result)
 
     def _decode_forward(
@@ -567,10 +673,10 @@ class HFExecutor:
     ) -> list[int]:
         """Feed each row's last token at its own position; append one column; sample."""
         length = batch.length
-        batch.mask[:, length] = 1
+        batch.mask[: batch.size, length] = 1
         out = self._forward(
             input_ids=torch.tensor([[t] for t in last_tokens], device=self.device),
-            attention_mask=batch.mask[:, : length + 1],
+            attention_mask=batch.mask[: batch.size, batch.start : length + 1],
             position_ids=torch.tensor([[p] for p in positions], device=self.device),
             cache=batch.cache,
         )
@@ -589,23 +695,26 @@ class HFExecutor:
         self._sample(logits)
         return self.clock() - t0
 
+    def _synthetic_rows(self, tokens: int) -> _KVSlice:
+        """A one-row K/V slice of ``tokens`` random cached tokens (attention cost does not
+        depend on the values)."""
+        (keys, values), _ = self.prefill_ids([[10]])
+        shape = [k.shape[:2] + (tokens,) + k.shape[3:] for k in keys]
+        row_keys = [torch.randn(sh).to(self.device, self.dtype) for sh in shape]
+        row_values = [torch.randn(sh).to(self.device, self.dtype) for sh in shape]
+        return _KVSlice(row_keys, row_values, 0, 0, tokens)
+
     def time_decode(
         self, batch_size: int, context_tokens: int, steps: int = 3
     ) -> tuple[float, list[float]]:
         """Time decode iterations of a synthetic batch whose rows each hold ``context_tokens``.
 
-        Returns the seconds to build the padded batch cache (what a membership change costs)
-        and the seconds of each of ``steps`` decode iterations. The cached K/V are random:
-        the cost of attention does not depend on their values.
+        Returns the seconds to build the padded batch cache (what a rebuild costs) and the
+        seconds of each of ``steps`` decode iterations.
         """
-        (keys, values), _ = self.prefill_ids([[10]])
-        row_keys = [torch.randn(k.shape[:2] + (context_tokens,) + k.shape[3:]) for k in keys]
-        row_values = [torch.randn(v.shape[:2] + (context_tokens,) + v.shape[3:]) for v in values]
-        row_keys = [k.to(self.device, self.dtype) for k in row_keys]
-        row_values = [v.to(self.device, self.dtype) for v in row_values]
-        parts = [_KVSlice(row_keys, row_values, 0, 0, context_tokens)] * batch_size
+        parts = [self._synthetic_rows(context_tokens)] * batch_size
         t0 = self.clock()
-        batch = _BatchKV(parts, steps + 1, self.dtype, self.device)
+        batch = _BatchKV(parts, batch_size, steps + 1, self.dtype, self.device)
         build = self.clock() - t0
         times = []
         for i in range(steps):
@@ -613,6 +722,28 @@ class HFExecutor:
             self._decode_forward(batch, [10] * batch_size, [context_tokens + i] * batch_size)
             times.append(self.clock() - t0)
         return build, times
+
+    def time_membership(
+        self, batch_size: int, context_tokens: int, prompt_tokens: int, repeats: int = 3
+    ) -> dict[str, float]:
+        """Seconds of the batch-cache work of one membership change (no model forward), on a
+        synthetic batch of ``batch_size`` rows of ``context_tokens`` cached tokens: ``leave``
+        (a row removed in place), ``join`` (a ``prompt_tokens`` joiner added in place) and
+        ``rebuild`` (new compacted buffers for the whole batch). Minimum over ``repeats``."""
+        row = self._synthetic_rows(context_tokens)
+        joiner = self._synthetic_rows(min(prompt_tokens, context_tokens))
+        leave, join, rebuild = [], [], []
+        for _ in range(repeats):
+            t0 = self.clock()
+            batch = _BatchKV([row] * batch_size, batch_size, 64, self.dtype, self.device)
+            rebuild.append(self.clock() - t0)
+            t0 = self.clock()
+            batch.remove(0)
+            leave.append(self.clock() - t0)
+            t0 = self.clock()
+            batch.add(joiner)
+            join.append(self.clock() - t0)
+        return {"leave": min(leave), "join": min(join), "rebuild": min(rebuild)}
 
     def _sample(self, logits: torch.Tensor) -> list[int]:
         if self.temperature == 0:

@@ -4,6 +4,14 @@ One iteration (prefill of new joiners plus one decode step for the whole batch) 
 
     step_s = decode_s_base + decode_s_per_seq * batch + decode_s_per_ctx_token * context_tokens
              + (prefill_s_base + prefill_s_per_token * prefill_tokens   if anything is prefilled)
+             + join_s * joiners + leave_s * leavers
+
+Membership changes (optional, 0 in older profiles): ``join_s`` is what a request joining a
+running batch costs beyond its prefill (inserting its KV cache), ``leave_s`` what removing a
+finished one costs. ``padded_context``: the executor keeps the batch's KV cache padded to its
+longest member (transformers without paged attention), so attention costs as if every request
+had the longest context: the simulator then charges ``batch * longest_context`` as
+``context_tokens``.
 
 This linear form fits measured CPU and GPU decode costs well in the ranges we serve (see
 ``rtlm-adapt profile``). The simulated executor uses it to advance virtual time, and the latency
@@ -38,6 +46,9 @@ class StepCost:
     prefill_s_per_token: float
     max_batch_size: int = 16
     kv_token_budget: int | None = None
+    join_s: float = 0.0
+    leave_s: float = 0.0
+    padded_context: bool = False
     source: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -48,19 +59,31 @@ class StepCost:
             "decode_s_per_ctx_token",
             "prefill_s_base",
             "prefill_s_per_token",
+            "join_s",
+            "leave_s",
         ):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
                 raise ValueError(f"StepCost.{key} must be a number >= 0, got {value!r}")
         if self.decode_s_base + self.decode_s_per_seq <= 0:
             raise ValueError("StepCost: a decode step must cost more than 0 seconds")
+        if not isinstance(self.padded_context, bool):
+            raise ValueError(f"StepCost.padded_context must be a bool, got {self.padded_context!r}")
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
             raise ValueError(
                 f"StepCost.max_batch_size must be an int >= 1, got {self.max_batch_size!r}"
             )
 
-    def step_time(self, batch_size: int, context_tokens: int = 0, prefill_tokens: int = 0) -> float:
-        """Seconds for one iteration of a batch of ``batch_size`` requests."""
+    def step_time(
+        self,
+        batch_size: int,
+        context_tokens: int = 0,
+        prefill_tokens: int = 0,
+        joins: int = 0,
+        leaves: int = 0,
+    ) -> float:
+        """Seconds for one iteration of a batch of ``batch_size`` requests (``context_tokens``:
+        the attended context, ``batch_size * longest`` for a ``padded_context`` executor)."""
         t = (
             self.decode_s_base
             + self.decode_s_per_seq * batch_size
@@ -68,7 +91,11 @@ class StepCost:
         )
         if prefill_tokens > 0:
             t += self.prefill_s_base + self.prefill_s_per_token * prefill_tokens
-        return t
+        return t + self.membership_s(joins, leaves)
+
+    def membership_s(self, joins: int, leaves: int) -> float:
+        """Seconds of ``joins`` requests joining and ``leaves`` leaving a running batch."""
+        return self.join_s * joins + self.leave_s * leaves
 
     def isolated_service_time(self, prompt_tokens: int, output_tokens: int) -> float:
         """Seconds to serve one request alone: prefill, then ``output_tokens`` decode steps."""

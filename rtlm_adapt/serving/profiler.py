@@ -2,9 +2,11 @@
 
 Prefill cost is measured against prompt length (one prompt per forward), decode cost against
 batch size and per-request context, both through the executor's own code paths
-(``HFExecutor.time_prefill`` and ``HFExecutor.time_decode``). The fit is ordinary least
-squares with the coefficients kept non-negative (StepCost requires it), the measured points
-are stored in ``extra`` so that a fit can be checked or redone later.
+(``HFExecutor.time_prefill`` and ``HFExecutor.time_decode``), and, where the executor has
+``time_membership``, what a request joining or leaving a running batch costs beyond that
+(``join_s``, ``leave_s``: the mean over the measured batch sizes and contexts). The fit is
+ordinary least squares with the coefficients kept non-negative (StepCost requires it), the
+measured points are stored in ``extra`` so that a fit can be checked or redone later.
 
 Run as a script to profile SmolLM2 in a fresh process (the thread count must be set before
 any work)::
@@ -69,6 +71,13 @@ def robust_fit(
     return coef, keep
 
 
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_description() -> str:
     """Platform, CPU count and torch threads (and the GPU, if one is used)."""
     import torch
@@ -112,6 +121,7 @@ def profile_executor(
     name, model, max_batch_size, kv_token_budget, note
         Copied into the StepCost (``model`` and ``note`` go into ``source``).
     """
+    load_before = _load_average()
     executor.time_prefill(min(prompt_lengths))  # warm-up: first calls allocate and tune
     executor.time_decode(min(batch_sizes), min(context_lengths), steps=2)
 
@@ -137,8 +147,17 @@ def profile_executor(
     rebuild_per_token = float(
         np.sum(r[:, 0] * r[:, 1] * r[:, 2]) / np.sum((r[:, 0] * r[:, 1]) ** 2)
     )
+    membership = {}
+    if hasattr(executor, "time_membership"):
+        joiner = int(np.median(prompt_lengths))
+        for b in batch_sizes:
+            for ctx in context_lengths:
+                if b >= 2:
+                    membership[(b, ctx)] = executor.time_membership(b, ctx, joiner, repeats)
+    join_s = float(np.mean([m["join"] for m in membership.values()])) if membership else 0.0
+    leave_s = float(np.mean([m["leave"] for m in membership.values()])) if membership else 0.0
 
-    date = _dt.date.today().isoformat()
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = f"measured by profile_executor on {date}: {model or 'model'}; {machine_description()}"
     if note:
         source += f". {note}"
@@ -151,6 +170,9 @@ def profile_executor(
         prefill_s_per_token=float(prefill_coef[1]),
         max_batch_size=max_batch_size or getattr(executor, "max_batch_size", 16),
         kv_token_budget=kv_token_budget,
+        join_s=join_s,
+        leave_s=leave_s,
+        padded_context=bool(getattr(executor, "padded_context", False)),
         source=source,
         extra={
             "prefill_points_s": {str(n): round(t, 5) for n, t in prefill},
@@ -165,10 +187,16 @@ def profile_executor(
             ],
             "decode_fit_max_rel_err": round(float(decode_rel_err.max()), 3),
             "decode_fit_mean_rel_err": round(float(decode_rel_err.mean()), 3),
-            # rebuilding the padded batch cache happens when the batch membership changes;
-            # it is not in the linear form (it is small next to a prefill)
+            # building the padded batch cache anew (compacting it): when a joiner does not fit
+            # in place or the headroom runs out; not charged by the simulator (rare)
             "rebuild_s_per_ctx_token": rebuild_per_token,
+            "membership_points_s": {
+                f"b{b}_ctx{c}": {k: round(v, 5) for k, v in m.items()}
+                for (b, c), m in membership.items()
+            },
             "repeats": repeats,
+            "load_average_before": load_before,
+            "load_average_after": _load_average(),
         },
     )
 

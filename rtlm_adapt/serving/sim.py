@@ -67,6 +67,7 @@ class SimulatedExecutor:
         self.default_prompt_tokens = default_prompt_tokens
         self._slots: list[_Slot] = []
         self._new: list[_Slot] = []  # admitted, not yet prefilled
+        self._left = 0  # requests that left since the last step (charged by the next one)
 
     # -- Executor protocol ---------------------------------------------------------------------
     def running(self) -> int:
@@ -77,6 +78,13 @@ class SimulatedExecutor:
 
     def context_tokens(self) -> int:
         return sum(s.prompt_tokens + s.generated for s in self._slots)
+
+    def attended_tokens(self) -> int:
+        """Context the decode attends to: the sum, or ``batch * longest`` when the profile's
+        executor pads the batch cache to its longest member (``StepCost.padded_context``)."""
+        if self.cost.padded_context and self._slots:
+            return len(self._slots) * max(s.prompt_tokens + s.generated for s in self._slots)
+        return self.context_tokens()
 
     def admit(self, requests: Sequence[Request], now: float) -> None:
         if self.batching == "static" and self._slots and requests:
@@ -108,17 +116,21 @@ class SimulatedExecutor:
         cost = self.cost
         batch = len(self._slots)
         ctx0 = self.context_tokens()
+        attended0 = self.attended_tokens()
         prefill = sum(s.prompt_tokens for s in self._new)
         prefill_s = (cost.prefill_s_base + cost.prefill_s_per_token * prefill) if prefill else 0.0
+        # paid once per call: the prefill and the membership changes since the last call
+        prefill_s += cost.membership_s(len(self._new), self._left)
+        self._left = 0
         remaining = [s.target - s.generated for s in self._slots]
         if self.batching == "static":
             k = max(remaining)  # nobody joins or leaves until the longest member ends
         else:
             k = min(remaining)
             if until < math.inf:
-                k = min(k, self._iterations_within(until - now, batch, ctx0, prefill_s))
-        duration = self._fused_cost(k, batch, ctx0, prefill_s)
-        first_token_at = now + self._fused_cost(1, batch, ctx0, prefill_s)
+                k = min(k, self._iterations_within(until - now, batch, attended0, prefill_s))
+        duration = self._fused_cost(k, batch, attended0, prefill_s)
+        first_token_at = now + self._fused_cost(1, batch, attended0, prefill_s)
         for slot in self._new:
             slot.first_token_time = first_token_at
         self._new.clear()
@@ -136,6 +148,7 @@ class SimulatedExecutor:
                 finished.append(self._complete(slot, end))
             else:
                 kept.append(slot)
+        self._left += len(finished)
         self._slots = kept
         return StepResult(
             duration_s=duration,
@@ -143,6 +156,7 @@ class SimulatedExecutor:
             batch_size=batch,
             prefill_tokens=prefill,
             context_tokens=ctx0,
+            attended_tokens=attended0,
             finished=finished,
             new_tokens=new_tokens,
         )
@@ -153,6 +167,8 @@ class SimulatedExecutor:
                 del self._slots[i]
                 if slot in self._new:
                     self._new.remove(slot)
+                else:
+                    self._left += 1
                 return self._complete(slot, max(now, slot.start_time), error="aborted")
         return None
 
