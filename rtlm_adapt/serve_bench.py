@@ -44,7 +44,7 @@ from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.workloads import PromptSample
 
 #: ``--model`` names that are not paths or hub ids.
-PACKAGED_PROFILES = {"smollm2": ("smollm2-135m-cpu2", "smollm2-135m-cpu2-secondary")}
+PACKAGED_PROFILES = {"smollm2": ("smollm2-135m-cpu2-hf", "smollm2-135m-cpu2-hf-secondary")}
 
 
 def load_executor(model: str, *, name: str = "primary", max_batch_size: int = 8, **kwargs: Any):

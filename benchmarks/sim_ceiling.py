@@ -1,0 +1,198 @@
+"""The serve-bench workload in the calibrated simulator, with SmolLM2's own response lengths.
+
+Builds exactly the workload ``rtlm-adapt serve-bench`` builds for the same flags (prompts,
+requests, load, seed, arrivals, slo, max tokens, primary profile), gives every request the
+length SmolLM2 generated for it, and simulates policies on it: what they can give on this
+workload under the profile's costs. ``oracle-sjf`` (true lengths) is the ceiling of any
+length-based reordering.
+
+Lengths come from a serve-bench JSON's per-request records (``--lengths-from RUN.json``,
+the first policy's run) or are generated here (``--generate``: greedy, batch 16, saved to
+``--lengths-out``).
+
+``--fidelity RUN.json``: instead, replay each policy of a serve-bench run (its own lengths,
+its secondary if it used one) with ``--sim-profile`` and compare with the run's per-request
+response times: the fidelity the run would have had with that profile.
+
+Usage::
+
+    python benchmarks/sim_ceiling.py --lengths-from benchmarks/results/serve_bench_smollm2.json
+    python benchmarks/sim_ceiling.py --generate --threads 1 --lengths-out /tmp/lengths.json
+    python benchmarks/sim_ceiling.py --fidelity RUN.json --sim-profile quiet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from rtlm_adapt.cli import _load_samples
+from rtlm_adapt.experiment import run_policy
+from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion
+from rtlm_adapt.serve_bench import fidelity, real_workload, replay_length
+from rtlm_adapt.serving.profile import StepCost
+
+
+def generate_lengths(workload, model: str, threads: int, max_batch: int) -> dict[str, int]:
+    """Greedy output tokens per request id, served as a burst."""
+    import torch
+
+    from rtlm_adapt.serve_bench import load_executor
+
+    torch.set_num_threads(threads)
+    ex = load_executor(model, name="gen", max_batch_size=max_batch)
+    queue = [dataclasses.replace(r, arrival_time=0.0, deadline=None) for r in workload.requests]
+    out: dict[str, int] = {}
+    while queue or ex.running():
+        free = ex.max_batch_size - ex.running()
+        if free and queue:
+            ex.admit(queue[:free], 0.0)
+            del queue[:free]
+        for c in ex.step(0.0).finished:
+            out[c.request_id] = c.output_tokens
+            print(f"{len(out)}/{len(workload.requests)}", file=sys.stderr, end="\r")
+    return out
+
+
+def fidelity_of_run(args, workload) -> None:
+    """Replay every policy of a serve-bench run with ``--sim-profile``; print the fidelity."""
+    payload = json.loads(Path(args.fidelity).read_text())
+    sim_cost = StepCost.load(args.sim_profile or args.profile)
+    used_secondary = payload["executor"]["secondary_threads"] > 0
+    secondary = StepCost.load(args.secondary_profile) if used_secondary else None
+    out = {}
+    for name, figures in payload["policies"].items():
+        real = [
+            Completion(r["id"], r["output_tokens"], 0.0, 0.0, r["response_time_s"], "x")
+            for r in figures["requests"]
+            if r["error"] is None
+        ]
+        lengths = {c.request_id: replay_length(c, args.max_tokens) for c in real}
+        requests = [
+            dataclasses.replace(r, metadata={**r.metadata, TRUE_LENGTH_KEY: lengths[r.id]})
+            for r in workload.requests
+            if r.id in lengths
+        ]
+        replay = dataclasses.replace(workload, requests=requests)
+        sim = run_policy(name, replay, primary_cost=sim_cost, secondary_cost=secondary)
+        out[name] = fidelity(sim.completions, real)
+        f = out[name]
+        print(
+            f"{name}: sim/real mean RT {f['mean_rt_ratio_sim_over_real']:.3f} "
+            f"(sim {f['sim_mean_rt_s']:.1f}s, real {f['real_mean_rt_s']:.1f}s), "
+            f"Spearman {f['spearman']:.3f}, n={f['n']}"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"run": args.fidelity, "profile": sim_cost.name, "fidelity": out}, indent=2)
+            + "\n"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", default="alpaca:gpt4_1106_preview")
+    parser.add_argument("--tokenizer", default="smollm2")
+    parser.add_argument("--requests", type=int, default=80)
+    parser.add_argument("--load", type=float, default=0.8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arrivals", default="poisson")
+    parser.add_argument("--slo", default="0.7:2,0.3:10")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--profile", default="smollm2-135m-cpu2-hf", help="workload + sim costs")
+    parser.add_argument("--sim-profile", help="simulate with this profile instead")
+    parser.add_argument("--secondary-profile", default="smollm2-135m-cpu2-hf-secondary")
+    parser.add_argument("--policies", default="fcfs,heuristic,heuristic-local,oracle-sjf")
+    parser.add_argument("--lengths-from", help="serve-bench JSON with per-request records")
+    parser.add_argument("--lengths", help="JSON {request id: output tokens}")
+    parser.add_argument("--generate", action="store_true")
+    parser.add_argument("--lengths-out")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fidelity", help="serve-bench JSON: replay its policies, compare")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    samples, _ = _load_samples(args)
+    cost = StepCost.load(args.profile)
+    workload = real_workload(
+        samples,
+        n=args.requests,
+        load=args.load,
+        seed=args.seed,
+        arrivals=args.arrivals,
+        slo=args.slo,
+        cost=cost,
+        max_tokens=args.max_tokens,
+    )
+    if args.fidelity:
+        fidelity_of_run(args, workload)
+        return
+    if args.lengths_from:
+        payload = json.loads(Path(args.lengths_from).read_text())
+        first = next(iter(payload["policies"].values()))
+        lengths = {r["id"]: r["output_tokens"] for r in first["requests"]}
+    elif args.lengths:
+        lengths = json.loads(Path(args.lengths).read_text())
+    elif args.generate:
+        lengths = generate_lengths(workload, args.model, args.threads, cost.max_batch_size)
+        if args.lengths_out:
+            Path(args.lengths_out).write_text(json.dumps(lengths, indent=1) + "\n")
+    else:
+        parser.error("give --lengths-from, --lengths or --generate")
+
+    def replayed(rid: str) -> int:
+        c = Completion(rid, lengths[rid], 0.0, 0.0, 0.0, "x")
+        return replay_length(c, args.max_tokens)
+
+    requests = [
+        dataclasses.replace(r, metadata={**r.metadata, TRUE_LENGTH_KEY: replayed(r.id)})
+        for r in workload.requests
+    ]
+    replay = dataclasses.replace(workload, requests=requests)
+    sim_cost = StepCost.load(args.sim_profile) if args.sim_profile else cost
+    secondary = None if args.secondary_profile == "none" else StepCost.load(args.secondary_profile)
+    results = {}
+    for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
+        run = run_policy(name, replay, primary_cost=sim_cost, secondary_cost=secondary)
+        s = run.summary
+        offloaded = sum(1 for c in run.completions if c.executor == "secondary")
+        results[name] = {
+            "mean_rt_s": s.mean_rt_s,
+            "p99_rt_s": s.p99_rt_s,
+            "throughput_rps": s.throughput_rps,
+            "deadline_miss_rate": s.deadline_miss_rate,
+            "offloaded": offloaded,
+        }
+    base = results.get("fcfs", {}).get("mean_rt_s")
+    for name, r in results.items():
+        if base:
+            r["mean_rt_over_fcfs"] = r["mean_rt_s"] / base
+        print(
+            f"{name:16s} mean {r['mean_rt_s']:7.2f}s  p99 {r['p99_rt_s']:7.2f}s  "
+            f"x FCFS {r.get('mean_rt_over_fcfs', float('nan')):.3f}  "
+            f"misses {r['deadline_miss_rate']:.1%}  offloaded {r['offloaded']}"
+        )
+    mean_len = sum(lengths.values()) / len(lengths)
+    print(f"workload: {workload.description}; mean SmolLM2 length {mean_len:.1f}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "workload": workload.description,
+                    "profile": sim_cost.name,
+                    "mean_output_tokens": mean_len,
+                    "policies": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
