@@ -188,6 +188,10 @@ def run_real_policy(
         on_step(name, step)
 
     controller.on_step = record
+    executors = {"primary": primary, "secondary": secondary}
+    stats_before = {
+        name: dict(ex.batch_stats) for name, ex in executors.items() if hasattr(ex, "batch_stats")
+    }
     result = loop.run(workload.requests)
     step_check = {
         name: {
@@ -198,6 +202,10 @@ def run_real_policy(
         }
         for name, c in checks.items()
     }
+    for name, before in stats_before.items():
+        # batch-cache membership work: in-place joins/leaves and full rebuilds in this run
+        after = executors[name].batch_stats
+        step_check.setdefault(name, {}).update({k: after[k] - before[k] for k in before})
     ids = {c.request_id for c in result.completions}
     if len(result.completions) != len(workload.requests) or ids != {
         r.id for r in workload.requests

@@ -74,6 +74,7 @@ def test_serve_bench_tiny_writes_the_documented_json(tmp_path, alpaca_file):
     assert len(records) == 8 and {"id", "output_tokens", "response_time_s"} <= set(records[0])
     check = payload["policies"]["fcfs"]["step_check"]["primary"]
     assert check["steps"] > 0 and check["real_over_profile"] > 0
+    assert check["joins"] + check["rebuilds"] >= 1
 
 
 def test_secondary_is_used_only_with_a_spare_core(monkeypatch):
