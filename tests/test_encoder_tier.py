@@ -167,3 +167,27 @@ def test_encoder_tier_with_given_embeddings_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_controller_feeds_finished_requests_to_the_embedding_model(prior) -> None:
+    """Through the controller (features precomputed upstream, as a front end would): every
+    finished request joins the embedding memory, and the learnt clusters order the queue."""
+    from rtlm_adapt import Completion, Request
+    from rtlm_adapt.controller import AdaptiveController
+    from rtlm_adapt.serving.base import ExecutorState
+
+    emb, lengths = _clustered_stream(400, seed=7)
+    p = EncoderLengthPredictor(prior=prior)
+    ctl = AdaptiveController("sjf", predictor=p)
+    feats = [p.features("Tell me about this.", embedding=e) for e in emb]
+    for i in range(300):
+        ctl.submit(Request(f"r{i}", "Tell me about this.", float(i)), features=dict(feats[i]))
+        (req,) = ctl.next_batch(ExecutorState("primary", "primary", 0, 1, float(i)))
+        ctl.on_finish(Completion(req.id, int(lengths[i]), float(i), float(i), i + 0.5, "primary"))
+    assert p._emb_model.n_learned == 300 and p.n_learned == 300
+    # Queue 100 unseen requests at once: shortest-predicted-first must follow the true lengths.
+    for i in range(300, 400):
+        ctl.submit(Request(f"r{i}", "Tell me about this.", 400.0), features=dict(feats[i]))
+    order = [r.id for r in ctl.next_batch(ExecutorState("primary", "primary", 0, 100, 400.0))]
+    served = [lengths[int(rid[1:])] for rid in order]
+    assert kendall_tau(np.arange(len(served)), served) > 0.5
