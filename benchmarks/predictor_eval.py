@@ -12,6 +12,12 @@ prompts once (predict, then learn), and score the held-out prompts (Kendall tau,
 * ``ref_other_models``: the mean log length the OTHER 15 models gave for the same prompt (an upper
   reference: the prompt carries most of the signal).
 
+And one diagnostic that is NOT a predictor (it sees the held-out answers):
+
+* ``diag_ridge_minilm_all_labels``: ridge (alpha 1) on the embeddings fitted on ALL of the model's
+  prompts, the held-out ones included, scored on the held-out ones: how far any linear function of
+  all-MiniLM-L6-v2 embeddings can rank this model's lengths at all.
+
 Drift: 400 requests answered with gpt4_1106_preview's lengths, then llama-2-7b-chat-hf's; the MAE
 over the 200 requests after the switch against the same 200 requests when the stream was
 llama-2-7b-chat-hf's all along (steady state); averaged over seeds; plotted to a PNG.
@@ -72,6 +78,16 @@ def ref_ridge_minilm(samples, mask, emb_by_id: dict[str, np.ndarray], alpha: flo
     w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y[tr] - ym))
     pred = (x[te] - mu) @ w
     return kendall_tau(pred, y[te])
+
+
+def diag_ridge_all_labels(samples, mask, emb_by_id: dict[str, np.ndarray],
+                          alpha: float = 1.0) -> float:
+    x = np.stack([emb_by_id[s.id] for s in samples]).astype(np.float64)
+    y = np.log1p([s.response_tokens for s in samples])
+    mu, ym = x.mean(0), y.mean()
+    xc = x - mu
+    w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y - ym))
+    return kendall_tau(xc[mask] @ w, y[mask])
 
 
 def ref_other_models(samples, mask, model: str, lengths: dict[str, dict[str, float]]) -> float:
@@ -163,16 +179,19 @@ def main(argv: list[str] | None = None) -> int:
         row["ref_lexical_river"] = ref_lexical_river(samples, mask, args.seed)
         if emb_by_id:
             row["ref_ridge_minilm"] = ref_ridge_minilm(samples, mask, emb_by_id)
+            row["diag_ridge_minilm_all_labels"] = diag_ridge_all_labels(samples, mask, emb_by_id)
         row["ref_other_models"] = ref_other_models(samples, mask, m, lengths)
         rows[m] = row
         print(m, {k: round(v, 3) for k, v in row.items() if "tau" in k or k.startswith("ref")},
               file=sys.stderr, flush=True)
 
     cols = [f"{t}_kendall_tau" for t in tiers] + [f"{t}_interval_coverage" for t in tiers]
-    cols += [c for c in ("ref_lexical_river", "ref_ridge_minilm", "ref_other_models")
+    cols += [c for c in ("ref_lexical_river", "ref_ridge_minilm", "ref_other_models",
+                         "diag_ridge_minilm_all_labels")
              if c in next(iter(rows.values()))]
     short = {c: c.replace("_kendall_tau", " tau").replace("_interval_coverage", " cov")
-             .replace("ref_", "ref ") for c in cols}
+             .replace("ref_", "ref ").replace("diag_ridge_minilm_all_labels", "diag all-labels")
+             for c in cols}
     print(f"{'model':28s}" + "".join(f"{short[c]:>19s}" for c in cols))
     for m, row in rows.items():
         print(f"{m:28s}" + "".join(f"{row[c]:19.3f}" for c in cols))
