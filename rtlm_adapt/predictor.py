@@ -18,6 +18,9 @@ The prediction, in ``log1p(tokens)``, is a sum of three parts:
   ``ADWIN`` detects a change in the residuals (a model swap, a new workload).
 * **a residual linear model** -- normalised LMS on the same features (standardized dense ones,
   0/1 hashed ones), learnt online on top of the prior, so the ranking adapts to this model.
+* **on the encoder tier, an embedding model** -- kNN and ridge terms over the finished
+  requests' prompt embeddings (:class:`rtlm_adapt.encoder_tier.EncoderLengthPredictor`, what
+  ``LengthPredictor.pretrained("encoder")`` returns).
 
 Why this design:
 
