@@ -236,6 +236,9 @@ class AdaptiveController:
         self._executors: dict[str, ExecutorState] = {}
         self._primary: str | None = None
         self._next_epoch = 0.0
+        # No waiting request reaches the hard aging bound before this time (a lower bound, reset
+        # whenever it might be too late), so next_batch need not look at the oldest until then.
+        self._aging_due = -math.inf
         self._last_epoch = 0.0
         self._external_knobs = False
         # counters (the accounting invariant) and smoothed signals for the observation
@@ -306,6 +309,8 @@ class AdaptiveController:
             )
             tracked.key, tracked.offload = self._key_of(tracked)
             queue.push(tracked)
+            if tracked.arrival_time + self.knobs.max_wait_s < self._aging_due:
+                self._aging_due = -math.inf  # arrived out of order: older than the bound assumed
             self._submitted += 1
             self._arrivals_in_epoch += 1
             # smoothed isolated service time: the time scale of the observation and of aging
@@ -722,11 +727,14 @@ class AdaptiveController:
         queue = self._queue
         while len(taken) < room and queue:
             entry = None
-            if max_wait < math.inf and not offload_only:
+            if max_wait < math.inf and not offload_only and now >= self._aging_due:
                 oldest = queue.oldest()
-                if oldest is not None and now - oldest.arrival_time >= max_wait:
-                    entry = oldest
-                    queue.remove(entry.request_id)
+                if oldest is not None:
+                    if now - oldest.arrival_time >= max_wait:
+                        entry = oldest
+                        queue.remove(entry.request_id)
+                    else:  # removals only make the oldest younger: no aged request before this
+                        self._aging_due = oldest.arrival_time + max_wait
             if entry is None:
                 entry = queue.pop(offload_only=offload_only)
             if entry is None:
@@ -745,6 +753,7 @@ class AdaptiveController:
         chosen, back = [head, *rest[: room - 1]], rest[room - 1 :]
         for entry in back:  # put the others back (keys unchanged; the queue re-sequences them)
             self._queue.push(entry)
+        self._aging_due = -math.inf
         return chosen
 
     def _run_policy(self, now: float) -> None:
@@ -765,6 +774,7 @@ class AdaptiveController:
 
     def _apply(self, knobs: Knobs) -> None:
         old, self.knobs = self.knobs, knobs
+        self._aging_due = -math.inf  # max_wait_s may have changed
         # Re-key (O(n)) only when the order changes; a new offload threshold only re-flags.
         weights = ("length_weight", "uncertainty_weight", "wait_weight", "slack_weight")
         if any(getattr(old, w) != getattr(knobs, w) for w in weights):
