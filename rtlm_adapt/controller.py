@@ -301,8 +301,8 @@ class AdaptiveController:
             else:
                 rank_length = self._rank_length(request, prediction, prompt_tokens)
             latency = self.latency.get(self._primary or "primary") or self._primary_latency()
-            service_s = latency.service_time(
-                prompt_tokens, rank_length, batch_size=self.reference_batch
+            service_s, isolated = latency.service_times(
+                prompt_tokens, rank_length, prediction.length, self.reference_batch
             )
             tracked = Tracked(
                 request, features, uncertainty, prediction, prompt_tokens, rank_length, service_s
@@ -314,7 +314,6 @@ class AdaptiveController:
             self._submitted += 1
             self._arrivals_in_epoch += 1
             # smoothed isolated service time: the time scale of the observation and of aging
-            isolated = latency.service_time(prompt_tokens, prediction.length)
             if self._submitted == 1:
                 self._service_ewma = isolated
             else:

@@ -614,14 +614,17 @@ class LengthPredictor:
         dict's contents again. That check would touch every entry of a dict that has gone
         cold in memory while its request ran, the largest part of this call's cost.
         """
-        try:
-            ok_length = (
-                not isinstance(true_length, bool)
-                and math.isfinite(true_length)
-                and 0 <= true_length <= MAX_TRUE_LENGTH
-            )
-        except TypeError:
-            ok_length = False
+        if true_length.__class__ is int:  # the common case, checked cheaply
+            ok_length = 0 <= true_length <= MAX_TRUE_LENGTH
+        else:
+            try:
+                ok_length = (
+                    not isinstance(true_length, bool)
+                    and math.isfinite(true_length)
+                    and 0 <= true_length <= MAX_TRUE_LENGTH
+                )
+            except TypeError:
+                ok_length = False
         if not ok_length:
             logger.warning("LengthPredictor: rejected true_length=%r", true_length)
             return False
@@ -940,7 +943,6 @@ class LengthPredictor:
         adwin = self._adwin
         if adwin is None:
             return
-        before = adwin.estimation
         adwin.update(r)
         if adwin.drift_detected:
             # ADWIN dropped the old part of its window; its estimate is now the mean residual
@@ -954,10 +956,7 @@ class LengthPredictor:
             self._resid_sorted = sorted(self._resid_fifo)
             self.n_drifts += 1
             logger.info(
-                "LengthPredictor: drift in residuals (mean %.2f -> %.2f); offset moved by %.2f",
-                before,
-                shift,
-                shift,
+                "LengthPredictor: drift in residuals (recent mean %.2f); offset moved by it", shift
             )
             # Restart the detector on the corrected residuals.
             self._adwin = drift.ADWIN(delta=self.drift_delta)
