@@ -2,7 +2,10 @@
 
 Controller cost per request = submit (priority key, predictor.predict_one, latency model) + its
 share of scheduling decisions (next_batch handing it out) + on_finish (predictor.learn_one),
-measured with ``--queued`` requests waiting, prompt scoring excluded (features precomputed).
+measured with ``--queued`` requests waiting, prompt scoring excluded (every prompt scored up
+front; each request gets a copy of its prompt's features). Also reported: the same calls when each
+prompt is scored just before its submit (untimed), as in a serving loop, where the scoring's own
+work pushes the controller's data out of the CPU caches.
 Uncertainty cost = UncertaintyScorer.score_prompt on each AlpacaEval prompt.
 
     python benchmarks/overhead.py --json overhead.json
@@ -36,19 +39,24 @@ def controller_costs(
     setup=None,
     record: np.ndarray | None = None,
     times: np.ndarray | None = None,
+    fresh: bool = False,
 ):
     # "lexical": the default (ShareGPT prior over hashed words + uncertainty features);
     # "uncertainty-only": a predictor on the ~19 uncertainty features alone (cheaper, ranks worse)
     ctl = AdaptiveController(
         policy, predictor=LengthPredictor() if predictor == "uncertainty-only" else None
     )
+
     # Prompt scoring happens upstream (and is measured separately): the uncertainty features
     # and score, plus the predictor's own prompt features (hashed words on the lexical tier).
-    feats = []
-    for p in prompts:
+    # ``fresh``: scored as each request arrives (untimed), as a serving loop does; else scored
+    # once per prompt up front and copied.
+    def score(p: str) -> dict:
         f, u = ctl.scorer.score_prompt(p)
         f["uncertainty"] = u
-        feats.append(ctl.predictor.features(p, base=f) if predictor == "lexical" else f)
+        return ctl.predictor.features(p, base=f) if predictor == "lexical" else f
+
+    feats = [score(p) for p in prompts]
     state = ExecutorState("primary", "primary", 0, 1, 0.0)
     ctl.next_batch(state)  # register the executor, run the first policy epoch
     if setup is not None:
@@ -67,7 +75,8 @@ def controller_costs(
         i = queued + k
         now += 0.01
         req = request(i, now)
-        f = dict(feats[i % len(feats)])  # the copy is the caller's, not the controller's, cost
+        # the scoring (or copy) is the caller's, not the controller's, cost
+        f = score(prompts[i % len(prompts)]) if fresh else dict(feats[i % len(feats)])
         state = ExecutorState("primary", "primary", 0, 1, now)
         # time the controller's three calls, not the loop's own work (the executor state and
         # the Completion are the loop's objects)
@@ -168,33 +177,38 @@ def main() -> None:
         ctl_us = controller_costs(
             prompts, lengths, args.queued, args.requests, args.policy, args.predictor
         )
+        # the same with each prompt scored right before its submit (see controller_costs)
+        fresh_us = controller_costs(
+            prompts, lengths, args.queued, args.requests, args.policy, args.predictor, fresh=True
+        ).sum(axis=1)
         unc_us = scoring_costs(prompts, repeats=3)
+        # where the time goes: the predictor's calls inside submit and on_finish (own run)
+        share = predictor_share(
+            prompts, lengths, args.queued, args.requests, args.policy, args.predictor
+        )
         total = ctl_us.sum(axis=1)
         runs.append(
             {
                 "controller_us_p50": float(np.percentile(total, 50)),
                 "controller_us_p99": float(np.percentile(total, 99)),
+                "controller_scored_just_before_us_p50": float(np.percentile(fresh_us, 50)),
                 "controller_us_mean": float(total.mean()),
                 "submit_us_p50": float(np.percentile(ctl_us[:, 0], 50)),
                 "next_batch_us_p50": float(np.percentile(ctl_us[:, 1], 50)),
                 "on_finish_us_p50": float(np.percentile(ctl_us[:, 2], 50)),
+                "predict_one_us_p50": float(np.percentile(share[:, 0], 50)),
+                "learn_one_us_p50": float(np.percentile(share[:, 1], 50)),
                 "uncertainty_us_p50": float(np.percentile(unc_us, 50)),
                 "uncertainty_us_p99": float(np.percentile(unc_us, 99)),
             }
         )
-    # where the time goes: the predictor's calls inside submit and on_finish (another run)
-    share = predictor_share(
-        prompts, lengths, args.queued, args.requests, args.policy, args.predictor
-    )
 
     def median_of(key: str) -> float:
         return float(np.median([r[key] for r in runs]))
 
-    keys = [k for k in runs[0] if k.startswith(("controller", "submit", "next", "on_finish"))]
+    keys = [k for k in runs[0] if not k.startswith("uncertainty")]
     result = {
         **{k: median_of(k) for k in keys},
-        "predict_one_us_p50": float(np.percentile(share[:, 0], 50)),
-        "learn_one_us_p50": float(np.percentile(share[:, 1], 50)),
         "uncertainty_us_p50": median_of("uncertainty_us_p50"),
         "uncertainty_us_p99": median_of("uncertainty_us_p99"),
         "runs": runs,
@@ -216,6 +230,7 @@ def main() -> None:
         f"{result['controller_us_p99']:>10.1f}"
     )
     for name, key in (
+        ("  (prompt scored just before submit)", "controller_scored_just_before_us_p50"),
         ("  submit", "submit_us_p50"),
         ("    of which predict_one", "predict_one_us_p50"),
         ("  next_batch", "next_batch_us_p50"),
