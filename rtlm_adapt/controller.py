@@ -109,14 +109,7 @@ class Tracked(QueueEntry):
         rank_length: float,  # the length the priority uses (per the policy's length_source)
         service_s: float,  # predicted service time on the primary at the reference batch size
     ) -> None:
-        # QueueEntry's fields, set here rather than through its __init__ (per-request hot path)
-        self.request_id = request.id
-        self.arrival_time = request.arrival_time
-        self.key = 0.0
-        self.offload = False
-        self.payload = None
-        self.alive = True
-        self.seq = 0
+        QueueEntry.__init__(self, request.id, request.arrival_time)
         self.request = request
         self.features = features
         self.uncertainty = uncertainty
@@ -265,7 +258,7 @@ class AdaptiveController:
                 raise TypeError(f"submit() takes a Request, got {type(request).__name__}")
             rid = request.id
             queue = self._queue
-            if rid in queue._entries or rid in self._running:
+            if rid in queue or rid in self._running:
                 raise ValueError(
                     f"duplicate request id {rid!r}: a request with this id is still live"
                 )
@@ -296,13 +289,10 @@ class AdaptiveController:
             prompt_tokens = request.prompt_tokens or max(
                 1, int(features.get("prompt_tokens_est", 1))
             )
-            if self.policy.length_source == "predicted":
-                rank_length = prediction.length
-            else:
-                rank_length = self._rank_length(request, prediction, prompt_tokens)
-            latency = self.latency.get(self._primary or "primary") or self._primary_latency()
-            service_s, isolated = latency.service_times(
-                prompt_tokens, rank_length, prediction.length, self.reference_batch
+            rank_length = self._rank_length(request, prediction, prompt_tokens)
+            latency = self._primary_latency()
+            service_s = latency.service_time(
+                prompt_tokens, rank_length, batch_size=self.reference_batch
             )
             tracked = Tracked(
                 request, features, uncertainty, prediction, prompt_tokens, rank_length, service_s
@@ -314,6 +304,7 @@ class AdaptiveController:
             self._submitted += 1
             self._arrivals_in_epoch += 1
             # smoothed isolated service time: the time scale of the observation and of aging
+            isolated = latency.service_time(prompt_tokens, prediction.length)
             if self._submitted == 1:
                 self._service_ewma = isolated
             else:
@@ -322,10 +313,7 @@ class AdaptiveController:
     def next_batch(self, state: ExecutorState) -> list[Request]:
         """The requests that should join ``state``'s executor now (possibly none)."""
         with self._lock:
-            if state.name not in self._executors:
-                self._register(state)
-            else:
-                self._executors[state.name] = state  # the latest state, for observe()
+            self._register(state)
             now = state.now
             if now >= self._next_epoch:
                 self._run_policy(now)
@@ -334,7 +322,7 @@ class AdaptiveController:
             primary = state.role == "primary"
             if primary:
                 cap = self.knobs.max_batch_size or state.max_batch_size
-                room = (cap if cap < state.max_batch_size else state.max_batch_size) - state.running
+                room = min(state.max_batch_size, cap) - state.running
             else:
                 room = state.free_slots
             if room <= 0:

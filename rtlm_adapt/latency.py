@@ -248,30 +248,6 @@ class LatencyModel:
             + b * (self._c_pbase + self._c_ptok * prompt_tokens)
         )
 
-    def service_times(
-        self, prompt_tokens: int, rank_tokens: float, output_tokens: float, batch_size: int
-    ) -> tuple[float, float]:
-        """``(service_time(prompt_tokens, rank_tokens, batch_size),
-        service_time(prompt_tokens, output_tokens))`` in one call: what the controller needs
-        for each arriving request (its priority and the isolated service time it smooths).
-
-        >>> from rtlm_adapt.serving.profile import StepCost
-        >>> m = LatencyModel(StepCost.default())
-        >>> both = m.service_times(50, 80.0, 120.0, 8)
-        >>> both == (m.service_time(50, 80.0, 8), m.service_time(50, 120.0))
-        True
-        """
-        base, seq, ctx = self._c_base, self._c_seq, self._c_ctx
-        prefill = self._c_pbase + self._c_ptok * prompt_tokens
-        b = batch_size if batch_size > 1 else 1
-        n = rank_tokens if rank_tokens > 1.0 else 1.0
-        batched = (
-            n * (base + seq * b) + ctx * b * (n * prompt_tokens + n * (n - 1.0) * 0.5) + b * prefill
-        )
-        n = output_tokens if output_tokens > 1.0 else 1.0
-        isolated = n * (base + seq) + ctx * (n * prompt_tokens + n * (n - 1.0) * 0.5) + prefill
-        return batched, isolated
-
     def coefficients(self) -> StepCost:
         """The current estimate as a StepCost (other fields copied from the prior)."""
         values = dict(

@@ -79,13 +79,7 @@ class RequestQueue:
 
     def peek(self, *, offload_only: bool = False) -> QueueEntry | None:
         """The best waiting entry (optionally among offload-eligible ones), without removing it."""
-        heap = self._offload_heap if offload_only else self._heap
-        while heap:
-            _, seq, entry = heap[0]
-            if entry.alive and entry.seq == seq:
-                return entry
-            heapq.heappop(heap)
-        return None
+        return _first_live(self._offload_heap if offload_only else self._heap)
 
     def pop(self, *, offload_only: bool = False) -> QueueEntry | None:
         """Remove and return the best waiting entry."""
@@ -93,35 +87,22 @@ class RequestQueue:
         while heap:
             _, seq, entry = heapq.heappop(heap)
             if entry.alive and entry.seq == seq:
-                # remove(), inlined: pop is the hot path of every scheduling decision
                 del self._entries[entry.request_id]
                 entry.alive = False
-                self._removed += 1
-                if self._removed >= 64:
-                    self._removed = 0
-                    self._maybe_compact()
+                self._count_removal()
                 return entry
         return None
 
     def oldest(self) -> QueueEntry | None:
         """The longest-waiting live entry (by arrival time, then submission order)."""
-        arrivals = self._by_arrival
-        while arrivals:
-            _, seq, entry = arrivals[0]
-            if entry.alive and entry.seq == seq:
-                return entry
-            heapq.heappop(arrivals)
-        return None
+        return _first_live(self._by_arrival)
 
     def remove(self, request_id: str) -> QueueEntry | None:
         """Take a request out of the queue (lazily: heaps skip it later)."""
         entry = self._entries.pop(request_id, None)
         if entry is not None:
             entry.alive = False
-            self._removed += 1
-            if self._removed >= 64:
-                self._removed = 0
-                self._maybe_compact()
+            self._count_removal()
         return entry
 
     def rekey(self, key_of: Callable[[QueueEntry], tuple[float, bool]]) -> None:
@@ -150,9 +131,15 @@ class RequestQueue:
         """Up to ``n`` live entries (the longest-queued first: dicts keep insertion order)."""
         return list(itertools.islice(self._entries.values(), n))
 
+    def _count_removal(self) -> None:
+        # Dead items deep in a heap are never popped: every 64 removals (pop and remove are on
+        # the hot path), rebuild any heap they dominate.
+        self._removed += 1
+        if self._removed >= 64:
+            self._removed = 0
+            self._maybe_compact()
+
     def _maybe_compact(self) -> None:
-        # Dead items deep in a heap are never popped; rebuild a heap when they dominate it.
-        # (Checked every 64 removals: the check is cheap, but remove() is on the hot path.)
         live = len(self._entries)
         for name in ("_heap", "_offload_heap", "_by_arrival"):
             heap = getattr(self, name)
@@ -160,3 +147,13 @@ class RequestQueue:
                 heap = [t for t in heap if t[2].alive and t[2].seq == t[1]]
                 heapq.heapify(heap)
                 setattr(self, name, heap)
+
+
+def _first_live(heap: list[tuple[float, int, QueueEntry]]) -> QueueEntry | None:
+    """The entry of the heap's first live item, popping the dead items above it."""
+    while heap:
+        _, seq, entry = heap[0]
+        if entry.alive and entry.seq == seq:
+            return entry
+        heapq.heappop(heap)
+    return None
