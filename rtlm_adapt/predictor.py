@@ -511,9 +511,7 @@ class LengthPredictor:
             prep = self._prepare(feats, pure=True)
             if prep is not None:
                 feats[PREPARED_KEY] = prep
-                prep.n_keys = len(feats)
-                prep.snap = feats.copy()
-                prep.snap[PREPARED_KEY] = 0.0  # equal to prep; no reference cycle
+                prep.n_keys = len(feats)  # pure=True: its dense values identify it (_valid)
         return feats
 
     def features_many(self, prompts: list[str], batch_size: int = 32) -> list[dict[Any, float]]:
@@ -630,11 +628,9 @@ class LengthPredictor:
             return False
         prep = features.get(PREPARED_KEY)
         if not (
-            prep.__class__ is _Prepared
+            self._current(prep)
             and prep.seen == id(features)  # predict_one checked it for this very dict
-            and (prep.sig is self._sig or prep.sig == self._sig)
             and len(features) == prep.n_keys
-            and not (prep.new and prep.n_stats != len(self._stats))
         ) and not self._valid(prep, features):
             # predicted (memoised), now learnt from: done with it
             prep = self._memo.pop(id(features), None)
@@ -799,8 +795,8 @@ class LengthPredictor:
         The controller predicts a request at submit and learns from it at finish with the same
         dict, and the scheduler may ask :meth:`predict_remaining` in between: the split of the
         keys, the hashed buckets and the prior's z-scores are computed once per request (or
-        before, by :meth:`features`). A hit needs equal contents (a snapshot) and, if the dict
-        has features the model had not seen, no feature added to the model since.
+        before, by :meth:`features`). A hit needs equal contents (see :meth:`_valid`) and, if the
+        dict has features the model had not seen, no feature added to the model since.
         """
         prep = features.get(PREPARED_KEY)
         if self._valid(prep, features):
@@ -813,16 +809,24 @@ class LengthPredictor:
         if prep is not None and features.__class__ is dict:
             if len(memo) >= _MEMO_MAX:
                 memo.clear()  # requests predicted but never learned from (dropped, failed)
-            prep.snap = features.copy()
+            if prep.dense is None:  # else its dense values identify it (_valid)
+                prep.snap = features.copy()
             prep.n_keys = len(features)
             memo[id(features)] = prep
         return prep
 
+    def _current(self, prep: Any) -> bool:
+        """Whether ``prep`` is a prepared form this model can use: the same standardization,
+        and no feature it did not know added to the model since."""
+        return (
+            prep.__class__ is _Prepared
+            and (prep.sig is self._sig or prep.sig == self._sig)
+            and not (prep.new and prep.n_stats != len(self._stats))
+        )
+
     def _valid(self, prep: Any, features: Mapping[Any, float]) -> bool:
         """Whether ``prep`` (a stored prepared form, or anything else) is that of ``features``."""
-        if prep.__class__ is not _Prepared or (prep.sig is not self._sig and prep.sig != self._sig):
-            return False
-        if prep.new and prep.n_stats != len(self._stats):
+        if not self._current(prep):
             return False
         dense = prep.dense
         if dense is None:
