@@ -12,13 +12,20 @@ the first policy's run) or are generated here (``--generate``: greedy, batch 16,
 
 ``--fidelity RUN.json``: instead, replay each policy of a serve-bench run (its own lengths,
 its secondary if it used one) with ``--sim-profile`` and compare with the run's per-request
-response times: the fidelity the run would have had with that profile.
+response times: the fidelity the run would have had with that profile. With ``--fit-from
+RUN2.json`` and/or ``--fit-policy NAME``, the simulated profiles are instead fitted to the steps
+a run took (``fit_step_cost``; RUN2, or the --fidelity run itself, and only NAME's run of it):
+``--fidelity RUN.json --fit-policy fcfs`` fits on the fcfs run, so every other policy's
+fidelity is out of sample (``--fit-target``: ``cycle``, each step with the loop's work
+until the next, or ``step``, the executor's step alone). The fit keeps the batch cap, padding
+and unexercised terms of ``--sim-profile`` (default ``--profile``) and ``--secondary-profile``.
 
 Usage::
 
     python benchmarks/sim_ceiling.py --lengths-from benchmarks/results/serve_bench_smollm2.json
     python benchmarks/sim_ceiling.py --generate --threads 1 --lengths-out /tmp/lengths.json
     python benchmarks/sim_ceiling.py --fidelity RUN.json --sim-profile quiet.json
+    python benchmarks/sim_ceiling.py --fidelity RUN.json --fit-policy fcfs
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from rtlm_adapt.experiment import run_policy
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion
 from rtlm_adapt.serve_bench import fidelity, real_workload, replay_length
 from rtlm_adapt.serving.profile import StepCost
+from rtlm_adapt.serving.step_fit import fit_step_cost, run_steps
 
 
 def generate_lengths(workload, model: str, threads: int, max_batch: int) -> dict[str, int]:
@@ -57,12 +65,48 @@ def generate_lengths(workload, model: str, threads: int, max_batch: int) -> dict
     return out
 
 
+def fitted_profiles(args, payload, primary: StepCost, secondary: StepCost | None):
+    """``--fit-from``/``--fit-policy``: the profiles fitted to a run's steps (primary, and the
+    secondary where the run recorded enough of its steps), and a description of the fit."""
+    path = args.fit_from or args.fidelity
+    source = payload if path == args.fidelity else json.loads(Path(path).read_text())
+    what = f"serve-bench run {path}, policy {args.fit_policy or 'all pooled'}"
+    what += f", target {args.fit_target}"
+    primary = fit_step_cost(
+        run_steps(source, policy=args.fit_policy, executor="primary", target=args.fit_target),
+        primary,
+        name=f"{primary.name}-fitted",
+        source=f"{what}, executor primary",
+    )
+    if secondary is not None:
+        try:
+            rows = run_steps(
+                source, policy=args.fit_policy, executor="secondary", target=args.fit_target
+            )
+            secondary = fit_step_cost(
+                rows, secondary, name=f"{secondary.name}-fitted", source=f"{what}, secondary"
+            )
+        except ValueError as exc:
+            print(f"secondary profile not fitted ({exc}): {secondary.name}", file=sys.stderr)
+    print(
+        f"fitted to {what}: {primary.extra['steps']} primary steps, "
+        f"mean relative error {primary.extra['fit_mean_rel_err']:.3f}",
+        file=sys.stderr,
+    )
+    fit = {"from": path, "policy": args.fit_policy, "target": args.fit_target}
+    return primary, secondary, fit
+
+
 def fidelity_of_run(args, workload) -> None:
-    """Replay every policy of a serve-bench run with ``--sim-profile``; print the fidelity."""
+    """Replay every policy of a serve-bench run with ``--sim-profile`` (or profiles fitted to
+    a run's steps); print the fidelity."""
     payload = json.loads(Path(args.fidelity).read_text())
     sim_cost = StepCost.load(args.sim_profile or args.profile)
     used_secondary = payload["executor"]["secondary_threads"] > 0
     secondary = StepCost.load(args.secondary_profile) if used_secondary else None
+    fit = None
+    if args.fit_from or args.fit_policy:
+        sim_cost, secondary, fit = fitted_profiles(args, payload, sim_cost, secondary)
     out = {}
     for name, figures in payload["policies"].items():
         real = [
@@ -80,14 +124,29 @@ def fidelity_of_run(args, workload) -> None:
         sim = run_policy(name, replay, primary_cost=sim_cost, secondary_cost=secondary)
         out[name] = fidelity(sim.completions, real)
         f = out[name]
+        if fit is not None:
+            # in sample: the policy's own steps were among those fitted
+            f["in_sample"] = (args.fit_from or args.fidelity) == args.fidelity and (
+                args.fit_policy in (None, name)
+            )
         print(
-            f"{name}: sim/real mean RT {f['mean_rt_ratio_sim_over_real']:.3f} "
+            f"{name}{' (in sample)' if f.get('in_sample') else ''}: "
+            f"sim/real mean RT {f['mean_rt_ratio_sim_over_real']:.3f} "
             f"(sim {f['sim_mean_rt_s']:.1f}s, real {f['real_mean_rt_s']:.1f}s), "
             f"Spearman {f['spearman']:.3f}, n={f['n']}"
         )
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"run": args.fidelity, "profile": sim_cost.name, "fidelity": out}, indent=2)
+            json.dumps(
+                {
+                    "run": args.fidelity,
+                    "profile": sim_cost.name,
+                    "fit": fit,
+                    "fitted_profile": dataclasses.asdict(sim_cost) if fit else None,
+                    "fidelity": out,
+                },
+                indent=2,
+            )
             + "\n"
         )
 
@@ -113,8 +172,20 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fidelity", help="serve-bench JSON: replay its policies, compare")
+    parser.add_argument("--fit-from", help="with --fidelity: fit the sim profiles to this run")
+    parser.add_argument(
+        "--fit-policy", help="with --fidelity: fit to this policy's steps only (default: all)"
+    )
+    parser.add_argument(
+        "--fit-target",
+        choices=("cycle", "step"),
+        default="cycle",
+        help="fit each step's cycle (with the loop's work between steps) or the step alone",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
+    if (args.fit_from or args.fit_policy) and not args.fidelity:
+        parser.error("--fit-from and --fit-policy go with --fidelity")
 
     samples, _ = _load_samples(args)
     cost = StepCost.load(args.profile)

@@ -4,7 +4,8 @@ Subcommands:
 
 - ``simulate``: run policies on the same real workload through the simulated executors and print
   one table (``--json PATH`` writes the figures).
-- ``profile``: measure a real executor (``--model smollm2|tiny|PATH``), write a JSON cost profile.
+- ``profile``: measure a real executor (``--model smollm2|tiny|PATH``), or fit the steps of a
+  serve-bench run (``--from-run RUN.json``), write a JSON cost profile.
 - ``serve-bench``: the same policies on the REAL executor in real time (rtlm_adapt.serve_bench);
   ``--compare-sim`` adds the simulator's fidelity on the same requests and real lengths.
 """
@@ -277,8 +278,36 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-minutes", type=_positive_float, help="stop (and save) after this long")
     tr.set_defaults(func=cmd_train)
 
-    pr = sub.add_parser("profile", help="measure a real executor; write its JSON cost profile")
-    pr.add_argument("--model", default="smollm2", help="smollm2, tiny, or a local path/hub id")
+    pr = sub.add_parser(
+        "profile",
+        help="measure a real executor (or fit a serve-bench run's steps); write a cost profile",
+        description="Measure a real executor with synthetic batches (--model), or fit the "
+        "profile to the steps a serve-bench run actually took (--from-run RUN.json: "
+        "non-negative least squares, slow outliers dropped; the simulator then charges what "
+        "the served loop paid).",
+    )
+    pr.add_argument(
+        "--model", help="smollm2 (default), tiny, or a local path/hub id: the executor measured"
+    )
+    pr.add_argument(
+        "--from-run",
+        metavar="RUN.json",
+        help="fit to the steps recorded in this serve-bench --json instead of measuring",
+    )
+    pr.add_argument("--policy", help="with --from-run: that policy's run (default: all pooled)")
+    pr.add_argument("--executor", default="primary", help="with --from-run: primary or secondary")
+    pr.add_argument(
+        "--target",
+        choices=("cycle", "step"),
+        default="cycle",
+        help="with --from-run: fit each step's cycle, i.e. the step plus the serving loop's "
+        "work until the next (default: what serving pays per iteration), or the step alone",
+    )
+    pr.add_argument(
+        "--base",
+        help="with --from-run: profile whose batch cap, padded_context, KV budget and "
+        "unexercised terms are kept (default: the profile the run served with)",
+    )
     pr.add_argument("--out", required=True, help="profile JSON to write")
     pr.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     pr.add_argument("--max-batch-size", type=_positive_int, default=16)

@@ -13,6 +13,8 @@ What ``rtlm-adapt serve-bench`` runs:
    profiled costs and, per request, the length the real model generated in that policy's run:
    mean response time ratio sim / real and the Spearman correlation of per-request response
    times measure how far the simulator can be trusted.
+3. Every single-iteration step each executor took (``policies.NAME.steps``): what
+   ``rtlm-adapt profile --from-run`` fits a profile to (``rtlm_adapt.serving.step_fit``).
 
 The controller predicts lengths with its default pretrained predictor, which has never seen the
 served model's outputs; requests carry no true length (oracle policies are refused).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +44,7 @@ from rtlm_adapt.metrics import Summary, summarize, summary_json
 from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
 from rtlm_adapt.serving.profile import StepCost
+from rtlm_adapt.serving.step_fit import STEP_COLUMNS
 from rtlm_adapt.workloads import PromptSample
 
 #: ``--model`` names that are not paths or hub ids.
@@ -130,6 +134,9 @@ class RealRun:
     offloaded: int
     #: per executor: steps, busy seconds, real step time / the profile's prediction, batch
     step_check: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    #: per executor: every single-iteration step, a tuple in ``STEP_COLUMNS`` order (what a
+    #: profile can be fitted to: ``rtlm-adapt profile --from-run``)
+    steps: dict[str, list[tuple]] = dataclasses.field(default_factory=dict)
 
 
 def run_real_policy(
@@ -165,6 +172,8 @@ def run_real_policy(
     checks: dict[str, list[float]] = {name: [0.0, 0.0, 0, 0] for name in profiles}
     seen: dict[str, set[str]] = {name: set() for name in profiles}
     left: dict[str, int] = {name: 0 for name in profiles}
+    steps: dict[str, list[tuple]] = {name: [] for name in profiles}
+    origin = time.perf_counter()
     on_step = controller.on_step
 
     def record(name: str, step) -> None:
@@ -174,9 +183,20 @@ def run_real_policy(
             cost = profiles[name]
             joins = len(set(step.new_tokens) - seen[name])
             seen[name].update(step.new_tokens)
-            ctx = step.context_tokens
-            if cost.padded_context and step.attended_tokens:
-                ctx = step.attended_tokens
+            attended = step.attended_tokens or step.context_tokens
+            ctx = attended if cost.padded_context else step.context_tokens
+            steps[name].append(
+                (
+                    step.batch_size,
+                    step.context_tokens,
+                    attended,
+                    step.prefill_tokens,
+                    joins,
+                    left[name],
+                    step.duration_s,
+                    time.perf_counter() - origin,  # when the loop took the result
+                )
+            )
             c = checks[name]
             c[0] += step.duration_s
             c[1] += cost.step_time(
@@ -214,7 +234,9 @@ def run_real_policy(
             f"{policy}: {len(result.completions)} completions for {len(workload.requests)} requests"
         )
     offloaded = sum(1 for c in result.completions if secondary and c.executor == secondary.name)
-    return RealRun(policy, summarize(result.completions), result.completions, offloaded, step_check)
+    return RealRun(
+        policy, summarize(result.completions), result.completions, offloaded, step_check, steps
+    )
 
 
 def replay_length(completion: Completion, max_tokens: int) -> int:
@@ -294,6 +316,18 @@ def request_records(completions: Sequence[Completion]) -> list[dict[str, Any]]:
     ]
 
 
+def step_records(steps: dict[str, list[tuple]]) -> dict[str, dict[str, list]]:
+    """Per executor: the recorded steps as ``{"columns": STEP_COLUMNS, "rows": [...]}``
+    (seconds to the microsecond)."""
+    return {
+        name: {
+            "columns": list(STEP_COLUMNS),
+            "rows": [[*row[:-2], round(row[-2], 6), round(row[-1], 6)] for row in rows],
+        }
+        for name, rows in steps.items()
+    }
+
+
 def secondary_threads_for(requested: int | None, primary_threads: int) -> tuple[int, str]:
     """Torch threads of the secondary executor (0: none) and why.
 
@@ -343,11 +377,15 @@ def machine_load() -> list[float] | None:
 
 
 def cmd_profile(args) -> int:
-    """``rtlm-adapt profile``: measure a real executor, write its StepCost JSON."""
+    """``rtlm-adapt profile``: measure a real executor (or fit a serve-bench run's steps,
+    ``--from-run``), write its StepCost JSON."""
+    if args.from_run:
+        return cmd_profile_from_run(args)
     import torch
 
     from rtlm_adapt.serving.profiler import profile_executor
 
+    args.model = args.model or "smollm2"
     if args.threads:
         torch.set_num_threads(args.threads)  # before any work: torch fixes its pool early
     executor = load_executor(args.model, name="profiled", max_batch_size=args.max_batch_size)
@@ -372,6 +410,40 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_profile_from_run(args) -> int:
+    """``rtlm-adapt profile --from-run RUN.json``: fit a profile to the steps a serve-bench run
+    took (``--policy``: one policy's run, default all pooled; ``--executor``; ``--base``: the
+    profile whose batch cap, padding and unexercised terms are kept, default the run's own;
+    ``--target``: ``cycle``, the step with the loop's work between steps, or ``step``)."""
+    import json
+    from pathlib import Path
+
+    from rtlm_adapt.serving.step_fit import fit_step_cost, run_profile, run_steps
+
+    if args.model:
+        raise ValueError("--from-run fits a recorded run: it takes no --model")
+    try:
+        payload = json.loads(Path(args.from_run).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{args.from_run} is not valid JSON: {exc}") from exc
+    rows = run_steps(payload, policy=args.policy, executor=args.executor, target=args.target)
+    base = StepCost.load(args.base) if args.base else run_profile(payload, args.executor)
+    when = payload.get("started_at_utc", "unknown date")
+    policies = args.policy or "+".join(payload["policies"])
+    cost = fit_step_cost(
+        rows,
+        base,
+        name=args.name or os.path.splitext(os.path.basename(args.out))[0],
+        source=f"serve-bench run {args.from_run} ({when}), policy {policies}, "
+        f"executor {args.executor}, target {args.target}",
+    )
+    if args.note:
+        cost = dataclasses.replace(cost, source=f"{cost.source}. {args.note}")
+    cost.save(args.out)
+    print(cost.to_json())
+    return 0
+
+
 def _ints(text: str) -> list[int]:
     values = [int(v) for v in text.split(",") if v.strip()]
     if not values or min(values) < 1:
@@ -384,7 +456,6 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
     import datetime as dt
     import json
     import sys
-    import time
     from pathlib import Path
 
     import torch
@@ -504,9 +575,12 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
                 "offloaded": run.offloaded,
                 "step_check": run.step_check,
                 "requests": request_records(run.completions),
+                "steps": step_records(run.steps),
             }
             for name, run in runs.items()
-        }
+        },
+        # the profiles served with in full (a fit from this run's steps starts from them)
+        "profiles": {name: dataclasses.asdict(cost) for name, cost in profiles.items()},
     }
     if args.compare_sim:
         fid = {}

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 
 from rtlm_adapt.cli import main  # noqa: E402
 from rtlm_adapt.serving.profile import StepCost  # noqa: E402
+from rtlm_adapt.serving.step_fit import STEP_COLUMNS, run_steps  # noqa: E402
 
 SIMULATE_KEYS = {
     "mean_rt_s",
@@ -75,6 +76,20 @@ def test_serve_bench_tiny_writes_the_documented_json(tmp_path, alpaca_file):
     check = payload["policies"]["fcfs"]["step_check"]["primary"]
     assert check["steps"] > 0 and check["real_over_profile"] > 0
     assert check["joins"] + check["rebuilds"] >= 1
+    # every single-iteration step, compactly, and the profiles served with in full
+    steps = payload["policies"]["fcfs"]["steps"]["primary"]
+    assert steps["columns"] == list(STEP_COLUMNS)
+    rows = steps["rows"]
+    assert len(rows) == check["steps"] and all(len(r) == len(STEP_COLUMNS) for r in rows)
+    assert sum(r[6] for r in rows) == pytest.approx(check["busy_s"], abs=1e-4)
+    assert sum(r[4] for r in rows) >= 1 and all(r[2] >= r[1] for r in rows)  # joins; padding
+    done_at = [r[7] for r in rows]
+    assert done_at == sorted(done_at) and done_at[-1] >= sum(r[6] for r in rows)
+    assert "secondary" in payload["policies"]["fcfs"]["steps"]
+    assert StepCost.from_dict(payload["profiles"]["primary"]).name == "tiny-p"
+    assert run_steps(payload, policy="fcfs", target="step") == [r[:7] for r in rows]
+    cycles = run_steps(payload, policy="fcfs")
+    assert all(c[6] >= r[6] for c, r in zip(cycles, rows, strict=True))
 
 
 def test_secondary_is_used_only_with_a_spare_core(monkeypatch):
