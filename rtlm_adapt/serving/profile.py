@@ -36,6 +36,18 @@ DEFAULT_PROFILE = "smollm2-135m-cpu2"
 DEFAULT_SECONDARY_PROFILE = "smollm2-135m-cpu2-secondary"
 
 
+#: StepCost's cost coefficients (seconds, seconds per request or per token; all >= 0).
+COST_COEFFICIENTS = (
+    "decode_s_base",
+    "decode_s_per_seq",
+    "decode_s_per_ctx_token",
+    "prefill_s_base",
+    "prefill_s_per_token",
+    "join_s",
+    "leave_s",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class StepCost:
     name: str
@@ -53,15 +65,7 @@ class StepCost:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for key in (
-            "decode_s_base",
-            "decode_s_per_seq",
-            "decode_s_per_ctx_token",
-            "prefill_s_base",
-            "prefill_s_per_token",
-            "join_s",
-            "leave_s",
-        ):
+        for key in COST_COEFFICIENTS:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
                 raise ValueError(f"StepCost.{key} must be a number >= 0, got {value!r}")

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from rtlm_adapt.serving.profile import StepCost
+from rtlm_adapt.serving.profile import COST_COEFFICIENTS, StepCost
 
 #: What ``fit_step_cost`` fits, per step, in this order. ``context_tokens``: the batch's total
 #: context; ``attended_tokens``: what its decode attended to (``batch * longest`` for a padded
@@ -57,24 +57,14 @@ STEP_COLUMNS = (*FIT_COLUMNS, "done_at_s")
 #: ``step``, the executor's step alone (``duration_s``).
 TARGETS = ("cycle", "step")
 
-#: StepCost fields in the order of the fit's features.
-_COEFS = (
-    "decode_s_base",
-    "decode_s_per_seq",
-    "decode_s_per_ctx_token",
-    "prefill_s_base",
-    "prefill_s_per_token",
-    "join_s",
-    "leave_s",
-)
-
 #: Steps slower than the first fit by more than this many robust standard deviations of the
 #: relative residual are dropped before the refit.
 OUTLIER_SIGMAS = 3.0
 
 
 def step_features(rows: np.ndarray, padded_context: bool) -> np.ndarray:
-    """The fit's design matrix for ``rows`` (an array in ``FIT_COLUMNS`` order)."""
+    """The fit's design matrix for ``rows`` (an array in ``FIT_COLUMNS`` order): one column
+    per StepCost coefficient, in ``COST_COEFFICIENTS`` order."""
     batch, ctx, attended, prefill, joins, leaves = (rows[:, i] for i in range(6))
     context = attended if padded_context else ctx
     has_prefill = (prefill > 0).astype(float)
@@ -136,7 +126,7 @@ def fit_step_cost(
     data = _check_rows(rows, min_steps)
     features = step_features(data, base.padded_context)
     targets = data[:, 6]
-    base_coef = np.array([getattr(base, k) for k in _COEFS])
+    base_coef = np.array([getattr(base, k) for k in COST_COEFFICIENTS])
     # a term the steps never exercise would be fitted as 0 by default: keep base's instead
     unseen = {
         "prefill": not (data[:, 3] > 0).any(),
@@ -146,8 +136,8 @@ def fit_step_cost(
     kept = {3, 4} if unseen["prefill"] else set()
     kept |= {5} if unseen["joins"] else set()
     kept |= {6} if unseen["leaves"] else set()
-    free = [i for i in range(len(_COEFS)) if i not in kept]
-    fixed = [i for i in range(len(_COEFS)) if i in kept]
+    free = [i for i in range(len(COST_COEFFICIENTS)) if i not in kept]
+    fixed = [i for i in range(len(COST_COEFFICIENTS)) if i in kept]
 
     def fit(mask: np.ndarray) -> np.ndarray:
         coef = base_coef.copy()
@@ -172,7 +162,7 @@ def fit_step_cost(
         keep = ~outliers
         coef = fit(keep)
 
-    values = {k: float(v) for k, v in zip(_COEFS, coef, strict=True)}
+    values = {k: float(v) for k, v in zip(COST_COEFFICIENTS, coef, strict=True)}
     if values["decode_s_base"] + values["decode_s_per_seq"] <= 0:
         raise ValueError(
             "the fit gives a decode step no fixed or per-request cost (steps too uniform?)"
@@ -208,7 +198,7 @@ def fit_step_cost(
             # real seconds over predicted, all steps: what the simulator misses in total
             "real_over_fit_busy_s": round(float(targets.sum() / predicted.sum()), 4),
             "outlier_share_of_busy_s": round(float(targets[~keep].sum() / targets.sum()), 4),
-            "kept_from_base": [_COEFS[i] for i in fixed],
+            "kept_from_base": [COST_COEFFICIENTS[i] for i in fixed],
             "mean_batch": round(float(data[:, 0].mean()), 3),
         },
     )
