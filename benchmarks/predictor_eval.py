@@ -26,6 +26,10 @@ Usage::
 
     python benchmarks/predictor_eval.py   # -> benchmarks/results/predictor_eval.json, *.png
     python benchmarks/predictor_eval.py --tiers lexical   # no encoder dependencies
+    # the encoder tier with another encoder (rtlm_adapt.encoder.ENCODERS) and its own prior;
+    # -> benchmarks/results/predictor_eval_smollm2-l16.json (the references then use that
+    # encoder's prior-standardised features: ref_ridge_smollm2-l16, diag_ridge_smollm2-l16_...)
+    python benchmarks/predictor_eval.py --tiers encoder --encoder smollm2-l16 --extra-seeds 1,2
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ def ref_other_models(samples, mask, model: str, lengths: dict[str, dict[str, flo
 
 
 def drift_run(tier: str, lengths, prompts_by_id, emb_by_id, seeds, before: str, after: str,
-              n_before: int = 400, n_after: int = 200):
+              n_before: int = 400, n_after: int = 200, encoder: str | None = None):
     """Per-request absolute errors: switch run and steady-state run (same prompts)."""
     ids = sorted(set(lengths[before]) & set(lengths[after]), key=int)
     switch_err, steady_err, drifts = [], [], []
@@ -109,7 +113,8 @@ def drift_run(tier: str, lengths, prompts_by_id, emb_by_id, seeds, before: str, 
         order = order[: n_before + n_after]
         runs = {}
         for name, first in (("switch", before), ("steady", after)):
-            p = LengthPredictor.pretrained(tier)
+            p = LengthPredictor.pretrained(
+                tier, encoder_name=encoder if tier == "encoder" else None)
             errs = []
             for k, pid in enumerate(order):
                 f = p.features(prompts_by_id[pid], embedding=emb_by_id.get(pid))
@@ -126,18 +131,34 @@ def drift_run(tier: str, lengths, prompts_by_id, emb_by_id, seeds, before: str, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiers", default="lexical,encoder")
+    ap.add_argument("--encoder", default="minilm",
+                    help="the encoder tier's encoder (rtlm_adapt.encoder.ENCODERS); another than "
+                         "minilm writes predictor_eval_NAME.json / predictor_drift_mae_NAME.png")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--holdout-fraction", type=float, default=0.25)
-    ap.add_argument("--json", default="benchmarks/results/predictor_eval.json")
-    ap.add_argument("--png", default="benchmarks/results/predictor_drift_mae.png")
+    ap.add_argument("--json", default=None,
+                    help="default benchmarks/results/predictor_eval.json (minilm), else "
+                         "predictor_eval_NAME.json")
+    ap.add_argument("--png", default=None)
     ap.add_argument("--drift-seeds", type=int, default=5)
     ap.add_argument("--drift-before", default="gpt4_1106_preview")
     ap.add_argument("--drift-after", default="llama-2-7b-chat-hf")
     ap.add_argument("--extra-seeds", default="",
                     help="other split seeds (e.g. 1,2) for which only the tiers' median Kendall "
                          "tau is computed: how much the figure moves with the held-out set")
+    ap.add_argument("--no-drift", action="store_true", help="skip the drift runs")
     args = ap.parse_args(argv)
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    from rtlm_adapt.encoder import check_encoder_name
+
+    encoder = check_encoder_name(args.encoder)
+    suffix = "" if encoder == "minilm" else f"_{encoder}"
+    if args.json is None:
+        args.json = f"benchmarks/results/predictor_eval{suffix}.json"
+    if args.png is None:
+        args.png = f"benchmarks/results/predictor_drift_mae{suffix}.png"
+    ref_name = "minilm" if encoder == "minilm" else encoder
+    enc_name = None if encoder == "minilm" else encoder
 
     t0 = time.perf_counter()
     counter = TokenCounter.default()
@@ -148,21 +169,31 @@ def main(argv: list[str] | None = None) -> int:
     }
     emb_by_id: dict[str, np.ndarray] = {}
     emb_cost: dict[str, float] = {}
+    ref_by_id: dict[str, np.ndarray] = {}  # what the ridge references see
     if "encoder" in tiers:
-        from rtlm_adapt.encoder import PromptEncoder, cached_encode
+        from rtlm_adapt.encoder import cached_encode
 
-        enc = LengthPredictor.pretrained("encoder")._get_encoder()
+        enc_pred = LengthPredictor.pretrained("encoder", encoder_name=enc_name)
+        enc = enc_pred._get_encoder()
         ids = sorted(prompts_by_id, key=int)
-        embs = cached_encode(enc, [prompts_by_id[i] for i in ids])
+        t_enc = time.perf_counter()
+        embs = cached_encode(enc, [prompts_by_id[i] for i in ids],
+                             batch_size=32 if encoder == "minilm" else 16)
+        emb_cost["embed_all_s_or_cache"] = time.perf_counter() - t_enc
         emb_by_id = dict(zip(ids, embs, strict=True))
+        # MiniLM's embeddings as they are (unit vectors); another encoder's as the tier sees them
+        # (standardised with the prior's mean/std, unit length)
+        ref_by_id = dict(zip(ids, enc_pred.prior.transform(embs), strict=True))
         probe = [prompts_by_id[i] for i in ids[:64]]
         enc.encode(probe[:2])  # load weights before timing
-        for bs in (1, 32):
+        import torch
+
+        emb_cost["torch_threads"] = torch.get_num_threads()
+        for bs in (1, 16, 32) if encoder == "minilm" else (1, 16):
             t = time.perf_counter()
             n = 16 if bs == 1 else 64
             enc.encode(probe[:n], batch_size=bs)
             emb_cost[f"embed_ms_per_prompt_batch{bs}"] = (time.perf_counter() - t) / n * 1e3
-        assert isinstance(enc, PromptEncoder)
 
     rows: dict[str, dict[str, float]] = {}
     for m in models:
@@ -172,25 +203,28 @@ def main(argv: list[str] | None = None) -> int:
         for tier in tiers:
             embs = np.stack([emb_by_id[s.id] for s in samples]) if tier == "encoder" else None
             r = evaluate(samples, tier=tier, holdout_fraction=args.holdout_fraction,
-                         seed=args.seed, embeddings=embs)
+                         seed=args.seed, embeddings=embs,
+                         encoder=enc_name if tier == "encoder" else None)
             for k in ("kendall_tau", "interval_coverage", "mae_tokens", "prior_kendall_tau",
                       "predict_us_p50", "learn_us_p50", "features_us_p50"):
                 row[f"{tier}_{k}"] = r[k]
         row["ref_lexical_river"] = ref_lexical_river(samples, mask, args.seed)
-        if emb_by_id:
-            row["ref_ridge_minilm"] = ref_ridge_minilm(samples, mask, emb_by_id)
-            row["diag_ridge_minilm_all_labels"] = diag_ridge_all_labels(samples, mask, emb_by_id)
+        if ref_by_id:
+            row[f"ref_ridge_{ref_name}"] = ref_ridge_minilm(samples, mask, ref_by_id)
+            row[f"diag_ridge_{ref_name}_all_labels"] = diag_ridge_all_labels(samples, mask,
+                                                                             ref_by_id)
         row["ref_other_models"] = ref_other_models(samples, mask, m, lengths)
         rows[m] = row
         print(m, {k: round(v, 3) for k, v in row.items() if "tau" in k or k.startswith("ref")},
               file=sys.stderr, flush=True)
 
     cols = [f"{t}_kendall_tau" for t in tiers] + [f"{t}_interval_coverage" for t in tiers]
-    cols += [c for c in ("ref_lexical_river", "ref_ridge_minilm", "ref_other_models",
-                         "diag_ridge_minilm_all_labels")
+    cols += [c for c in ("ref_lexical_river", f"ref_ridge_{ref_name}", "ref_other_models",
+                         f"diag_ridge_{ref_name}_all_labels")
              if c in next(iter(rows.values()))]
     short = {c: c.replace("_kendall_tau", " tau").replace("_interval_coverage", " cov")
-             .replace("ref_", "ref ").replace("diag_ridge_minilm_all_labels", "diag all-labels")
+             .replace("ref_", "ref ")
+             .replace(f"diag_ridge_{ref_name}_all_labels", "diag all-labels")
              for c in cols}
     print(f"{'model':28s}" + "".join(f"{short[c]:>19s}" for c in cols))
     for m, row in rows.items():
@@ -206,16 +240,18 @@ def main(argv: list[str] | None = None) -> int:
             for tier in tiers:
                 embs = np.stack([emb_by_id[s.id] for s in samples]) if tier == "encoder" else None
                 r = evaluate(samples, tier=tier, holdout_fraction=args.holdout_fraction,
-                             seed=seed, embeddings=embs)
+                             seed=seed, embeddings=embs,
+                             encoder=enc_name if tier == "encoder" else None)
                 taus[tier].append(r["kendall_tau"])
         extra[str(seed)] = {t: float(np.median(v)) for t, v in taus.items()}
         print(f"split seed {seed}: median Kendall tau {extra[str(seed)]}", flush=True)
 
     drift: dict[str, dict] = {}
     curves = {}
-    for tier in tiers:
+    for tier in [] if args.no_drift else tiers:
         sw, st, nd = drift_run(tier, lengths, prompts_by_id, emb_by_id,
-                               range(args.drift_seeds), args.drift_before, args.drift_after)
+                               range(args.drift_seeds), args.drift_before, args.drift_after,
+                               encoder=enc_name)
         after_sw = float(sw[:, 400:600].mean())
         after_st = float(st[:, 400:600].mean())
         drift[tier] = {
@@ -229,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"drift [{tier}]: MAE over the 200 requests after the switch {after_sw:.1f} vs "
               f"steady state {after_st:.1f} (ratio {after_sw / after_st:.3f}); ADWIN detections "
               f"per run {nd}")
-    if args.png:
+    if args.png and curves:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -260,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "embedding_cost": emb_cost,
         "median_kendall_tau_other_split_seeds": extra,
         "settings": {"seed": args.seed, "holdout_fraction": args.holdout_fraction,
-                     "tokenizer": counter.kind, "tiers": tiers},
+                     "tokenizer": counter.kind, "tiers": tiers, "encoder": encoder},
         "elapsed_s": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average_at_end": os.getloadavg(),

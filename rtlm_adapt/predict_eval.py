@@ -87,6 +87,7 @@ def evaluate(
     predictor: LengthPredictor | None = None,
     embeddings: np.ndarray | None = None,
     coverage: float = 0.9,
+    encoder: str | None = None,
 ) -> dict[str, Any]:
     """Prior + prequential stream over the training prompts, then score the held-out ones.
 
@@ -99,7 +100,11 @@ def evaluate(
     predictor
         Start from this predictor instead of the tier's packaged prior (it is trained in place).
     embeddings
-        Precomputed prompt embeddings, one row per sample (encoder tier); else computed (cached).
+        Precomputed prompt embeddings, one row per sample (encoder tier; the encoder's raw
+        output); else computed (cached).
+    encoder
+        Encoder tier: the encoder's name (:data:`rtlm_adapt.encoder.ENCODERS`; default MiniLM),
+        which picks its packaged prior.
 
     Returns
     -------
@@ -110,7 +115,7 @@ def evaluate(
     if len(samples) < 4:
         raise ValueError(f"need at least 4 samples, got {len(samples)}")
     if predictor is None:
-        predictor = LengthPredictor.pretrained(tier, coverage=coverage)
+        predictor = LengthPredictor.pretrained(tier, encoder_name=encoder, coverage=coverage)
     mask = split_by_prompt([str(s.id) for s in samples], holdout_fraction, seed)
     prompts = [s.prompt for s in samples]
     lengths = np.array([float(s.response_tokens) for s in samples])
@@ -118,7 +123,9 @@ def evaluate(
     if predictor.tier == "encoder" and embeddings is None:
         from rtlm_adapt.encoder import cached_encode
 
-        embeddings = cached_encode(predictor._get_encoder(), prompts)
+        minilm = predictor.prior.encoder_name == "minilm"  # type: ignore[union-attr]
+        embeddings = cached_encode(predictor._get_encoder(), prompts,
+                                   batch_size=32 if minilm else 16)
     feat_ns = []
     feats = []
     for i, p in enumerate(prompts):
@@ -159,6 +166,7 @@ def evaluate(
         "n_train": int(len(train)),
         "n_test": int(len(test)),
         "tier": predictor.tier,
+        "encoder": predictor.prior.encoder_name if predictor.tier == "encoder" else None,
         "coverage_target": predictor.coverage,
         "n_drifts": predictor.n_drifts,
     }

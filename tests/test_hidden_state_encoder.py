@@ -263,3 +263,56 @@ def test_smollm2_l16_encoder_and_packaged_prior() -> None:
     short = p.predict_one(p.features("Answer in one word: what is the capital of Peru?"))
     essay = p.predict_one(p.features("Write a detailed 2000-word essay on the French Revolution."))
     assert short.length < essay.length
+
+
+def test_fit_encoder_stores_the_standardisation(tmp_path) -> None:
+    from rtlm_adapt.priors.fit_prior import fit_encoder, standardisation
+
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(200, 12)) * np.r_[1000.0, np.ones(11)] + 50.0
+    y = np.exp(4 + raw[:, 1] + 0.1 * rng.normal(size=200))
+    mean, std, x = standardisation(raw)
+    lex = LengthPrior(4.0, np.zeros(0), {})
+    prior = fit_encoder(lex, ["p"] * 200, y, x, alpha=1.0, n_components=3, base=np.full(200, 4.0),
+                        emb_mean=mean, emb_std=std, meta={"encoder_name": "smollm2-l16"})
+    prior.save(tmp_path / "p.npz")
+    back = LengthPrior.load(tmp_path / "p.npz")
+    np.testing.assert_allclose(back.transform(raw.astype(np.float32)), x, rtol=1e-4, atol=1e-5)
+    pred = [back.embedding_features(r)["emb_prior"] for r in raw]
+    assert kendall_tau(pred, y) > 0.6  # the head works on raw encoder output
+
+
+def test_cli_encoder_flag_needs_the_encoder_tier() -> None:
+    import argparse
+
+    from rtlm_adapt.cli import _tier_spec, build_parser
+
+    args = build_parser().parse_args(
+        ["predict-eval", "--prompts", "x", "--tier", "encoder", "--encoder", "smollm2-l16"]
+    )
+    assert _tier_spec(args) == "encoder:smollm2-l16"
+    assert _tier_spec(argparse.Namespace(tier="encoder", encoder="minilm")) == "encoder"
+    assert _tier_spec(argparse.Namespace(tier="lexical", encoder=None)) == "lexical"
+    with pytest.raises(ValueError, match="needs --tier encoder"):
+        _tier_spec(argparse.Namespace(tier="lexical", encoder="smollm2-l16"))
+    with pytest.raises(ValueError, match="unknown encoder"):
+        _tier_spec(argparse.Namespace(tier="encoder", encoder="nope"))
+
+
+def test_packaged_smollm2_prior_loads_without_the_model() -> None:
+    from rtlm_adapt.encoder_tier import EncoderLengthPredictor
+
+    prior = LengthPrior.packaged("encoder", "smollm2-l16")
+    assert prior.encoder_name == "smollm2-l16"
+    assert prior.emb_mean.shape == prior.emb_std.shape == prior.emb_weights.shape == (576,)
+    assert prior.meta["encoder_kwargs"] == {"model": "smollm2", "layer": 16}
+    for p in (LengthPredictor.pretrained("encoder", encoder="smollm2-l16"),
+              LengthPredictor.pretrained("encoder:smollm2-l16")):
+        assert type(p) is EncoderLengthPredictor and p._emb_model.dim == 576
+        assert p.encoder is None  # created on first use only
+    e = np.random.default_rng(0).normal(size=576).astype(np.float32) * prior.emb_std
+    f = p.features("Write a poem.", embedding=e + prior.emb_mean)
+    assert np.isfinite(p.predict_one(f).length)
+    assert LengthPrior.packaged("encoder:smollm2-l16").encoder_name == "smollm2-l16"
+    with pytest.raises(ValueError, match="tier names encoder"):
+        LengthPrior.packaged("encoder:smollm2-l16", "minilm")

