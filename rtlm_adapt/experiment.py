@@ -189,7 +189,7 @@ def workload_features(workload: Workload, tier: str) -> dict[str, dict]:
             f["uncertainty"] = u
             bases.append(f)
         prompts = [r.prompt for r in workload.requests]
-        if tier == "encoder":
+        if predictor.tier == "encoder":  # any encoder ("encoder:NAME" too): embed in batches
             full = predictor.features_many(prompts)
             for f, b in zip(full, bases, strict=True):
                 f.update(b)
