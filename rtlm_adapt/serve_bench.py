@@ -547,14 +547,8 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
         disable=args.no_progress,
         file=sys.stderr,
     )
-    for i, name in enumerate(policies):
+    for name in policies:
         bar.set_description(name)
-        if i > 0:
-            # Every policy starts from new executors (same weights, new KV buffers and state):
-            # in one process, the policy served second ran 5-8% slower steps than the first
-            # (BENCHMARKS.md section 5), so no run inherits another's executor state.
-            primary, secondary = _fresh_executors(primary, secondary)
-            _warm_up(primary, secondary, thread_map)
         runs[name] = run_real_policy(
             name,
             workload,
@@ -658,16 +652,6 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
-
-
-def _fresh_executors(primary, secondary):
-    """New executors over the same weights, with their names and batch caps."""
-    fresh = sibling_executor(primary, name=primary.name, max_batch_size=primary.max_batch_size)
-    if secondary is None:
-        return fresh, None
-    return fresh, sibling_executor(
-        fresh, name=secondary.name, max_batch_size=secondary.max_batch_size
-    )
 
 
 def _warm_up(primary, secondary, threads: dict[str, int]) -> None:

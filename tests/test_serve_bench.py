@@ -126,21 +126,3 @@ def test_profile_cli_tiny(tmp_path):
     assert cost.padded_context and cost.join_s > 0 and cost.leave_s > 0
     assert set(cost.extra["membership_points_s"]) == {"b2_ctx16", "b2_ctx32"}
     assert len(cost.extra["load_average_before"]) == 3
-
-
-def test_each_policy_gets_fresh_executors_over_the_same_weights():
-    from rtlm_adapt.request import Request
-    from rtlm_adapt.serve_bench import _fresh_executors, load_executor, sibling_executor
-
-    primary = load_executor("tiny", name="primary", max_batch_size=4)
-    secondary = sibling_executor(primary, name="secondary", max_batch_size=2)
-    primary.admit([Request("a", "Hello there", 0.0, max_tokens=8)], 0.0)
-    primary.step(0.0)  # the first policy's run leaves state behind (a running request, buffers)
-    assert primary.running() == 1
-
-    fresh, fresh_secondary = _fresh_executors(primary, secondary)
-    assert fresh is not primary and fresh_secondary is not secondary
-    assert fresh.model is primary.model and fresh_secondary.model is primary.model
-    assert (fresh.name, fresh.max_batch_size, fresh.running()) == ("primary", 4, 0)
-    assert (fresh_secondary.name, fresh_secondary.max_batch_size) == ("secondary", 2)
-    assert _fresh_executors(primary, None)[1] is None
