@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     samples = load_prompts(args.prompts, tokenizer=TokenCounter.default())
-    p = LengthPredictor.pretrained("encoder", encoder_name=args.encoder)
+    p = LengthPredictor.pretrained("encoder", encoder=args.encoder)
     cap = p._emb_model.capacity
     rng = np.random.default_rng(0)
     dim = p._emb_model.dim

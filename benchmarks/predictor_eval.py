@@ -114,7 +114,7 @@ def drift_run(tier: str, lengths, prompts_by_id, emb_by_id, seeds, before: str, 
         runs = {}
         for name, first in (("switch", before), ("steady", after)):
             p = LengthPredictor.pretrained(
-                tier, encoder_name=encoder if tier == "encoder" else None)
+                tier, encoder=encoder if tier == "encoder" else None)
             errs = []
             for k, pid in enumerate(order):
                 f = p.features(prompts_by_id[pid], embedding=emb_by_id.get(pid))
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if "encoder" in tiers:
         from rtlm_adapt.encoder import cached_encode
 
-        enc_pred = LengthPredictor.pretrained("encoder", encoder_name=enc_name)
+        enc_pred = LengthPredictor.pretrained("encoder", encoder=enc_name)
         enc = enc_pred._get_encoder()
         ids = sorted(prompts_by_id, key=int)
         t_enc = time.perf_counter()

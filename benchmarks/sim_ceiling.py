@@ -39,7 +39,7 @@ from pathlib import Path
 from rtlm_adapt.cli import _load_samples
 from rtlm_adapt.experiment import run_policy
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion
-from rtlm_adapt.serve_bench import fidelity, real_workload, replay_length
+from rtlm_adapt.serve_bench import fidelity, replay_length, workload_from_args
 from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.serving.step_fit import fit_step_cost, run_steps
 
@@ -189,16 +189,7 @@ def main() -> None:
 
     samples, _ = _load_samples(args)
     cost = StepCost.load(args.profile)
-    workload = real_workload(
-        samples,
-        n=args.requests,
-        load=args.load,
-        seed=args.seed,
-        arrivals=args.arrivals,
-        slo=args.slo,
-        cost=cost,
-        max_tokens=args.max_tokens,
-    )
+    workload = workload_from_args(args, samples, cost)
     if args.fidelity:
         fidelity_of_run(args, workload)
         return

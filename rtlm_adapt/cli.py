@@ -95,6 +95,15 @@ def _tier_spec(args: argparse.Namespace) -> str:
     return args.tier if name == DEFAULT_ENCODER else f"encoder:{name}"
 
 
+def _add_encoder_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder tier only: its encoder, minilm (default) or smollm2-l16 (the served "
+        "SmolLM2's layer-16 hidden state: better ranking, ~6-8x the embedding cost)",
+    )
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -264,12 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="length predictor tier: lexical (microseconds) or encoder (adds prompt embeddings, "
         "see --encoder)",
     )
-    sim.add_argument(
-        "--encoder",
-        default=None,
-        help="encoder tier only: its encoder, minilm (default) or smollm2-l16 (the served "
-        "SmolLM2's layer-16 hidden state: better ranking, ~6-8x the embedding cost)",
-    )
+    _add_encoder_arg(sim)
     sim.add_argument("--json", help="write the figures to this JSON file")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.set_defaults(func=cmd_simulate)
@@ -281,12 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--prompts", required=True, help="AlpacaEval-format .jsonl/.jsonl.gz, "
                     "'alpaca:MODEL' or 'sharegpt'")
     pe.add_argument("--tier", choices=("lexical", "encoder"), default="lexical")
-    pe.add_argument(
-        "--encoder",
-        default=None,
-        help="encoder tier only: its encoder, minilm (default) or smollm2-l16 (the served "
-        "SmolLM2's layer-16 hidden state: better ranking, ~6-8x the embedding cost)",
-    )
+    _add_encoder_arg(pe)
     pe.add_argument("--holdout-fraction", type=float, default=0.25)
     pe.add_argument("--seed", type=int, default=0)
     pe.add_argument("--coverage", type=float, default=0.9, help="interval coverage target")

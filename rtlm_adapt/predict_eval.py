@@ -115,7 +115,7 @@ def evaluate(
     if len(samples) < 4:
         raise ValueError(f"need at least 4 samples, got {len(samples)}")
     if predictor is None:
-        predictor = LengthPredictor.pretrained(tier, encoder_name=encoder, coverage=coverage)
+        predictor = LengthPredictor.pretrained(tier, encoder=encoder, coverage=coverage)
     mask = split_by_prompt([str(s.id) for s in samples], holdout_fraction, seed)
     prompts = [s.prompt for s in samples]
     lengths = np.array([float(s.response_tokens) for s in samples])

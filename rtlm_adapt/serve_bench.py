@@ -126,6 +126,21 @@ def real_workload(
     return dataclasses.replace(workload, requests=requests)
 
 
+def workload_from_args(args: Any, samples: Sequence[PromptSample], cost: StepCost) -> Workload:
+    """:func:`real_workload` from serve-bench's flags (``requests``, ``load``, ``seed``,
+    ``arrivals``, ``slo``, ``max_tokens``): other tools rebuild a run's exact workload with it."""
+    return real_workload(
+        samples,
+        n=args.requests,
+        load=args.load,
+        seed=args.seed,
+        arrivals=args.arrivals,
+        slo=args.slo,
+        cost=cost,
+        max_tokens=args.max_tokens,
+    )
+
+
 @dataclass
 class RealRun:
     name: str
@@ -527,16 +542,7 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
         profiles["secondary"] = secondary_cost
         thread_map["secondary"] = secondary_threads
 
-    workload = real_workload(
-        samples,
-        n=args.requests,
-        load=args.load,
-        seed=args.seed,
-        arrivals=args.arrivals,
-        slo=args.slo,
-        cost=primary_cost,
-        max_tokens=args.max_tokens,
-    )
+    workload = workload_from_args(args, samples, primary_cost)
     print(f"workload: {workload.description}", file=sys.stderr)
     _warm_up(primary, secondary, thread_map)
 
