@@ -82,6 +82,8 @@ _TOKEN_CACHE_MAX = 200_000
 #: Prepared forms of recently predicted feature dicts (per predictor), see
 #: ``LengthPredictor._prepared``; cleared when full.
 _MEMO_MAX = 4096
+# Bound on the ids of dicts a prepared form remembers as predicted (see predict_one).
+_SEEN_MAX = 64
 #: :meth:`LengthPredictor.features` stores the prepared form of the features it returns under
 #: this key (its value is a float 0.0; the model ignores the key), so that predict and learn
 #: skip that per-request work (see ``LengthPredictor._prepared``).
@@ -626,7 +628,12 @@ class LengthPredictor:
         """
         prep = features.get(PREPARED_KEY)
         if self._valid(prep, features):
-            prep.seen = id(features)  # learn_one can trust it for this dict (see there)
+            # learn_one can trust this very dict (see there). A set, not one id: copies of a
+            # features dict (the same prompt submitted again) share their prepared form.
+            seen = prep.seen
+            if len(seen) >= _SEEN_MAX:
+                seen.clear()  # copies predicted but never learned from (dropped, failed)
+            seen.add(id(features))
         else:
             prep = self._prepared(features)
             if prep is None:
@@ -724,11 +731,10 @@ class LengthPredictor:
             logger.warning("LengthPredictor: rejected true_length=%r", true_length)
             return False
         prep = features.get(PREPARED_KEY)
-        if not (
-            self._current(prep)
-            and prep.seen == id(features)  # predict_one checked it for this very dict
-            and len(features) == prep.n_keys
-        ) and not self._valid(prep, features):
+        key = id(features)
+        if self._current(prep) and key in prep.seen and len(features) == prep.n_keys:
+            prep.seen.discard(key)  # predict_one checked it for this very dict
+        elif not self._valid(prep, features):
             # predicted (memoised), now learnt from: done with it
             prep = self._memo.pop(id(features), None)
             if not self._valid(prep, features):
@@ -1012,7 +1018,7 @@ class LengthPredictor:
         prep = _Prepared(0.0)
         prep.snap = None
         prep.n_keys = -1
-        prep.seen = -1
+        prep.seen = set()
         prep.dense = dense
         prep.n_stats = len(stats)
         n = len(pos) + len(hashed)  # fromiter with a count: the cheapest list -> array

@@ -538,3 +538,22 @@ def test_learn_one_learns_a_predicted_request_as_it_was_predicted() -> None:
     probe = base.features("Name one prime number.")
     assert p.predict_one(probe) == q.predict_one(probe)
     assert r.predict_one(probe) != q.predict_one(probe)
+
+
+def test_copies_of_one_features_dict_are_each_learnt_as_predicted() -> None:
+    # The same prompt submitted twice: two copies of one features dict share its prepared
+    # form. Each copy is learnt from as it was predicted, whichever copy was predicted last.
+    base = LengthPredictor.pretrained("lexical")
+    f = base.features("Write a detailed essay on the French Revolution.")
+    name = next(k for k in f if isinstance(k, str) and k != PREPARED_KEY)
+    p, q = copy.deepcopy(base), copy.deepcopy(base)
+    first, second = dict(f), dict(f)
+    p.predict_one(first)
+    p.predict_one(second)  # predicted after the first copy, before it finishes
+    first[name] += 5.0  # changed after its prediction: learnt as predicted
+    p.learn_one(first, 40.0)
+    p.learn_one(second, 90.0)
+    q.learn_one(_plain(f), 40.0)
+    q.learn_one(_plain(f), 90.0)
+    probe = base.features("Name one prime number.")
+    assert p.predict_one(probe) == q.predict_one(probe)
