@@ -42,6 +42,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompts",
@@ -374,6 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare-sim",
         action="store_true",
         help="replay the requests with their real lengths through the simulator: fidelity",
+    )
+    sb.add_argument(
+        "--calibrate",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="before each policy, serve N requests (FCFS, other arrivals) and fit the "
+        "simulator's profile to their steps: the replay charges the machine's cost now",
+    )
+    sb.add_argument(
+        "--isolate",
+        action="store_true",
+        help="serve each policy in a process of its own (fresh interpreter and model)",
     )
     sb.add_argument("--json", help="write the figures to this JSON file")
     sb.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -15,6 +15,12 @@ What ``rtlm-adapt serve-bench`` runs:
    times measure how far the simulator can be trusted.
 3. Every single-iteration step each executor took (``policies.NAME.steps``): what
    ``rtlm-adapt profile --from-run`` fits a profile to (``rtlm_adapt.serving.step_fit``).
+4. Optionally (``calibrate``), before each policy, a short real FCFS run on other arrivals
+   whose steps are fitted to a profile (:func:`calibrated_profile`): the simulator replay then
+   charges what the machine costs *now* (a shared host's speed drifts by tens of percent over
+   an afternoon, far more than the 15% the fidelity check allows).
+5. Optionally (``isolate``), each policy in a process of its own (a fresh interpreter, model
+   load and warm-up), so that no policy inherits the state an earlier one left behind.
 
 The controller predicts lengths with its default pretrained predictor, which has never seen the
 served model's outputs; requests carry no true length (oracle policies are refused).
@@ -252,6 +258,97 @@ def run_real_policy(
     return RealRun(
         policy, summarize(result.completions), result.completions, offloaded, step_check, steps
     )
+
+
+@dataclass
+class ServeSpec:
+    """What serving one policy needs, picklable so that a fresh process can do it
+    (:func:`serve_policy`)."""
+
+    model: str
+    primary_max_batch: int
+    secondary_max_batch: int  # 0: no secondary executor
+    threads: dict[str, int]
+    profiles: dict[str, StepCost]
+    workload: Workload
+    tier: str = "lexical"
+    wall_timeout_s: float | None = 120.0
+    #: requests of a calibration run before the policy (None: no calibration)
+    calibration: Workload | None = None
+
+
+@dataclass
+class ServedPolicy:
+    run: RealRun
+    #: the profile fitted to the calibration run's primary steps, and that run (or None)
+    calibrated: StepCost | None = None
+    calibration: RealRun | None = None
+
+
+def build_executors(spec: ServeSpec):
+    """The primary (and secondary, if any) executor of ``spec``, warmed up."""
+    import torch
+
+    torch.set_num_threads(spec.threads["primary"])
+    primary = load_executor(spec.model, name="primary", max_batch_size=spec.primary_max_batch)
+    secondary = None
+    if spec.secondary_max_batch > 0:
+        secondary = sibling_executor(
+            primary, name="secondary", max_batch_size=spec.secondary_max_batch
+        )
+    _warm_up(primary, secondary, spec.threads)
+    return primary, secondary
+
+
+def calibrated_profile(calibration: RealRun, base: StepCost) -> StepCost:
+    """``base``'s form fitted to the primary's steps in ``calibration`` (timed by their cycles
+    through the loop, as ``rtlm-adapt profile --from-run`` does by default)."""
+    from rtlm_adapt.serving.step_fit import fit_step_cost, run_steps
+
+    payload = {"policies": {"calibration": {"steps": step_records(calibration.steps)}}}
+    rows = run_steps(payload, policy="calibration")
+    return fit_step_cost(
+        rows,
+        base,
+        name=f"{base.name}-calibrated",
+        source=f"fitted to {len(rows)} steps of a {len(calibration.completions)}-request "
+        f"FCFS calibration run just before the policy, from {base.name}",
+    )
+
+
+def serve_policy(
+    policy: str,
+    spec: ServeSpec,
+    executors: tuple[Any, Any] | None = None,
+    on_completion: Callable[[Completion], None] | None = None,
+) -> ServedPolicy:
+    """Serve ``spec.workload`` under ``policy`` (after the calibration run, if any), on
+    ``executors`` or on new ones (what a fresh process does: see ``--isolate``)."""
+    primary, secondary = executors if executors is not None else build_executors(spec)
+    serve = dict(
+        profiles=spec.profiles,
+        threads=spec.threads,
+        tier=spec.tier,
+        wall_timeout_s=spec.wall_timeout_s,
+    )
+    calibrated = calibration = None
+    if spec.calibration is not None:
+        calibration = run_real_policy("fcfs", spec.calibration, primary, secondary, **serve)
+        calibrated = calibrated_profile(calibration, spec.profiles["primary"])
+    run = run_real_policy(
+        policy, spec.workload, primary, secondary, on_completion=on_completion, **serve
+    )
+    return ServedPolicy(run, calibrated, calibration)
+
+
+def serve_policy_isolated(policy: str, spec: ServeSpec) -> ServedPolicy:
+    """:func:`serve_policy` in a new process (spawned: a fresh interpreter, not a fork of
+    this one's threads and allocator state)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(serve_policy, policy, spec).result()
 
 
 def replay_length(completion: Completion, max_tokens: int) -> int:
@@ -544,9 +641,34 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
 
     workload = workload_from_args(args, samples, primary_cost)
     print(f"workload: {workload.description}", file=sys.stderr)
-    _warm_up(primary, secondary, thread_map)
+    calibration = None
+    if args.calibrate:
+        # other arrivals (and prompts) than the benchmark's, at the same load
+        calibration = real_workload(
+            samples,
+            n=args.calibrate,
+            load=args.load,
+            seed=args.seed + 1,
+            arrivals=args.arrivals,
+            slo=args.slo,
+            cost=primary_cost,
+            max_tokens=args.max_tokens,
+        )
+    spec = ServeSpec(
+        model=args.model,
+        primary_max_batch=primary.max_batch_size,
+        secondary_max_batch=secondary.max_batch_size if secondary is not None else 0,
+        threads=thread_map,
+        profiles=profiles,
+        workload=workload,
+        tier=args.tier,
+        wall_timeout_s=args.wall_timeout,
+        calibration=calibration,
+    )
+    if not args.isolate:
+        _warm_up(primary, secondary, thread_map)
 
-    runs: dict[str, RealRun] = {}
+    served: dict[str, ServedPolicy] = {}
     bar = tqdm(
         total=len(policies) * len(workload.requests),
         unit="req",
@@ -554,19 +676,16 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
         file=sys.stderr,
     )
     for name in policies:
-        bar.set_description(name)
-        runs[name] = run_real_policy(
-            name,
-            workload,
-            primary,
-            secondary,
-            profiles=profiles,
-            threads=thread_map,
-            tier=args.tier,
-            wall_timeout_s=args.wall_timeout,
-            on_completion=lambda _c: bar.update(1),
-        )
+        bar.set_description(name + (" (calibrating first)" if calibration else ""))
+        if args.isolate:  # progress by whole policies: the run is in another process
+            served[name] = serve_policy_isolated(name, spec)
+            bar.update(len(workload.requests))
+        else:
+            served[name] = serve_policy(
+                name, spec, (primary, secondary), on_completion=lambda _c: bar.update(1)
+            )
     bar.close()
+    runs = {name: s.run for name, s in served.items()}
     results = {name: run.summary for name, run in runs.items()}
     print(format_table(results))
 
@@ -582,6 +701,7 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
                 "step_check": run.step_check,
                 "requests": request_records(run.completions),
                 "steps": step_records(run.steps),
+                **_calibration_json(served[name]),
             }
             for name, run in runs.items()
         },
@@ -589,29 +709,39 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
         "profiles": {name: dataclasses.asdict(cost) for name, cost in profiles.items()},
     }
     if args.compare_sim:
-        fid = {}
+        # the profile served with and, with --calibrate, each policy's calibrated one; the
+        # calibrated replay (the machine's cost now) is the one reported as sim_fidelity
+        by_profile: dict[str, dict[str, dict]] = {"served": {}, "calibrated": {}}
         sim_results = {}
         for name, run in runs.items():
-            sim = sim_replay(
-                name,
-                workload,
-                run.completions,
-                primary_cost=primary_cost,
-                secondary_cost=secondary_cost if secondary is not None else None,
-                max_tokens=args.max_tokens,
-                tier=args.tier,
-            )
-            fid[name] = fidelity(sim, run.completions)
-            sim_results[name] = summarize(sim)
+            costs = {"served": primary_cost, "calibrated": served[name].calibrated}
+            for which, cost in costs.items():
+                if cost is None:
+                    continue
+                sim = sim_replay(
+                    name,
+                    workload,
+                    run.completions,
+                    primary_cost=cost,
+                    secondary_cost=secondary_cost if secondary is not None else None,
+                    max_tokens=args.max_tokens,
+                    tier=args.tier,
+                )
+                by_profile[which][name] = {**fidelity(sim, run.completions), "profile": cost.name}
+                sim_results[name] = summarize(sim)
+        fid = by_profile["calibrated"] or by_profile["served"]
         payload["sim_fidelity"] = fid
+        payload["sim_fidelity_by_profile"] = {k: v for k, v in by_profile.items() if v}
         payload["sim_policies"] = {n: summary_json(s) for n, s in sim_results.items()}
         print("simulator replay with the real lengths:")
         print(format_table(sim_results))
-        for name, f in fid.items():
-            print(
-                f"fidelity {name}: mean RT sim/real {f['mean_rt_ratio_sim_over_real']:.3f}, "
-                f"Spearman {f['spearman']:.3f} (n={f['n']})"
-            )
+        for which, per_policy in payload["sim_fidelity_by_profile"].items():
+            for name, f in per_policy.items():
+                print(
+                    f"fidelity {name} ({which} profile {f['profile']}): mean RT sim/real "
+                    f"{f['mean_rt_ratio_sim_over_real']:.3f}, Spearman {f['spearman']:.3f} "
+                    f"(n={f['n']})"
+                )
     elapsed = time.perf_counter() - t0
     payload["workload"] = {
         "prompts": args.prompts,
@@ -636,6 +766,7 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
         "secondary_choice": secondary_reason,
         "cpu_count": os.cpu_count(),
         "secondary_max_batch": secondary.max_batch_size if secondary is not None else 0,
+        "process_per_policy": bool(args.isolate),
     }
     payload.update(
         batching="continuous",
@@ -658,6 +789,21 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
+
+
+def _calibration_json(served: ServedPolicy) -> dict[str, Any]:
+    """A policy's calibration run in serve-bench's JSON (nothing without one)."""
+    if served.calibration is None or served.calibrated is None:
+        return {}
+    cal = served.calibration
+    return {
+        "calibration": {
+            "requests": len(cal.completions),
+            "mean_rt_s": cal.summary.mean_rt_s,
+            "step_check": cal.step_check,
+            "profile": dataclasses.asdict(served.calibrated),
+        }
+    }
 
 
 def _warm_up(primary, secondary, threads: dict[str, int]) -> None:

@@ -126,3 +126,49 @@ def test_profile_cli_tiny(tmp_path):
     assert cost.padded_context and cost.join_s > 0 and cost.leave_s > 0
     assert set(cost.extra["membership_points_s"]) == {"b2_ctx16", "b2_ctx32"}
     assert len(cost.extra["load_average_before"]) == 3
+
+
+def test_serve_bench_isolated_and_calibrated(tmp_path, alpaca_file):
+    # Each policy in a fresh process, after a calibration run whose steps give the profile the
+    # simulator replays with; the served profile's fidelity is kept alongside.
+    out = tmp_path / "bench.json"
+    argv = [
+        "serve-bench",
+        "--model", "tiny",
+        "--prompts", str(alpaca_file),
+        "--tokenizer", "words",
+        "--requests", "8",
+        "--load", "0.8",
+        "--seed", "3",
+        "--policies", "heuristic",
+        "--max-tokens", "12",
+        "--profile", _tiny_cost(tmp_path / "p.json", "tiny-p", 4),
+        "--threads", "1",
+        "--secondary-threads", "0",
+        "--calibrate", "6",
+        "--isolate",
+        "--compare-sim",
+        "--no-progress",
+        "--json", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert payload["executor"]["process_per_policy"] is True
+    for name, figures in payload["policies"].items():
+        assert figures["completed"] + figures["failed"] == 8
+        cal = figures["calibration"]
+        assert cal["requests"] == 6 and cal["step_check"]["primary"]["steps"] > 0
+        fitted = StepCost.from_dict(cal["profile"])
+        assert fitted.name == "tiny-p-calibrated" and fitted.max_batch_size == 4
+        # the tiny model on this CPU costs nothing like the made-up profile: the fit moved
+        assert fitted != StepCost.load(tmp_path / "p.json")
+        by_profile = payload["sim_fidelity_by_profile"]
+        assert by_profile["calibrated"][name]["profile"] == "tiny-p-calibrated"
+        assert by_profile["served"][name]["profile"] == "tiny-p"
+        assert payload["sim_fidelity"][name] == by_profile["calibrated"][name]
+
+
+def test_serve_bench_rejects_a_negative_calibration(tmp_path, alpaca_file, capsys):
+    with pytest.raises(SystemExit):
+        main(["serve-bench", "--model", "tiny", "--prompts", str(alpaca_file), "--calibrate", "-1"])
+    assert "--calibrate" in capsys.readouterr().err
