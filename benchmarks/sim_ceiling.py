@@ -19,6 +19,10 @@ a run took (``fit_step_cost``; RUN2, or the --fidelity run itself, and only NAME
 fidelity is out of sample (``--fit-target``: ``cycle``, each step with the loop's work
 until the next, or ``step``, the executor's step alone). The fit keeps the batch cap, padding
 and unexercised terms of ``--sim-profile`` (default ``--profile``) and ``--secondary-profile``.
+``--calibrated`` replays each policy with the profile fitted to its own calibration run
+(``serve-bench --calibrate N``). In every replay the controller starts from the profile the run
+served with (its JSON's ``profiles``), as the real controller did, whatever the simulated
+executor charges.
 
 Usage::
 
@@ -26,6 +30,7 @@ Usage::
     python benchmarks/sim_ceiling.py --generate --threads 1 --lengths-out /tmp/lengths.json
     python benchmarks/sim_ceiling.py --fidelity RUN.json --sim-profile quiet.json
     python benchmarks/sim_ceiling.py --fidelity RUN.json --fit-policy fcfs
+    python benchmarks/sim_ceiling.py --fidelity RUN.json --calibrated
 """
 
 from __future__ import annotations
@@ -107,8 +112,17 @@ def fidelity_of_run(args, workload) -> None:
     fit = None
     if args.fit_from or args.fit_policy:
         sim_cost, secondary, fit = fitted_profiles(args, payload, sim_cost, secondary)
+    # The replayed controller starts from the profile the real one served with (recorded in the
+    # run), whatever the simulated executor charges: a heuristic's knobs depend on it.
+    served = payload.get("profiles", {})
+    controller = {k: StepCost.from_dict(v) for k, v in served.items()} or None
     out = {}
     for name, figures in payload["policies"].items():
+        policy_cost = sim_cost
+        if args.calibrated:
+            if "calibration" not in figures:
+                raise SystemExit(f"{args.fidelity}: policy {name!r} has no calibration run")
+            policy_cost = StepCost.from_dict(figures["calibration"]["profile"])
         real = [
             Completion(r["id"], r["output_tokens"], 0.0, 0.0, r["response_time_s"], "x")
             for r in figures["requests"]
@@ -121,9 +135,16 @@ def fidelity_of_run(args, workload) -> None:
             if r.id in lengths
         ]
         replay = dataclasses.replace(workload, requests=requests)
-        sim = run_policy(name, replay, primary_cost=sim_cost, secondary_cost=secondary)
+        sim = run_policy(
+            name,
+            replay,
+            primary_cost=policy_cost,
+            secondary_cost=secondary,
+            controller_profiles=controller,
+        )
         out[name] = fidelity(sim.completions, real)
         f = out[name]
+        f["profile"] = policy_cost.name
         if fit is not None:
             # in sample: the policy's own steps were among those fitted
             f["in_sample"] = (args.fit_from or args.fidelity) == args.fidelity and (
@@ -182,10 +203,18 @@ def main() -> None:
         default="cycle",
         help="fit each step's cycle (with the loop's work between steps) or the step alone",
     )
+    parser.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="with --fidelity: replay each policy with its own calibration profile "
+        "(serve-bench --calibrate)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
-    if (args.fit_from or args.fit_policy) and not args.fidelity:
-        parser.error("--fit-from and --fit-policy go with --fidelity")
+    if (args.fit_from or args.fit_policy or args.calibrated) and not args.fidelity:
+        parser.error("--fit-from, --fit-policy and --calibrated go with --fidelity")
+    if args.calibrated and (args.fit_from or args.fit_policy):
+        parser.error("--calibrated replays each policy's own calibration: no --fit-*")
 
     samples, _ = _load_samples(args)
     cost = StepCost.load(args.profile)

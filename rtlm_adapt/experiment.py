@@ -7,7 +7,7 @@ requests (same prompts, lengths, arrivals and deadlines) and a fresh controller 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,11 +134,15 @@ def run_policy(
     controller_factory: Callable[..., AdaptiveController] | None = None,
     on_completion: Callable[[Completion], None] | None = None,
     tier: str = "lexical",
+    controller_profiles: Mapping[str, StepCost] | None = None,
 ) -> PolicyRun:
     """Serve the workload under one policy on simulated executors.
 
     ``tier`` picks the length predictor (``lexical`` or ``encoder``); prompt features are
     computed once per workload, in batches, as a serving front end would upstream.
+    ``controller_profiles``: the costs the controller's latency models start from, where they
+    differ from what the simulated executors charge (a replay of a real run whose controller
+    believed one profile while the machine cost another); default the executors' own.
     """
     primary_cost = primary_cost or StepCost.default()
     profiles = {"primary": primary_cost}
@@ -146,6 +150,8 @@ def run_policy(
     if secondary_cost is not None:
         profiles["secondary"] = secondary_cost
         secondary = SimulatedExecutor("secondary", secondary_cost, batching=batching)
+    if controller_profiles is not None:
+        profiles = {**profiles, **controller_profiles}
     if controller_factory is not None:
         controller = controller_factory(policy, profiles=profiles, batching=batching)
     else:

@@ -373,8 +373,13 @@ def sim_replay(
     secondary_cost: StepCost | None,
     max_tokens: int,
     tier: str = "lexical",
+    controller_cost: StepCost | None = None,
 ) -> list[Completion]:
-    """The workload through the simulator, each request with its real generated length."""
+    """The workload through the simulator, each request with its real generated length.
+
+    ``controller_cost``: the primary profile the real run's controller started from, when the
+    simulated executor charges another (a calibrated one): the replayed controller must
+    believe what the real one believed, or its decisions (a heuristic's batch cap) differ."""
     lengths = {c.request_id: replay_length(c, max_tokens) for c in real}
     requests = [
         dataclasses.replace(r, metadata={**r.metadata, TRUE_LENGTH_KEY: lengths[r.id]})
@@ -387,6 +392,7 @@ def sim_replay(
         primary_cost=primary_cost,
         secondary_cost=secondary_cost,
         tier=tier,
+        controller_profiles=None if controller_cost is None else {"primary": controller_cost},
     )
     return run.completions
 
@@ -726,6 +732,7 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
                     secondary_cost=secondary_cost if secondary is not None else None,
                     max_tokens=args.max_tokens,
                     tier=args.tier,
+                    controller_cost=primary_cost,  # what the real run's controller started from
                 )
                 by_profile[which][name] = {**fidelity(sim, run.completions), "profile": cost.name}
                 sim_results[name] = summarize(sim)

@@ -115,3 +115,25 @@ def test_old_profiles_charge_no_membership_cost():
         StepCost.from_dict({**old, "padded_context": 1})
     with pytest.raises(ValueError, match="join_s"):
         StepCost.from_dict({**old, "join_s": -1.0})
+
+
+def test_a_replay_controller_can_believe_another_profile_than_the_executor_charges():
+    # serve-bench's fidelity replay: the simulated executor charges a calibrated profile while
+    # the controller starts from the profile the real run's controller served with.
+    from rtlm_adapt.experiment import Workload, run_policy
+
+    served = StepCost.default()
+    calibrated = StepCost(
+        "calibrated", 0.2, 0.01, 2e-5, 0.1, 0.003, max_batch_size=served.max_batch_size
+    )
+    requests = [make_request(f"r{i}", 0.5 * i, 20 + 7 * i) for i in range(12)]
+    workload = Workload(requests, 2.0, 0.8, 1.0, 2.5, "test")
+    plain = run_policy("heuristic", workload, primary_cost=calibrated)
+    replay = run_policy(
+        "heuristic", workload, primary_cost=calibrated, controller_profiles={"primary": served}
+    )
+    assert plain.controller.latency["primary"].prior is calibrated
+    assert replay.controller.latency["primary"].prior is served
+    # the executor charged the calibrated costs in both: the same work takes as long
+    busy = calibrated.step_time(1, 16 + 20)
+    assert min(c.finish_time - c.start_time for c in replay.completions) >= busy
