@@ -740,7 +740,8 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
         payload["sim_fidelity"] = fid
         payload["sim_fidelity_by_profile"] = {k: v for k, v in by_profile.items() if v}
         payload["sim_policies"] = {n: summary_json(s) for n, s in sim_results.items()}
-        print("simulator replay with the real lengths:")
+        which = "each policy's own calibrated profile" if by_profile["calibrated"] else "served"
+        print(f"simulator replay with the real lengths ({which}):")
         print(format_table(sim_results))
         for which, per_policy in payload["sim_fidelity_by_profile"].items():
             for name, f in per_policy.items():
