@@ -247,6 +247,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_serve_bench(args: argparse.Namespace) -> int:
     from rtlm_adapt.serve_bench import cmd_serve_bench as run
 
+    args.tier = _tier_spec(args)  # "encoder:NAME" for --encoder NAME
     samples, counter = _load_samples(args)
     return run(args, samples, counter.kind)
 
@@ -378,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sb.add_argument("--secondary-profile", default="auto", help="secondary cost profile")
     sb.add_argument("--tier", choices=("lexical", "encoder"), default="lexical")
+    _add_encoder_arg(sb)
     sb.add_argument("--wall-timeout", type=_positive_float, default=120.0, help="hung step (s)")
     sb.add_argument(
         "--compare-sim",

@@ -172,3 +172,20 @@ def test_serve_bench_rejects_a_negative_calibration(tmp_path, alpaca_file, capsy
     with pytest.raises(SystemExit):
         main(["serve-bench", "--model", "tiny", "--prompts", str(alpaca_file), "--calibrate", "-1"])
     assert "--calibrate" in capsys.readouterr().err
+
+
+def test_serve_bench_takes_an_encoder_for_the_encoder_tier(monkeypatch, alpaca_file, capsys):
+    from rtlm_adapt import serve_bench
+
+    seen = {}
+
+    def capture(args, samples, counter_kind):
+        seen["t"] = args.tier
+        return 0
+
+    monkeypatch.setattr(serve_bench, "cmd_serve_bench", capture)
+    base = ["serve-bench", "--model", "tiny", "--prompts", str(alpaca_file), "--tokenizer", "words"]
+    assert main([*base, "--tier", "encoder", "--encoder", "smollm2-l16"]) == 0
+    assert seen["t"] == "encoder:smollm2-l16"
+    assert main([*base, "--encoder", "smollm2-l16"]) == 2  # lexical tier: no encoder
+    assert "--encoder smollm2-l16 needs --tier encoder" in capsys.readouterr().err
