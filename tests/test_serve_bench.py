@@ -37,9 +37,9 @@ def _tiny_cost(path, name, batch):
     return str(path)
 
 
-def test_serve_bench_tiny_writes_the_documented_json(tmp_path, alpaca_file):
-    out = tmp_path / "bench.json"
-    argv = [
+def _tiny_bench(tmp_path, alpaca_file, policies: str) -> list[str]:
+    """serve-bench on the tiny model: 8 requests at load 0.8, 12 tokens, a made-up profile."""
+    return [
         "serve-bench",
         "--model", "tiny",
         "--prompts", str(alpaca_file),
@@ -47,9 +47,16 @@ def test_serve_bench_tiny_writes_the_documented_json(tmp_path, alpaca_file):
         "--requests", "8",
         "--load", "0.8",
         "--seed", "3",
-        "--policies", "fcfs,heuristic",
+        "--policies", policies,
         "--max-tokens", "12",
         "--profile", _tiny_cost(tmp_path / "p.json", "tiny-p", 4),
+    ]  # fmt: skip
+
+
+def test_serve_bench_tiny_writes_the_documented_json(tmp_path, alpaca_file):
+    out = tmp_path / "bench.json"
+    argv = [
+        *_tiny_bench(tmp_path, alpaca_file, "fcfs,heuristic"),
         "--secondary-profile", _tiny_cost(tmp_path / "s.json", "tiny-s", 2),
         "--threads", "1",
         "--secondary-threads", "1",
@@ -133,16 +140,7 @@ def test_serve_bench_isolated_and_calibrated(tmp_path, alpaca_file):
     # simulator replays with; the served profile's fidelity is kept alongside.
     out = tmp_path / "bench.json"
     argv = [
-        "serve-bench",
-        "--model", "tiny",
-        "--prompts", str(alpaca_file),
-        "--tokenizer", "words",
-        "--requests", "8",
-        "--load", "0.8",
-        "--seed", "3",
-        "--policies", "heuristic",
-        "--max-tokens", "12",
-        "--profile", _tiny_cost(tmp_path / "p.json", "tiny-p", 4),
+        *_tiny_bench(tmp_path, alpaca_file, "heuristic"),
         "--threads", "1",
         "--secondary-threads", "0",
         "--calibrate", "6",
