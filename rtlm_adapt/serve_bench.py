@@ -132,14 +132,22 @@ def real_workload(
     return dataclasses.replace(workload, requests=requests)
 
 
-def workload_from_args(args: Any, samples: Sequence[PromptSample], cost: StepCost) -> Workload:
+def workload_from_args(
+    args: Any,
+    samples: Sequence[PromptSample],
+    cost: StepCost,
+    *,
+    n: int | None = None,
+    seed: int | None = None,
+) -> Workload:
     """:func:`real_workload` from serve-bench's flags (``requests``, ``load``, ``seed``,
-    ``arrivals``, ``slo``, ``max_tokens``): other tools rebuild a run's exact workload with it."""
+    ``arrivals``, ``slo``, ``max_tokens``): other tools rebuild a run's exact workload with it.
+    ``n`` and ``seed`` override the flags' (the calibration run's workload)."""
     return real_workload(
         samples,
-        n=args.requests,
+        n=args.requests if n is None else n,
         load=args.load,
-        seed=args.seed,
+        seed=args.seed if seed is None else seed,
         arrivals=args.arrivals,
         slo=args.slo,
         cost=cost,
@@ -650,15 +658,8 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
     calibration = None
     if args.calibrate:
         # other arrivals (and prompts) than the benchmark's, at the same load
-        calibration = real_workload(
-            samples,
-            n=args.calibrate,
-            load=args.load,
-            seed=args.seed + 1,
-            arrivals=args.arrivals,
-            slo=args.slo,
-            cost=primary_cost,
-            max_tokens=args.max_tokens,
+        calibration = workload_from_args(
+            args, samples, primary_cost, n=args.calibrate, seed=args.seed + 1
         )
     spec = ServeSpec(
         model=args.model,
