@@ -293,19 +293,15 @@ class HiddenStateEncoder:
         return f"hidden|{model}|L{self.layer}|last|{self.max_content_tokens}"
 
     def token_ids(self, prompt: str) -> list[int]:
-        """The prompt's token ids as encoded (templated, then truncated)."""
+        """The prompt's token ids as encoded (templated as served, then truncated)."""
         self._load()
+        from rtlm_adapt.serving.hf import chat_prompt_ids  # torch is loaded by now
+
         tok = self._tok
         # Characters far beyond what max_content_tokens can hold are cut before tokenizing, so a
         # 1 MB prompt does not cost a 1 MB tokenization (no token is 32 characters long).
         prompt = prompt[: self.max_content_tokens * 32]
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            ids = list(tok(text, add_special_tokens=False)["input_ids"])
-        else:
-            ids = list(tok(prompt)["input_ids"])
+        ids = chat_prompt_ids(tok, prompt)
         limit = len(self._pre) + self.max_content_tokens + len(self._post)
         if len(ids) > limit:  # keep the head and the template's tail
             ids = ids[: limit - len(self._post)] + self._post

@@ -65,6 +65,18 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "rtlm_adapt"
 
 
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as served: a user turn in the tokenizer's chat template plus the
+    generation prompt when it has a template, else the plain prompt. (The hidden-state encoder
+    tokenizes with this too, so its last token is the one before the first generated token.)"""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
 # -- KV cache plumbing ---------------------------------------------------------------------------
 
 
@@ -528,12 +540,7 @@ class HFExecutor:
     # -- tokenisation -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a prompt, wrapped in the chat template when the tokenizer has one."""
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(prompt)["input_ids"])
+        return chat_prompt_ids(self.tokenizer, prompt)
 
     def _stream(self, seq: _Sequence, token: int) -> None:
         """Send the text a new token completes to ``on_token`` (decoding a short window only).
