@@ -10,6 +10,14 @@ import pytest
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Request
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Short prompts of varied shape, for tests that run a model on a few.
+PROMPTS = [
+    "Name one prime.",
+    "Write a haiku about the sea and the wind.",
+    "Why is the sky blue?",
+    "List three colours, then explain which one you like best and why.",
+    "Hello",
+]
 
 
 def data_dir() -> Path | None:

@@ -10,17 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from conftest import PROMPTS  # noqa: E402
+
 from rtlm_adapt.request import Request  # noqa: E402
 from rtlm_adapt.serving.base import Executor  # noqa: E402
 from rtlm_adapt.serving.hf import HFExecutor  # noqa: E402
-
-PROMPTS = [
-    "Name one prime.",
-    "Write a haiku about the sea and the wind.",
-    "Why is the sky blue?",
-    "List three colours, then explain which one you like best and why.",
-    "Hello",
-]
 
 
 def _requests(n: int, max_tokens: int = 12, prefix: str = "r") -> list[Request]:

@@ -11,19 +11,11 @@ import math
 
 import numpy as np
 import pytest
+from conftest import PROMPTS
 
 from rtlm_adapt.encoder import ENCODERS, check_encoder_name, make_encoder
 from rtlm_adapt.predict_eval import kendall_tau
 from rtlm_adapt.predictor import HASH_BITS, LengthPredictor, LengthPrior, prior_file
-
-PROMPTS = [
-    "Name one prime.",
-    "Write a haiku about the sea and the wind.",
-    "Why is the sky blue?",
-    "List three colours, then explain which one you like best and why.",
-    "Hello",
-]
-
 
 # -- registry -------------------------------------------------------------------------------
 
