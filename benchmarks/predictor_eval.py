@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json = f"benchmarks/results/predictor_eval{suffix}.json"
     if args.png is None:
         args.png = f"benchmarks/results/predictor_drift_mae{suffix}.png"
-    ref_name = "minilm" if encoder == "minilm" else encoder
+    ref_name = encoder  # names the ridge reference columns
     enc_name = None if encoder == "minilm" else encoder
 
     t0 = time.perf_counter()
