@@ -81,6 +81,7 @@ def _locked(method: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+@dataclass(slots=True, eq=False, kw_only=True)
 class Tracked(QueueEntry):
     """What the controller remembers about one live request.
 
@@ -88,36 +89,16 @@ class Tracked(QueueEntry):
     queue orders it while it waits, ``_running`` holds it while it runs).
     """
 
-    __slots__ = (
-        "request",
-        "features",
-        "uncertainty",
-        "prediction",
-        "prompt_tokens",
-        "rank_length",
-        "service_s",
-        "executor",
-    )
-
-    def __init__(
-        self,
-        request: Request,
-        features: dict[str, float],
-        uncertainty: float,
-        prediction: LengthPrediction,
-        prompt_tokens: int,
-        rank_length: float,  # the length the priority uses (per the policy's length_source)
-        service_s: float,  # predicted service time on the primary at the reference batch size
-    ) -> None:
-        QueueEntry.__init__(self, request.id, request.arrival_time)
-        self.request = request
-        self.features = features
-        self.uncertainty = uncertainty
-        self.prediction = prediction
-        self.prompt_tokens = prompt_tokens
-        self.rank_length = rank_length
-        self.service_s = service_s
-        self.executor: str | None = None
+    request: Request
+    features: dict[str, float]
+    uncertainty: float
+    prediction: LengthPrediction
+    prompt_tokens: int
+    #: The length the priority uses (per the policy's ``length_source``).
+    rank_length: float
+    #: Predicted service time on the primary at the reference batch size.
+    service_s: float
+    executor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,13 +270,26 @@ class AdaptiveController:
             prompt_tokens = request.prompt_tokens or max(
                 1, int(features.get("prompt_tokens_est", 1))
             )
-            rank_length = self._rank_length(request, prediction, prompt_tokens)
-            latency = self._primary_latency()
+            if self.policy.length_source == "predicted":  # the common case, without a call
+                rank_length = prediction.length
+            else:
+                rank_length = self._rank_length(request, prediction, prompt_tokens)
+            latency = self.latency.get(self._primary)  # type: ignore[arg-type]
+            if latency is None:  # no primary registered yet, or its model not made yet
+                latency = self._primary_latency()
             service_s = latency.service_time(
                 prompt_tokens, rank_length, batch_size=self.reference_batch
             )
             tracked = Tracked(
-                request, features, uncertainty, prediction, prompt_tokens, rank_length, service_s
+                rid,
+                request.arrival_time,
+                request=request,
+                features=features,
+                uncertainty=uncertainty,
+                prediction=prediction,
+                prompt_tokens=prompt_tokens,
+                rank_length=rank_length,
+                service_s=service_s,
             )
             tracked.key, tracked.offload = self._key_of(tracked)
             queue.push(tracked)
@@ -313,7 +307,11 @@ class AdaptiveController:
     def next_batch(self, state: ExecutorState) -> list[Request]:
         """The requests that should join ``state``'s executor now (possibly none)."""
         with self._lock:
-            self._register(state)
+            name = state.name
+            if name in self._executors:  # _register's common case, without a call
+                self._executors[name] = state
+            else:
+                self._register(state)
             now = state.now
             if now >= self._next_epoch:
                 self._run_policy(now)
@@ -333,7 +331,6 @@ class AdaptiveController:
                 entries = self._take(room, now, offload_only=not primary)
             batch = []
             running = self._running
-            name = state.name
             for tracked in entries:
                 tracked.executor = name
                 running[tracked.request_id] = tracked
@@ -377,10 +374,13 @@ class AdaptiveController:
             else:
                 self._finished += 1
                 self.predictor.learn_one(tracked.features, completion.output_tokens)
-                rt = completion.response_time
+                # Completion.response_time and .missed_deadline, without two property calls
+                finish, deadline = completion.finish_time, completion.deadline
+                rt = finish - completion.arrival_time
                 if 0.0 <= rt < math.inf:
                     self._response_ewma += 0.05 * (rt - self._response_ewma)
-                self._miss_ewma += 0.05 * (completion.missed_deadline - self._miss_ewma)
+                missed = deadline is not None and finish > deadline
+                self._miss_ewma += 0.05 * (missed - self._miss_ewma)
             self._ended_since_save += 1
             if self.autosave_path is not None and self._ended_since_save >= self.autosave_every:
                 # Amortized: one save (milliseconds, under the lock) per autosave_every requests.
@@ -706,13 +706,13 @@ class AdaptiveController:
             if deadline is None:
                 deadline = t.request.arrival_time + NO_DEADLINE_SLACK_S
             key += k.slack_weight * (deadline - s)
-        return key, _offloadable(t, k.offload_threshold)
+        return key, t.rank_length >= k.offload_threshold  # _offloadable, without a call
 
     def _take(self, room: int, now: float, *, offload_only: bool) -> list[Tracked]:
         taken: list[Tracked] = []
         max_wait = self.knobs.max_wait_s
         queue = self._queue
-        while len(taken) < room and queue:
+        for _ in range(room):
             entry = None
             if max_wait < math.inf and not offload_only and now >= self._aging_due:
                 oldest = queue.oldest()
@@ -724,7 +724,7 @@ class AdaptiveController:
                         self._aging_due = oldest.arrival_time + max_wait
             if entry is None:
                 entry = queue.pop(offload_only=offload_only)
-            if entry is None:
+            if entry is None:  # nothing (eligible) left
                 break
             taken.append(entry)
         return taken

@@ -625,19 +625,36 @@ class LengthPredictor:
         always needs an answer.
         """
         prep = features.get(PREPARED_KEY)
-        if self._valid(prep, features):
-            # learn_one can trust this very dict (see there). A set, not one id: copies of a
-            # features dict (the same prompt submitted again) share their prepared form.
+        fast = False
+        if (
+            prep.__class__ is _Prepared
+            and (prep.sig is self._sig or prep.sig == self._sig)
+            and self._plain_score
+            and len(features) == prep.n_keys
+        ):
+            try:
+                fast = self._dense_values(features) == prep.dense
+            except KeyError:  # a dense feature replaced by another
+                pass
+        if fast:
+            # The common case, spelt out (the calls would be a good share of its cost): the
+            # prepared form features() made with this predictor or one with the same prior
+            # (pure: the prior's dense features and hashed words only; what _current checks),
+            # the dict unchanged since (what _valid checks), and _score's sum. learn_one can
+            # then trust this very dict (see there). A set, not one id: copies of a features
+            # dict (the same prompt submitted again) share their prepared form. Anything else
+            # (a changed dict, a subclass's score) takes the general path.
             seen = prep.seen
             if len(seen) >= _SEEN_MAX:
                 seen.clear()  # copies predicted but never learned from (dropped, failed)
             seen.add(id(features))
+            y = self._base + self._offset + prep.emb + float(self._w[prep.idx].dot(prep.x))
         else:
             prep = self._prepared(features)
             if prep is None:
                 logger.warning("LengthPredictor: non-finite feature values treated as missing")
                 prep = self._prepare(_finite_only(features), checked=True)
-        y = self._score(prep)
+            y = self._score(prep)
         y = 0.0 if y < 0.0 else (_LOG_MAX if y > _LOG_MAX else y)  # _clip_log, inlined
         srt = self._resid_sorted
         n = len(srt)
@@ -654,7 +671,8 @@ class LengthPredictor:
         hi = 0.0 if hi < 0.0 else (_LOG_MAX if hi > _LOG_MAX else hi)
         low = min(length, max(1.0, math.expm1(lo)))
         high = max(length, math.expm1(hi))
-        return LengthPrediction(length, low, high)
+        # tuple.__new__: a NamedTuple's own __new__ is a Python-level call
+        return _new_prediction(LengthPrediction, (length, low, high))
 
     def predict_remaining(
         self, features: Mapping[Any, float], generated_tokens: float
@@ -730,7 +748,12 @@ class LengthPredictor:
             return False
         prep = features.get(PREPARED_KEY)
         key = id(features)
-        if self._current(prep) and key in prep.seen and len(features) == prep.n_keys:
+        if (
+            prep.__class__ is _Prepared
+            and key in prep.seen
+            and (prep.sig is self._sig or prep.sig == self._sig)  # _current, spelt out
+            and len(features) == prep.n_keys
+        ):
             prep.seen.discard(key)  # predict_one checked it for this very dict
         elif not self._valid(prep, features):
             # predicted (memoised), now learnt from: done with it
@@ -786,7 +809,11 @@ class LengthPredictor:
                 st[4] += step * zv
             self._update_scaler(var, new)
         self._push_residual(residual)
-        self._check_drift(r)
+        adwin = self._adwin
+        if adwin is not None:
+            adwin.update(r)
+            if adwin.drift_detected:
+                self._on_drift(adwin)
         self._n_learned += 1
         return True
 
@@ -834,7 +861,7 @@ class LengthPredictor:
         return obj
 
     # Derived, rebuilt on load: the saved (and pickled) state is exactly format version 1's.
-    _CACHE_ATTRS = ("_w", "_fixed", "_memo", "_sig", "_dense_values")
+    _CACHE_ATTRS = ("_w", "_fixed", "_memo", "_sig", "_dense_values", "_plain_score")
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -892,6 +919,9 @@ class LengthPredictor:
         self._memo: dict[int, _Prepared] = {}
         # The prior's dense values of a features dict as a tuple, in one C call (see _valid).
         self._dense_values = _values_getter(self._fixed[0])
+        # predict_one/learn_one spell out _score's sum on their fast path, unless a subclass
+        # adds to it
+        self._plain_score = type(self)._score is LengthPredictor._score
 
     def _prepared(self, features: Mapping[Any, float]) -> _Prepared | None:
         """:meth:`_prepare` of ``features``, memoised per dict object (None if not finite).
@@ -1047,27 +1077,22 @@ class LengthPredictor:
             prep = self._prepare(_finite_only(features), checked=True)
         return self._score(prep)
 
-    def _check_drift(self, r: float) -> None:
-        adwin = self._adwin
-        if adwin is None:
-            return
-        adwin.update(r)
-        if adwin.drift_detected:
-            # ADWIN dropped the old part of its window; its estimate is now the mean residual
-            # since the change. Jump the offset by it instead of waiting for the slow steps, and
-            # shift the calibration window the same way (those residuals were measured against
-            # the old level) keeping only the recent ones.
-            shift = adwin.estimation
-            self._offset += shift
-            keep = list(self._resid_fifo)[-int(min(adwin.width, self.window)) :]
-            self._resid_fifo = deque(x - shift for x in keep)
-            self._resid_sorted = sorted(self._resid_fifo)
-            self.n_drifts += 1
-            logger.info(
-                "LengthPredictor: drift in residuals (recent mean %.2f); offset moved by it", shift
-            )
-            # Restart the detector on the corrected residuals.
-            self._adwin = drift.ADWIN(delta=self.drift_delta)
+    def _on_drift(self, adwin: drift.ADWIN) -> None:
+        # ADWIN dropped the old part of its window; its estimate is now the mean residual since
+        # the change. Jump the offset by it instead of waiting for the slow steps, and shift the
+        # calibration window the same way (those residuals were measured against the old
+        # level) keeping only the recent ones.
+        shift = adwin.estimation
+        self._offset += shift
+        keep = list(self._resid_fifo)[-int(min(adwin.width, self.window)) :]
+        self._resid_fifo = deque(x - shift for x in keep)
+        self._resid_sorted = sorted(self._resid_fifo)
+        self.n_drifts += 1
+        logger.info(
+            "LengthPredictor: drift in residuals (recent mean %.2f); offset moved by it", shift
+        )
+        # Restart the detector on the corrected residuals.
+        self._adwin = drift.ADWIN(delta=self.drift_delta)
 
     @staticmethod
     def _clip_log(y: float) -> float:
@@ -1128,6 +1153,10 @@ def _scorer(cls: type) -> Any:
     if s is None:
         s = _SCORERS[cls] = cls()
     return s
+
+
+#: ``tuple.__new__(LengthPrediction, (length, low, high))`` builds a prediction in C.
+_new_prediction = tuple.__new__
 
 
 def _values_getter(names: tuple[str, ...]) -> Any:
