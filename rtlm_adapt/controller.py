@@ -320,7 +320,7 @@ class AdaptiveController:
             primary = state.role == "primary"
             if primary:
                 cap = self.knobs.max_batch_size or state.max_batch_size
-                room = min(state.max_batch_size, cap) - state.running
+                room = (cap if cap < state.max_batch_size else state.max_batch_size) - state.running
             else:
                 room = state.free_slots
             if room <= 0:

@@ -662,15 +662,22 @@ class LengthPredictor:
             high_off = self._z_default
             low_off = -high_off
         else:  # _interval_offsets, inlined
-            low_off = srt[max(0, math.floor((n + 1) * self._q_low) - 1)]
-            high_off = srt[min(n - 1, math.ceil((n + 1) * self._q_high) - 1)]
-        length = max(1.0, math.expm1(y))
+            i = math.floor((n + 1) * self._q_low) - 1
+            low_off = srt[i if i > 0 else 0]
+            i = math.ceil((n + 1) * self._q_high) - 1
+            high_off = srt[i if i < n else n - 1]
+        # Conditional expressions, not min()/max(): those are slow calls on Python 3.11, and
+        # this runs for every request.
+        length = math.expm1(y)
+        length = length if length > 1.0 else 1.0
         lo = y + low_off
         lo = 0.0 if lo < 0.0 else (_LOG_MAX if lo > _LOG_MAX else lo)
         hi = y + high_off
         hi = 0.0 if hi < 0.0 else (_LOG_MAX if hi > _LOG_MAX else hi)
-        low = min(length, max(1.0, math.expm1(lo)))
-        high = max(length, math.expm1(hi))
+        low = math.expm1(lo)
+        low = length if low > length else (low if low > 1.0 else 1.0)  # in [1, length]
+        high = math.expm1(hi)
+        high = high if high > length else length
         # tuple.__new__: a NamedTuple's own __new__ is a Python-level call
         return _new_prediction(LengthPrediction, (length, low, high))
 
@@ -770,7 +777,8 @@ class LengthPredictor:
 
         if true_length < 1:
             logger.warning("LengthPredictor: true_length=%r clipped to 1", true_length)
-        y = math.log1p(max(1.0, float(true_length)))
+        t = float(true_length)
+        y = math.log1p(t if t > 1.0 else 1.0)
         # Score before learning so the residual is out-of-sample (prequential calibration).
         w = self._w
         g = w[idx]
