@@ -59,6 +59,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from river import drift
 
+# BLAS level 1 straight from scipy (a dependency of river's too, imported with it): on the
+# ~60 weights a request touches, numpy's per-call dispatch costs more than the arithmetic, and
+# ``ddot``/``daxpy`` skip most of it (a Python float back; the update in place).
+from scipy.linalg.blas import daxpy, ddot
+
 logger = logging.getLogger(__name__)
 
 #: Lengths above this are treated as garbage (a unit mix-up or a runaway counter), not data.
@@ -640,15 +645,16 @@ class LengthPredictor:
             # The common case, spelt out (the calls would be a good share of its cost): the
             # prepared form features() made with this predictor or one with the same prior
             # (pure: the prior's dense features and hashed words only; what _current checks),
-            # the dict unchanged since (what _valid checks), and _score's sum. learn_one can
-            # then trust this very dict (see there). A set, not one id: copies of a features
-            # dict (the same prompt submitted again) share their prepared form. Anything else
-            # (a changed dict, a subclass's score) takes the general path.
+            # the dict unchanged since (what _valid checks), and _score's sum (never empty: the
+            # prior's dense features are in it). learn_one can then trust this very dict (see
+            # there). A set, not one id: copies of a features dict (the same prompt submitted
+            # again) share their prepared form. Anything else (a changed dict, a subclass's
+            # score) takes the general path.
             seen = prep.seen
             if len(seen) >= _SEEN_MAX:
                 seen.clear()  # copies predicted but never learned from (dropped, failed)
             seen.add(id(features))
-            y = self._base + self._offset + prep.emb + float(self._w[prep.idx].dot(prep.x))
+            y = self._base + self._offset + prep.emb + ddot(self._w[prep.idx], prep.x)
         else:
             prep = self._prepared(features)
             if prep is None:
@@ -782,7 +788,8 @@ class LengthPredictor:
         # Score before learning so the residual is out-of-sample (prequential calibration).
         w = self._w
         g = w[idx]
-        pred = self._base + self._offset + emb + float(g.dot(x))
+        n = len(x)  # BLAS wants at least one element
+        pred = self._base + self._offset + emb + (ddot(g, x) if n else 0.0)
         var_z: list[tuple[list[float], float]] = []
         if var:  # features with running standardization: z changes with every update
             clip = self.feature_clip
@@ -808,9 +815,9 @@ class LengthPredictor:
         step = self.learning_rate * r / norm2
         if dup:
             np.add.at(w, idx, step * x)
-        else:
-            g += step * x  # x: 1.0 for a hashed bucket, z for a dense feature (g is a copy)
-            w[idx] = g
+        elif n:
+            # g += step * x (x: 1.0 for a hashed bucket, z for a dense feature; g is a copy)
+            w[idx] = daxpy(x, g, n, step)
         self._offset += self.intercept_lr * r
         if var or new:
             for st, zv in var_z:
@@ -1070,7 +1077,8 @@ class LengthPredictor:
 
     def _score(self, prep: _Prepared) -> float:
         """The prediction in log1p space (not clipped) for a prepared features dict."""
-        s = self._base + self._offset + prep.emb + float(self._w[prep.idx].dot(prep.x))
+        x = prep.x
+        s = self._base + self._offset + prep.emb + (ddot(self._w[prep.idx], x) if len(x) else 0.0)
         var = prep.var
         if var:
             clip = self.feature_clip
