@@ -374,13 +374,10 @@ class AdaptiveController:
             else:
                 self._finished += 1
                 self.predictor.learn_one(tracked.features, completion.output_tokens)
-                # Completion.response_time and .missed_deadline, without two property calls
-                finish, deadline = completion.finish_time, completion.deadline
-                rt = finish - completion.arrival_time
+                rt = completion.response_time
                 if 0.0 <= rt < math.inf:
                     self._response_ewma += 0.05 * (rt - self._response_ewma)
-                missed = deadline is not None and finish > deadline
-                self._miss_ewma += 0.05 * (missed - self._miss_ewma)
+                self._miss_ewma += 0.05 * (completion.missed_deadline - self._miss_ewma)
             self._ended_since_save += 1
             if self.autosave_path is not None and self._ended_since_save >= self.autosave_every:
                 # Amortized: one save (milliseconds, under the lock) per autosave_every requests.
@@ -706,7 +703,7 @@ class AdaptiveController:
             if deadline is None:
                 deadline = t.request.arrival_time + NO_DEADLINE_SLACK_S
             key += k.slack_weight * (deadline - s)
-        return key, t.rank_length >= k.offload_threshold  # _offloadable, without a call
+        return key, _offloadable(t, k.offload_threshold)
 
     def _take(self, room: int, now: float, *, offload_only: bool) -> list[Tracked]:
         taken: list[Tracked] = []

@@ -89,10 +89,7 @@ class RequestQueue:
             if entry.alive and entry.seq == seq:
                 del self._entries[entry.request_id]
                 entry.alive = False
-                self._removed += 1  # _count_removal, without a call on the hottest path
-                if self._removed >= 64:
-                    self._removed = 0
-                    self._maybe_compact()
+                self._count_removal()
                 return entry
         return None
 
