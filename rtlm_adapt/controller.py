@@ -307,7 +307,12 @@ class AdaptiveController:
     def next_batch(self, state: ExecutorState) -> list[Request]:
         """The requests that should join ``state``'s executor now (possibly none)."""
         with self._lock:
-            name = state.name
+            try:
+                name = state.name
+            except AttributeError:
+                raise TypeError(
+                    f"next_batch() takes an ExecutorState, got {type(state).__name__}"
+                ) from None
             if name in self._executors:  # _register's common case, without a call
                 self._executors[name] = state
             else:
@@ -340,6 +345,8 @@ class AdaptiveController:
     @_locked
     def on_step(self, executor: str, result: StepResult) -> None:
         """An executor ran ``result.iterations`` iterations: learn its timing."""
+        if not isinstance(result, StepResult):
+            raise TypeError(f"on_step() takes a StepResult, got {type(result).__name__}")
         model = self._latency_for(executor)
         model.learn_step(
             result.batch_size,
@@ -360,7 +367,12 @@ class AdaptiveController:
         nothing (its token count is not a length the model would have produced).
         """
         with self._lock:
-            rid = completion.request_id
+            try:
+                rid = completion.request_id
+            except AttributeError:
+                raise TypeError(
+                    f"on_finish() takes a Completion, got {type(completion).__name__}"
+                ) from None
             tracked = self._running.pop(rid, None)
             if tracked is None:
                 raise ValueError(
@@ -660,6 +672,8 @@ class AdaptiveController:
         self._register(state)
 
     def _register(self, state: ExecutorState) -> None:
+        if not isinstance(state, ExecutorState):
+            raise TypeError(f"next_batch() takes an ExecutorState, got {type(state).__name__}")
         if state.name not in self._executors:
             if state.role == "primary":
                 self._primary = state.name

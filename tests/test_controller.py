@@ -122,6 +122,38 @@ def test_duplicate_and_unknown_ids_and_queue_limit():
         AdaptiveController("round-robin")
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (("gpu", "Primary", 0, 8, 0.0), "role must be 'primary' or 'secondary', got 'Primary'"),
+        (("gpu", "primary", -1, 8, 0.0), "running must be >= 0, got -1"),
+        (("gpu", "primary", 0, 0, 0.0), "max_batch_size must be >= 1, got 0"),
+        (("gpu", "primary", "2", 8, 0.0), "running must be an int, got str"),
+        (("gpu", "primary", 0, 8, math.nan), "now must be a finite time, got nan"),
+        (("", "primary", 0, 8, 0.0), "name must be a non-empty string"),
+        (("gpu", "secondary", 0, 8, 0.0, -5), "running_context_tokens must be >= 0"),
+    ],
+)
+def test_executor_state_names_its_bad_field(fields, message):
+    # a typo in the role would otherwise make the primary take only offloadable requests
+    with pytest.raises((ValueError, TypeError), match=f"ExecutorState.{message}"):
+        ExecutorState(*fields)
+
+
+def test_wrong_argument_types_are_named():
+    ctl = AdaptiveController("fcfs")
+    ctl.submit(make_request("a", 0.0, 3))
+    with pytest.raises(TypeError, match="next_batch\\(\\) takes an ExecutorState, got str"):
+        ctl.next_batch("primary")
+    (req,) = ctl.next_batch(state(0.0))
+    with pytest.raises(TypeError, match="on_finish\\(\\) takes a Completion, got str"):
+        ctl.on_finish(req.id)
+    with pytest.raises(TypeError, match="on_step\\(\\) takes a StepResult, got dict"):
+        ctl.on_step("primary", {"duration_s": 1.0})
+    finish(ctl, req, 1.0)  # the request was not lost by the bad calls
+    assert ctl.stats().finished == 1
+
+
 def test_finished_requests_teach_the_predictor_and_stats_add_up():
     ctl = AdaptiveController("heuristic")
     reqs = [make_request(f"r{i}", 0.0, 30) for i in range(6)]

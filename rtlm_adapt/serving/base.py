@@ -11,6 +11,7 @@ one ``step`` call while nothing changes (no request ends, no new request could j
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -92,6 +93,44 @@ class ExecutorState:
     now: float
     running_context_tokens: int = 0
 
+    def __post_init__(self) -> None:
+        # one cheap test on the per-step path; the slow explanation only when it fails
+        try:
+            ok = (
+                (self.role == "primary" or self.role == "secondary")
+                and 0 <= self.running
+                and 1 <= self.max_batch_size
+                and 0 <= self.running_context_tokens
+                and -math.inf < self.now < math.inf
+                and isinstance(self.name, str)
+                and self.name != ""
+            )
+        except TypeError:
+            ok = False
+        if not ok:
+            raise _state_error(self)
+
     @property
     def free_slots(self) -> int:
         return max(0, self.max_batch_size - self.running)
+
+
+def _state_error(state: ExecutorState) -> Exception:
+    """The first bad field of ``state``, named."""
+    if not isinstance(state.name, str) or not state.name:
+        return TypeError(f"ExecutorState.name must be a non-empty string, got {state.name!r}")
+    if state.role not in ("primary", "secondary"):
+        return ValueError(
+            f"ExecutorState.role must be 'primary' or 'secondary', got {state.role!r}"
+        )
+    for field_name, low in (("running", 0), ("max_batch_size", 1), ("running_context_tokens", 0)):
+        value = getattr(state, field_name)
+        try:
+            operator.index(value)  # int, numpy integers; not float, str or None
+        except TypeError:
+            return TypeError(
+                f"ExecutorState.{field_name} must be an int, got {type(value).__name__}"
+            )
+        if value < low:
+            return ValueError(f"ExecutorState.{field_name} must be >= {low}, got {value}")
+    return ValueError(f"ExecutorState.now must be a finite time, got {state.now!r}")
