@@ -109,14 +109,8 @@ def run_seed(seed: int, args: Any, states: np.ndarray, offsets: np.ndarray,
     print(f"seed {seed}: frozen ridge {med(out['frozen_ridge']):.3f}, consensus head "
           f"{med(out['frozen_consensus_head']):.3f}", file=sys.stderr, flush=True)
 
-    loras = rf.add_lora(lm, args.k, args.rank, args.lora_alpha)
-    head = torch.nn.Linear(lm.config.hidden_size, 1)
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(w0.astype(np.float32))[None])
-        head.bias.fill_(b0)
+    _, head, _, opt = rf.lora_with_head(lm, args, w0, b0)
     mu_t, sd_t = torch.from_numpy(mu), torch.from_numpy(sd)
-    params = [p for mod in loras for p in (mod.a, mod.b)] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     target = torch.from_numpy(c.astype(np.float32))
     lens = np.diff(offsets)
 

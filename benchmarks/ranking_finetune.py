@@ -155,6 +155,20 @@ def add_lora(lm: Any, k: int, rank: int, alpha: float) -> list[Any]:
     return mods
 
 
+def lora_with_head(lm: Any, args: Any, w0: np.ndarray, b0: float) -> tuple[list, Any, list, Any]:
+    """LoRA on layers ``args.k``..15, a linear score head started at the ridge ``(w0, b0)``,
+    their trainable parameters and an AdamW optimiser over them."""
+    import torch
+
+    loras = add_lora(lm, args.k, args.rank, args.lora_alpha)
+    head = torch.nn.Linear(lm.config.hidden_size, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(w0.astype(np.float32))[None])
+        head.bias.fill_(b0)
+    params = [p for m in loras for p in (m.a, m.b)] + list(head.parameters())
+    return loras, head, params, torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+
 def run_upper(lm: Any, h: Any, k: int) -> Any:
     """Decoder layers k..TOP-1 on states ``h`` (B, T, D) after layer k; right-padded batches
     need only the causal mask (a real token never attends to a later padding token)."""
@@ -613,14 +627,8 @@ def train_lora(lm: Any, data: Data, frozen: Frozen, args: Any, rng: np.random.Ge
     sg_states, sg_off, sg_y, train, val = (data.sg_states, data.sg_off, data.sg_y, data.train,
                                            data.val)
     w0, b0, mu, sd, frozen_val = frozen.w, frozen.b, frozen.mu, frozen.sd, frozen.val_tau
-    loras = add_lora(lm, args.k, args.rank, args.lora_alpha)
-    head = torch.nn.Linear(lm.config.hidden_size, 1)
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(w0.astype(np.float32))[None])
-        head.bias.fill_(b0)
+    loras, head, params, opt = lora_with_head(lm, args, w0, b0)
     mu_t, sd_t = torch.from_numpy(mu), torch.from_numpy(sd)
-    params = [p for m in loras for p in (m.a, m.b)] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sg_lens = np.diff(sg_off)
 
     def score_of(top_last: Any) -> Any:
