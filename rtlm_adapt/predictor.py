@@ -45,6 +45,7 @@ import bisect
 import json
 import logging
 import math
+import numbers
 import operator
 import pickle
 import re
@@ -629,7 +630,10 @@ class LengthPredictor:
         Non-finite feature values are treated as missing rather than raising: the scheduler
         always needs an answer.
         """
-        prep = features.get(PREPARED_KEY)
+        try:
+            prep = features.get(PREPARED_KEY)
+        except AttributeError:
+            raise _not_features("predict_one", features) from None
         fast = False
         if (
             prep.__class__ is _Prepared
@@ -706,8 +710,12 @@ class LengthPredictor:
         >>> long_run.length > 0 and long_run.length + 150 > fresh.length
         True
         """
-        g = float(generated_tokens) if math.isfinite(generated_tokens) else 0.0
-        g = max(0.0, g)
+        real = isinstance(generated_tokens, numbers.Real) and not isinstance(generated_tokens, bool)
+        g = float(generated_tokens) if real else math.nan
+        if not 0.0 <= g < math.inf:  # a caller's count, not a model output: say it is wrong
+            raise ValueError(
+                f"generated_tokens must be a finite number >= 0, got {generated_tokens!r}"
+            )
         if g < 1.0:
             return self.predict_one(features)
         prep = self._prepared(features)
@@ -759,7 +767,10 @@ class LengthPredictor:
         if not ok_length:
             logger.warning("LengthPredictor: rejected true_length=%r", true_length)
             return False
-        prep = features.get(PREPARED_KEY)
+        try:
+            prep = features.get(PREPARED_KEY)
+        except AttributeError:
+            raise _not_features("learn_one", features) from None
         key = id(features)
         if (
             prep.__class__ is _Prepared
@@ -1188,3 +1199,10 @@ def _finite_only(features: Mapping[Any, float]) -> dict[Any, float]:
         for k, v in features.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     }
+
+
+def _not_features(method: str, value: object) -> TypeError:
+    return TypeError(
+        f"LengthPredictor.{method} takes a features mapping (UncertaintyScorer.features(prompt)), "
+        f"got {type(value).__name__}"
+    )

@@ -454,9 +454,16 @@ class UncertaintyScorer:
         >>> 0.0 <= s.score(s.features("hello")) <= 1.0
         True
         """
+        try:
+            get = features.get
+        except AttributeError:
+            raise TypeError(
+                "UncertaintyScorer.score takes the features mapping of features(prompt) "
+                f"(score_prompt takes a prompt), got {type(features).__name__}"
+            ) from None
         z = self.BIAS
         for name, w, cap, pivot in self._terms:
-            value = features.get(name, 0.0)
+            value = get(name, 0.0)
             if value > 0.0:  # absent cues say nothing (and a pivot must not fire on them)
                 z += w * (min(value, cap) - pivot)
         # Clamp so exp() cannot overflow on hostile feature dicts; nan falls through to 0.5.

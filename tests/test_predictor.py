@@ -201,6 +201,19 @@ def test_invalid_configuration_raises(kwargs) -> None:
         LengthPredictor(**kwargs)
 
 
+def test_wrong_argument_types_and_counts_are_named() -> None:
+    p = LengthPredictor(prior_length=100.0)
+    for bad in ("Write an essay", None, ["a", "list"]):
+        with pytest.raises(TypeError, match="predict_one takes a features mapping"):
+            p.predict_one(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="learn_one takes a features mapping"):
+            p.learn_one(bad, 10)  # type: ignore[arg-type]
+    for bad in (-3, float("nan"), float("inf"), "12", None):
+        with pytest.raises(ValueError, match="generated_tokens must be a finite number >= 0"):
+            p.predict_remaining({}, bad)  # type: ignore[arg-type]
+    assert p.n_learned == 0  # nothing was learnt from the bad calls
+
+
 def test_works_with_the_uncertainty_scorer_features() -> None:
     uncertainty = pytest.importorskip("rtlm_adapt.uncertainty")
     scorer = uncertainty.UncertaintyScorer()

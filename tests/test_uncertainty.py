@@ -57,6 +57,12 @@ def test_non_str_raises_type_error(scorer: UncertaintyScorer, bad: object) -> No
         scorer.features(bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bad", ["a prompt", None, 3.5])
+def test_score_names_what_it_takes(scorer: UncertaintyScorer, bad: object) -> None:
+    with pytest.raises(TypeError, match="score takes the features mapping"):
+        scorer.score(bad)  # type: ignore[arg-type]
+
+
 # --- open-endedness --------------------------------------------------------------------------
 
 
