@@ -107,3 +107,16 @@ def test_same_seed_same_result():
 def test_unknown_batching_mode_is_rejected():
     with pytest.raises(ValueError, match="batching"):
         ServingLoop(AdaptiveController("fcfs"), SimulatedExecutor("p", COST), batching="dynamic")
+
+
+def test_add_requests_checks_every_request_even_from_a_generator():
+    loop = ServingLoop(AdaptiveController("fcfs"), SimulatedExecutor("p", COST))
+    loop.advance(1.0)
+    early = make_request("early", 0.5, 3)
+    with pytest.raises(ValueError, match="'early' arrives at 0.5, before the loop's time 1.0"):
+        loop.add_requests(r for r in [early])  # a generator used to skip the check
+    with pytest.raises(TypeError, match="add_requests\\(\\) takes Requests, got str"):
+        loop.add_requests(["r0"])
+    loop.add_requests(r for r in workload(5, rate=1.0) if r.arrival_time >= 1.0)
+    result = loop.run()
+    assert len(result.completions) == sum(r.arrival_time >= 1.0 for r in workload(5, rate=1.0))

@@ -155,13 +155,16 @@ class ServingLoop:
     # -- feeding -------------------------------------------------------------------------------
     def add_requests(self, requests: Sequence[Request]) -> None:
         """Schedule arrivals (any order; each is submitted at its arrival_time)."""
-        pending = self._arrivals[self._next :] + list(requests)
+        requests = list(requests)  # a generator is read once
         for r in requests:
+            if not isinstance(r, Request):
+                raise TypeError(f"add_requests() takes Requests, got {type(r).__name__}")
             if r.arrival_time < self.now:
                 raise ValueError(
                     f"request {r.id!r} arrives at {r.arrival_time}, "
                     f"before the loop's time {self.now}"
                 )
+        pending = self._arrivals[self._next :] + requests
         pending.sort(key=lambda r: r.arrival_time)
         self._arrivals, self._next = pending, 0
 
