@@ -201,7 +201,7 @@ class HiddenStateEncoder:
         torch intra-op threads (None leaves torch's setting alone).
 
     The output is raw hidden-state values (a few dimensions are huge): priors fitted on them
-    store a per-dimension mean and std (:class:`rtlm_adapt.predictor.LengthPrior`).
+    store a per-dimension mean and std (:class:`rtlm_adapt.prior.LengthPrior`).
 
     Examples
     --------

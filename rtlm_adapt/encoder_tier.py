@@ -72,7 +72,7 @@ def _make_ref(vec: Any, prior: float | None) -> EmbeddingRef:
 
 class EmbeddingRef(float):
     """A prompt's embedding in a features dict: a float 0.0 carrying ``vec`` (unit, float32;
-    the prior's :meth:`~rtlm_adapt.predictor.LengthPrior.transform` of the encoder's output)
+    the prior's :meth:`~rtlm_adapt.prior.LengthPrior.transform` of the encoder's output)
     and ``prior`` (the prior's log1p prediction for the dict it was made for, or None).
 
     It pickles and deep-copies with its vector (the embedding is data, not a cache).

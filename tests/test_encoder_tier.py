@@ -19,7 +19,8 @@ import pytest
 
 from rtlm_adapt.encoder_tier import EmbeddingRef, EmbeddingResidualModel, EncoderLengthPredictor
 from rtlm_adapt.predict_eval import kendall_tau
-from rtlm_adapt.predictor import EMBEDDING_KEY, LengthPredictor, LengthPrior
+from rtlm_adapt.predictor import EMBEDDING_KEY, LengthPredictor
+from rtlm_adapt.prior import LengthPrior
 
 DIM = 384
 

@@ -15,7 +15,8 @@ from conftest import PROMPTS
 
 from rtlm_adapt.encoder import ENCODERS, check_encoder_name, make_encoder
 from rtlm_adapt.predict_eval import kendall_tau
-from rtlm_adapt.predictor import HASH_BITS, LengthPredictor, LengthPrior, prior_file
+from rtlm_adapt.predictor import LengthPredictor
+from rtlm_adapt.prior import HASH_BITS, LengthPrior, prior_file
 
 # -- registry -------------------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ import pytest
 from conftest import alpaca_samples
 
 from rtlm_adapt.predict_eval import REQUIRED_KEYS, evaluate, kendall_tau
-from rtlm_adapt.predictor import LengthPredictor, LengthPrior, lexical_features
+from rtlm_adapt.predictor import LengthPredictor
+from rtlm_adapt.prior import LengthPrior, lexical_features
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ A prior is a ridge regression of ``log1p(response tokens)`` on the predictor's f
 offline so that :class:`rtlm_adapt.predictor.LengthPredictor` is useful on request one; the
 online part then corrects it for the served model.
 
-* lexical: hashed words/word pairs (:func:`rtlm_adapt.predictor.lexical_features`), the
+* lexical: hashed words/word pairs (:func:`rtlm_adapt.prior.lexical_features`), the
   uncertainty features and score; fitted on ``--n`` ShareGPT human->gpt pairs.
 * encoder: the lexical prior plus a ridge head on all-MiniLM-L6-v2 embeddings fitted on the
   lexical prior's OUT-OF-FOLD residuals over ``--n-encoder`` pairs (5 folds: for each, the
@@ -19,7 +19,7 @@ online part then corrects it for the served model.
   ``sharegpt_encoder_NAME.npz``. An encoder whose output is not unit-length (a hidden state:
   a few dimensions are huge) is standardised per dimension, with the mean and std of the
   ``--pairs`` embedded prompts stored in the prior, then scaled to unit length
-  (:meth:`rtlm_adapt.predictor.LengthPrior.transform`); SmolLM2 costs ~0.08 s a prompt on 2
+  (:meth:`rtlm_adapt.prior.LengthPrior.transform`); SmolLM2 costs ~0.08 s a prompt on 2
   cores, so ``--pairs`` defaults to 5,000 for it (~7 minutes, then cached).
 
 Usage::
@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtlm_adapt.predictor import (
+from rtlm_adapt.prior import (
     HASH_BITS,
     PRIOR_FILES,
     LengthPrior,
