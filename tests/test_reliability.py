@@ -448,3 +448,12 @@ def test_cancelling_an_awaiting_task_cancels_the_request():
     asyncio.run(main())
     s = ctl.stats()
     assert s.balanced and s.failures["cancelled"] == 2 and s.running == s.queued == 0
+
+
+def test_async_server_names_a_bad_argument():
+    loop = ServingLoop(AdaptiveController("fcfs"), SimulatedExecutor("gpu", StepCost.default()))
+    with pytest.raises(TypeError, match="AsyncServer needs a ServingLoop, got str"):
+        AsyncServer("loop")  # type: ignore[arg-type]
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="slice_s must be a finite number > 0"):
+            AsyncServer(loop, slice_s=bad)

@@ -58,8 +58,10 @@ class AsyncServer:
     """
 
     def __init__(self, loop: ServingLoop, *, slice_s: float = 1.0) -> None:
-        if not slice_s > 0:
-            raise ValueError(f"slice_s must be > 0, got {slice_s!r}")
+        if not isinstance(loop, ServingLoop):
+            raise TypeError(f"AsyncServer needs a ServingLoop, got {type(loop).__name__}")
+        if not 0 < slice_s < float("inf"):
+            raise ValueError(f"slice_s must be a finite number > 0, got {slice_s!r}")
         self.loop = loop
         self.slice_s = float(slice_s)
         self._chained = loop.on_completion
