@@ -111,7 +111,8 @@ class LengthPrior:
 
     ``predict(features) = bias + sum(hash_w[k] for int keys k) + sum(w_j * z_j) + emb_prior``
     where ``z_j`` is the clipped z-score of dense feature ``j`` and ``emb_prior`` is the
-    embedding head's output, which :meth:`LengthPredictor.features` puts in the features dict.
+    embedding head's output, which :meth:`rtlm_adapt.predictor.LengthPredictor.features` puts
+    in the features dict.
 
     Parameters
     ----------
