@@ -124,11 +124,7 @@ def run_seed(seed: int, args: Any, states: np.ndarray, offsets: np.ndarray,
         for idx in rf.length_batches(lens, inner_train, args.batch, rng):
             h, ln = rf.batch_tensor(states, offsets, idx)
             s = score_of(rf.run_upper(lm, h, args.k)[torch.arange(len(idx)), ln - 1])
-            loss = rf.ranknet_loss(s, target[idx]) + args.mse * ((s - target[idx]) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(rf.ranking_step(opt, s, target[idx], args.mse))
         last = rf.last_states(lm, states, offsets, args.k)
         with torch.no_grad():
             score = score_of(torch.from_numpy(last)).numpy()

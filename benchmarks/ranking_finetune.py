@@ -316,6 +316,15 @@ def ranknet_loss(score: Any, y: Any, margin: float = 0.1) -> Any:
     return torch.nn.functional.softplus(-ds[keep]).mean()
 
 
+def ranking_step(opt: Any, score: Any, y: Any, mse: float) -> float:
+    """One optimiser step on RankNet plus ``mse`` times the squared error; the loss."""
+    loss = ranknet_loss(score, y) + mse * ((score - y) ** 2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def ridge_head(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
     xc = x - x.mean(0)
     w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y - y.mean()))
@@ -397,13 +406,7 @@ def train_attnpool(lm: Any, data: Data, args: Any, rng: np.random.Generator
         losses = []
         for idx in length_batches(lens, train, args.batch, rng):
             z, ln = z_of(top_sg, sg_off, idx)
-            sc = model(z, ln)
-            y = yt[idx]
-            loss = ranknet_loss(sc, y) + args.mse * ((sc - y) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(ranking_step(opt, model(z, ln), yt[idx], args.mse))
         _, sv = predict(val_states, val_off)
         vt = kendall_tau(sv, sg_y[val])
         history.append({"epoch": epoch, "train_s": time.perf_counter() - t,
@@ -653,12 +656,7 @@ def train_lora(lm: Any, data: Data, frozen: Frozen, args: Any, rng: np.random.Ge
             h, ln = batch_tensor(sg_states, sg_off, idx)
             top = run_upper(lm, h, args.k)
             s = score_of(top[torch.arange(len(idx)), ln - 1])
-            y = yt[idx]
-            loss = ranknet_loss(s, y) + args.mse * ((s - y) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            run_loss.append(float(loss.detach()))
+            run_loss.append(ranking_step(opt, s, yt[idx], args.mse))
             if step % 25 == 0:
                 print(f"  epoch {epoch} step {step}/{len(batches)} loss "
                       f"{np.mean(run_loss[-25:]):.4f} {time.perf_counter() - t:.0f}s",

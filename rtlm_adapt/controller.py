@@ -310,9 +310,7 @@ class AdaptiveController:
             try:
                 name = state.name
             except AttributeError:
-                raise TypeError(
-                    f"next_batch() takes an ExecutorState, got {type(state).__name__}"
-                ) from None
+                raise _not_executor_state(state) from None
             if name in self._executors:  # _register's common case, without a call
                 self._executors[name] = state
             else:
@@ -673,7 +671,7 @@ class AdaptiveController:
 
     def _register(self, state: ExecutorState) -> None:
         if not isinstance(state, ExecutorState):
-            raise TypeError(f"next_batch() takes an ExecutorState, got {type(state).__name__}")
+            raise _not_executor_state(state)
         if state.name not in self._executors:
             if state.role == "primary":
                 self._primary = state.name
@@ -793,3 +791,7 @@ class QueueFullError(RuntimeError):
 
 class ControllerClosedError(RuntimeError):
     """The controller was closed (shutdown): the request was not accepted."""
+
+
+def _not_executor_state(value: object) -> TypeError:
+    return TypeError(f"next_batch() takes an ExecutorState, got {type(value).__name__}")
