@@ -8,6 +8,8 @@ Subcommands:
   serve-bench run (``--from-run RUN.json``), write a JSON cost profile.
 - ``serve-bench``: the same policies on the REAL executor in real time (rtlm_adapt.serve_bench);
   ``--compare-sim`` adds the simulator's fidelity on the same requests and real lengths.
+- ``serve``: the OpenAI-compatible scheduling gateway (rtlm_adapt.gateway).
+- ``vllm-server``: start a vLLM server with the packaged SmolLM2 (rtlm_adapt.engines).
 """
 
 from __future__ import annotations
@@ -252,6 +254,18 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     return run(args, samples, counter.kind)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rtlm_adapt.gateway.cli import run_from_args
+
+    return run_from_args(args)
+
+
+def cmd_vllm_server(args: argparse.Namespace) -> int:
+    from rtlm_adapt.engines.vllm_server import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rtlm-adapt",
@@ -402,6 +416,22 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--json", help="write the figures to this JSON file")
     sb.add_argument("--no-progress", action="store_true", help="no progress bar")
     sb.set_defaults(func=cmd_serve_bench)
+
+    from rtlm_adapt.engines.vllm_server import add_arguments as add_vllm_arguments
+    from rtlm_adapt.gateway.cli import add_arguments as add_gateway_arguments
+
+    gw = sub.add_parser(
+        "serve",
+        help="the OpenAI-compatible scheduling gateway in front of vLLM or other servers "
+        "(needs [gateway])",
+    )
+    add_gateway_arguments(gw)
+    gw.set_defaults(func=cmd_serve)
+    vs = sub.add_parser(
+        "vllm-server", help="start a vLLM server (the packaged SmolLM2 by default; needs [vllm])"
+    )
+    add_vllm_arguments(vs)
+    vs.set_defaults(func=cmd_vllm_server)
     return parser
 
 

@@ -304,8 +304,12 @@ class AdaptiveController:
             else:
                 self._service_ewma += 0.05 * (isolated - self._service_ewma)
 
-    def next_batch(self, state: ExecutorState) -> list[Request]:
-        """The requests that should join ``state``'s executor now (possibly none)."""
+    def next_batch(self, state: ExecutorState, *, limit: int | None = None) -> list[Request]:
+        """The requests that should join ``state``'s executor now (possibly none).
+
+        ``limit`` caps how many are handed out in this call (a router that spreads requests
+        over several backends asks for one at a time); the batch cap still applies.
+        """
         with self._lock:
             try:
                 name = state.name
@@ -326,6 +330,8 @@ class AdaptiveController:
                 room = (cap if cap < state.max_batch_size else state.max_batch_size) - state.running
             else:
                 room = state.free_slots
+            if limit is not None:
+                room = room if room < limit else limit
             if room <= 0:
                 return []
             if self.batching == "static" and state.running == 0 and self.policy.consolidate:
@@ -403,13 +409,30 @@ class AdaptiveController:
         :meth:`on_finish` with a ``cancelled`` error; None is returned. Unknown or already
         ended ids are ignored (None): cancelling is idempotent.
         """
+        request = self.withdraw(request_id, "cancelled")
+        if request is None and request_id in self._running:
+            self._cancel_marks.add(request_id)
+        return request
+
+    @_locked
+    def withdraw(self, request_id: str, reason: str) -> Request | None:
+        """Take a waiting request out of the queue as failed with ``reason`` (for example
+        ``rejected`` when a gateway sheds it at arrival); returns it, or None if it is not
+        waiting. Running requests are untouched."""
+        if reason not in FAILURE_REASONS:
+            raise ValueError(f"unknown failure reason {reason!r}; expected {FAILURE_REASONS}")
         entry = self._queue.remove(request_id)
         if entry is None:
-            if request_id in self._running:
-                self._cancel_marks.add(request_id)
             return None
-        self._count_failure("cancelled")
+        self._count_failure(reason)
         return entry.request
+
+    @_locked
+    def entry(self, request_id: str) -> Tracked | None:
+        """What the controller knows of a live request (waiting or running): its prediction,
+        uncertainty, service-time estimate and priority ``key``; None once it has ended."""
+        running = self._running.get(request_id)
+        return running if running is not None else self._queue.get(request_id)
 
     @_locked
     def take_cancellations(self) -> list[str]:
@@ -419,6 +442,15 @@ class AdaptiveController:
         marks = [rid for rid in self._cancel_marks if rid in self._running]
         self._cancel_marks.clear()
         return marks
+
+    @_locked
+    def work_ahead(self, request_id: str) -> float:
+        """Predicted service seconds of the waiting requests that would run before this one
+        (smaller keys): what it waits behind, for deadline admission. O(queue length)."""
+        me = self._queue.get(request_id)
+        if me is None:
+            return 0.0
+        return sum(t.service_s for t in self._queue if t.key < me.key)  # type: ignore[attr-defined]
 
     @_locked
     def fail_queued(self, reason: str = "shutdown") -> list[Request]:

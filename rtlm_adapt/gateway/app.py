@@ -1,0 +1,628 @@
+"""The gateway's ASGI app: an OpenAI-compatible API in front of OpenAI-compatible backends.
+
+Per request: score and predict at arrival (no model call), queue in the controller, wait for a
+backend slot (the dispatcher), send upstream with vLLM's ``priority`` set from the controller's
+key, relay the answer, and teach the predictor the true length from ``usage``.
+
+>>> from rtlm_adapt.gateway.config import BackendConfig, GatewayConfig
+>>> app = create_app(GatewayConfig(backends=(BackendConfig("http://127.0.0.1:9"),)))
+>>> sorted(p for p in app.openapi()["paths"])
+['/health', '/metrics', '/v1/chat/completions', '/v1/completions', '/v1/models']
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rtlm_adapt.controller import AdaptiveController, ControllerClosedError, QueueFullError
+from rtlm_adapt.gateway.config import GatewayConfig
+from rtlm_adapt.gateway.dispatcher import (
+    Backend,
+    Dispatcher,
+    ShuttingDown,
+    Ticket,
+    monotonic_clock,
+)
+from rtlm_adapt.gateway.metrics import GatewayMetrics
+from rtlm_adapt.gateway.proxy import Upstream, UpstreamFailure
+from rtlm_adapt.gateway.schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelList,
+    prompt_text,
+)
+from rtlm_adapt.request import Request as ServingRequest
+
+logger = logging.getLogger(__name__)
+
+DEADLINE_HEADER = "x-rtlm-deadline-ms"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Malformed body or header"},
+    413: {"model": ErrorResponse, "description": "Body too large"},
+    429: {"model": ErrorResponse, "description": "Queue full (see Retry-After)"},
+    502: {"model": ErrorResponse, "description": "Every backend tried failed"},
+    503: {"model": ErrorResponse, "description": "Shed (deadline cannot be met) or shutting down"},
+    504: {"model": ErrorResponse, "description": "The backend timed out"},
+}
+_COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": ChatCompletion,
+        "description": "The backend's answer; with stream=true an SSE stream of chunks",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    **_ERRORS,
+}
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.retry_after = retry_after
+
+    def response(self) -> JSONResponse:
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        return error_response(self.status, self.message, self.kind, self.param, headers)
+
+
+def error_response(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Gateway:
+    """The running gateway: settings, controller, dispatcher, upstream client and metrics.
+
+    Parameters
+    ----------
+    config
+        The settings.
+    controller
+        A controller to use (default: restored from ``config.state`` if that file exists, else
+        a new one with ``config.policy``).
+    """
+
+    def __init__(self, config: GatewayConfig, controller: AdaptiveController | None = None) -> None:
+        self.config = config
+        self.clock = monotonic_clock()
+        self.controller = controller if controller is not None else _make_controller(config)
+        self.metrics = GatewayMetrics()
+        self.backends = [Backend(b, config.inflight_cap(b)) for b in config.backends]
+        self.dispatcher = Dispatcher(
+            self.controller, self.backends, clock=self.clock, on_end=self._on_end
+        )
+        self.client: httpx.AsyncClient | None = None
+        self.upstream: Upstream | None = None
+        self._ids = itertools.count()
+        self._prefix = uuid.uuid4().hex[:8]
+        self._health_task: asyncio.Task[None] | None = None
+        self._ended_at_save = 0
+        self._wire_gauges()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        timeout = httpx.Timeout(self.config.request_timeout_s, connect=5.0, pool=None)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
+        self.client = httpx.AsyncClient(timeout=timeout, limits=limits)
+        self.upstream = Upstream(
+            self.client,
+            self.dispatcher,
+            on_retry=lambda name: self.metrics.retries.labels(name).inc(),
+        )
+        await self.check_health()
+        self._health_task = asyncio.create_task(self._health_loop())
+
+    async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+        self.controller.close()
+        self.dispatcher.shutdown()
+        self.save_state()
+        if self.client is not None:
+            await self.client.aclose()
+
+    def save_state(self) -> None:
+        if self.config.state is None:
+            return
+        try:
+            self.controller.save(self.config.state)
+        except OSError:
+            logger.exception("could not save the gateway state to %s", self.config.state)
+        self._ended_at_save = self._ended()
+
+    async def check_health(self) -> None:
+        """Ask every backend's ``/health``; take failing ones out of rotation, put back the
+        ones that answer."""
+        assert self.client is not None
+
+        async def probe(backend: Backend) -> None:
+            try:
+                response = await self.client.get(
+                    backend.config.url + "/health", timeout=min(2.0, self.config.health_interval_s)
+                )
+                healthy = response.status_code == 200
+            except httpx.HTTPError:
+                healthy = False
+            if healthy != backend.healthy:
+                logger.warning("backend %s is %s", backend.name, "up" if healthy else "DOWN")
+            backend.healthy = healthy
+
+        await asyncio.gather(*(probe(b) for b in self.backends))
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await self.check_health()
+                self.dispatcher.pump()  # a backend back in rotation, a new policy epoch
+                if self._ended() > self._ended_at_save:
+                    self.save_state()  # between the count-based autosaves, every few seconds
+            except Exception:  # keep checking whatever one round did
+                logger.exception("health check round failed")
+
+    # -- requests --------------------------------------------------------------------------------
+    async def handle(
+        self, http: Request, body: ChatCompletionRequest | CompletionRequest, path: str
+    ) -> Response:
+        """Serve one completion request (streamed or not), from arrival to its end."""
+        ticket = self._submit(http, body)
+        payload = body.model_dump(exclude_unset=True)
+        headers = _forwarded_headers(http, ticket)
+        if body.stream:
+            wants_usage = bool(body.stream_options and body.stream_options.include_usage)
+            outcome = await _until_disconnect(
+                http, self._open_stream(ticket, path, payload, headers)
+            )
+            if not isinstance(outcome, _OpenStream):
+                return outcome
+            return _RelayResponse(
+                self.upstream.relay(ticket, outcome.reply, client_wants_usage=wants_usage),
+                cleanup=lambda: self.upstream.abandon(ticket, outcome.reply),
+                media_type="text/event-stream",
+                headers=_ticket_headers(ticket),
+            )
+        return await _until_disconnect(http, self._complete(ticket, path, payload, headers))
+
+    def _submit(self, http: Request, body: ChatCompletionRequest | CompletionRequest) -> Ticket:
+        now = self.clock()
+        deadline = _deadline(http.headers.get(DEADLINE_HEADER), now)
+        # An image-only turn has no text: the predictor then sees a neutral one-word prompt.
+        text = prompt_text(body).strip() or "?"
+        max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
+        request = ServingRequest(
+            f"{self._prefix}-{next(self._ids)}",
+            text,
+            arrival_time=now,
+            deadline=deadline,
+            **({"max_tokens": max_tokens} if max_tokens else {}),
+        )
+        try:
+            self.controller.submit(request)
+        except QueueFullError as exc:
+            self.metrics.requests.labels("failed", "rejected").inc()
+            raise APIError(
+                429, str(exc), kind="rate_limit_error", retry_after=self._drain_estimate()
+            ) from None
+        except ControllerClosedError as exc:
+            self.metrics.requests.labels("failed", "shutdown").inc()
+            raise APIError(503, str(exc), kind="service_unavailable") from None
+        entry = self.controller.entry(request.id)
+        ticket = Ticket(request, entry.prediction.length, entry.service_s)
+        self.metrics.predicted_tokens.observe(ticket.predicted_tokens)
+        if self.config.shed and deadline is not None:
+            wait = self.controller.work_ahead(request.id) / max(1, self.dispatcher.slots)
+            if now + wait + ticket.service_s > deadline:
+                self.dispatcher.withdraw(ticket, "rejected", "rejected: deadline cannot be met")
+                raise APIError(
+                    503,
+                    f"deadline cannot be met: predicted {wait + ticket.service_s:.2f} s "
+                    f"(waiting {wait:.2f} s, then {ticket.service_s:.2f} s of service) > "
+                    f"{deadline - now:.2f} s",
+                    kind="deadline_unmeetable",
+                    retry_after=wait,
+                )
+        return ticket
+
+    async def _complete(
+        self, ticket: Ticket, path: str, payload: dict[str, Any], headers: dict[str, str]
+    ) -> Response:
+        try:
+            await self.dispatcher.admit(ticket)
+        except ShuttingDown as exc:
+            return error_response(503, str(exc), "service_unavailable")
+        try:
+            reply = await self.upstream.send(ticket, path, payload, headers)
+        except UpstreamFailure as failure:
+            self.dispatcher.finish(ticket, 0, error=failure.error)
+            return error_response(failure.status, failure.error, "upstream_error")
+        except asyncio.CancelledError:
+            self.dispatcher.finish(ticket, 0, error="cancelled: client disconnected")
+            raise
+        response = reply.response
+        if response.status_code >= 400:  # the backend refused it (a 4xx): the client's problem
+            self.dispatcher.finish(
+                ticket, 0, error=f"rejected: {reply.backend.name} answered {response.status_code}"
+            )
+            return Response(
+                response.content,
+                status_code=response.status_code,
+                media_type=response.headers.get("content-type"),
+            )
+        try:
+            answer = response.json()
+            tokens = _completion_tokens(answer)
+        except ValueError:
+            error = f"executor_failure: {reply.backend.name} sent a malformed answer"
+            self.dispatcher.finish(ticket, 0, error=error)
+            return error_response(502, error, "upstream_error")
+        self.dispatcher.finish(ticket, tokens)
+        return JSONResponse(answer, headers=_ticket_headers(ticket))
+
+    async def _open_stream(
+        self, ticket: Ticket, path: str, payload: dict[str, Any], headers: dict[str, str]
+    ) -> _OpenStream | Response:
+        try:
+            await self.dispatcher.admit(ticket)
+        except ShuttingDown as exc:
+            return error_response(503, str(exc), "service_unavailable")
+        try:
+            reply = await self.upstream.send(ticket, path, payload, headers)
+        except UpstreamFailure as failure:
+            self.dispatcher.finish(ticket, 0, error=failure.error)
+            return error_response(failure.status, failure.error, "upstream_error")
+        except asyncio.CancelledError:
+            self.dispatcher.finish(ticket, 0, error="cancelled: client disconnected")
+            raise
+        if reply.response.status_code >= 300:
+            self.dispatcher.finish(
+                ticket,
+                0,
+                error=f"rejected: {reply.backend.name} answered {reply.response.status_code}",
+            )
+            return Response(
+                reply.response.content,
+                status_code=reply.response.status_code,
+                media_type=reply.response.headers.get("content-type"),
+            )
+        return _OpenStream(reply)
+
+    async def models(self) -> ModelList:
+        """The union of what the healthy backends serve."""
+        assert self.client is not None
+
+        async def listed(backend: Backend) -> list[dict[str, Any]]:
+            try:
+                response = await self.client.get(backend.config.url + "/v1/models", timeout=5.0)
+                response.raise_for_status()
+                return list(response.json().get("data", []))
+            except (httpx.HTTPError, ValueError, AttributeError):
+                return []
+
+        seen: dict[str, dict[str, Any]] = {}
+        for cards in await asyncio.gather(*(listed(b) for b in self.backends if b.healthy)):
+            for card in cards:
+                if isinstance(card, dict) and isinstance(card.get("id"), str):
+                    seen.setdefault(card["id"], card)
+        if not seen:
+            raise APIError(503, "no backend answered /v1/models", kind="service_unavailable")
+        return ModelList(data=list(seen.values()))
+
+    def health(self) -> Health:
+        backends = {b.name: b.healthy for b in self.backends}
+        ok = any(b.healthy and b.role == "primary" for b in self.backends)
+        return Health(
+            status="ok" if ok else "unavailable", backends=backends, queued=len(self.controller)
+        )
+
+    # -- accounting ------------------------------------------------------------------------------
+    def _on_end(self, ticket: Ticket, completion: Any) -> None:
+        self.metrics.record_end(ticket.predicted_tokens, completion)
+
+    def _ended(self) -> int:
+        stats = self.controller.stats()
+        return stats.finished + stats.failed
+
+    def _drain_estimate(self) -> float:
+        """Seconds until the queue has room again, roughly: one service time per slot."""
+        slots = max(1, self.dispatcher.slots)
+        service = self.controller.observe(self.clock()).service_time_s or 1.0
+        return service / slots
+
+    def _wire_gauges(self) -> None:
+        m = self.metrics
+        m.queue_length.set_function(lambda: len(self.controller))
+        for backend in self.backends:
+            m.inflight.labels(backend.name).set_function(lambda b=backend: b.inflight)
+            m.healthy.labels(backend.name).set_function(lambda b=backend: float(b.healthy))
+        for name in self.controller.knobs.as_dict():
+            m.knob.labels(name).set_function(lambda n=name: _knob_value(self.controller, n))
+
+
+class _RelayResponse(StreamingResponse):
+    """A stream whose request ends even if the stream never started (the client left first)."""
+
+    def __init__(self, content: Any, *, cleanup: Callable[[], Awaitable[None]], **kw: Any):
+        super().__init__(content, **kw)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
+
+
+class _OpenStream:
+    """An upstream stream that answered 200, ready to relay."""
+
+    def __init__(self, reply: Any) -> None:
+        self.reply = reply
+
+
+def _knob_value(controller: AdaptiveController, name: str) -> float:
+    value = getattr(controller.knobs, name)
+    return math.inf if value is None else float(value)
+
+
+def _make_controller(config: GatewayConfig) -> AdaptiveController:
+    state = config.state
+    if state is not None and Path(state).exists():
+        controller = AdaptiveController.load(
+            state, autosave_path=state, autosave_every=config.state_every
+        )
+        if controller.policy.name != config.policy:
+            from rtlm_adapt.policies import make_policy
+
+            logger.info(
+                "state %s had policy %s; using %s", state, controller.policy.name, config.policy
+            )
+            controller.policy = make_policy(config.policy)
+        controller.max_queue = config.max_queue
+        logger.info("resumed the learned state from %s", state)
+        return controller
+    return AdaptiveController(
+        config.policy,
+        max_queue=config.max_queue,
+        autosave_path=state,
+        autosave_every=config.state_every,
+    )
+
+
+def _deadline(header: str | None, now: float) -> float | None:
+    if header is None:
+        return None
+    try:
+        ms = float(header)
+    except ValueError:
+        ms = math.nan
+    if not (ms > 0 and math.isfinite(ms)):
+        raise APIError(
+            400,
+            f"{DEADLINE_HEADER} must be a positive number of milliseconds, got {header!r}",
+            param=DEADLINE_HEADER,
+        )
+    return now + ms / 1000.0
+
+
+def _completion_tokens(answer: Any) -> int:
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError("the answer has no usage.completion_tokens")
+    return tokens
+
+
+def _forwarded_headers(http: Request, ticket: Ticket) -> dict[str, str]:
+    headers = {"x-request-id": ticket.request.id}
+    auth = http.headers.get("authorization")
+    if auth is not None:  # a backend started with --api-key checks the client's key
+        headers["authorization"] = auth
+    return headers
+
+
+def _ticket_headers(ticket: Ticket) -> dict[str, str]:
+    backend = ticket.backend
+    return {
+        "x-request-id": ticket.request.id,
+        "x-rtlm-backend": backend.name if backend is not None else "",
+        "x-rtlm-predicted-tokens": f"{ticket.predicted_tokens:.0f}",
+        "x-rtlm-priority": str(ticket.priority),
+    }
+
+
+async def _until_disconnect(http: Request, work: Awaitable[Response | Any]) -> Any:
+    """Run ``work``; if the client disconnects first, cancel it (withdrawing the request from
+    the queue, or closing the upstream connection, which makes vLLM abort it)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    return Response(status_code=499)  # nobody reads it: the client is gone
+
+
+async def _disconnected(http: Request) -> None:
+    # The body was read already, so the next message is the disconnect.
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 before anything parses it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[], None]) -> None:
+        self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.on_reject()
+        message = f"request body over {self.max_bytes} bytes"
+        await error_response(413, message)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(config: GatewayConfig, *, controller: AdaptiveController | None = None) -> FastAPI:
+    """The gateway as an ASGI app (serve it with uvicorn, or mount it in Ray Serve)."""
+    gateway = Gateway(config, controller)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(
+        title="rtlm-adapt gateway",
+        version="0.1.0",
+        description="OpenAI-compatible scheduling gateway: predicts each request's output length "
+        "at arrival, orders and admits requests to the backends, learns from every answer.",
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        gateway.metrics.invalid.labels("400").inc()
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = (
+            f"{where}: {first.get('msg', 'invalid request')}"
+            if where
+            else first.get("msg", "invalid request")
+        )
+        return error_response(400, message, param=where or None)
+
+    @app.post(
+        "/v1/chat/completions",
+        responses=_COMPLETION_RESPONSES,
+        response_model=None,
+        summary="Chat completion (scheduled)",
+    )
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await gateway.handle(request, body, "/v1/chat/completions")
+
+    @app.post(
+        "/v1/completions",
+        responses=_COMPLETION_RESPONSES,
+        response_model=None,
+        summary="Text completion (scheduled)",
+    )
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await gateway.handle(request, body, "/v1/completions")
+
+    @app.get("/v1/models", response_model=ModelList, responses={503: _ERRORS[503]})
+    async def models() -> ModelList:
+        return await gateway.models()
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    async def health() -> JSONResponse:
+        report = gateway.health()
+        return JSONResponse(report.model_dump(), status_code=200 if report.status == "ok" else 503)
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def metrics() -> Response:
+        return Response(gateway.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    _drop_unused_422(app)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=config.max_body_bytes,
+        on_reject=lambda: gateway.metrics.invalid.labels("413").inc(),
+    )
+    return app
+
+
+def _drop_unused_422(app: FastAPI) -> None:
+    # FastAPI documents validation errors as 422; this app answers them with 400.
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for methods in schema.get("paths", {}).values():
+                for operation in methods.values():
+                    operation.get("responses", {}).pop("422", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
