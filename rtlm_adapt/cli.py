@@ -247,6 +247,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from rtlm_adapt.engines.vllm_bench import cmd_serve_bench_vllm
+
+        samples, _ = _load_samples(args)
+        return cmd_serve_bench_vllm(args, samples)
     from rtlm_adapt.serve_bench import cmd_serve_bench as run
 
     args.tier = _tier_spec(args)  # "encoder:NAME" for --encoder NAME
@@ -412,6 +417,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--isolate",
         action="store_true",
         help="serve each policy in a process of its own (fresh interpreter and model)",
+    )
+    sb.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="hf: the library's transformers executor (default); vllm: a vLLM server, policies "
+        "through the gateway, plus 'direct' (no gateway) as the baseline (needs [vllm])",
+    )
+    sb.add_argument(
+        "--max-num-seqs", type=_positive_int, default=4, help="vllm: vLLM's batch size"
+    )
+    sb.add_argument(
+        "--lengths",
+        choices=("dataset", "model"),
+        default="dataset",
+        help="vllm: dataset = each request generates its real response length (max_tokens + "
+        "ignore_eos, as vLLM's serving benchmark); model = the model decides (greedy)",
+    )
+    sb.add_argument(
+        "--repeats", type=_positive_int, default=1, help="vllm: runs per policy (order alternates)"
     )
     sb.add_argument("--json", help="write the figures to this JSON file")
     sb.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -48,11 +48,14 @@ from rtlm_adapt.gateway.schemas import (
     ModelList,
     prompt_text,
 )
+from rtlm_adapt.request import TRUE_LENGTH_KEY
 from rtlm_adapt.request import Request as ServingRequest
 
 logger = logging.getLogger(__name__)
 
 DEADLINE_HEADER = "x-rtlm-deadline-ms"
+#: Benchmarks only: the request's true output length, which ``oracle`` policies rank by.
+ORACLE_HEADER = "x-rtlm-oracle-tokens"
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Malformed body or header"},
@@ -230,6 +233,7 @@ class Gateway:
             text,
             arrival_time=now,
             deadline=deadline,
+            metadata=_oracle_metadata(http.headers.get(ORACLE_HEADER)),
             **({"max_tokens": max_tokens} if max_tokens else {}),
         )
         try:
@@ -239,6 +243,9 @@ class Gateway:
             raise APIError(
                 429, str(exc), kind="rate_limit_error", retry_after=self._drain_estimate()
             ) from None
+        except ValueError as exc:  # e.g. an oracle policy and no true length: not counted
+            self.metrics.invalid.labels("400").inc()
+            raise APIError(400, str(exc)) from None
         except ControllerClosedError as exc:
             self.metrics.requests.labels("failed", "shutdown").inc()
             raise APIError(503, str(exc), kind="service_unavailable") from None
@@ -438,6 +445,18 @@ def _deadline(header: str | None, now: float) -> float | None:
             param=DEADLINE_HEADER,
         )
     return now + ms / 1000.0
+
+
+def _oracle_metadata(header: str | None) -> dict[str, int]:
+    if header is None:
+        return {}
+    if not header.isdigit():
+        raise APIError(
+            400,
+            f"{ORACLE_HEADER} must be a non-negative integer, got {header!r}",
+            param=ORACLE_HEADER,
+        )
+    return {TRUE_LENGTH_KEY: int(header)}
 
 
 def _completion_tokens(answer: Any) -> int:

@@ -1,0 +1,435 @@
+"""``rtlm-adapt serve-bench --engine vllm``: policies on a real vLLM server, through the gateway.
+
+One vLLM server (SmolLM2 by default, ``--max-num-seqs K``, ``--scheduling-policy priority``)
+serves every policy of the run:
+
+- ``direct``: the clients call vLLM itself, with no gateway and no priority (what vLLM users
+  have today: the baseline);
+- any controller policy (``fcfs``, ``sjf``, ``heuristic``, ...) through a gateway started for
+  that policy alone (a fresh process: every policy starts from the same pretrained predictor),
+  with an in-flight cap of K and vLLM's ``priority`` set from the controller's key;
+- ``oracle-sjf`` (or ``NAME+oracle``) ranks by the true lengths, which the client passes in a
+  header only these policies read.
+
+The workload: real prompts with real arrivals (``--arrivals``), at ``--load`` of the engine's
+capacity, measured before the run (a closed loop that keeps K requests in flight). With
+``--lengths dataset`` (the default, as vLLM's own serving benchmark) each request carries
+``max_tokens`` = its real response length in the served model's tokens, capped at
+``--max-tokens``, and ``ignore_eos``: the engine generates the real length distribution. With
+``--lengths model`` the model decides (greedy, up to ``--max-tokens``); the oracle then ranks by
+the lengths of a recording pass (cached).
+
+Policies alternate their order between repeats (``--repeats``), since a shared machine's speed
+drifts. The JSON keeps ``serve-bench``'s shape: ``{"policies": {NAME: {"mean_rt_s", ...}}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from rtlm_adapt.metrics import format_table, summarize, summary_json
+from rtlm_adapt.request import Completion
+from rtlm_adapt.workloads import PromptSample, assign_deadlines, make_arrivals
+
+DIRECT = "direct"
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request of the replay: what the client sends, when, and what it should take."""
+
+    id: str
+    prompt: str
+    arrival_s: float
+    deadline_s: float
+    max_tokens: int
+    #: The length the oracle ranks by (dataset length, or the recording pass's).
+    true_tokens: int
+
+
+async def replay(
+    url: str,
+    model: str,
+    requests: Sequence[BenchRequest],
+    *,
+    ignore_eos: bool,
+    oracle: bool,
+    timeout_s: float = 1800.0,
+) -> list[Completion]:
+    """Send ``requests`` at their arrival offsets (streamed) and time each one."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(r: BenchRequest) -> Completion:
+            await asyncio.sleep(max(0.0, r.arrival_s - (time.perf_counter() - start)))
+            sent = time.perf_counter() - start
+            body: dict[str, Any] = {
+                "model": model,
+                "messages": [{"role": "user", "content": r.prompt}],
+                "max_tokens": r.max_tokens,
+                "temperature": 0.0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            if ignore_eos:
+                body["ignore_eos"] = True
+            headers = {"x-rtlm-deadline-ms": f"{(r.deadline_s - r.arrival_s) * 1000:.0f}"}
+            if oracle:
+                headers["x-rtlm-oracle-tokens"] = str(r.true_tokens)
+            first = None
+            tokens = 0
+            error = None
+            try:
+                async with client.stream(
+                    "POST", url + "/v1/chat/completions", json=body, headers=headers
+                ) as response:
+                    if response.status_code != 200:
+                        error = f"executor_failure: HTTP {response.status_code}"
+                        await response.aread()
+                    else:
+                        async for line in response.aiter_lines():
+                            if not line.startswith("data:") or line.endswith("[DONE]"):
+                                continue
+                            chunk = json.loads(line[5:])
+                            if chunk.get("error"):
+                                error = f"executor_failure: {chunk['error']}"
+                            if chunk.get("choices") and first is None:
+                                first = time.perf_counter() - start
+                            usage = chunk.get("usage")
+                            if usage:
+                                tokens = int(usage["completion_tokens"])
+            except httpx.HTTPError as exc:
+                error = f"executor_failure: {exc!r}"
+            end = time.perf_counter() - start
+            return Completion(
+                request_id=r.id,
+                output_tokens=tokens,
+                arrival_time=sent,
+                start_time=sent,
+                finish_time=end,
+                executor="vllm",
+                first_token_time=first,
+                deadline=sent + (r.deadline_s - r.arrival_s),
+                error=error,
+            )
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+
+async def measure_capacity(
+    url: str, model: str, samples: Sequence[PromptSample], *, slots: int, n: int, max_tokens: int
+) -> dict[str, float]:
+    """Requests/s and tokens/s with ``slots`` requests always in flight (closed loop), and the
+    time per token of a request running alone (for deadlines)."""
+    lengths = [max(1, min(s.response_tokens, max_tokens)) for s in samples[:n]]
+    queue = list(zip(samples[:n], lengths, strict=True))
+    async with httpx.AsyncClient(timeout=1800.0) as client:
+
+        async def call(sample: PromptSample, length: int) -> None:
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": sample.prompt}],
+                "max_tokens": length,
+                "ignore_eos": True,
+                "temperature": 0.0,
+            }
+            response = await client.post(url + "/v1/chat/completions", json=body)
+            response.raise_for_status()
+
+        alone_len = 64
+        t0 = time.perf_counter()
+        await call(samples[0], alone_len)
+        alone_s = time.perf_counter() - t0
+
+        async def worker() -> None:
+            while queue:
+                sample, length = queue.pop()
+                await call(sample, length)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(slots)))
+        elapsed = time.perf_counter() - t0
+    tokens = float(sum(lengths))
+    return {
+        "requests": float(n),
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "requests_per_s": n / elapsed,
+        "alone_s_per_token": alone_s / alone_len,
+    }
+
+
+class GatewayProcess:
+    """``rtlm-adapt serve`` in a subprocess (its own interpreter, like a deployment)."""
+
+    def __init__(self, backend_url: str, *, policy: str, max_inflight: int, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        command = [
+            sys.executable, "-m", "rtlm_adapt.cli", "serve",
+            "--backend", backend_url, "--send-priority",
+            "--policy", policy, "--max-inflight", str(max_inflight),
+            "--port", str(port), "--log-level", "warning",
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(command, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited with {self._proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("the gateway did not answer /health within 120 s")
+
+    def metrics_text(self) -> str:
+        return httpx.get(self.url + "/metrics", timeout=5.0).text
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+
+    def __enter__(self) -> GatewayProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def build_requests(
+    samples: Sequence[PromptSample],
+    true_tokens: Sequence[int],
+    *,
+    n: int,
+    rate: float,
+    arrivals: str,
+    seed: int,
+    slo: str,
+    mean_service_s: float,
+    max_tokens: int,
+    dataset_lengths: bool,
+) -> list[BenchRequest]:
+    """``n`` requests drawn from ``samples`` with real arrivals at ``rate`` and deadlines."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(samples), size=n, replace=n > len(samples))
+    times = make_arrivals(arrivals, n, rate, seed)
+    deadlines = assign_deadlines(times, mean_service_s, seed=seed, slo=slo)
+    out = []
+    for k, (i, t, d) in enumerate(zip(idx, times, deadlines, strict=True)):
+        true = int(true_tokens[i])
+        out.append(
+            BenchRequest(
+                id=str(k),
+                prompt=samples[i].prompt,
+                arrival_s=float(t),
+                deadline_s=float(d),
+                max_tokens=true if dataset_lengths else max_tokens,
+                true_tokens=true,
+            )
+        )
+    return out
+
+
+def record_lengths(
+    url: str, model: str, samples: Sequence[PromptSample], *, max_tokens: int, cache: Path
+) -> list[int]:
+    """The model's own greedy lengths for ``samples`` (the oracle of ``--lengths model``),
+    recorded once through the engine and cached."""
+    key = hashlib.sha256(
+        json.dumps([model, max_tokens, [s.prompt for s in samples]]).encode()
+    ).hexdigest()[:16]
+    path = cache / f"lengths-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+
+    async def run() -> list[int]:
+        sem = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(timeout=1800.0) as client:
+
+            async def one(sample: PromptSample) -> int:
+                async with sem:
+                    body = {
+                        "model": model,
+                        "messages": [{"role": "user", "content": sample.prompt}],
+                        "max_tokens": max_tokens,
+                        "temperature": 0.0,
+                    }
+                    response = await client.post(url + "/v1/chat/completions", json=body)
+                    response.raise_for_status()
+                    return int(response.json()["usage"]["completion_tokens"])
+
+            return list(await asyncio.gather(*(one(s) for s in samples)))
+
+    lengths = asyncio.run(run())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(lengths))
+    return lengths
+
+
+def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
+    """Run the policies on vLLM (see the module docstring); print a table, write ``--json``."""
+    from rtlm_adapt.engines.models import prepare_model
+    from rtlm_adapt.engines.vllm_server import VLLMServer, free_port
+    from rtlm_adapt.policies import make_policy
+    from rtlm_adapt.serving.hf import cache_dir
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not policies:
+        raise ValueError("--policies is empty")
+    for name in policies:
+        if name != DIRECT:
+            make_policy(name)  # an unknown name fails before vLLM starts
+    dataset_lengths = args.lengths == "dataset"
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    slots = args.max_num_seqs
+    server = VLLMServer(
+        str(prepare_model(args.model)) if args.model == "smollm2" else args.model,
+        served_model_name="smollm2" if args.model == "smollm2" else None,
+        max_num_seqs=slots,
+        max_model_len=max(2048, args.max_tokens + 1024),
+        scheduling_policy="priority",
+    )
+    results: dict[str, list[list[Completion]]] = {p: [] for p in policies}
+    gateway_metrics: dict[str, str] = {}
+    with server:
+        model = server.model_name
+        print(f"vLLM up in {server.startup_seconds:.1f} s at {server.url}", file=sys.stderr)
+        rng = np.random.default_rng(args.seed + 1)
+        calibration_samples = [samples[i] for i in rng.permutation(len(samples))]
+        capacity = asyncio.run(
+            measure_capacity(
+                server.url,
+                model,
+                calibration_samples,
+                slots=slots,
+                n=min(len(samples), 6 * slots),
+                max_tokens=args.max_tokens,
+            )
+        )
+        if dataset_lengths:
+            true_tokens = [max(1, min(s.response_tokens, args.max_tokens)) for s in samples]
+        else:
+            true_tokens = record_lengths(
+                server.url, model, samples, max_tokens=args.max_tokens, cache=cache_dir() / "vllm"
+            )
+        mean_len = float(np.mean(true_tokens))
+        rate = args.load * capacity["tokens_per_s"] / mean_len
+        mean_service = mean_len * capacity["alone_s_per_token"]
+        requests = build_requests(
+            samples,
+            true_tokens,
+            n=args.requests,
+            rate=rate,
+            arrivals=args.arrivals,
+            seed=args.seed,
+            slo=args.slo,
+            mean_service_s=mean_service,
+            max_tokens=args.max_tokens,
+            dataset_lengths=dataset_lengths,
+        )
+        print(
+            f"capacity {capacity['tokens_per_s']:.0f} tok/s = "
+            f"{capacity['tokens_per_s'] / mean_len:.3f} req/s at mean length {mean_len:.0f}; "
+            f"arrivals {rate:.3f} req/s (load {args.load})",
+            file=sys.stderr,
+        )
+        for repeat in range(args.repeats):
+            order = policies if repeat % 2 == 0 else policies[::-1]
+            for name in order:
+                t0 = time.perf_counter()
+                oracle = name != DIRECT and make_policy(name).length_source == "oracle"
+                if name == DIRECT:
+                    done = asyncio.run(
+                        replay(
+                            server.url, model, requests, ignore_eos=dataset_lengths, oracle=False
+                        )
+                    )
+                else:
+                    with GatewayProcess(
+                        server.url, policy=name, max_inflight=slots, port=free_port()
+                    ) as gateway:
+                        done = asyncio.run(
+                            replay(
+                                gateway.url,
+                                model,
+                                requests,
+                                ignore_eos=dataset_lengths,
+                                oracle=oracle,
+                            )
+                        )
+                        gateway_metrics[name] = gateway.metrics_text()
+                results[name].append(done)
+                s = summarize(done)
+                print(
+                    f"[{repeat + 1}/{args.repeats}] {name}: mean {s.mean_rt_s:.2f} s, "
+                    f"p99 {s.p99_rt_s:.2f} s ({time.perf_counter() - t0:.0f} s)",
+                    file=sys.stderr,
+                )
+    pooled = {name: summarize([c for run in runs for c in run]) for name, runs in results.items()}
+    print(format_table(pooled))
+    out: dict[str, Any] = {
+        "engine": "vllm",
+        "model": args.model,
+        "started_at": started_at,
+        "command": " ".join(sys.argv),
+        "max_num_seqs": slots,
+        "lengths": args.lengths,
+        "max_tokens": args.max_tokens,
+        "load": args.load,
+        "requests": args.requests,
+        "repeats": args.repeats,
+        "arrivals": args.arrivals,
+        "prompts": args.prompts,
+        "capacity": capacity,
+        "arrival_rate_rps": rate,
+        "mean_true_tokens": mean_len,
+        "policies": {name: summary_json(s) for name, s in pooled.items()},
+        "per_repeat": {
+            name: [summary_json(summarize(run)) for run in runs] for name, runs in results.items()
+        },
+        "gateway_tau": {name: _tau(text) for name, text in gateway_metrics.items()},
+    }
+    if DIRECT in pooled:
+        base = pooled[DIRECT]
+        out["vs_direct"] = {
+            name: {
+                "mean_rt_ratio": s.mean_rt_s / base.mean_rt_s,
+                "p99_rt_ratio": s.p99_rt_s / base.p99_rt_s,
+                "deadline_miss_rate_diff": s.deadline_miss_rate - base.deadline_miss_rate,
+            }
+            for name, s in pooled.items()
+        }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def _tau(metrics_text: str) -> float | None:
+    for line in metrics_text.splitlines():
+        if line.startswith("rtlm_prediction_kendall_tau "):
+            return float(line.split()[1])
+    return None

@@ -1,0 +1,104 @@
+"""The vLLM server helper against a real vLLM (skipped where vLLM is not installed).
+
+One server is shared by the module (its start-up takes 25-50 s on a 2-core CPU); the test that
+stops it comes last.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'rtlm-adapt[vllm]')")
+httpx = pytest.importorskip("httpx")
+
+from rtlm_adapt.engines.models import prepare_model, smollm2_folder  # noqa: E402
+from rtlm_adapt.engines.vllm_server import VLLMServer, free_port  # noqa: E402
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[VLLMServer]:
+    with VLLMServer("smollm2", max_num_seqs=4, max_model_len=1024) as srv:
+        yield srv
+
+
+def test_prepare_model_gives_a_loadable_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = prepare_model("smollm2")
+    assert (folder / "config.json").is_file()
+    assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+    assert (folder / "chat_template.jinja").is_file()
+    # the folder rtlm_adapt.serving.hf writes is the one prepare_model looks for
+    from rtlm_adapt.serving.hf import cache_dir
+
+    monkeypatch.setenv("RTLM_CACHE_DIR", "/nonexistent/cache")
+    assert smollm2_folder() == cache_dir() / "models" / "smollm2"
+
+
+def test_a_failed_start_raises_with_the_log_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a stand-in process that dies at once, so the error path costs no vLLM start-up
+    srv = VLLMServer("smollm2")
+    monkeypatch.setattr(
+        srv, "command", lambda path: [sys.executable, "-c", "print('boom-42'); raise SystemExit(3)"]
+    )
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code 3.*boom-42"):
+        srv.start()
+    assert srv.pid is not None and not _group_alive(srv.pid)
+
+
+def test_a_busy_port_fails_fast() -> None:
+    import socket
+
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        with pytest.raises(RuntimeError, match="already in use"):
+            VLLMServer("smollm2", port=port).start()
+
+
+def test_chat_completion_with_priority(server: VLLMServer) -> None:
+    assert server.model_name == "smollm2"
+    assert server.url == f"http://127.0.0.1:{server.port}"
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={
+            "model": server.model_name,
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 5,
+            "ignore_eos": True,
+            "priority": 2,
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "smollm2"
+    assert body["usage"]["completion_tokens"] == 5
+
+
+def test_stop_ends_every_process(server: VLLMServer) -> None:
+    assert server.pid is not None and _alive(server.pid) and server.healthy()
+    server.stop()
+    assert not _alive(server.pid)
+    assert not _group_alive(server.pid)  # the engine core and worker too
+    server.stop()  # a second stop is harmless
+    assert not server.running
