@@ -220,10 +220,9 @@ class GatewayProcess:
 
 
 def build_requests(
-    samples: Sequence[PromptSample],
+    chosen: Sequence[PromptSample],
     true_tokens: Sequence[int],
     *,
-    n: int,
     rate: float,
     arrivals: str,
     seed: int,
@@ -232,25 +231,23 @@ def build_requests(
     max_tokens: int,
     dataset_lengths: bool,
 ) -> list[BenchRequest]:
-    """``n`` requests drawn from ``samples`` with real arrivals at ``rate`` and deadlines."""
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(samples), size=n, replace=n > len(samples))
+    """One request per chosen sample, with real arrivals at ``rate`` and deadlines."""
+    n = len(chosen)
     times = make_arrivals(arrivals, n, rate, seed)
     deadlines = assign_deadlines(times, mean_service_s, seed=seed, slo=slo)
-    out = []
-    for k, (i, t, d) in enumerate(zip(idx, times, deadlines, strict=True)):
-        true = int(true_tokens[i])
-        out.append(
-            BenchRequest(
-                id=str(k),
-                prompt=samples[i].prompt,
-                arrival_s=float(t),
-                deadline_s=float(d),
-                max_tokens=true if dataset_lengths else max_tokens,
-                true_tokens=true,
-            )
+    return [
+        BenchRequest(
+            id=str(k),
+            prompt=sample.prompt,
+            arrival_s=float(t),
+            deadline_s=float(d),
+            max_tokens=int(true) if dataset_lengths else max_tokens,
+            true_tokens=int(true),
         )
-    return out
+        for k, (sample, true, t, d) in enumerate(
+            zip(chosen, true_tokens, times, deadlines, strict=True)
+        )
+    ]
 
 
 def record_lengths(
@@ -329,19 +326,28 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
                 max_tokens=args.max_tokens,
             )
         )
+        rng = np.random.default_rng(args.seed)
+        idx = rng.choice(len(samples), size=args.requests, replace=args.requests > len(samples))
+        chosen = [samples[i] for i in idx]
         if dataset_lengths:
-            true_tokens = [max(1, min(s.response_tokens, args.max_tokens)) for s in samples]
-        else:
-            true_tokens = record_lengths(
-                server.url, model, samples, max_tokens=args.max_tokens, cache=cache_dir() / "vllm"
+            true_tokens = [max(1, min(s.response_tokens, args.max_tokens)) for s in chosen]
+        else:  # only the prompts this run serves are recorded
+            unique = sorted(set(idx.tolist()))
+            recorded = record_lengths(
+                server.url,
+                model,
+                [samples[i] for i in unique],
+                max_tokens=args.max_tokens,
+                cache=cache_dir() / "vllm",
             )
+            by_index = dict(zip(unique, recorded, strict=True))
+            true_tokens = [by_index[i] for i in idx.tolist()]
         mean_len = float(np.mean(true_tokens))
         rate = args.load * capacity["tokens_per_s"] / mean_len
         mean_service = mean_len * capacity["alone_s_per_token"]
         requests = build_requests(
-            samples,
+            chosen,
             true_tokens,
-            n=args.requests,
             rate=rate,
             arrivals=args.arrivals,
             seed=args.seed,
@@ -410,7 +416,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         "per_repeat": {
             name: [summary_json(summarize(run)) for run in runs] for name, runs in results.items()
         },
-        "gateway_tau": {name: _tau(text) for name, text in gateway_metrics.items()},
+        "gateway_metrics": {name: _gateway_figures(text) for name, text in gateway_metrics.items()},
     }
     if DIRECT in pooled:
         base = pooled[DIRECT]
@@ -428,8 +434,16 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     return 0
 
 
-def _tau(metrics_text: str) -> float | None:
+def _gateway_figures(metrics_text: str) -> dict[str, Any]:
+    """The gateway's own view at the end of a run: prediction tau, knobs, request counts."""
+    figures: dict[str, Any] = {"knobs": {}, "requests": {}}
     for line in metrics_text.splitlines():
         if line.startswith("rtlm_prediction_kendall_tau "):
-            return float(line.split()[1])
-    return None
+            figures["kendall_tau"] = float(line.split()[1])
+        elif line.startswith("rtlm_knob{"):
+            name = line.split('name="', 1)[1].split('"', 1)[0]
+            figures["knobs"][name] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("rtlm_requests_total{"):
+            labels = line[line.index("{") + 1 : line.index("}")]
+            figures["requests"][labels] = float(line.rsplit(" ", 1)[1])
+    return figures

@@ -1,0 +1,85 @@
+"""serve-bench --engine vllm's client side, against the paced backend (no vLLM needed)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from rtlm_adapt.engines.vllm_bench import (  # noqa: E402
+    BenchRequest,
+    _gateway_figures,
+    build_requests,
+    measure_capacity,
+    replay,
+)
+from rtlm_adapt.gateway.app import create_app  # noqa: E402
+from rtlm_adapt.gateway.config import BackendConfig, GatewayConfig  # noqa: E402
+from rtlm_adapt.gateway.paced_backend import create_app as paced_app  # noqa: E402
+from rtlm_adapt.gateway.server_thread import ServerThread  # noqa: E402
+from rtlm_adapt.workloads import PromptSample  # noqa: E402
+
+
+def samples(n: int) -> list[PromptSample]:
+    return [
+        PromptSample(
+            id=str(i),
+            prompt=f"Question number {i}?",
+            prompt_tokens=4,
+            response_tokens=3 + i,
+            source="test",
+        )
+        for i in range(n)
+    ]
+
+
+def test_build_requests_carries_lengths_arrivals_and_deadlines():
+    chosen = samples(6)
+    lengths = [s.response_tokens for s in chosen]
+    requests = build_requests(
+        chosen, lengths, rate=2.0, arrivals="poisson", seed=0, slo="1:3",
+        mean_service_s=1.5, max_tokens=64, dataset_lengths=True,
+    )  # fmt: skip
+    assert [r.max_tokens for r in requests] == lengths
+    assert all(r.deadline_s == pytest.approx(r.arrival_s + 4.5) for r in requests)
+    assert [r.arrival_s for r in requests] == sorted(r.arrival_s for r in requests)
+    model_lengths = build_requests(
+        chosen, lengths, rate=2.0, arrivals="poisson", seed=0, slo="1:3",
+        mean_service_s=1.5, max_tokens=64, dataset_lengths=False,
+    )  # fmt: skip
+    assert {r.max_tokens for r in model_lengths} == {64}
+    assert [r.true_tokens for r in model_lengths] == lengths
+
+
+def test_replay_direct_and_through_the_gateway():
+    requests = [
+        BenchRequest(str(i), f"Say {i} words.", arrival_s=0.02 * i, deadline_s=0.02 * i + 5,
+                     max_tokens=4 + i, true_tokens=4 + i)
+        for i in range(6)
+    ]  # fmt: skip
+    with ServerThread(paced_app(tokens_per_s=2000.0, max_concurrency=2)) as backend:
+        direct = asyncio.run(replay(backend.url, "paced", requests, ignore_eos=True, oracle=False))
+        config = GatewayConfig(backends=(BackendConfig(backend.url, send_priority=True),))
+        with ServerThread(create_app(config)) as gateway:
+            via = asyncio.run(replay(gateway.url, "paced", requests, ignore_eos=True, oracle=True))
+            metrics = asyncio.run(_get(gateway.url + "/metrics"))
+        capacity = asyncio.run(
+            measure_capacity(backend.url, "paced", samples(8), slots=2, n=8, max_tokens=64)
+        )
+    for run in (direct, via):
+        assert [c.output_tokens for c in run] == [r.max_tokens for r in requests]
+        assert all(c.ok and c.first_token_time is not None for c in run)
+        assert all(c.deadline == pytest.approx(c.arrival_time + 5) for c in run)
+    figures = _gateway_figures(metrics)
+    assert figures["requests"]['outcome="completed",reason=""'] == len(requests)
+    assert figures["knobs"]["length_weight"] == 1.0
+    assert capacity["requests"] == 8 and capacity["tokens_per_s"] > 0
+
+
+async def _get(url: str) -> str:
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        return (await client.get(url)).text
