@@ -296,6 +296,8 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if not policies:
         raise ValueError("--policies is empty")
+    # SIGTERM unwinds like Ctrl-C, so the servers' context managers stop them by PID.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     for name in policies:
         if name != DIRECT:
             make_policy(name)  # an unknown name fails before vLLM starts

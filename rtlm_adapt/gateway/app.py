@@ -207,20 +207,27 @@ class Gateway:
         ticket = self._submit(http, body)
         payload = body.model_dump(exclude_unset=True)
         headers = _forwarded_headers(http, ticket)
-        if body.stream:
-            wants_usage = bool(body.stream_options and body.stream_options.include_usage)
+        relaying = False
+        try:
+            if not body.stream:
+                return await _until_disconnect(http, self._complete(ticket, path, payload, headers))
             outcome = await _until_disconnect(
                 http, self._open_stream(ticket, path, payload, headers)
             )
             if not isinstance(outcome, _OpenStream):
                 return outcome
+            wants_usage = bool(body.stream_options and body.stream_options.include_usage)
+            relaying = True  # from here the relay (or its cleanup) ends the request
             return _RelayResponse(
                 self.upstream.relay(ticket, outcome.reply, client_wants_usage=wants_usage),
                 cleanup=lambda: self.upstream.abandon(ticket, outcome.reply),
                 media_type="text/event-stream",
                 headers=_ticket_headers(ticket),
             )
-        return await _until_disconnect(http, self._complete(ticket, path, payload, headers))
+        finally:
+            if not relaying:
+                # The work may have been cancelled before it ever ran (the client left at once).
+                self.dispatcher.abandon(ticket)
 
     def _submit(self, http: Request, body: ChatCompletionRequest | CompletionRequest) -> Ticket:
         now = self.clock()
@@ -251,6 +258,7 @@ class Gateway:
             raise APIError(503, str(exc), kind="service_unavailable") from None
         entry = self.controller.entry(request.id)
         ticket = Ticket(request, entry.prediction.length, entry.service_s)
+        self.dispatcher.enqueue(ticket)  # before any await: a pump may admit it at once
         self.metrics.predicted_tokens.observe(ticket.predicted_tokens)
         if self.config.shed and deadline is not None:
             wait = self.controller.work_ahead(request.id) / max(1, self.dispatcher.slots)

@@ -67,6 +67,8 @@ class Ticket:
     first_token_time: float | None = None
     ended: bool = False
     tried: list[str] = field(default_factory=list)
+    #: Resolved with the backend when the controller admits the request (see Dispatcher.enqueue).
+    slot: asyncio.Future[Backend] | None = None
 
 
 class NoBackendError(RuntimeError):
@@ -112,27 +114,45 @@ class Dispatcher:
             controller.register_executor(self._state_of(backend))
 
     # -- admission -------------------------------------------------------------------------------
-    async def admit(self, ticket: Ticket) -> Backend:
-        """Wait until the controller gives ``ticket`` a backend slot.
+    def enqueue(self, ticket: Ticket) -> None:
+        """Register a request the moment it is submitted to the controller.
 
-        The request must already be submitted to the controller. If the caller is cancelled (the
-        client went away) the request is withdrawn from the queue, or ended as cancelled if a
-        slot was just given to it.
+        This must happen in the same step as ``controller.submit``: any later pump may hand the
+        request a slot, and the slot needs somewhere to go before anyone awaits it.
         """
-        rid = ticket.request.id
         slot: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
-        self._waiting[rid] = (ticket, slot)
+        ticket.slot = slot
+        self._waiting[ticket.request.id] = (ticket, slot)
+
+    async def admit(self, ticket: Ticket) -> Backend:
+        """Wait until the controller gives ``ticket`` (already enqueued) a backend slot.
+
+        If the caller is cancelled (the client went away) the request is withdrawn from the
+        queue, or ended as cancelled if a slot was just given to it.
+        """
+        slot = ticket.slot
+        if slot is None:
+            raise RuntimeError(f"request {ticket.request.id!r} was never enqueued")
         self.pump()
         try:
             return await slot
         except asyncio.CancelledError:
-            self._waiting.pop(rid, None)
-            if slot.done() and not slot.cancelled():
-                self.finish(ticket, 0, error="cancelled: client disconnected")
-            elif self.controller.cancel(rid) is not None:
-                ticket.ended = True
-                self._report_withdrawn(ticket, "cancelled: client disconnected while queued")
+            self.abandon(ticket)
             raise
+
+    def abandon(self, ticket: Ticket, error: str = "cancelled: client disconnected") -> None:
+        """End a request whose caller gave up (the client went away), wherever it is: withdrawn
+        from the queue, or ended if it was given a slot. Idempotent."""
+        if ticket.ended:
+            return
+        self._waiting.pop(ticket.request.id, None)
+        slot = ticket.slot
+        admitted = slot is not None and slot.done() and not slot.cancelled()
+        if admitted and slot.exception() is None:
+            self.finish(ticket, 0, error=error)
+        elif self.controller.cancel(ticket.request.id) is not None:
+            ticket.ended = True
+            self._report_withdrawn(ticket, error + " while queued")
 
     async def readmit(self, ticket: Ticket) -> Backend:
         """A slot on a healthy backend ``ticket`` has not tried yet (for one retry).
