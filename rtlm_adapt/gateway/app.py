@@ -26,6 +26,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rtlm_adapt.controller import AdaptiveController, ControllerClosedError, QueueFullError
@@ -42,10 +43,12 @@ from rtlm_adapt.gateway.proxy import Upstream, UpstreamFailure
 from rtlm_adapt.gateway.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     ErrorResponse,
     Health,
     ModelList,
+    StreamOptions,
     prompt_text,
 )
 from rtlm_adapt.request import TRUE_LENGTH_KEY
@@ -65,11 +68,36 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "Shed (deadline cannot be met) or shutting down"},
     504: {"model": ErrorResponse, "description": "The backend timed out"},
 }
+#: One server-sent event of a streamed answer: its data is a JSON chunk (or an error object) or
+#: the final "[DONE]".
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+#: The request headers the completion endpoints read (documented, parsed by the gateway itself).
+_COMPLETION_HEADERS: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": DEADLINE_HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "number", "exclusiveMinimum": 0},
+            "description": "Deadline in milliseconds after arrival (with --shed: 503 at arrival "
+            "when the prediction says it cannot be met)",
+        }
+    ]
+}
 _COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "model": ChatCompletion,
         "description": "The backend's answer; with stream=true an SSE stream of chunks",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
     },
     **_ERRORS,
 }
@@ -554,7 +582,8 @@ class BodyLimit:
         await error_response(413, message)(scope, receive, send)
 
 
-class _TooLarge(Exception):
+class _TooLarge(BaseException):
+    # A BaseException: FastAPI turns any Exception raised while it reads the body into a 400.
     pass
 
 
@@ -583,11 +612,18 @@ def create_app(config: GatewayConfig, *, controller: AdaptiveController | None =
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body it cannot decode, 404, 405) in OpenAI's format too.
+        if exc.status_code == 400:
+            gateway.metrics.invalid.labels("400").inc()
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         gateway.metrics.invalid.labels("400").inc()
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        where = _error_param(first.get("loc", ()))
         message = (
             f"{where}: {first.get('msg', 'invalid request')}"
             if where
@@ -600,6 +636,7 @@ def create_app(config: GatewayConfig, *, controller: AdaptiveController | None =
         responses=_COMPLETION_RESPONSES,
         response_model=None,
         summary="Chat completion (scheduled)",
+        openapi_extra=_COMPLETION_HEADERS,
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await gateway.handle(request, body, "/v1/chat/completions")
@@ -609,6 +646,7 @@ def create_app(config: GatewayConfig, *, controller: AdaptiveController | None =
         responses=_COMPLETION_RESPONSES,
         response_model=None,
         summary="Text completion (scheduled)",
+        openapi_extra=_COMPLETION_HEADERS,
     )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await gateway.handle(request, body, "/v1/completions")
@@ -637,6 +675,24 @@ def create_app(config: GatewayConfig, *, controller: AdaptiveController | None =
         on_reject=lambda: gateway.metrics.invalid.labels("413").inc(),
     )
     return app
+
+
+_FIELDS = frozenset(
+    name
+    for model in (ChatCompletionRequest, CompletionRequest, ChatMessage, StreamOptions)
+    for name in model.model_fields
+)
+
+
+def _error_param(loc: Any) -> str:
+    """The field an error is about, from pydantic's ``loc`` ("body", field, index, ...), up to
+    the first part that is neither a field nor an index: pydantic's tag of a union member."""
+    parts = [str(p) for p in loc[1:2] if loc and loc[0] == "body"]
+    for part in loc[2:]:
+        if not (isinstance(part, int) or part in _FIELDS):
+            break
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 def _drop_unused_422(app: FastAPI) -> None:

@@ -66,6 +66,8 @@ class Ticket:
     start_time: float | None = None
     first_token_time: float | None = None
     ended: bool = False
+    #: Whether the ticket holds a slot on ``backend`` now (so that a slot is freed exactly once).
+    holding: bool = False
     tried: list[str] = field(default_factory=list)
     #: Resolved with the backend when the controller admits the request (see Dispatcher.enqueue).
     slot: asyncio.Future[Backend] | None = None
@@ -159,7 +161,6 @@ class Dispatcher:
 
         Raises :class:`NoBackendError` when no such backend exists or is healthy.
         """
-        failed = ticket.backend
         self._leave(ticket)
         if not any(b.healthy and b.name not in ticket.tried for b in self.backends):
             raise NoBackendError("no other healthy backend to retry on")
@@ -173,8 +174,7 @@ class Dispatcher:
                 self.finish(ticket, 0, error="cancelled: client disconnected")
             else:
                 self._retries = [r for r in self._retries if r[0] is not ticket]
-                ticket.backend = failed  # ends as running on the failed one
-                self.finish(ticket, 0, error="cancelled: client disconnected", release=False)
+                self.finish(ticket, 0, error="cancelled: client disconnected")
             raise
 
     def pump(self) -> None:
@@ -229,6 +229,7 @@ class Dispatcher:
 
     def _occupy(self, ticket: Ticket, backend: Backend, now: float) -> None:
         ticket.backend = backend
+        ticket.holding = True
         ticket.tried.append(backend.name)
         if ticket.start_time is None:
             ticket.start_time = now
@@ -237,7 +238,8 @@ class Dispatcher:
 
     def _leave(self, ticket: Ticket) -> None:
         backend = ticket.backend
-        if backend is not None:
+        if backend is not None and ticket.holding:
+            ticket.holding = False
             backend.inflight -= 1
             backend.outstanding_s = max(0.0, backend.outstanding_s - ticket.service_s)
 
@@ -248,7 +250,6 @@ class Dispatcher:
         output_tokens: int,
         *,
         error: str | None = None,
-        release: bool = True,
     ) -> Completion | None:
         """End an admitted request exactly once: teach the controller, free its slot, pump.
 
@@ -276,8 +277,7 @@ class Dispatcher:
         if error is None and backend is not None and output_tokens > 1:
             self._learn_timing(ticket, backend, completion)
         self.controller.on_finish(completion)
-        if release:
-            self._leave(ticket)
+        self._leave(ticket)  # a no-op if a failed retry already freed it
         if self.on_end is not None:
             self.on_end(ticket, completion)
         self.pump()

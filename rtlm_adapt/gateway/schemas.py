@@ -8,14 +8,23 @@ The response models describe what the backends answer, for an accurate OpenAPI s
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
 class _PassThrough(BaseModel):
     # Unknown fields are kept and forwarded; types of known fields are not coerced.
     model_config = ConfigDict(extra="allow", strict=True)
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema's "integer" includes 2.0; strict pydantic would refuse it.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integral = Annotated[int, BeforeValidator(_integral)]
+Count = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
 
 
 class StreamOptions(_PassThrough):
@@ -29,10 +38,10 @@ class ChatMessage(_PassThrough):
 
 class _Generation(_PassThrough):
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Count | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    priority: int | None = Field(
+    priority: Integral | None = Field(
         default=None, description="Ignored: the gateway sets vLLM's priority itself."
     )
 
@@ -41,13 +50,14 @@ class ChatCompletionRequest(_Generation):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Count | None = None
 
 
 class CompletionRequest(_Generation):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] = Field(min_length=1)
+    # min_length on each member: beside the anyOf, JSON Schema would apply it to strings only
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
 
 
 class Usage(BaseModel):
