@@ -208,3 +208,50 @@ def test_set_knobs_rekeys_the_queue():
     ctl.submit(Request("quick", "Hi?", 1.0, prompt_tokens=2))
     ctl.set_knobs(Knobs(length_weight=0.0, wait_weight=-1.0))  # newest first
     assert ctl.next_batch(state(2.0, cap=1))[0].id == "quick"
+
+
+def test_next_batch_limit_hands_out_one_at_a_time_in_key_order():
+    # A router that spreads requests over backends asks for one at a time.
+    ctl = AdaptiveController("oracle-sjf")
+    for i, n in enumerate([50, 5, 20]):
+        ctl.submit(make_request(f"r{i}", 0.0, n))
+    taken = [ctl.next_batch(state(0.0, running=k, cap=8), limit=1) for k in range(3)]
+    assert [[r.id for r in batch] for batch in taken] == [["r1"], ["r2"], ["r0"]]
+    assert ctl.next_batch(state(0.0, running=3, cap=8), limit=1) == []
+
+
+def test_next_batch_limit_still_honours_the_batch_cap():
+    ctl = AdaptiveController(FixedPolicy("capped", Knobs(max_batch_size=2)))
+    for i in range(4):
+        ctl.submit(make_request(f"r{i}", 0.0, 10))
+    assert len(ctl.next_batch(state(0.0, running=0, cap=8), limit=5)) == 2
+    assert ctl.next_batch(state(0.0, running=2, cap=8), limit=1) == []
+
+
+def test_withdraw_counts_the_reason_and_leaves_running_requests_alone():
+    ctl = AdaptiveController("fcfs")
+    for i in range(3):
+        ctl.submit(make_request(f"r{i}", float(i), 10))
+    [running] = ctl.next_batch(state(3.0, cap=1))
+    assert ctl.withdraw("r1", "rejected").id == "r1"
+    assert ctl.withdraw("r1", "rejected") is None  # already gone
+    assert ctl.withdraw(running.id, "rejected") is None  # running: not withdrawn
+    with pytest.raises(ValueError, match="unknown failure reason"):
+        ctl.withdraw("r2", "bored")
+    stats = ctl.stats()
+    assert stats.failures["rejected"] == 1 and stats.queued == 1 and stats.running == 1
+    assert stats.balanced
+
+
+def test_entry_and_work_ahead_follow_the_queue_order():
+    ctl = AdaptiveController("oracle-sjf")
+    for i, n in enumerate([300, 10, 100]):
+        ctl.submit(make_request(f"r{i}", 0.0, n))
+    entries = {rid: ctl.entry(rid) for rid in ("r0", "r1", "r2")}
+    assert entries["r1"].key < entries["r2"].key < entries["r0"].key
+    assert ctl.work_ahead("r1") == 0.0
+    assert ctl.work_ahead("r0") == pytest.approx(entries["r1"].service_s + entries["r2"].service_s)
+    [first] = ctl.next_batch(state(0.0, cap=1))
+    assert ctl.entry(first.id) is entries["r1"]  # running requests are still visible
+    finish(ctl, first, 1.0)
+    assert ctl.entry("r1") is None and ctl.work_ahead("r1") == 0.0
