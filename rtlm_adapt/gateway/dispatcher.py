@@ -137,7 +137,9 @@ class Dispatcher:
             raise RuntimeError(f"request {ticket.request.id!r} was never enqueued")
         self.pump()
         try:
-            return await slot
+            # Shielded: cancelling the caller must not cancel the slot itself, or a pump before
+            # abandon() runs would hand it a request (InvalidStateError; request and slot lost).
+            return await asyncio.shield(slot)
         except asyncio.CancelledError:
             self.abandon(ticket)
             raise
