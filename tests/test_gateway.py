@@ -53,8 +53,9 @@ LONG = (
     "Explain in detail how a transformer neural network works, step by step, with examples "
     "and code.",
 )
-#: Tokens of a stream that holds its slot until the test closes it (5 s at the default pace).
-HOLD = 10_000
+#: Tokens of a stream that holds its slot until the test closes it (50 s at the default pace:
+#: longer than any test holds a slot, even on a loaded machine).
+HOLD = 100_000
 
 
 # -- servers ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import math
 import uuid
@@ -22,7 +23,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -39,7 +40,7 @@ from rtlm_adapt.gateway.dispatcher import (
     monotonic_clock,
 )
 from rtlm_adapt.gateway.metrics import GatewayMetrics
-from rtlm_adapt.gateway.proxy import Upstream, UpstreamFailure
+from rtlm_adapt.gateway.proxy import Upstream, UpstreamFailure, upstream_session
 from rtlm_adapt.gateway.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -158,7 +159,7 @@ class Gateway:
         self.dispatcher = Dispatcher(
             self.controller, self.backends, clock=self.clock, on_end=self._on_end
         )
-        self.client: httpx.AsyncClient | None = None
+        self.session: aiohttp.ClientSession | None = None
         self.upstream: Upstream | None = None
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
@@ -168,11 +169,9 @@ class Gateway:
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        timeout = httpx.Timeout(self.config.request_timeout_s, connect=5.0, pool=None)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
-        self.client = httpx.AsyncClient(timeout=timeout, limits=limits)
+        self.session = upstream_session(self.config.request_timeout_s)
         self.upstream = Upstream(
-            self.client,
+            self.session,
             self.dispatcher,
             on_retry=lambda name: self.metrics.retries.labels(name).inc(),
         )
@@ -185,8 +184,8 @@ class Gateway:
         self.controller.close()
         self.dispatcher.shutdown()
         self.save_state()
-        if self.client is not None:
-            await self.client.aclose()
+        if self.session is not None:
+            await self.session.close()
 
     def save_state(self) -> None:
         if self.config.state is None:
@@ -200,15 +199,15 @@ class Gateway:
     async def check_health(self) -> None:
         """Ask every backend's ``/health``; take failing ones out of rotation, put back the
         ones that answer."""
-        assert self.client is not None
+        session = self.session
+        assert session is not None, "start() first"
+        timeout = aiohttp.ClientTimeout(total=min(2.0, self.config.health_interval_s))
 
         async def probe(backend: Backend) -> None:
             try:
-                response = await self.client.get(
-                    backend.config.url + "/health", timeout=min(2.0, self.config.health_interval_s)
-                )
-                healthy = response.status_code == 200
-            except httpx.HTTPError:
+                async with session.get(backend.config.url + "/health", timeout=timeout) as r:
+                    healthy = r.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
                 healthy = False
             if healthy != backend.healthy:
                 logger.warning("backend %s is %s", backend.name, "up" if healthy else "DOWN")
@@ -317,18 +316,13 @@ class Gateway:
         except asyncio.CancelledError:
             self.dispatcher.finish(ticket, 0, error="cancelled: client disconnected")
             raise
-        response = reply.response
-        if response.status_code >= 400:  # the backend refused it (a 4xx): the client's problem
+        if reply.status >= 400:  # the backend refused it (a 4xx): the client's problem
             self.dispatcher.finish(
-                ticket, 0, error=f"rejected: {reply.backend.name} answered {response.status_code}"
+                ticket, 0, error=f"rejected: {reply.backend.name} answered {reply.status}"
             )
-            return Response(
-                response.content,
-                status_code=response.status_code,
-                media_type=response.headers.get("content-type"),
-            )
+            return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
         try:
-            answer = response.json()
+            answer = json.loads(reply.body or b"")
             tokens = _completion_tokens(answer)
         except ValueError:
             error = f"executor_failure: {reply.backend.name} sent a malformed answer"
@@ -352,29 +346,26 @@ class Gateway:
         except asyncio.CancelledError:
             self.dispatcher.finish(ticket, 0, error="cancelled: client disconnected")
             raise
-        if reply.response.status_code >= 300:
+        if reply.status >= 300:
             self.dispatcher.finish(
-                ticket,
-                0,
-                error=f"rejected: {reply.backend.name} answered {reply.response.status_code}",
+                ticket, 0, error=f"rejected: {reply.backend.name} answered {reply.status}"
             )
-            return Response(
-                reply.response.content,
-                status_code=reply.response.status_code,
-                media_type=reply.response.headers.get("content-type"),
-            )
+            return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
         return _OpenStream(reply)
 
     async def models(self) -> ModelList:
         """The union of what the healthy backends serve."""
-        assert self.client is not None
+        session = self.session
+        assert session is not None, "start() first"
+        timeout = aiohttp.ClientTimeout(total=5.0)
 
         async def listed(backend: Backend) -> list[dict[str, Any]]:
             try:
-                response = await self.client.get(backend.config.url + "/v1/models", timeout=5.0)
-                response.raise_for_status()
-                return list(response.json().get("data", []))
-            except (httpx.HTTPError, ValueError, AttributeError):
+                async with session.get(backend.config.url + "/v1/models", timeout=timeout) as r:
+                    if r.status != 200:
+                        return []
+                    return list((await r.json(content_type=None)).get("data", []))
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
                 return []
 
         seen: dict[str, dict[str, Any]] = {}

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from rtlm_adapt.gateway.dispatcher import Backend, Dispatcher, NoBackendError, Ticket
 
@@ -29,10 +29,45 @@ class UpstreamFailure(Exception):
 
 @dataclass
 class UpstreamReply:
-    """A backend's answer that is not a failure (2xx, or a 4xx to pass through)."""
+    """A backend's answer that is not a failure (2xx, or a 4xx to pass through).
 
-    response: httpx.Response
+    ``body`` holds the whole answer, except for a stream that answered 2xx: its ``response``
+    is still open, for :meth:`Upstream.relay`.
+    """
+
+    response: aiohttp.ClientResponse
     backend: Backend
+    body: bytes | None = None
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def content_type(self) -> str | None:
+        return self.response.headers.get("Content-Type")
+
+    def close(self) -> None:
+        """Give the connection back, or cut it if the answer was not read to its end (cutting
+        it is how vLLM learns that the client left: it aborts the request)."""
+        if self.response.content.at_eof():
+            self.response.release()
+        else:
+            self.response.close()
+
+
+def upstream_session(
+    read_timeout_s: float, connect_timeout_s: float = 5.0
+) -> aiohttp.ClientSession:
+    """The gateway's pooled HTTP client: no cap on connections (the in-flight caps bound them),
+    a read timeout per chunk (a stream may run for minutes, but not stall that long)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
+        ),
+        skip_auto_headers=("User-Agent",),
+    )
 
 
 class Upstream:
@@ -40,8 +75,10 @@ class Upstream:
 
     Parameters
     ----------
-    client
-        The shared ``httpx.AsyncClient`` (connection pool, timeouts).
+    session
+        The shared ``aiohttp.ClientSession`` (connection pool, timeouts; see
+        :func:`upstream_session`). aiohttp, not httpx: httpx's connection pool took two thirds
+        of the gateway's CPU (BENCHMARKS.md, section 7).
     dispatcher
         Frees and re-takes slots for retries, and ends requests.
     on_retry
@@ -50,12 +87,12 @@ class Upstream:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        session: aiohttp.ClientSession,
         dispatcher: Dispatcher,
         *,
         on_retry: Callable[[str], None] | None = None,
     ) -> None:
-        self.client = client
+        self.session = session
         self.dispatcher = dispatcher
         self.on_retry = on_retry
 
@@ -68,25 +105,24 @@ class Upstream:
         assert backend is not None, "send() needs an admitted ticket"
         while True:
             payload = _payload_for(backend, ticket, body)
-            request = self.client.build_request(
-                "POST", backend.config.url + path, json=payload, headers=headers
-            )
+            url = backend.config.url + path
             try:
-                response = await self.client.send(request, stream=True)
-                if response.status_code < 500:
-                    if not body.get("stream") or response.status_code >= 300:
-                        await response.aread()  # a whole answer, or an error body to pass on
-                    return UpstreamReply(response, backend)
-                await response.aclose()
+                response = await self.session.post(url, json=payload, headers=headers)
+                if response.status < 500:
+                    reply = UpstreamReply(response, backend)
+                    if not body.get("stream") or response.status >= 300:
+                        reply.body = await response.read()  # the answer, or an error to pass on
+                    return reply
+                response.release()
                 failure = UpstreamFailure(
-                    f"executor_failure: {backend.name} answered {response.status_code}"
+                    f"executor_failure: {backend.name} answered {response.status}"
                 )
-            except httpx.TimeoutException as exc:
+            except asyncio.TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors too
                 failure = UpstreamFailure(f"timed_out: {backend.name}: {type(exc).__name__}", 504)
-            except httpx.ConnectError as exc:
+            except aiohttp.ClientConnectorError as exc:
                 backend.healthy = False  # refused: down until a health check says otherwise
                 failure = UpstreamFailure(f"executor_failure: {backend.name}: {exc!r}")
-            except httpx.TransportError as exc:
+            except aiohttp.ClientError as exc:
                 failure = UpstreamFailure(f"executor_failure: {backend.name}: {exc!r}")
             if len(ticket.tried) >= 2:
                 raise failure
@@ -106,7 +142,7 @@ class Upstream:
         ``completion_tokens`` is the true length the predictor learns. A client that did not
         ask for it gets the stream without it, as the backend would have sent it.
         """
-        response, backend = reply.response, reply.backend
+        backend = reply.backend
         clock = self.dispatcher.clock
         completion_tokens: int | None = None
         content_chunks = 0
@@ -114,7 +150,8 @@ class Upstream:
         try:
             saw_done = False
             try:
-                async for line in response.aiter_lines():
+                async for raw in reply.response.content:  # one line at a time
+                    line = raw.decode()
                     if not line.startswith("data:"):
                         continue  # blank separators and SSE comments
                     data = line[5:].strip()
@@ -143,7 +180,8 @@ class Upstream:
                     yield f"data: {data}\n\n".encode()
                 if not saw_done:
                     raise UpstreamFailure(f"executor_failure: {backend.name}: stream ended early")
-            except (httpx.TransportError, UpstreamFailure) as exc:
+            # ValueError: a line over aiohttp's buffer (64 KiB), which no token chunk reaches
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, UpstreamFailure) as exc:
                 error = (
                     exc.error
                     if isinstance(exc, UpstreamFailure)
@@ -161,14 +199,13 @@ class Upstream:
         finally:
             if not ticket.ended:
                 self.dispatcher.finish(ticket, content_chunks, error=error)
-            # Closing the connection is how vLLM learns the client left (it aborts the request).
-            await _shielded(response.aclose())
+            reply.close()
 
     async def abandon(self, ticket: Ticket, reply: UpstreamReply) -> None:
         """End a relayed request that stopped without ending (its stream never ran)."""
         if not ticket.ended:
             self.dispatcher.finish(ticket, 0, error="cancelled: client disconnected")
-        await _shielded(reply.response.aclose())
+        reply.close()
 
 
 def _payload_for(backend: Backend, ticket: Ticket, body: dict[str, Any]) -> dict[str, Any]:
@@ -195,15 +232,3 @@ def _json_or_none(data: str) -> dict[str, Any] | None:
 def _error_event(error: str) -> bytes:
     body = {"error": {"message": error, "type": "upstream_error", "param": None, "code": 502}}
     return f"data: {json.dumps(body)}\n\n".encode()
-
-
-#: Close tasks still running after their request was cancelled (kept so they are not collected).
-_closing: set[asyncio.Task[Any]] = set()
-
-
-async def _shielded(awaitable: Any) -> None:
-    # Runs to the end even if the surrounding task is cancelled (the client went away).
-    task = asyncio.ensure_future(awaitable)
-    _closing.add(task)
-    task.add_done_callback(_closing.discard)
-    await asyncio.shield(task)
