@@ -13,6 +13,7 @@ from rtlm_adapt.engines.vllm_bench import (  # noqa: E402
     _gateway_figures,
     build_requests,
     measure_capacity,
+    policy_json,
     replay,
 )
 from rtlm_adapt.gateway.app import create_app  # noqa: E402
@@ -72,6 +73,12 @@ def test_replay_direct_and_through_the_gateway():
         assert [c.output_tokens for c in run] == [r.max_tokens for r in requests]
         assert all(c.ok and c.first_token_time is not None for c in run)
         assert all(c.deadline == pytest.approx(c.arrival_time + 5) for c in run)
+    shape = policy_json([direct, via])
+    for key in ("mean_rt_s", "p50_rt_s", "p99_rt_s", "ttft_p50_s", "ttft_p99_s"):
+        assert shape[key] > 0
+    assert shape["completed"] == 2 * len(requests) and shape["failed"] == 0
+    one = policy_json([direct])["throughput_rps"]
+    assert shape["throughput_rps"] < 2 * one  # repeats are averaged, not pooled
     figures = _gateway_figures(metrics)
     assert figures["requests"]['outcome="completed",reason=""'] == len(requests)
     assert figures["knobs"]["length_weight"] == 1.0
