@@ -36,7 +36,8 @@ def test_embed_controller_example_runs():
 
 def test_readme_shows_the_example_as_it_runs():
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("```python\n") + len("```python\n")
+    section = readme.index("## Embedding the controller")
+    start = readme.index("```python\n", section) + len("```python\n")
     block = readme[start : readme.index("```", start)].strip()
     example = (ROOT / "examples" / "embed_controller.py").read_text()
     assert block in example

@@ -40,7 +40,7 @@ from rtlm_adapt.gateway.dispatcher import (
     monotonic_clock,
 )
 from rtlm_adapt.gateway.metrics import GatewayMetrics
-from rtlm_adapt.gateway.proxy import Upstream, UpstreamFailure, upstream_session
+from rtlm_adapt.gateway.proxy import Upstream, UpstreamFailure, UpstreamReply, upstream_session
 from rtlm_adapt.gateway.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -239,15 +239,15 @@ class Gateway:
             if not body.stream:
                 return await _until_disconnect(http, self._complete(ticket, path, payload, headers))
             outcome = await _until_disconnect(
-                http, self._open_stream(ticket, path, payload, headers)
+                http, self._admitted_reply(ticket, path, payload, headers)
             )
-            if not isinstance(outcome, _OpenStream):
+            if not isinstance(outcome, UpstreamReply):
                 return outcome
             wants_usage = bool(body.stream_options and body.stream_options.include_usage)
             relaying = True  # from here the relay (or its cleanup) ends the request
             return _RelayResponse(
-                self.upstream.relay(ticket, outcome.reply, client_wants_usage=wants_usage),
-                cleanup=lambda: self.upstream.abandon(ticket, outcome.reply),
+                self.upstream.relay(ticket, outcome, client_wants_usage=wants_usage),
+                cleanup=lambda: self.upstream.abandon(ticket, outcome),
                 media_type="text/event-stream",
                 headers=_ticket_headers(ticket),
             )
@@ -301,9 +301,11 @@ class Gateway:
                 )
         return ticket
 
-    async def _complete(
+    async def _admitted_reply(
         self, ticket: Ticket, path: str, payload: dict[str, Any], headers: dict[str, str]
-    ) -> Response:
+    ) -> UpstreamReply | Response:
+        """Wait for a slot, send upstream: a 2xx reply, or the Response that ended the request
+        (shutting down, every backend tried failed, or a 3xx/4xx passed through)."""
         try:
             await self.dispatcher.admit(ticket)
         except ShuttingDown as exc:
@@ -316,11 +318,19 @@ class Gateway:
         except asyncio.CancelledError:
             self.dispatcher.finish(ticket, 0, error="cancelled: client disconnected")
             raise
-        if reply.status >= 400:  # the backend refused it (a 4xx): the client's problem
+        if reply.status >= 300:  # the backend refused it (a 4xx): the client's problem
             self.dispatcher.finish(
                 ticket, 0, error=f"rejected: {reply.backend.name} answered {reply.status}"
             )
             return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+        return reply
+
+    async def _complete(
+        self, ticket: Ticket, path: str, payload: dict[str, Any], headers: dict[str, str]
+    ) -> Response:
+        reply = await self._admitted_reply(ticket, path, payload, headers)
+        if isinstance(reply, Response):
+            return reply
         try:
             answer = json.loads(reply.body or b"")
             tokens = _completion_tokens(answer)
@@ -330,28 +340,6 @@ class Gateway:
             return error_response(502, error, "upstream_error")
         self.dispatcher.finish(ticket, tokens)
         return JSONResponse(answer, headers=_ticket_headers(ticket))
-
-    async def _open_stream(
-        self, ticket: Ticket, path: str, payload: dict[str, Any], headers: dict[str, str]
-    ) -> _OpenStream | Response:
-        try:
-            await self.dispatcher.admit(ticket)
-        except ShuttingDown as exc:
-            return error_response(503, str(exc), "service_unavailable")
-        try:
-            reply = await self.upstream.send(ticket, path, payload, headers)
-        except UpstreamFailure as failure:
-            self.dispatcher.finish(ticket, 0, error=failure.error)
-            return error_response(failure.status, failure.error, "upstream_error")
-        except asyncio.CancelledError:
-            self.dispatcher.finish(ticket, 0, error="cancelled: client disconnected")
-            raise
-        if reply.status >= 300:
-            self.dispatcher.finish(
-                ticket, 0, error=f"rejected: {reply.backend.name} answered {reply.status}"
-            )
-            return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
-        return _OpenStream(reply)
 
     async def models(self) -> ModelList:
         """The union of what the healthy backends serve."""
@@ -420,13 +408,6 @@ class _RelayResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._cleanup()
-
-
-class _OpenStream:
-    """An upstream stream that answered 200, ready to relay."""
-
-    def __init__(self, reply: Any) -> None:
-        self.reply = reply
 
 
 def _knob_value(controller: AdaptiveController, name: str) -> float:

@@ -600,18 +600,23 @@ class HFExecutor:
         for row, p in enumerate(prompts):
             ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
             mask[row, : len(p)] = 1
-        last = torch.tensor([[n - 1] for n in lengths], device=self.device)
+        # transformers keeps the same positions for every row (a 1-D tensor of indices), so keep
+        # each distinct last position and pick every row's own column afterwards.
+        kept = sorted({n - 1 for n in lengths})
+        column = torch.tensor([[kept.index(n - 1)] for n in lengths], device=self.device)
         cache = DynamicCache()
         out = self._forward(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=torch.arange(longest, device=self.device).expand(len(prompts), -1),
             cache=cache,
-            logits_to_keep=last if len(prompts) > 1 else 1,
+            logits_to_keep=torch.tensor(kept, device=self.device) if len(kept) > 1 else 1,
         )
         logits = out.logits
-        if logits.shape[1] == longest and longest > 1:  # the model ignored logits_to_keep
-            logits = logits.gather(1, last[:, :, None].expand(-1, -1, logits.shape[-1]))
+        if logits.shape[1] == longest and longest > len(kept):  # the model ignored logits_to_keep
+            column = torch.tensor([[n - 1] for n in lengths], device=self.device)
+        if logits.shape[1] > 1:
+            logits = logits.gather(1, column[:, :, None].expand(-1, -1, logits.shape[-1]))
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
         return (keys, values), logits[:, -1, :]
