@@ -170,19 +170,16 @@ class Dispatcher:
         self._retries.append((ticket, slot))
         self.pump()
         try:
-            return await slot
+            return await asyncio.shield(slot)  # as in admit(): the slot outlives the caller
         except asyncio.CancelledError:
-            if slot.done() and not slot.cancelled():
-                self.finish(ticket, 0, error="cancelled: client disconnected")
-            else:
-                self._retries = [r for r in self._retries if r[0] is not ticket]
-                self.finish(ticket, 0, error="cancelled: client disconnected")
+            self._retries = [r for r in self._retries if r[0] is not ticket]
+            self.finish(ticket, 0, error="cancelled: client disconnected")  # frees any new slot
             raise
 
     def pump(self) -> None:
         """Hand free slots to waiting requests, best backend first, until nothing moves."""
         now = self.clock()
-        self._serve_retries()
+        self._serve_retries(now)
         while self._waiting:
             if not self._assign_one(now):
                 break
@@ -210,9 +207,8 @@ class Dispatcher:
             return True
         return False
 
-    def _serve_retries(self) -> None:
+    def _serve_retries(self, now: float) -> None:
         still = []
-        now = self.clock()
         for ticket, slot in self._retries:
             if slot.done():
                 continue
