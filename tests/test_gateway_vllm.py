@@ -7,6 +7,7 @@ Skipped where vLLM is not installed (CI installs the ``[vllm]`` extra).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -104,43 +105,67 @@ def test_streaming_usage_only_when_asked(vllm):
         assert registry.get_sample_value("rtlm_actual_output_tokens_sum") == 18
 
 
+def wait_for_gauge(vllm: VLLMServer, name: str, value: float, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while vllm_gauge(vllm, name) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.05)
+
+
 def test_vllm_runs_waiting_requests_in_the_gateways_priority_order(vllm):
-    # The gateway forwards up to 8 at once; vLLM runs 2: six wait in vLLM's own queue, ordered
-    # by the priority the gateway sent (the controller's key, shortest predicted first).
+    # Two blockers (straight to vLLM, long streams) hold both of vLLM's slots. The gateway forwards
+    # six requests at once (max_inflight=8): they wait in vLLM's own queue, ordered by the priority
+    # the gateway sent (the controller's key, shortest predicted first). Once all six are waiting,
+    # the blockers hang up, vLLM aborts them, and the six run two at a time in priority order.
+    # Nothing here depends on how fast this machine decodes.
+    blocker_body = {
+        "model": vllm.model_name,
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 1500,  # over a minute here; they are aborted long before
+        "ignore_eos": True,
+        "stream": True,
+    }
+    finished: dict[int, float] = {}
+    priorities: dict[int, int] = {}
     with gateway(vllm, max_inflight=8, policy="sjf") as gw:
         c = client(gw)
-        finished: dict[int, float] = {}
-        priorities: dict[int, int] = {}
 
-        def send(i: int, prompt: str, tokens: int) -> None:
+        def send(i: int, prompt: str) -> None:
             raw = c.chat.completions.with_raw_response.create(
                 model=vllm.model_name,
                 messages=[{"role": "user", "content": prompt}],
-                max_tokens=tokens,
+                max_tokens=24,
                 extra_body={"ignore_eos": True},
             )
             priorities[i] = int(raw.headers["x-rtlm-priority"])
             finished[i] = time.monotonic()
 
-        blockers = [threading.Thread(target=send, args=(-k, "Say hi.", 160)) for k in (1, 2)]
-        for t in blockers:
-            t.start()
-        deadline = time.monotonic() + 30
-        while vllm_gauge(vllm, "vllm:num_requests_running") < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        waiting = [threading.Thread(target=send, args=(i, p, 24)) for i, p in enumerate(PROMPTS)]
+        waiting = [threading.Thread(target=send, args=(i, p)) for i, p in enumerate(PROMPTS)]
+        with contextlib.ExitStack() as blockers:
+            blocker_lines = []  # kept alive: a dropped line iterator closes its stream
+            for _ in range(2):
+                stream = blockers.enter_context(
+                    httpx.stream(
+                        "POST", vllm.url + "/v1/chat/completions", json=blocker_body, timeout=60
+                    )
+                )
+                assert stream.status_code == 200, stream.read()
+                blocker_lines.append(stream.iter_lines())
+                next(blocker_lines[-1])
+            wait_for_gauge(vllm, "vllm:num_requests_running", 2)
+            for t in waiting:
+                t.start()
+            wait_for_gauge(vllm, "vllm:num_requests_waiting", len(PROMPTS))
+        # the blockers hung up: vLLM aborts them and takes the six from its queue
         for t in waiting:
-            t.start()
-            time.sleep(0.05)
-        for t in blockers + waiting:
             t.join(timeout=120)
-        order = sorted(range(len(PROMPTS)), key=lambda i: finished[i])
-        groups = [order[k : k + 2] for k in range(0, len(order), 2)]
-        for early, late in zip(groups, groups[1:], strict=False):
-            assert max(priorities[i] for i in early) <= min(priorities[i] for i in late), [
-                [(i, priorities[i]) for i in g] for g in groups
-            ]
-        assert len(set(priorities[i] for i in order)) > 1  # the predictions did differ
+    order = sorted(range(len(PROMPTS)), key=lambda i: finished[i])
+    groups = [order[k : k + 2] for k in range(0, len(order), 2)]
+    for early, late in zip(groups, groups[1:], strict=False):
+        assert max(priorities[i] for i in early) <= min(priorities[i] for i in late), [
+            [(i, priorities[i]) for i in g] for g in groups
+        ]
+    assert len(set(priorities[i] for i in order)) > 1  # the predictions did differ
 
 
 def test_client_disconnect_aborts_the_vllm_request(vllm):
