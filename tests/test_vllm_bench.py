@@ -85,6 +85,26 @@ def test_replay_direct_and_through_the_gateway():
     assert capacity["requests"] == 8 and capacity["tokens_per_s"] > 0
 
 
+def test_capacity_counts_the_saturated_stretch_not_the_drain():
+    # Two slots at 400 tokens/s each: capacity is 800 tokens/s. A heavy tail (the long answer,
+    # taken last as the loop pops from the end) makes a whole-run count fall well short: the
+    # long answer runs alone at the end.
+    lengths = [400] + [20] * 23
+    work = [
+        PromptSample(str(i), f"Question {i}?", prompt_tokens=3, response_tokens=n, source="test")
+        for i, n in enumerate(lengths)
+    ]
+    with ServerThread(paced_app(tokens_per_s=400.0, max_concurrency=2)) as backend:
+        capacity = asyncio.run(
+            measure_capacity(backend.url, "paced", work, slots=2, n=len(work), max_tokens=512)
+        )
+    whole_run = sum(lengths) / capacity["seconds"]
+    assert capacity["tokens_per_s"] == pytest.approx(800.0, rel=0.15)
+    assert whole_run < 0.8 * 800.0
+    with pytest.raises(ValueError, match="3 \\* slots"):
+        asyncio.run(measure_capacity(backend.url, "paced", work, slots=4, n=8, max_tokens=64))
+
+
 async def _get(url: str) -> str:
     import httpx
 
