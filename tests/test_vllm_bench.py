@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -10,6 +11,7 @@ pytest.importorskip("fastapi")
 
 from rtlm_adapt.engines.vllm_bench import (  # noqa: E402
     BenchRequest,
+    MetricsTimeline,
     _gateway_figures,
     build_requests,
     measure_capacity,
@@ -103,6 +105,23 @@ def test_capacity_counts_the_saturated_stretch_not_the_drain():
     assert whole_run < 0.8 * 800.0
     with pytest.raises(ValueError, match="3 \\* slots"):
         asyncio.run(measure_capacity(backend.url, "paced", work, slots=4, n=8, max_tokens=64))
+
+
+def test_metrics_timeline_samples_queue_and_batch_cap():
+    states = iter([(3, 4), (7, 2), (0, 4)])
+
+    def read() -> str:
+        queue, cap = next(states, (0, 4))
+        return f'rtlm_queue_length {queue}.0\nrtlm_knob{{name="max_batch_size"}} {cap}.0\n'
+
+    timeline = MetricsTimeline(read, 0.01)
+    deadline = time.monotonic() + 5
+    while len(timeline.queue_length) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    summary = timeline.stop()
+    assert summary["queue_length"][:3] == [3.0, 7.0, 0.0]
+    assert summary["max_batch_size_min"] == 2.0
+    assert summary["queue_length_max"] == 7.0
 
 
 async def _get(url: str) -> str:

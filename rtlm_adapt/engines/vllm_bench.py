@@ -33,8 +33,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,10 @@ class GatewayProcess:
     def metrics_text(self) -> str:
         return httpx.get(self.url + "/metrics", timeout=5.0).text
 
+    def sample_every(self, interval_s: float) -> MetricsTimeline:
+        """Start sampling the gateway's queue and knobs (a thread; stop it with ``.stop()``)."""
+        return MetricsTimeline(self.metrics_text, interval_s)
+
     def stop(self) -> None:
         if self._proc.poll() is None:
             os.killpg(self._proc.pid, signal.SIGTERM)
@@ -236,6 +241,47 @@ class GatewayProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class MetricsTimeline:
+    """The gateway's queue length and batch cap, sampled through a run (to explain a result:
+    the knobs at the end alone cannot show a cap that dropped for a while)."""
+
+    def __init__(self, read: Callable[[], str], interval_s: float) -> None:
+        self.queue_length: list[float] = []
+        self.max_batch_size: list[float] = []
+        self._read = read
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-timeline", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                text = self._read()
+            except httpx.HTTPError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("rtlm_queue_length "):
+                    self.queue_length.append(float(line.split()[1]))
+                elif line.startswith('rtlm_knob{name="max_batch_size"}'):
+                    self.max_batch_size.append(float(line.rsplit(" ", 1)[1]))
+
+    def stop(self) -> dict[str, Any]:
+        """Stop sampling; the samples and their summary."""
+        self._stop.set()
+        self._thread.join()
+        caps, queue = self.max_batch_size, self.queue_length
+        return {
+            "interval_s": self._interval_s,
+            "queue_length_mean": float(np.mean(queue)) if queue else 0.0,
+            "queue_length_max": max(queue, default=0.0),
+            "max_batch_size_min": min(caps, default=0.0),
+            "max_batch_size_mean": float(np.mean(caps)) if caps else 0.0,
+            "queue_length": queue,
+            "max_batch_size": caps,
+        }
 
 
 def build_requests(
@@ -332,6 +378,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     )
     results: dict[str, list[list[Completion]]] = {p: [] for p in policies}
     gateway_metrics: dict[str, str] = {}
+    timelines: dict[str, list[dict[str, Any]]] = {}  # per policy, one per repeat
     with server:
         model = server.model_name
         print(f"vLLM up in {server.startup_seconds:.1f} s at {server.url}", file=sys.stderr)
@@ -398,6 +445,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
                     with GatewayProcess(
                         server.url, policy=name, max_inflight=slots, port=free_port()
                     ) as gateway:
+                        timeline = gateway.sample_every(1.0)
                         done = asyncio.run(
                             replay(
                                 gateway.url,
@@ -408,6 +456,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
                             )
                         )
                         gateway_metrics[name] = gateway.metrics_text()
+                        timelines.setdefault(name, []).append(timeline.stop())
                 results[name].append(done)
                 s = summarize(done)
                 print(
@@ -438,6 +487,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
             name: [policy_json([run]) for run in runs] for name, runs in results.items()
         },
         "gateway_metrics": {name: _gateway_figures(text) for name, text in gateway_metrics.items()},
+        "gateway_timelines": timelines,
     }
     if DIRECT in pooled:
         base = pooled[DIRECT]
