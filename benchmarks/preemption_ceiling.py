@@ -80,8 +80,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from rtlm_adapt.calibration.step_cost import StepCost  # noqa: E402
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion  # noqa: E402
-from rtlm_adapt.serving.profile import StepCost  # noqa: E402
 
 QUEUED, RUNNING, PAUSED, EVICTED, DONE = range(5)
 DEFAULT_FIT_FROM = "benchmarks/results/serve_bench_smollm2_abba_fcfs_heuristic.json"
@@ -717,7 +717,7 @@ def main() -> None:
         parser.error("give --lengths-from or --lengths")
     started = time.time()
 
-    from rtlm_adapt.serving.step_fit import fit_step_cost, run_steps
+    from rtlm_adapt.calibration.step_fit import fit_step_cost, run_steps
 
     hf = StepCost.load(HF_PROFILE)
     copy = args.copy_s_per_token

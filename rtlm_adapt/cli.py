@@ -118,9 +118,9 @@ def _add_encoder_arg(parser: argparse.ArgumentParser) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from rtlm_adapt.calibration.step_cost import StepCost
     from rtlm_adapt.experiment import build_workload, run_policy
     from rtlm_adapt.policies import make_policy
-    from rtlm_adapt.serving.profile import StepCost
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if not policies:

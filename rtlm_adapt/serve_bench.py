@@ -14,7 +14,7 @@ What ``rtlm-adapt serve-bench`` runs:
    mean response time ratio sim / real and the Spearman correlation of per-request response
    times measure how far the simulator can be trusted.
 3. Every single-iteration step each executor took (``policies.NAME.steps``): what
-   ``rtlm-adapt profile --from-run`` fits a profile to (``rtlm_adapt.serving.step_fit``).
+   ``rtlm-adapt profile --from-run`` fits a profile to (``rtlm_adapt.calibration.step_fit``).
 4. Optionally (``calibrate``), before each policy, a short real FCFS run on other arrivals
    whose steps are fitted to a profile (:func:`calibrated_profile`): the simulator replay then
    charges what the machine costs *now* (a shared host's speed drifts by tens of percent over
@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from rtlm_adapt.calibration.step_cost import StepCost
+from rtlm_adapt.calibration.step_fit import STEP_COLUMNS
 from rtlm_adapt.experiment import (
     Workload,
     _PrecomputedFeatures,
@@ -49,8 +51,6 @@ from rtlm_adapt.experiment import (
 from rtlm_adapt.metrics import Summary, summarize, summary_json
 from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
-from rtlm_adapt.serving.profile import StepCost
-from rtlm_adapt.serving.step_fit import STEP_COLUMNS
 from rtlm_adapt.workloads import PromptSample
 
 #: ``--model`` names that are not paths or hub ids.
@@ -85,7 +85,7 @@ def quick_profile(executor, *, name: str, max_batch_size: int, threads: int | No
     """A small profile of ``executor`` (seconds on a tiny model; a minute or two on SmolLM2)."""
     import torch
 
-    from rtlm_adapt.serving.profiler import profile_executor
+    from rtlm_adapt.calibration.profiler import profile_executor
 
     before = torch.get_num_threads()
     if threads:
@@ -311,7 +311,7 @@ def build_executors(spec: ServeSpec):
 def calibrated_profile(calibration: RealRun, base: StepCost) -> StepCost:
     """``base``'s form fitted to the primary's steps in ``calibration`` (timed by their cycles
     through the loop, as ``rtlm-adapt profile --from-run`` does by default)."""
-    from rtlm_adapt.serving.step_fit import fit_step_cost, run_steps
+    from rtlm_adapt.calibration.step_fit import fit_step_cost, run_steps
 
     payload = {"policies": {"calibration": {"steps": step_records(calibration.steps)}}}
     rows = run_steps(payload, policy="calibration")
@@ -509,7 +509,7 @@ def cmd_profile(args) -> int:
         return cmd_profile_from_run(args)
     import torch
 
-    from rtlm_adapt.serving.profiler import profile_executor
+    from rtlm_adapt.calibration.profiler import profile_executor
 
     args.model = args.model or "smollm2"
     if args.threads:
@@ -544,7 +544,7 @@ def cmd_profile_from_run(args) -> int:
     import json
     from pathlib import Path
 
-    from rtlm_adapt.serving.step_fit import fit_step_cost, run_profile, run_steps
+    from rtlm_adapt.calibration.step_fit import fit_step_cost, run_profile, run_steps
 
     if args.model:
         raise ValueError("--from-run fits a recorded run: it takes no --model")
@@ -587,9 +587,9 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
     import torch
     from tqdm import tqdm
 
+    from rtlm_adapt.calibration.profiler import machine_description
     from rtlm_adapt.metrics import format_table
     from rtlm_adapt.policies import make_policy
-    from rtlm_adapt.serving.profiler import machine_description
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if not policies:

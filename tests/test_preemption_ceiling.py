@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Request
-from rtlm_adapt.serving.profile import StepCost
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "preemption_ceiling.py"
 

@@ -9,9 +9,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from rtlm_adapt.calibration.step_cost import StepCost  # noqa: E402
+from rtlm_adapt.calibration.step_fit import STEP_COLUMNS, run_steps  # noqa: E402
 from rtlm_adapt.cli import main  # noqa: E402
-from rtlm_adapt.serving.profile import StepCost  # noqa: E402
-from rtlm_adapt.serving.step_fit import STEP_COLUMNS, run_steps  # noqa: E402
 
 SIMULATE_KEYS = {
     "mean_rt_s",

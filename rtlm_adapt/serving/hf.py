@@ -331,7 +331,7 @@ class HFExecutor:
     Times in completions are on the serving loop's clock: a step that starts at ``now`` ends
     at ``now`` plus its measured duration. ``eos_token_ids`` (a set, from the tokenizer and
     generation config) may be replaced. ``time_prefill`` and ``time_decode`` time the step's
-    two parts on synthetic inputs, for ``rtlm_adapt.serving.profiler``.
+    two parts on synthetic inputs, for ``rtlm_adapt.calibration.profiler``.
     """
 
     #: the batch KV cache is padded to its longest member (see StepCost.padded_context)
