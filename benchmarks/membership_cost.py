@@ -24,8 +24,9 @@ import time
 
 import torch
 
+from rtlm_adapt.calibration.profiler import machine_load
 from rtlm_adapt.request import Request
-from rtlm_adapt.serve_bench import load_executor, machine_load
+from rtlm_adapt.serving.factory import load_executor
 
 
 def prompt_of(executor, tokens: int, tag: str) -> str:

@@ -442,7 +442,8 @@ def base_workload(args):
     """serve-bench's workload for these flags (as sim_ceiling.py builds it) with SmolLM2's
     lengths (replayed as the simulator runs them)."""
     from rtlm_adapt.cli import _load_samples
-    from rtlm_adapt.serve_bench import replay_length, workload_from_args
+    from rtlm_adapt.serve_bench import workload_from_args
+    from rtlm_adapt.sim_fidelity import replay_length
 
     samples, _ = _load_samples(args)
     workload = workload_from_args(args, samples, StepCost.load(args.profile))

@@ -272,7 +272,7 @@ class ServingEnv(gym.Env):
         reused rather than reloading the model each reset.
         """
         if self._hf is None:
-            from rtlm_adapt.serve_bench import load_executor, sibling_executor
+            from rtlm_adapt.serving.factory import load_executor, sibling_executor
 
             primary = load_executor(
                 self.model, name="primary", max_batch_size=self.primary_cost.max_batch_size

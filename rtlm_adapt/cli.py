@@ -241,9 +241,9 @@ def cmd_predict_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from rtlm_adapt.serve_bench import cmd_profile as run
+    from rtlm_adapt.calibration.cli import run_from_args
 
-    return run(args)
+    return run_from_args(args)
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:

@@ -70,7 +70,8 @@ def robust_fit(
     return coef, keep
 
 
-def _load_average() -> list[float] | None:
+def machine_load() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the platform has none)."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -120,7 +121,7 @@ def profile_executor(
     name, model, max_batch_size, kv_token_budget, note
         Copied into the StepCost (``model`` and ``note`` go into ``source``).
     """
-    load_before = _load_average()
+    load_before = machine_load()
     executor.time_prefill(min(prompt_lengths))  # warm-up: first calls allocate and tune
     executor.time_decode(min(batch_sizes), min(context_lengths), steps=2)
 
@@ -195,6 +196,28 @@ def profile_executor(
             },
             "repeats": repeats,
             "load_average_before": load_before,
-            "load_average_after": _load_average(),
+            "load_average_after": machine_load(),
         },
     )
+
+
+def quick_profile(executor, *, name: str, max_batch_size: int, threads: int | None = None):
+    """A small profile of ``executor`` (seconds on a tiny model; a minute or two on SmolLM2)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return profile_executor(
+            executor,
+            prompt_lengths=(16, 64, 256),
+            batch_sizes=sorted({1, 2, max(1, max_batch_size // 2), max_batch_size}),
+            context_lengths=(64, 256),
+            repeats=2,
+            name=name,
+            model=f"quick profile of {getattr(executor, 'name', 'executor')}",
+            max_batch_size=max_batch_size,
+        )
+    finally:
+        torch.set_num_threads(before)
