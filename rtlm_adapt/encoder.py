@@ -7,7 +7,7 @@ Two encoders, picked by name (:data:`ENCODERS`, :func:`make_encoder`):
   packaged SmolLM2-135M-Instruct after decoder layer 16, at the last prompt token, the prompt
   wrapped in the chat template as the executor wraps it), as in TRAIL (Shahout et al., "Don't
   Stop Me Now: Embedding Based Scheduling for LLMs"). It carries more length signal than MiniLM
-  (benchmarks/encoder_representation.py) and costs ~4-8x more to compute.
+  (benchmarks/studies/encoder_representation.py) and costs ~4-8x more to compute.
 
 About all-MiniLM-L6-v2:
 

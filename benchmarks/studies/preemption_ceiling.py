@@ -54,10 +54,10 @@ same rate (``--resample-seeds``), so the figures are not just 80-request noise.
 
 Usage::
 
-    python benchmarks/preemption_ceiling.py \\
+    python benchmarks/studies/preemption_ceiling.py \\
         --lengths-from benchmarks/results/serve_bench_smollm2_abba_fcfs_heuristic.json \\
         --json benchmarks/results/preemption_ceiling_max256.json
-    python benchmarks/preemption_ceiling.py \\
+    python benchmarks/studies/preemption_ceiling.py \\
         --lengths benchmarks/results/smollm2_lengths_max1024.json --max-tokens 1024 --load 0.48 \\
         --json benchmarks/results/preemption_ceiling_max1024.json
 """

@@ -12,7 +12,7 @@ tokens; then, repeatedly,
 
 Usage::
 
-    python benchmarks/membership_cost.py --batch 16 --context 256 --rounds 5 --threads 2
+    python benchmarks/studies/membership_cost.py --batch 16 --context 256 --rounds 5 --threads 2
 """
 
 from __future__ import annotations
