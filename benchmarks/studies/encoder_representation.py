@@ -37,7 +37,8 @@ Usage (the runs behind benchmarks/results/encoder_representation.json; results m
 JSON per representation and seed; set the BLAS thread variables, or numpy oversubscribes)::
 
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
-    python benchmarks/studies/encoder_representation.py --seeds 0 --extra-seeds 1,2 --top 4 --combos 1 \
+    python benchmarks/studies/encoder_representation.py --seeds 0 --extra-seeds 1,2 --top 4 \
+        --combos 1 \
         --reps smol_L12_last,smol_L16_last,smol_L20_last,smol_L24_last,smol_L16+L24+L30_last,\
 smol_L16_mean,minilm --cost --sharegpt 2000 \
         --transfer-reps minilm,smol_L16_last,smol_L16_last+minilm
