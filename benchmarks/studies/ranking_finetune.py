@@ -107,9 +107,9 @@ class Frozen:
 def load_model() -> tuple[Any, Any]:
     import torch
 
-    from rtlm_adapt.serving.hf import _load_smollm2
+    from rtlm_adapt.serving.hf import load_smollm2
 
-    lm, tok = _load_smollm2(torch.float32)
+    lm, tok = load_smollm2(torch.float32)
     lm.eval()
     for p in lm.parameters():
         p.requires_grad_(False)
