@@ -241,6 +241,84 @@ def realised_load(workload: Workload, cost: StepCost, runs: Sequence[RealRun]) -
     return float(workload.rate_rps / np.mean(caps)) if caps else float("nan")
 
 
+@dataclass
+class BenchExecutors:
+    """serve-bench's executors with the cost profiles and torch threads they are served with."""
+
+    primary: Any
+    secondary: Any | None
+    #: per executor; the primary's batch cap is the executor's
+    profiles: dict[str, StepCost]
+    #: torch threads per executor
+    threads: dict[str, int]
+    secondary_threads: int
+    #: why the secondary has that many threads (0: none)
+    secondary_reason: str
+
+    @classmethod
+    def build(cls, args: Any, threads: int) -> BenchExecutors:
+        """Load ``args.model`` as the primary (and a sibling secondary where threads allow),
+        with the profiles the flags name, the packaged ones, or quick profiles of their own."""
+        import sys
+
+        packaged = PACKAGED_PROFILES.get(args.model)
+        if args.profile != "auto":
+            primary_cost = StepCost.load(args.profile)
+        elif packaged:
+            primary_cost = StepCost.load(packaged[0])
+        else:
+            primary_cost = None
+        primary = load_executor(
+            args.model,
+            name="primary",
+            max_batch_size=args.max_batch_size
+            or (primary_cost.max_batch_size if primary_cost else 8),
+        )
+        if primary_cost is None:
+            print("profiling the primary executor (quick)...", file=sys.stderr)
+            primary_cost = quick_profile(
+                primary, name=f"{args.model}-quick", max_batch_size=primary.max_batch_size
+            )
+        secondary = secondary_cost = None
+        secondary_threads, secondary_reason = secondary_threads_for(args.secondary_threads, threads)
+        print(
+            f"secondary executor: {secondary_threads} threads ({secondary_reason})", file=sys.stderr
+        )
+        if secondary_threads > 0:
+            if args.secondary_profile != "auto":
+                secondary_cost = StepCost.load(args.secondary_profile)
+            elif packaged:
+                secondary_cost = StepCost.load(packaged[1])
+            secondary = sibling_executor(
+                primary,
+                name="secondary",
+                max_batch_size=secondary_cost.max_batch_size if secondary_cost else 4,
+            )
+            if secondary_cost is None:
+                print("profiling the secondary executor (quick)...", file=sys.stderr)
+                secondary_cost = quick_profile(
+                    secondary,
+                    name=f"{args.model}-quick-secondary",
+                    max_batch_size=secondary.max_batch_size,
+                    threads=secondary_threads,
+                )
+        # the simulator and the controller assume the profiles' batch caps
+        primary_cost = dataclasses.replace(primary_cost, max_batch_size=primary.max_batch_size)
+        profiles = {"primary": primary_cost}
+        thread_map = {"primary": threads}
+        if secondary is not None:
+            profiles["secondary"] = secondary_cost
+            thread_map["secondary"] = secondary_threads
+        return cls(
+            primary,
+            secondary,
+            profiles,
+            thread_map,
+            secondary_threads,
+            secondary_reason,
+        )
+
+
 # -- command-line entry points (argument parsing lives in rtlm_adapt.cli) ------------------------
 
 
@@ -261,54 +339,12 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    packaged = PACKAGED_PROFILES.get(args.model)
     t0 = time.perf_counter()
-
-    # executors and their cost profiles
-    if args.profile != "auto":
-        primary_cost = StepCost.load(args.profile)
-    elif packaged:
-        primary_cost = StepCost.load(packaged[0])
-    else:
-        primary_cost = None
-    primary = load_executor(
-        args.model,
-        name="primary",
-        max_batch_size=args.max_batch_size or (primary_cost.max_batch_size if primary_cost else 8),
-    )
-    if primary_cost is None:
-        print("profiling the primary executor (quick)...", file=sys.stderr)
-        primary_cost = quick_profile(
-            primary, name=f"{args.model}-quick", max_batch_size=primary.max_batch_size
-        )
-    secondary = secondary_cost = None
-    secondary_threads, secondary_reason = secondary_threads_for(args.secondary_threads, threads)
-    print(f"secondary executor: {secondary_threads} threads ({secondary_reason})", file=sys.stderr)
-    if secondary_threads > 0:
-        if args.secondary_profile != "auto":
-            secondary_cost = StepCost.load(args.secondary_profile)
-        elif packaged:
-            secondary_cost = StepCost.load(packaged[1])
-        secondary = sibling_executor(
-            primary,
-            name="secondary",
-            max_batch_size=secondary_cost.max_batch_size if secondary_cost else 4,
-        )
-        if secondary_cost is None:
-            print("profiling the secondary executor (quick)...", file=sys.stderr)
-            secondary_cost = quick_profile(
-                secondary,
-                name=f"{args.model}-quick-secondary",
-                max_batch_size=secondary.max_batch_size,
-                threads=secondary_threads,
-            )
-    # the simulator and the controller assume the profiles' batch caps
-    primary_cost = dataclasses.replace(primary_cost, max_batch_size=primary.max_batch_size)
-    profiles = {"primary": primary_cost}
-    thread_map = {"primary": threads}
-    if secondary is not None:
-        profiles["secondary"] = secondary_cost
-        thread_map["secondary"] = secondary_threads
+    bench = BenchExecutors.build(args, threads)
+    primary, secondary = bench.primary, bench.secondary
+    primary_cost, secondary_cost = bench.profiles["primary"], bench.profiles.get("secondary")
+    profiles, thread_map = bench.profiles, bench.threads
+    secondary_threads, secondary_reason = bench.secondary_threads, bench.secondary_reason
 
     workload = workload_from_args(args, samples, primary_cost)
     print(f"workload: {workload.description}", file=sys.stderr)
@@ -373,41 +409,7 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
         "profiles": {name: dataclasses.asdict(cost) for name, cost in profiles.items()},
     }
     if args.compare_sim:
-        # the profile served with and, with --calibrate, each policy's calibrated one; the
-        # calibrated replay (the machine's cost now) is the one reported as sim_fidelity
-        by_profile: dict[str, dict[str, dict]] = {"served": {}, "calibrated": {}}
-        sim_results = {}
-        for name, run in runs.items():
-            costs = {"served": primary_cost, "calibrated": served[name].calibrated}
-            for which, cost in costs.items():
-                if cost is None:
-                    continue
-                sim = sim_replay(
-                    name,
-                    workload,
-                    run.completions,
-                    primary_cost=cost,
-                    secondary_cost=secondary_cost if secondary is not None else None,
-                    max_tokens=args.max_tokens,
-                    tier=args.tier,
-                    controller_cost=primary_cost,  # what the real run's controller started from
-                )
-                by_profile[which][name] = {**fidelity(sim, run.completions), "profile": cost.name}
-                sim_results[name] = summarize(sim)
-        fid = by_profile["calibrated"] or by_profile["served"]
-        payload["sim_fidelity"] = fid
-        payload["sim_fidelity_by_profile"] = {k: v for k, v in by_profile.items() if v}
-        payload["sim_policies"] = {n: summary_json(s) for n, s in sim_results.items()}
-        which = "each policy's own calibrated profile" if by_profile["calibrated"] else "served"
-        print(f"simulator replay with the real lengths ({which}):")
-        print(format_table(sim_results))
-        for which, per_policy in payload["sim_fidelity_by_profile"].items():
-            for name, f in per_policy.items():
-                print(
-                    f"fidelity {name} ({which} profile {f['profile']}): mean RT sim/real "
-                    f"{f['mean_rt_ratio_sim_over_real']:.3f}, Spearman {f['spearman']:.3f} "
-                    f"(n={f['n']})"
-                )
+        payload.update(compare_sim(args, workload, served, profiles))
     elapsed = time.perf_counter() - t0
     payload["workload"] = {
         "prompts": args.prompts,
@@ -454,6 +456,53 @@ def cmd_serve_bench(args, samples: Sequence[PromptSample], counter_kind: str) ->
     if args.json:
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
+
+
+def compare_sim(
+    args: Any, workload: Workload, served: dict[str, ServedPolicy], profiles: dict[str, StepCost]
+) -> dict[str, Any]:
+    """Each policy's real run replayed through the simulator (``--compare-sim``), with the
+    profile served with and, with ``--calibrate``, the policy's calibrated one; the calibrated
+    replay (the machine's cost now) is the one reported as ``sim_fidelity``. Prints the
+    replay's table and the fidelity figures; returns serve-bench's JSON keys for them."""
+    from rtlm_adapt.metrics import format_table
+
+    primary_cost = profiles["primary"]
+    by_profile: dict[str, dict[str, dict]] = {"served": {}, "calibrated": {}}
+    sim_results = {}
+    for name, policy in served.items():
+        run = policy.run
+        for which, cost in {"served": primary_cost, "calibrated": policy.calibrated}.items():
+            if cost is None:
+                continue
+            sim = sim_replay(
+                name,
+                workload,
+                run.completions,
+                primary_cost=cost,
+                secondary_cost=profiles.get("secondary"),
+                max_tokens=args.max_tokens,
+                tier=args.tier,
+                controller_cost=primary_cost,  # what the real run's controller started from
+            )
+            by_profile[which][name] = {**fidelity(sim, run.completions), "profile": cost.name}
+            sim_results[name] = summarize(sim)
+    reported = {k: v for k, v in by_profile.items() if v}
+    which = "each policy's own calibrated profile" if by_profile["calibrated"] else "served"
+    print(f"simulator replay with the real lengths ({which}):")
+    print(format_table(sim_results))
+    for which, per_policy in reported.items():
+        for name, f in per_policy.items():
+            print(
+                f"fidelity {name} ({which} profile {f['profile']}): mean RT sim/real "
+                f"{f['mean_rt_ratio_sim_over_real']:.3f}, Spearman {f['spearman']:.3f} "
+                f"(n={f['n']})"
+            )
+    return {
+        "sim_fidelity": by_profile["calibrated"] or by_profile["served"],
+        "sim_fidelity_by_profile": reported,
+        "sim_policies": {n: summary_json(s) for n, s in sim_results.items()},
+    }
 
 
 def check_args(args) -> list[str]:

@@ -236,3 +236,9 @@ def test_serve_bench_unwritable_json_fails_before_the_run(
     out = tmp_path / "a_file" / "bench.json"  # its "folder" is a file
     assert main([*_tiny_bench(tmp_path, alpaca_file, "fcfs"), "--json", str(out)]) == 2
     assert f"--json {out}: cannot create its folder" in capsys.readouterr().err
+
+
+def test_profile_unknown_model_is_a_one_line_error(capsys):
+    assert main(["profile", "--model", "./no/such/folder", "--out", "x.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "rtlm-adapt profile: error: model './no/such/folder': no such folder"
