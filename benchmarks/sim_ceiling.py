@@ -41,19 +41,20 @@ import json
 import sys
 from pathlib import Path
 
+from rtlm_adapt.calibration.step_cost import StepCost
+from rtlm_adapt.calibration.step_fit import fit_step_cost, run_steps
 from rtlm_adapt.cli import _load_samples
 from rtlm_adapt.experiment import run_policy
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion
-from rtlm_adapt.serve_bench import fidelity, replay_length, workload_from_args
-from rtlm_adapt.serving.profile import StepCost
-from rtlm_adapt.serving.step_fit import fit_step_cost, run_steps
+from rtlm_adapt.serve_bench import workload_from_args
+from rtlm_adapt.sim_fidelity import fidelity, replay_length
 
 
 def generate_lengths(workload, model: str, threads: int, max_batch: int) -> dict[str, int]:
     """Greedy output tokens per request id, served as a burst."""
     import torch
 
-    from rtlm_adapt.serve_bench import load_executor
+    from rtlm_adapt.serving.factory import load_executor
 
     torch.set_num_threads(threads)
     ex = load_executor(model, name="gen", max_batch_size=max_batch)

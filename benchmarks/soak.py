@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Request
 from rtlm_adapt.serving.faults import FaultyExecutor
 from rtlm_adapt.serving.loop import ServingLoop
-from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.serving.sim import SimulatedExecutor
 
 COST = StepCost("soak", decode_s_base=0.02, decode_s_per_seq=0.004, decode_s_per_ctx_token=0.0,

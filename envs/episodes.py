@@ -20,8 +20,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.experiment import Workload, capacity_rps, mean_isolated_service_s
-from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.uncertainty import UncertaintyScorer
 from rtlm_adapt.workloads import (
     DEFAULT_SLO,

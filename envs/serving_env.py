@@ -46,6 +46,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.experiment import Workload
 from rtlm_adapt.knobs import Knobs
@@ -53,7 +54,6 @@ from rtlm_adapt.observation import Observation
 from rtlm_adapt.policies.action_space import OBS_HIGH, OBS_LOW, KnobsActionMap, observation_array
 from rtlm_adapt.request import Completion
 from rtlm_adapt.serving.loop import ServingLoop
-from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.serving.sim import SimulatedExecutor
 
 from .episodes import EpisodeSampler, shared_scorer
@@ -272,7 +272,7 @@ class ServingEnv(gym.Env):
         reused rather than reloading the model each reset.
         """
         if self._hf is None:
-            from rtlm_adapt.serve_bench import load_executor, sibling_executor
+            from rtlm_adapt.serving.factory import load_executor, sibling_executor
 
             primary = load_executor(
                 self.model, name="primary", max_batch_size=self.primary_cost.max_batch_size

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.experiment import Workload, run_policy
-from rtlm_adapt.serving.profile import StepCost
 
 #: Trace fractions: training windows start in the first, evaluation windows in the second.
 TRAIN_SLICE = (0.0, 0.8)

@@ -118,9 +118,9 @@ def _add_encoder_arg(parser: argparse.ArgumentParser) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from rtlm_adapt.calibration.step_cost import StepCost
     from rtlm_adapt.experiment import build_workload, run_policy
     from rtlm_adapt.policies import make_policy
-    from rtlm_adapt.serving.profile import StepCost
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if not policies:
@@ -241,9 +241,9 @@ def cmd_predict_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from rtlm_adapt.serve_bench import cmd_profile as run
+    from rtlm_adapt.calibration.cli import run_from_args
 
-    return run(args)
+    return run_from_args(args)
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.latency import LatencyModel
 from rtlm_adapt.observation import Observation
@@ -43,7 +44,6 @@ from rtlm_adapt.predictor import LengthPrediction, LengthPredictor
 from rtlm_adapt.queue import QueueEntry, RequestQueue
 from rtlm_adapt.request import Completion, Request
 from rtlm_adapt.serving.base import ExecutorState, StepResult
-from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.uncertainty import UncertaintyScorer
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ Two encoders, picked by name (:data:`ENCODERS`, :func:`make_encoder`):
   packaged SmolLM2-135M-Instruct after decoder layer 16, at the last prompt token, the prompt
   wrapped in the chat template as the executor wraps it), as in TRAIL (Shahout et al., "Don't
   Stop Me Now: Embedding Based Scheduling for LLMs"). It carries more length signal than MiniLM
-  (benchmarks/encoder_representation.py) and costs ~4-8x more to compute.
+  (benchmarks/studies/encoder_representation.py) and costs ~4-8x more to compute.
 
 About all-MiniLM-L6-v2:
 
@@ -190,7 +190,7 @@ class HiddenStateEncoder:
     ----------
     model
         ``"smollm2"`` (default: the packaged SmolLM2-135M-Instruct, through
-        :func:`rtlm_adapt.serving.hf._load_smollm2`), a local folder or hub id of a causal LM, or
+        :func:`rtlm_adapt.serving.hf.load_smollm2`), a local folder or hub id of a causal LM, or
         a loaded ``(model, tokenizer)`` pair (not modified; used as is, e.g. an executor's).
     layer
         Decoder layer whose output is taken (1 = after the first layer).
@@ -250,9 +250,9 @@ class HiddenStateEncoder:
             if isinstance(self.model, tuple):
                 lm, tok = self.model
             elif self.model == "smollm2":
-                from rtlm_adapt.serving.hf import _load_smollm2
+                from rtlm_adapt.serving.hf import load_smollm2
 
-                lm, tok = _load_smollm2(torch.float32)
+                lm, tok = load_smollm2(torch.float32)
             else:
                 from transformers import AutoModelForCausalLM, AutoTokenizer
 

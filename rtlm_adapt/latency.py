@@ -1,9 +1,9 @@
 """Online latency model of one executor: recursive least squares on the StepCost linear form.
 
-A :class:`~rtlm_adapt.serving.profile.StepCost` profile is measured once, offline; the machine it
-serves on then drifts (thermal throttling, a noisy neighbour, another model sharing the GPU).
-:class:`LatencyModel` starts from the profile and refits its five coefficients from every observed
-executor step, with exponential forgetting so that old timings fade out.
+A :class:`~rtlm_adapt.calibration.step_cost.StepCost` profile is measured once, offline; the
+machine it serves on then drifts (thermal throttling, a noisy neighbour, another model sharing the
+GPU). :class:`LatencyModel` starts from the profile and refits its five coefficients from every
+observed executor step, with exponential forgetting so that old timings fade out.
 
 Why these choices:
 
@@ -23,7 +23,7 @@ Why these choices:
   clipped at a few robust standard deviations so one outlier cannot swing the fit, while a
   lasting slowdown still gets through (the scale estimate grows within a few steps).
 
->>> from rtlm_adapt.serving.profile import StepCost
+>>> from rtlm_adapt.calibration.step_cost import StepCost
 >>> prior = StepCost("cpu", 0.02, 0.002, 1e-6, 0.01, 2e-4)
 >>> m = LatencyModel(prior)
 >>> round(m.step_time(batch_size=4, context_tokens=1000), 6) == round(prior.step_time(4, 1000), 6)
@@ -38,7 +38,7 @@ import math
 
 import numpy as np
 
-from rtlm_adapt.serving.profile import StepCost
+from rtlm_adapt.calibration.step_cost import StepCost
 
 logger = logging.getLogger(__name__)
 

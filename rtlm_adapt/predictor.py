@@ -8,7 +8,7 @@ workload.
 The prediction, in ``log1p(tokens)``, is a sum of three parts:
 
 * **the prior** (:class:`rtlm_adapt.prior.LengthPrior`) -- a frozen linear model fitted offline
-  (ShareGPT, see ``rtlm_adapt/priors/fit_prior.py``) on hashed words and word pairs of the prompt
+  (ShareGPT, see ``scripts/fit_prior.py``) on hashed words and word pairs of the prompt
   (:func:`rtlm_adapt.prior.lexical_features`), the uncertainty features, and, for the
   ``encoder`` tier, a sentence embedding. It makes the first request's prediction useful.
   Without a prior it is the constant ``log1p(prior_length)``.

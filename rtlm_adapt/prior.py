@@ -1,7 +1,7 @@
 """The offline prior of output length: hashed lexical features and :class:`LengthPrior`.
 
 :class:`LengthPrior` is a frozen linear model of ``log1p(output tokens)``, fitted offline on
-public data (ShareGPT; ``python -m rtlm_adapt.priors.fit_prior``) or on a user's own logs, and
+public data (ShareGPT; ``python scripts/fit_prior.py``) or on a user's own logs, and
 shipped as a small ``.npz`` in ``rtlm_adapt/priors/``. It makes the first request's prediction
 useful; :class:`rtlm_adapt.predictor.LengthPredictor` learns the served model's corrections on
 top of it, online. Its inputs are the uncertainty features, the hashed words and word pairs of
@@ -300,6 +300,6 @@ class LengthPrior:
                 extra = "" if encoder in (None, "minilm") else f" --encoder {encoder}"
                 raise FileNotFoundError(
                     f"no packaged {tier} prior ({path}); refit it with "
-                    f"python -m rtlm_adapt.priors.fit_prior --tier {tier}{extra}"
+                    f"python scripts/fit_prior.py --tier {tier}{extra}"
                 )
             return cls.load(path)

@@ -8,6 +8,8 @@ checks are ``slow``.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,8 @@ from rtlm_adapt.encoder import ENCODERS, check_encoder_name, make_encoder
 from rtlm_adapt.predict_eval import kendall_tau
 from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.prior import HASH_BITS, LengthPrior, prior_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # scripts/fit_prior.py
 
 # -- registry -------------------------------------------------------------------------------
 
@@ -199,9 +203,10 @@ def test_minilm_prior_has_no_standardisation() -> None:
 
 
 def test_tier_with_a_standardised_prior_and_the_tiny_encoder_learns(tiny) -> None:
+    from fit_prior import standardisation
+
     from rtlm_adapt.encoder import HiddenStateEncoder
     from rtlm_adapt.encoder_tier import EncoderLengthPredictor
-    from rtlm_adapt.priors.fit_prior import standardisation
 
     enc = HiddenStateEncoder((tiny.model, tiny.tokenizer), layer=1)
     # prompts of 8 kinds (a distinct opening word each), each kind with its own length level
@@ -263,7 +268,7 @@ def test_smollm2_l16_encoder_and_packaged_prior() -> None:
 
 
 def test_fit_encoder_stores_the_standardisation(tmp_path) -> None:
-    from rtlm_adapt.priors.fit_prior import fit_encoder, standardisation
+    from fit_prior import fit_encoder, standardisation
 
     rng = np.random.default_rng(0)
     raw = rng.normal(size=(200, 12)) * np.r_[1000.0, np.ones(11)] + 50.0

@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.latency import LatencyModel
-from rtlm_adapt.serving.profile import StepCost
 
 COEFS = (
     "decode_s_base",

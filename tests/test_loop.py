@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from conftest import make_request
 
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.metrics import summarize
 from rtlm_adapt.serving.loop import ServingLoop
-from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.serving.sim import SimulatedExecutor
 
 COST = StepCost(

@@ -1,11 +1,17 @@
-"""fit_prior's encoder-head helpers: out-of-fold lexical residuals and the CV choice of alpha."""
+"""scripts/fit_prior.py's encoder-head helpers: out-of-fold lexical residuals and the CV choice
+of alpha (the script fits the packaged priors; it is not part of the wheel)."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 
 from rtlm_adapt.predict_eval import kendall_tau
-from rtlm_adapt.priors.fit_prior import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from fit_prior import (  # noqa: E402
     _lexical_predictions,
     fit_encoder,
     fit_lexical,

@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from rtlm_adapt import Completion, Knobs
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController, QueueFullError
 from rtlm_adapt.policies import FixedPolicy
 from rtlm_adapt.serving.base import ExecutorState
 from rtlm_adapt.serving.faults import FaultyExecutor
 from rtlm_adapt.serving.loop import ServingLoop
-from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.serving.sim import SimulatedExecutor
 
 COST = StepCost("t", decode_s_base=0.02, decode_s_per_seq=0.004, decode_s_per_ctx_token=0.0,

@@ -12,6 +12,7 @@ import pytest
 from conftest import make_request
 
 from rtlm_adapt import Completion, Knobs, Request
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import (
     AdaptiveController,
     ControllerClosedError,
@@ -23,7 +24,6 @@ from rtlm_adapt.serving.base import ExecutorState, StepResult
 from rtlm_adapt.serving.faults import FaultyExecutor
 from rtlm_adapt.serving.frontend import AsyncServer
 from rtlm_adapt.serving.loop import ServingLoop
-from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.serving.sim import SimulatedExecutor
 
 COST = StepCost("t", decode_s_base=0.02, decode_s_per_seq=0.004, decode_s_per_ctx_token=0.0,

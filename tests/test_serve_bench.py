@@ -9,9 +9,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from rtlm_adapt.calibration.step_cost import StepCost  # noqa: E402
+from rtlm_adapt.calibration.step_fit import STEP_COLUMNS, run_steps  # noqa: E402
 from rtlm_adapt.cli import main  # noqa: E402
-from rtlm_adapt.serving.profile import StepCost  # noqa: E402
-from rtlm_adapt.serving.step_fit import STEP_COLUMNS, run_steps  # noqa: E402
 
 SIMULATE_KEYS = {
     "mean_rt_s",
@@ -187,3 +187,58 @@ def test_serve_bench_takes_an_encoder_for_the_encoder_tier(monkeypatch, alpaca_f
     assert seen["t"] == "encoder:smollm2-l16"
     assert main([*base, "--encoder", "smollm2-l16"]) == 2  # lexical tier: no encoder
     assert "--encoder smollm2-l16 needs --tier encoder" in capsys.readouterr().err
+
+
+def _never_loads(*_args, **_kwargs):
+    raise AssertionError("serve-bench loaded a model despite a bad flag")
+
+
+def test_serve_bench_unknown_model_is_a_one_line_error_before_any_loading(
+    monkeypatch, alpaca_file, capsys
+):
+    from huggingface_hub import constants
+
+    from rtlm_adapt import serve_bench
+
+    monkeypatch.setattr(serve_bench, "load_executor", _never_loads)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as on a machine without the hub
+    base = ["serve-bench", "--prompts", str(alpaca_file), "--tokenizer", "words"]
+    assert main([*base, "--model", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rtlm-adapt serve-bench: error: model 'nosuch'")
+    assert "hub cannot be reached" in err and len(err.splitlines()) == 1
+    assert main([*base, "--model", "./no/such/folder"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_serve_bench_json_folder_is_made_before_the_run(monkeypatch, tmp_path, alpaca_file):
+    from rtlm_adapt import serve_bench
+
+    out = tmp_path / "missing" / "deeper" / "bench.json"
+    seen = {}
+
+    def load_executor(*_args, **_kwargs):
+        seen["folder_ready"] = out.parent.is_dir()
+        raise ValueError("stop before the run")
+
+    monkeypatch.setattr(serve_bench, "load_executor", load_executor)
+    assert main([*_tiny_bench(tmp_path, alpaca_file, "fcfs"), "--json", str(out)]) == 2
+    assert seen == {"folder_ready": True}
+
+
+def test_serve_bench_unwritable_json_fails_before_the_run(
+    monkeypatch, tmp_path, alpaca_file, capsys
+):
+    from rtlm_adapt import serve_bench
+
+    monkeypatch.setattr(serve_bench, "load_executor", _never_loads)
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "bench.json"  # its "folder" is a file
+    assert main([*_tiny_bench(tmp_path, alpaca_file, "fcfs"), "--json", str(out)]) == 2
+    assert f"--json {out}: cannot create its folder" in capsys.readouterr().err
+
+
+def test_profile_unknown_model_is_a_one_line_error(capsys):
+    assert main(["profile", "--model", "./no/such/folder", "--out", "x.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "rtlm-adapt profile: error: model './no/such/folder': no such folder"

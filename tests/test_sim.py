@@ -1,7 +1,7 @@
 import pytest
 from conftest import make_request
 
-from rtlm_adapt.serving.profile import StepCost
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.serving.sim import SimulatedExecutor
 
 COST = StepCost(

@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from rtlm_adapt.cli import main
-from rtlm_adapt.serving.profile import StepCost
-from rtlm_adapt.serving.step_fit import (
+from rtlm_adapt.calibration.step_cost import StepCost
+from rtlm_adapt.calibration.step_fit import (
     FIT_COLUMNS,
     STEP_COLUMNS,
     fit_step_cost,
     run_profile,
     run_steps,
 )
+from rtlm_adapt.cli import main
 
 TRUE = StepCost(
     name="true",

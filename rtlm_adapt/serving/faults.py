@@ -11,7 +11,7 @@ completion for an unknown id, a duplicated completion, or negative ``new_tokens`
 Everything is drawn from one seeded generator, so a run is reproducible.
 
 >>> from rtlm_adapt.request import Request, TRUE_LENGTH_KEY
->>> from rtlm_adapt.serving.profile import StepCost
+>>> from rtlm_adapt.calibration.step_cost import StepCost
 >>> from rtlm_adapt.serving.sim import SimulatedExecutor
 >>> ex = FaultyExecutor(SimulatedExecutor("gpu", StepCost.default()), fault_rate=1.0, seed=0,
 ...                     kinds=("raise",))

@@ -14,7 +14,7 @@ futures get its exception.
 >>> from rtlm_adapt.controller import AdaptiveController
 >>> from rtlm_adapt.request import Request, TRUE_LENGTH_KEY
 >>> from rtlm_adapt.serving.loop import ServingLoop
->>> from rtlm_adapt.serving.profile import StepCost
+>>> from rtlm_adapt.calibration.step_cost import StepCost
 >>> from rtlm_adapt.serving.sim import SimulatedExecutor
 >>> async def main():
 ...     loop = ServingLoop(AdaptiveController("fcfs"), SimulatedExecutor("gpu", StepCost.default()))

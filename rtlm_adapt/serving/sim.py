@@ -27,9 +27,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.request import Completion, Request
 from rtlm_adapt.serving.base import StepResult
-from rtlm_adapt.serving.profile import StepCost
 
 BATCHING_MODES = ("continuous", "static")
 

@@ -8,10 +8,10 @@ batch size and per-request context, both through the executor's own code paths
 ordinary least squares with the coefficients kept non-negative (StepCost requires it), the
 measured points are stored in ``extra`` so that a fit can be checked or redone later.
 
-Run as a script to profile SmolLM2 in a fresh process (the thread count must be set before
-any work)::
+``rtlm-adapt profile`` runs it on SmolLM2 in a fresh process (the thread count must be set
+before any work)::
 
-    python -m rtlm_adapt.serving.profiler --threads 2 --max-batch-size 16 --out cpu2.json
+    rtlm-adapt profile --threads 2 --max-batch-size 16 --out cpu2.json
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from rtlm_adapt.serving.profile import StepCost
+from rtlm_adapt.calibration.step_cost import StepCost
 
 
 def nonneg_lstsq(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -71,7 +70,8 @@ def robust_fit(
     return coef, keep
 
 
-def _load_average() -> list[float] | None:
+def machine_load() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the platform has none)."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -121,7 +121,7 @@ def profile_executor(
     name, model, max_batch_size, kv_token_budget, note
         Copied into the StepCost (``model`` and ``note`` go into ``source``).
     """
-    load_before = _load_average()
+    load_before = machine_load()
     executor.time_prefill(min(prompt_lengths))  # warm-up: first calls allocate and tune
     executor.time_decode(min(batch_sizes), min(context_lengths), steps=2)
 
@@ -196,17 +196,28 @@ def profile_executor(
             },
             "repeats": repeats,
             "load_average_before": load_before,
-            "load_average_after": _load_average(),
+            "load_average_after": machine_load(),
         },
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rtlm_adapt.serving.profiler ARGS`` is ``rtlm-adapt profile ARGS``."""
-    from rtlm_adapt.cli import main as cli_main
+def quick_profile(executor, *, name: str, max_batch_size: int, threads: int | None = None):
+    """A small profile of ``executor`` (seconds on a tiny model; a minute or two on SmolLM2)."""
+    import torch
 
-    return cli_main(["profile", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return profile_executor(
+            executor,
+            prompt_lengths=(16, 64, 256),
+            batch_sizes=sorted({1, 2, max(1, max_batch_size // 2), max_batch_size}),
+            context_lengths=(64, 256),
+            repeats=2,
+            name=name,
+            model=f"quick profile of {getattr(executor, 'name', 'executor')}",
+            max_batch_size=max_batch_size,
+        )
+    finally:
+        torch.set_num_threads(before)

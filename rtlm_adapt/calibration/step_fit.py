@@ -3,7 +3,7 @@
 ``rtlm-adapt serve-bench`` records every single-iteration step of each executor (batch size,
 context, prefill tokens, joins, leaves, seconds) in its JSON (``policies.NAME.steps``). A
 profile fitted to those steps charges what the served loop actually pays, including whatever
-the synthetic profiler (``rtlm_adapt.serving.profiler``) does not see: the loop's own work
+the synthetic profiler (``rtlm_adapt.calibration.profiler``) does not see: the loop's own work
 between forwards, the cache layout of a long-running batch, the machine's load at the time.
 
 The model is StepCost's linear form, fitted by non-negative least squares on the features
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from rtlm_adapt.serving.profile import COST_COEFFICIENTS, StepCost
+from rtlm_adapt.calibration.step_cost import COST_COEFFICIENTS, StepCost
 
 #: What ``fit_step_cost`` fits, per step, in this order. ``context_tokens``: the batch's total
 #: context; ``attended_tokens``: what its decode attended to (``batch * longest`` for a padded

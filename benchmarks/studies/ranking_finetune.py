@@ -20,7 +20,7 @@ Pipeline (everything under ``--cache``, default /tmp/rft):
    score across buckets). The epoch with the best Kendall tau on ``--val`` held-out ShareGPT
    pairs is kept.
 4. Scoring on AlpacaEval, split by prompt id (25% held out, split seeds ``--seeds``), the
-   protocol of ``benchmarks/encoder_representation.py``:
+   protocol of ``benchmarks/studies/encoder_representation.py``:
 
    * ``zero_shot``: the head's score alone (no AlpacaEval label), on the held-out prompts;
    * ``ridge``: a per-model ridge (standardised, alpha by 5-fold CV tau on the training
@@ -36,13 +36,13 @@ Usage (the runs behind benchmarks/results/ranking_finetune.json; ~36 min, ~9 min
 ~3 min on one thread; the layer-12 cache, ~11 min of the first, is reused by the others)::
 
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
-    python benchmarks/ranking_finetune.py --epochs 2 --save-adapter /tmp/rft/adapter_e2.pt \
+    python benchmarks/studies/ranking_finetune.py --epochs 2 --save-adapter /tmp/rft/adapter_e2.pt \
         --json /tmp/rft/run1.json
-    python benchmarks/ranking_finetune.py --variants attnpool --pool-epochs 12 \
+    python benchmarks/studies/ranking_finetune.py --variants attnpool --pool-epochs 12 \
         --json /tmp/rft/run2_attnpool.json
-    python benchmarks/ranking_finetune.py --diagnose --save-adapter /tmp/rft/adapter_e2.pt \
+    python benchmarks/studies/ranking_finetune.py --diagnose --save-adapter /tmp/rft/adapter_e2.pt \
         --json /tmp/rft/diag.json      # (run right after the first command)
-    python benchmarks/ranking_finetune.py --epochs 1 --lr 2e-3 \
+    python benchmarks/studies/ranking_finetune.py --epochs 1 --lr 2e-3 \
         --save-adapter /tmp/rft/adapter_lr2e-3.pt --json /tmp/rft/run3.json
 
 One torch thread throughout (the run shares its machine).
@@ -107,9 +107,9 @@ class Frozen:
 def load_model() -> tuple[Any, Any]:
     import torch
 
-    from rtlm_adapt.serving.hf import _load_smollm2
+    from rtlm_adapt.serving.hf import load_smollm2
 
-    lm, tok = _load_smollm2(torch.float32)
+    lm, tok = load_smollm2(torch.float32)
     lm.eval()
     for p in lm.parameters():
         p.requires_grad_(False)

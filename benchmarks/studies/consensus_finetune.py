@@ -19,7 +19,7 @@ For each split seed it reports, as median Kendall tau over the 16 models on held
 
 The per-epoch held-out figures are kept in the JSON for transparency; they choose nothing.
 
-    OMP_NUM_THREADS=2 python benchmarks/consensus_finetune.py \
+    OMP_NUM_THREADS=2 python benchmarks/studies/consensus_finetune.py \
         --json benchmarks/results/consensus_finetune.json      # ~13 min on 2 threads
 """
 

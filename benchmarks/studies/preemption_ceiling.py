@@ -54,10 +54,10 @@ same rate (``--resample-seeds``), so the figures are not just 80-request noise.
 
 Usage::
 
-    python benchmarks/preemption_ceiling.py \\
+    python benchmarks/studies/preemption_ceiling.py \\
         --lengths-from benchmarks/results/serve_bench_smollm2_abba_fcfs_heuristic.json \\
         --json benchmarks/results/preemption_ceiling_max256.json
-    python benchmarks/preemption_ceiling.py \\
+    python benchmarks/studies/preemption_ceiling.py \\
         --lengths benchmarks/results/smollm2_lengths_max1024.json --max-tokens 1024 --load 0.48 \\
         --json benchmarks/results/preemption_ceiling_max1024.json
 """
@@ -80,8 +80,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from rtlm_adapt.calibration.step_cost import StepCost  # noqa: E402
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion  # noqa: E402
-from rtlm_adapt.serving.profile import StepCost  # noqa: E402
 
 QUEUED, RUNNING, PAUSED, EVICTED, DONE = range(5)
 DEFAULT_FIT_FROM = "benchmarks/results/serve_bench_smollm2_abba_fcfs_heuristic.json"
@@ -442,7 +442,8 @@ def base_workload(args):
     """serve-bench's workload for these flags (as sim_ceiling.py builds it) with SmolLM2's
     lengths (replayed as the simulator runs them)."""
     from rtlm_adapt.cli import _load_samples
-    from rtlm_adapt.serve_bench import replay_length, workload_from_args
+    from rtlm_adapt.serve_bench import workload_from_args
+    from rtlm_adapt.sim_fidelity import replay_length
 
     samples, _ = _load_samples(args)
     workload = workload_from_args(args, samples, StepCost.load(args.profile))
@@ -717,7 +718,7 @@ def main() -> None:
         parser.error("give --lengths-from or --lengths")
     started = time.time()
 
-    from rtlm_adapt.serving.step_fit import fit_step_cost, run_steps
+    from rtlm_adapt.calibration.step_fit import fit_step_cost, run_steps
 
     hf = StepCost.load(HF_PROFILE)
     copy = args.copy_s_per_token

@@ -12,7 +12,7 @@ tokens; then, repeatedly,
 
 Usage::
 
-    python benchmarks/membership_cost.py --batch 16 --context 256 --rounds 5 --threads 2
+    python benchmarks/studies/membership_cost.py --batch 16 --context 256 --rounds 5 --threads 2
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import time
 
 import torch
 
+from rtlm_adapt.calibration.profiler import machine_load
 from rtlm_adapt.request import Request
-from rtlm_adapt.serve_bench import load_executor, machine_load
+from rtlm_adapt.serving.factory import load_executor
 
 
 def prompt_of(executor, tokens: int, tag: str) -> str:

@@ -24,14 +24,17 @@ online part then corrects it for the served model.
 
 Usage::
 
-    python -m rtlm_adapt.priors.fit_prior                       # both tiers, packaged files
-    python -m rtlm_adapt.priors.fit_prior --tier encoder       # the packaged encoder prior
-    python -m rtlm_adapt.priors.fit_prior --tier encoder --encoder smollm2-l16 --threads 2
-    python -m rtlm_adapt.priors.fit_prior --tier lexical --n 61000
+    python scripts/fit_prior.py                       # both tiers, packaged files
+    python scripts/fit_prior.py --tier encoder       # the packaged encoder prior
+    python scripts/fit_prior.py --tier encoder --encoder smollm2-l16 --threads 2
+    python scripts/fit_prior.py --tier lexical --n 61000
     # your own logs: JSON lines with "instruction" (prompt) and "output" (the response), the
     # AlpacaEval format, or "prompt" and "output_tokens" (lengths already counted):
-    python -m rtlm_adapt.priors.fit_prior --logs my_requests.jsonl --out-dir ./my_priors
+    python scripts/fit_prior.py --logs my_requests.jsonl --out-dir ./my_priors
     # then: LengthPredictor(prior=LengthPrior.load("my_priors/sharegpt_lexical.npz"))
+
+A research script, kept out of the wheel: it needs the data extras and a checkout (by default it
+writes into the checkout's ``rtlm_adapt/priors/``, where the packaged priors live).
 
 Lengths are counted in SmolLM2 tokens (``--tokenizer``: smollm2, words, or a hub id/path).
 """
@@ -54,6 +57,9 @@ from rtlm_adapt.prior import (
     lexical_features,
     prior_file,
 )
+
+#: The checkout's folder of packaged priors (package data), the default ``--out-dir``.
+PACKAGED_PRIORS = Path(__file__).resolve().parents[1] / "rtlm_adapt" / "priors"
 
 #: Dense features of the prior: the uncertainty features and score.
 _CLIP = LengthPrior.CLIP
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default="smollm2")
     ap.add_argument("--logs", type=Path, help="fit on your own JSON-lines logs, not ShareGPT")
-    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
+    ap.add_argument("--out-dir", type=Path, default=PACKAGED_PRIORS)
     args = ap.parse_args(argv)
     from rtlm_adapt.encoder import check_encoder_name
 

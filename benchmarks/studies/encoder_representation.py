@@ -37,11 +37,12 @@ Usage (the runs behind benchmarks/results/encoder_representation.json; results m
 JSON per representation and seed; set the BLAS thread variables, or numpy oversubscribes)::
 
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
-    python benchmarks/encoder_representation.py --seeds 0 --extra-seeds 1,2 --top 4 --combos 1 \
+    python benchmarks/studies/encoder_representation.py --seeds 0 --extra-seeds 1,2 --top 4 \
+        --combos 1 \
         --reps smol_L12_last,smol_L16_last,smol_L20_last,smol_L24_last,smol_L16+L24+L30_last,\
 smol_L16_mean,minilm --cost --sharegpt 2000 \
         --transfer-reps minilm,smol_L16_last,smol_L16_last+minilm
-    python benchmarks/encoder_representation.py --seeds 0,1,2 --extra-seeds "" --top 2 \
+    python benchmarks/studies/encoder_representation.py --seeds 0,1,2 --extra-seeds "" --top 2 \
         --combos 0 --pairlogit smol_L16_last \
         --reps <every smol_L{4,8,12,16,20,24,27,30}_{mean,last}>,minilm
 

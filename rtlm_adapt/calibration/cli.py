@@ -1,0 +1,99 @@
+"""``rtlm-adapt profile``: write a StepCost JSON profile, measured on a real executor or fitted to
+the steps a serve-bench run recorded (``--from-run``). Argument parsing lives in the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rtlm_adapt.calibration.step_cost import StepCost
+
+#: ``--model`` labels written into a measured profile.
+MODEL_LABELS = {
+    "smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)",
+    "tiny": "tiny random Llama (tests)",
+}
+
+
+def run_from_args(args: Any) -> int:
+    """Measure ``args.model`` (default smollm2), or fit ``args.from_run``; write ``args.out``."""
+    cost = fit_from_run(args) if args.from_run else measure(args)
+    cost.save(args.out)
+    print(cost.to_json())
+    return 0
+
+
+def measure(args: Any) -> StepCost:
+    """Profile a real executor with the profiler's synthetic inputs."""
+    from rtlm_adapt.serving.factory import check_model
+
+    model = args.model or "smollm2"
+    check_model(model)  # before torch loads: a bad name fails in a second
+    import torch
+
+    from rtlm_adapt.calibration.profiler import profile_executor
+    from rtlm_adapt.serving.factory import load_executor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # before any work: torch fixes its pool early
+    executor = load_executor(model, name="profiled", max_batch_size=args.max_batch_size)
+    return profile_executor(
+        executor,
+        prompt_lengths=parse_ints(args.prompt_lengths),
+        batch_sizes=parse_ints(args.batch_sizes),
+        context_lengths=parse_ints(args.context_lengths),
+        repeats=args.repeats,
+        name=args.name or _stem(args.out),
+        model=f"{MODEL_LABELS.get(model, model)}, HFExecutor on {executor.device}",
+        max_batch_size=args.max_batch_size,
+        kv_token_budget=args.kv_token_budget,
+        note=args.note,
+    )
+
+
+def fit_from_run(args: Any) -> StepCost:
+    """Fit the steps of a serve-bench run (``--policy``: one policy's run, default all pooled;
+    ``--executor``; ``--base``: the profile whose batch cap, padding and unexercised terms are
+    kept, default the run's own; ``--target``: ``cycle``, the step with the loop's work between
+    steps, or ``step``)."""
+    from rtlm_adapt.calibration.step_fit import fit_step_cost, run_profile, run_steps
+
+    if args.model:
+        raise ValueError("--from-run fits a recorded run: it takes no --model")
+    try:
+        payload = json.loads(Path(args.from_run).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{args.from_run} is not valid JSON: {exc}") from exc
+    rows = run_steps(payload, policy=args.policy, executor=args.executor, target=args.target)
+    base = StepCost.load(args.base) if args.base else run_profile(payload, args.executor)
+    when = payload.get("started_at_utc", "unknown date")
+    policies = args.policy or "+".join(payload["policies"])
+    cost = fit_step_cost(
+        rows,
+        base,
+        name=args.name or _stem(args.out),
+        source=f"serve-bench run {args.from_run} ({when}), policy {policies}, "
+        f"executor {args.executor}, target {args.target}",
+    )
+    if args.note:
+        cost = dataclasses.replace(cost, source=f"{cost.source}. {args.note}")
+    return cost
+
+
+def parse_ints(text: str) -> list[int]:
+    """Comma-separated integers >= 1.
+
+    >>> parse_ints("16, 64,256")
+    [16, 64, 256]
+    """
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise ValueError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
