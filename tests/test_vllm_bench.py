@@ -129,3 +129,20 @@ async def _get(url: str) -> str:
 
     async with httpx.AsyncClient() as client:
         return (await client.get(url)).text
+
+
+def test_unwritable_json_fails_before_vllm_starts(monkeypatch, tmp_path, capsys):
+    from rtlm_adapt.cli import main
+    from rtlm_adapt.engines import vllm_server
+
+    def never_starts(*_args, **_kwargs):
+        raise AssertionError("vLLM was started before --json was checked")
+
+    monkeypatch.setattr(vllm_server.VLLMServer, "__init__", never_starts)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "Say hi.", "output": "Hi there."}\n')
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "bench.json"  # its "folder" is a file
+    args = ["serve-bench", "--engine", "vllm", "--prompts", str(prompts), "--tokenizer", "words"]
+    assert main([*args, "--json", str(out)]) == 2
+    assert f"--json {out}: cannot create its folder" in capsys.readouterr().err

@@ -356,6 +356,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     from rtlm_adapt.engines.models import prepare_model
     from rtlm_adapt.engines.vllm_server import VLLMServer, free_port
     from rtlm_adapt.policies import make_policy
+    from rtlm_adapt.serve_bench import prepare_json_folder
     from rtlm_adapt.serving.hf import cache_dir
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -366,6 +367,8 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     for name in policies:
         if name != DIRECT:
             make_policy(name)  # an unknown name fails before vLLM starts
+    if args.json:
+        prepare_json_folder(args.json)  # not after an hour of benchmark
     dataset_lengths = args.lengths == "dataset"
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     slots = args.max_num_seqs
