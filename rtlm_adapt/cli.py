@@ -18,10 +18,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from rtlm_adapt.metrics import format_table, summary_json
+from rtlm_adapt.metrics import Summary, summary_json
 
 
 def _positive_float(text: str) -> float:
@@ -115,6 +115,70 @@ def _add_encoder_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: The row label of a policy that served requests on the secondary executor as well.
+MORE_HARDWARE = " (+ secondary executor: more hardware)"
+#: The policy the ratio column compares with.
+RATIO_BASELINE = "fcfs"
+
+_RATIO_LEGEND = """\
+x fcfs                mean response time / FCFS's on the same requests; lower is better
+                      (below 1 beats FCFS)"""
+_MORE_HARDWARE_LEGEND = """\
+rows marked "+ secondary executor" also served requests on the secondary executor: more
+hardware than the other rows, which use the primary alone"""
+
+
+def legend(ratio: bool = True, more_hardware: bool = True) -> str:
+    """What each column of :func:`comparison_table` means, and which way is better.
+
+    >>> print(legend(ratio=False, more_hardware=False).splitlines()[0])
+    mean s, p50 s, p99 s  response time (arrival to last token): mean, median, 99th percentile;
+    """
+    lines = [
+        "mean s, p50 s, p99 s  response time (arrival to last token): mean, median, 99th "
+        "percentile;",
+        "                      lower is better",
+        *([_RATIO_LEGEND] if ratio else []),
+        "miss %                requests that missed their deadline; lower is better",
+        "thr rps               finished requests per second; higher is better (equal when all "
+        "keep up)",
+        "good rps              requests per second that met their deadline; higher is better",
+        "done, fail            requests completed and failed",
+        *([_MORE_HARDWARE_LEGEND] if more_hardware else []),
+    ]
+    return "\n".join(lines)
+
+
+def comparison_table(
+    rows: dict[str, Summary],
+    more_hardware: Collection[str] = (),
+    baseline: str = RATIO_BASELINE,
+) -> str:
+    """One row per policy, each mean response time also as a ratio to ``baseline``'s.
+
+    Policies in ``more_hardware`` are labelled with :data:`MORE_HARDWARE`. The ratio column is
+    left out when ``baseline`` is not among the rows; :func:`legend` explains the columns.
+    """
+    ratio = baseline in rows
+    labels = {name: name + (MORE_HARDWARE if name in more_hardware else "") for name in rows}
+    w = max([22, *(len(label) + 2 for label in labels.values())])  # long names keep alignment
+    header = (
+        f"{'policy':<{w}}{'mean s':>9}"
+        + (f"{'x ' + baseline:>8}" if ratio else "")
+        + f"{'p50 s':>9}{'p99 s':>9}{'miss %':>8}{'thr rps':>9}{'good rps':>9}{'done':>7}"
+        f"{'fail':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for name, s in rows.items():
+        lines.append(
+            f"{labels[name]:<{w}}{s.mean_rt_s:>9.2f}"
+            + (f"{s.mean_rt_s / rows[baseline].mean_rt_s:>8.2f}" if ratio else "")
+            + f"{s.p50_rt_s:>9.2f}{s.p99_rt_s:>9.2f}{100 * s.deadline_miss_rate:>8.1f}"
+            f"{s.throughput_rps:>9.3f}{s.goodput_rps:>9.3f}{s.completed:>7d}{s.failed:>6d}"
+        )
+    return "\n".join(lines)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -142,12 +206,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cost=primary,
         batching=args.batching,
     )
-    print(f"workload: {workload.description}", file=sys.stderr)
-    print(
-        f"prompts: {args.prompts} ({len(samples)} samples), lengths in {counter.kind} tokens",
-        file=sys.stderr,
-    )
     results = {}
+    more_hardware = set()
     bar = tqdm(
         total=len(policies) * len(workload.requests),
         unit="req",
@@ -166,8 +226,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             tier=_tier_spec(args),
         )
         results[name] = run.summary
+        if any(c.executor == "secondary" for c in run.completions):
+            more_hardware.add(name)
     bar.close()
-    print(format_table(results))
+    print(f"workload: {workload.description}, seed={args.seed}")
+    print(f"prompts: {args.prompts} ({len(samples)} samples), lengths in {counter.kind} tokens")
+    print(
+        f"executors: primary {primary.name}; secondary "
+        f"{secondary.name if secondary else 'none'} (used only by rows marked so)\n"
+    )
+    print(comparison_table(results, more_hardware))
+    print()
+    print(legend(ratio=RATIO_BASELINE in results, more_hardware=bool(more_hardware)))
     elapsed = time.perf_counter() - t0
     print(
         f"({elapsed:.1f}s; batching={args.batching}, profile={primary.name}, "
@@ -284,9 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workload_args(sim)
     sim.add_argument(
         "--policies",
-        default="fcfs,sjf-prompt,oracle-sjf,heuristic",
-        help="comma-separated policy names (fcfs, sjf-prompt, sjf, oracle-sjf, heuristic; "
-        "NAME+oracle ranks by true lengths; ppo:PATH a trained policy)",
+        default="fcfs,sjf-prompt,oracle-sjf,heuristic-local,heuristic",
+        help="comma-separated policy names (fcfs, sjf-prompt, sjf, oracle-sjf, heuristic-local "
+        "and the baselines use the primary executor alone; heuristic also offloads to the "
+        "secondary; NAME+oracle ranks by true lengths; ppo:PATH a trained policy)",
     )
     sim.add_argument("--batching", choices=("continuous", "static"), default="continuous")
     sim.add_argument("--profile", default="smollm2-135m-cpu2", help="primary cost profile")
@@ -311,8 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
         "predict-eval",
         help="length predictor quality: prior + prequential stream, then held-out prompts",
     )
-    pe.add_argument("--prompts", required=True, help="AlpacaEval-format .jsonl/.jsonl.gz, "
-                    "'alpaca:MODEL' or 'sharegpt'")
+    pe.add_argument(
+        "--prompts",
+        required=True,
+        help="AlpacaEval-format .jsonl/.jsonl.gz, 'alpaca:MODEL' or 'sharegpt'",
+    )
     pe.add_argument("--tier", choices=("lexical", "encoder"), default="lexical")
     _add_encoder_arg(pe)
     pe.add_argument("--holdout-fraction", type=float, default=0.25)
@@ -425,9 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="hf: the library's transformers executor (default); vllm: a vLLM server, policies "
         "through the gateway, plus 'direct' (no gateway) as the baseline (needs [vllm])",
     )
-    sb.add_argument(
-        "--max-num-seqs", type=_positive_int, default=4, help="vllm: vLLM's batch size"
-    )
+    sb.add_argument("--max-num-seqs", type=_positive_int, default=4, help="vllm: vLLM's batch size")
     sb.add_argument(
         "--lengths",
         choices=("dataset", "model"),

@@ -102,3 +102,79 @@ def test_bad_numbers_are_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--load", "-1"])
     assert "positive" in capsys.readouterr().err
+
+
+def _simulate(alpaca_file, tmp_path, *extra):
+    out = tmp_path / "sim.json"
+    code = main(
+        [
+            "simulate",
+            "--prompts",
+            str(alpaca_file),
+            "--arrivals",
+            "gamma:2",
+            "--requests",
+            "60",
+            "--seed",
+            "4",
+            "--tokenizer",
+            "words",
+            "--json",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def test_simulate_default_compares_equal_hardware_and_labels_offloading(
+    alpaca_file, tmp_path, capsys
+):
+    data = _simulate(alpaca_file, tmp_path)
+    # The headline compares equal hardware: the heuristic without a secondary executor is in it.
+    assert list(data["policies"]) == [
+        "fcfs",
+        "sjf-prompt",
+        "oracle-sjf",
+        "heuristic-local",
+        "heuristic",
+    ]
+    rows = {line.split("  ")[0].strip(): line for line in capsys.readouterr().out.splitlines()}
+    # Offloading (more hardware) is its own, clearly labelled row; the others carry no label.
+    assert "heuristic (+ secondary executor: more hardware)" in rows
+    assert "heuristic-local" in rows and "fcfs" in rows
+
+
+def test_simulate_table_has_a_ratio_to_fcfs_a_legend_and_the_workload(
+    alpaca_file, tmp_path, capsys
+):
+    data = _simulate(alpaca_file, tmp_path, "--policies", "fcfs,oracle-sjf,heuristic-local")
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("policy"))
+    assert "x fcfs" in header
+    assert header.split()[:5] == ["policy", "mean", "s", "x", "fcfs"]  # the ratio follows the mean
+    fcfs_mean = data["policies"]["fcfs"]["mean_rt_s"]
+    for name, figures in data["policies"].items():
+        row = next(line for line in lines if line.split() and line.split()[0] == name)
+        assert float(row.split()[2]) == pytest.approx(figures["mean_rt_s"] / fcfs_mean, abs=0.005)
+    # The legend says what each column means and which way is better.
+    for words in ("x fcfs", "miss %", "good rps", "lower is better", "higher is better"):
+        assert words in out.split(header)[1], words
+    # The workload is described on stdout, beside the table.
+    for words in (
+        str(alpaca_file.name),
+        "words-estimate",
+        "gamma:2",
+        "load=0.9",
+        "60 requests",
+        "seed=4",
+    ):
+        assert words in out, words
+
+
+def test_simulate_without_fcfs_has_no_ratio_column(alpaca_file, tmp_path, capsys):
+    _simulate(alpaca_file, tmp_path, "--policies", "oracle-sjf,heuristic-local")
+    assert "x fcfs" not in capsys.readouterr().out
