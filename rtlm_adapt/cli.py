@@ -191,6 +191,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise ValueError("--policies is empty")
     for name in policies:
         make_policy(name)  # fail fast on an unknown name, before loading data
+    tier = _tier_spec(args)  # and on an unknown encoder
     primary = StepCost.load(args.profile)
     secondary = None if args.secondary_profile == "none" else StepCost.load(args.secondary_profile)
 
@@ -223,7 +224,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             primary_cost=primary,
             secondary_cost=secondary,
             on_completion=lambda _c: bar.update(1),
-            tier=_tier_spec(args),
+            tier=tier,
         )
         results[name] = run.summary
         if any(c.executor == "secondary" for c in run.completions):
@@ -293,11 +294,12 @@ def cmd_predict_eval(args: argparse.Namespace) -> int:
     from rtlm_adapt.predict_eval import evaluate
     from rtlm_adapt.workloads import TokenCounter, load_prompts
 
+    tier = _tier_spec(args)  # an unknown encoder fails before the data loads
     counter = TokenCounter.resolve(args.tokenizer)
     samples = load_prompts(args.prompts, tokenizer=counter)
     result = evaluate(
         samples,
-        tier=_tier_spec(args),
+        tier=tier,
         holdout_fraction=args.holdout_fraction,
         seed=args.seed,
         coverage=args.coverage,
@@ -537,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"rtlm-adapt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -33,7 +33,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,8 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WORDS_PER_TOKEN = 1.3
 _WORDS_KIND = "words-estimate"
 _BATCH = 256
+#: Seconds to wait for a connection to the Hugging Face hub before treating it as offline.
+_HUB_PROBE_TIMEOUT_S = 3.0
 #: Bump when the cached payload or the pair extraction changes, to invalidate old entries.
 _CACHE_VERSION = 1
 
@@ -211,12 +215,13 @@ class TokenCounter:
     def from_pretrained(cls, name_or_path: str, fallback: bool = True) -> TokenCounter:
         """Any tokenizer ``transformers.AutoTokenizer`` can load (hub id or local folder).
 
-        ``kind`` is ``name_or_path``. With ``fallback``, a failure gives :meth:`words`.
+        ``kind`` is ``name_or_path``. A local folder is read without asking the hub; a hub id
+        is looked up in the Hugging Face cache, and on the hub only when it can be reached (no
+        minute of retries on an offline machine). With ``fallback``, a failure gives
+        :meth:`words`; without, it raises (FileNotFoundError when the tokenizer is nowhere).
         """
         try:
-            from transformers import AutoTokenizer  # lazy: heavy import
-
-            tok = AutoTokenizer.from_pretrained(name_or_path)
+            tok = _load_pretrained_tokenizer(name_or_path)
         except Exception as exc:  # noqa: BLE001 - any load failure means "no tokenizer"
             if not fallback:
                 raise
@@ -228,7 +233,8 @@ class TokenCounter:
         """Turn a loader's ``tokenizer`` argument into a counter.
 
         None, "default" or "smollm2" -> :meth:`default`; "words" -> :meth:`words`; another
-        string -> :meth:`from_pretrained`; a counter is returned as is.
+        string -> :meth:`from_pretrained`, which raises when it cannot load it (a tokenizer the
+        user named must not silently become an estimate); a counter is returned as is.
 
         >>> TokenCounter.resolve("words").kind
         'words-estimate'
@@ -240,7 +246,7 @@ class TokenCounter:
         if spec in ("words", _WORDS_KIND):
             return cls.words()
         if isinstance(spec, str):
-            return cls.from_pretrained(spec)
+            return cls.from_pretrained(spec, fallback=False)
         raise TypeError(f"tokenizer must be a TokenCounter, a string or None, got {spec!r}")
 
     @classmethod
@@ -286,6 +292,43 @@ def _batch_counter(tok: Any) -> Callable[[list[str]], list[int]]:
         return [len(x) for x in ids]
 
     return count_slow
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be asked now (offline mode, no route), or None."""
+    from huggingface_hub import constants  # lazy; installed with transformers
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        # One quick connection instead of the hub client's minute of retries and back-off.
+        socket.create_connection((url.hostname, port), timeout=_HUB_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"{constants.ENDPOINT} cannot be reached ({exc})"
+    return None
+
+
+def _load_pretrained_tokenizer(name_or_path: str) -> Any:
+    """A transformers tokenizer from a local folder, the Hugging Face cache, or the hub."""
+    from transformers import AutoTokenizer  # lazy: heavy import
+
+    if Path(name_or_path).expanduser().is_dir():  # a local folder: never ask the hub
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    why_not_hub = _hub_unreachable()
+    if why_not_hub is None:
+        try:
+            return AutoTokenizer.from_pretrained(name_or_path)
+        except OSError as exc:
+            raise FileNotFoundError(f"tokenizer {name_or_path!r}: {exc}") from None
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    except OSError:
+        raise FileNotFoundError(
+            f"tokenizer {name_or_path!r} is not a local folder nor in the Hugging Face cache, "
+            f"and the hub was not asked: {why_not_hub}"
+        ) from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -488,11 +531,13 @@ def load_alpaca_eval(
     Raises
     ------
     ValueError
-        For a malformed line, naming the file and line number.
+        For a malformed line, naming the file and line number, or a file without prompts.
     """
     path = Path(path)
     _check_limit(limit)
     rows = list(_read_alpaca_rows(path, limit))
+    if not rows and limit != 0:
+        raise ValueError(f"{path.name}: no prompts in the file ({path})")
     counter = TokenCounter.resolve(tokenizer)
     cache_file = _counts_cache_file(counter, path, f"alpaca|limit={limit}")
     prompt_tokens, response_tokens = _count_pairs(

@@ -203,3 +203,29 @@ def test_readme_reports_the_packaged_ppo_model_as_it_runs(tmp_path, monkeypatch)
     ppo = means["ppo:benchmarks/results/ppo_model.zip"]
     assert (round(ppo, 1), round(means["heuristic"], 1)) == (ppo_said, heuristic_said)
     assert ppo_said > heuristic_said  # the README must not suggest the model wins
+
+
+def test_unknown_tokenizer_fails_at_once_with_a_clear_message(capsys):
+    # Before: ~60 s of hub retries (the hub is offline here), then words silently, exit 0.
+    code = main(["simulate", "--requests", "5", "--tokenizer", "nosuch", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "tokenizer 'nosuch'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["simulate", "predict-eval"])
+def test_unknown_encoder_fails_before_any_data_loads(command, tmp_path, capsys):
+    # The prompts file does not exist: had the data been loaded first, that would be the error.
+    args = [command, "--prompts", str(tmp_path / "missing.jsonl"), "--tokenizer", "words"]
+    assert main([*args, "--tier", "encoder", "--encoder", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown encoder 'nosuch'" in err and "missing.jsonl" not in err
+
+
+def test_empty_prompts_file_is_named_in_the_error(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code = main(["simulate", "--prompts", str(empty), "--tokenizer", "words", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "empty.jsonl" in err and "no prompts" in err and "build_workload" not in err

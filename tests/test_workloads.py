@@ -126,6 +126,27 @@ def test_resolve():
         w.TokenCounter.resolve(3)
 
 
+def test_a_tokenizer_that_is_nowhere_fails_without_asking_an_offline_hub(monkeypatch):
+    pytest.importorskip("transformers")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"tokenizer 'nosuch'.*HF_HUB_OFFLINE"):
+        w.TokenCounter.resolve("nosuch")  # a name the user gave: no silent estimate
+
+
+def test_a_local_tokenizer_folder_loads_by_its_path(smollm2, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # a path never needs the hub
+    folder = str(w.cache_dir() / "tokenizers" / "smollm2")  # converted by the smollm2 fixture
+    counter = w.TokenCounter.resolve(folder)
+    assert counter.kind == folder and not counter.is_estimate
+    assert counter.count_many(["Name a prime.", "Hi"]) == smollm2.count_many(
+        ["Name a prime.", "Hi"]
+    )
+
+
 def test_smollm2_counts(smollm2):
     assert smollm2.kind == "smollm2" and not smollm2.is_estimate
     assert smollm2.count("Hello world") == 2
@@ -165,6 +186,13 @@ def test_alpaca_unknown_model_lists_available():
 def test_load_prompts_unknown_name():
     with pytest.raises(ValueError, match="alpaca:<model>"):
         w.load_prompts("imagenet")
+
+
+def test_a_file_without_prompts_is_named(tmp_path):
+    empty = _write_jsonl(tmp_path / "empty.jsonl", [""])
+    with pytest.raises(ValueError, match="empty.jsonl: no prompts"):
+        w.load_alpaca_eval(empty, tokenizer="words")
+    assert w.load_alpaca_eval(empty, tokenizer="words", limit=0) == []  # none asked, none given
 
 
 def test_empty_response_counts_one_token(tmp_path):
