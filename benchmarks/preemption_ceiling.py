@@ -441,10 +441,10 @@ def marginal(
 def base_workload(args):
     """serve-bench's workload for these flags (as sim_ceiling.py builds it) with SmolLM2's
     lengths (replayed as the simulator runs them)."""
-    from rtlm_adapt.cli import _load_samples
+    from rtlm_adapt.cli.arguments import load_samples
     from rtlm_adapt.serve_bench import replay_length, workload_from_args
 
-    samples, _ = _load_samples(args)
+    samples, _ = load_samples(args)
     workload = workload_from_args(args, samples, StepCost.load(args.profile))
     if args.lengths_from:
         payload = json.loads(Path(args.lengths_from).read_text())

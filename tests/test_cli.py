@@ -1,5 +1,6 @@
 """The command line as a user meets it: real data in, one table and a JSON out."""
 
+import ast
 import gzip
 import importlib.util
 import json
@@ -229,3 +230,24 @@ def test_empty_prompts_file_is_named_in_the_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "empty.jsonl" in err and "no prompts" in err and "build_workload" not in err
+
+
+def test_library_code_does_not_import_the_cli():
+    """The CLI sits on top: no module of the library imports it (not even inside a function),
+    so ``rtlm_adapt.cli`` is in no import cycle."""
+    package = ROOT / "rtlm_adapt"
+    offenders = []
+    for path in package.rglob("*.py"):
+        if (package / "cli") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(n == "rtlm_adapt.cli" or n.startswith("rtlm_adapt.cli.") for n in names):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []

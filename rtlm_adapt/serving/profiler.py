@@ -8,10 +8,9 @@ batch size and per-request context, both through the executor's own code paths
 ordinary least squares with the coefficients kept non-negative (StepCost requires it), the
 measured points are stored in ``extra`` so that a fit can be checked or redone later.
 
-Run as a script to profile SmolLM2 in a fresh process (the thread count must be set before
-any work)::
+Profile SmolLM2 in a fresh process (the thread count must be set before any work)::
 
-    python -m rtlm_adapt.serving.profiler --threads 2 --max-batch-size 16 --out cpu2.json
+    rtlm-adapt profile --threads 2 --max-batch-size 16 --out cpu2.json
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -199,14 +197,3 @@ def profile_executor(
             "load_average_after": _load_average(),
         },
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rtlm_adapt.serving.profiler ARGS`` is ``rtlm-adapt profile ARGS``."""
-    from rtlm_adapt.cli import main as cli_main
-
-    return cli_main(["profile", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
