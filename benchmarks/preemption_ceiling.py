@@ -466,7 +466,7 @@ def base_workload(args):
 def variant(workload, n: int, seed: int, resample: bool):
     """The workload's requests with Poisson arrivals redrawn (seed) at its rate; with
     ``resample``, ``n`` requests drawn with replacement from its (prompt, length) pairs."""
-    from rtlm_adapt.workloads import make_arrivals
+    from rtlm_adapt.data import make_arrivals
 
     base = workload.requests
     if resample:
@@ -493,7 +493,7 @@ def capacity(requests, cost: StepCost, membership: Membership) -> float:
 
 def rearrive(requests, rate: float, seed: int):
     """The same requests with Poisson arrivals at ``rate`` (seed)."""
-    from rtlm_adapt.workloads import make_arrivals
+    from rtlm_adapt.data import make_arrivals
 
     times = sorted(make_arrivals("poisson", len(requests), rate, seed))
     return [dataclasses.replace(r, arrival_time=float(t)) for r, t in zip(requests, times,

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
+from rtlm_adapt.data import find_data_dir
 from rtlm_adapt.request import Request
 from rtlm_adapt.serve_bench import load_executor, machine_load, sibling_executor
 from rtlm_adapt.serving.profiler import machine_description
-from rtlm_adapt.workloads import find_data_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

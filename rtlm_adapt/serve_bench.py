@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from rtlm_adapt.data import PromptSample
 from rtlm_adapt.experiment import (
     Workload,
     _PrecomputedFeatures,
@@ -51,7 +52,6 @@ from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
 from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.serving.step_fit import STEP_COLUMNS
-from rtlm_adapt.workloads import PromptSample
 
 #: ``--model`` names that are not paths or hub ids.
 PACKAGED_PROFILES = {"smollm2": ("smollm2-135m-cpu2-hf", "smollm2-135m-cpu2-hf-secondary")}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from rtlm_adapt.workloads import PromptSample, TokenCounter, load_prompts
+from rtlm_adapt.data import PromptSample, TokenCounter, load_prompts
 
 
 def positive_float(text: str) -> float:

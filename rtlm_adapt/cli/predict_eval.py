@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from rtlm_adapt.cli.arguments import add_encoder_arg, tier_spec
-from rtlm_adapt.workloads import TokenCounter, load_prompts
+from rtlm_adapt.data import TokenCounter, load_prompts
 
 HELP = "length predictor quality: prior + prequential stream, then held-out prompts"
 

@@ -1,4 +1,4 @@
-"""Tests for rtlm_adapt.workloads: real data where a user meets it, small bad files for errors."""
+"""Tests for rtlm_adapt.data: real data where a user meets it, small bad files for errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtlm_adapt import workloads as w
+from rtlm_adapt import data as w
+from rtlm_adapt.data import datasets
 from rtlm_adapt.request import TRUE_LENGTH_KEY
 
 
@@ -72,7 +73,7 @@ def _row(i: int, instruction: str = "Say hi.", output: str = "Hi there.") -> str
 
 def test_import_does_not_pull_heavy_modules():
     code = (
-        "import sys, rtlm_adapt.workloads; "
+        "import sys, rtlm_adapt.data; "
         "print([m for m in ('torch', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run(
@@ -283,7 +284,7 @@ def test_truncated_json_array_and_pairs():
         indent=2,
     )
     truncated = text[: text.index("cut off")]
-    pairs = list(w._sharegpt_pairs(w._iter_json_array(truncated)))
+    pairs = list(datasets._sharegpt_pairs(datasets._iter_json_array(truncated)))
     assert pairs == [("a:0", "Q1", "A1"), ("a:3", "Q2", "")]
 
 
