@@ -5,6 +5,8 @@ import gzip
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -251,3 +253,14 @@ def test_library_code_does_not_import_the_cli():
             if any(n == "rtlm_adapt.cli" or n.startswith("rtlm_adapt.cli.") for n in names):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+def test_python_dash_m_runs_the_cli():
+    # The gateway benchmarks start `python -m rtlm_adapt.cli serve ...` in a subprocess.
+    done = subprocess.run(
+        [sys.executable, "-m", "rtlm_adapt.cli", "simulate", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0 and "--policies" in done.stdout
