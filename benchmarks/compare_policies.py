@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from rtlm_adapt.calibration.step_cost import StepCost
+from rtlm_adapt.data import TokenCounter, load_prompts
 from rtlm_adapt.experiment import build_workload, run_policy
-from rtlm_adapt.workloads import TokenCounter, load_prompts
 
 POLICIES = (
     "fcfs,sjf-prompt,sjf,oracle-sjf,heuristic-local+oracle,heuristic-local,heuristic+oracle,heuristic"

@@ -24,9 +24,9 @@ import numpy as np
 
 from rtlm_adapt import Completion, Request
 from rtlm_adapt.controller import AdaptiveController
+from rtlm_adapt.data import TokenCounter, load_prompts
 from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.serving.base import ExecutorState
-from rtlm_adapt.workloads import TokenCounter, load_prompts
 
 
 def controller_costs(

@@ -42,7 +42,7 @@ if snap:  # measure the snapshot, not the (editable) installed package
 sys.path.insert(0, os.environ["BENCH_DIR"])
 from overhead import controller_costs
 from rtlm_adapt.controller import AdaptiveController
-from rtlm_adapt.workloads import TokenCounter, load_prompts
+from rtlm_adapt.data import TokenCounter, load_prompts
 
 if os.environ.get("MODE") == "null":
     class _Balanced:

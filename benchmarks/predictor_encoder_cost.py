@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
+from rtlm_adapt.data import TokenCounter, load_prompts
 from rtlm_adapt.predictor import LengthPredictor
-from rtlm_adapt.workloads import TokenCounter, load_prompts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,9 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rtlm_adapt.data import TokenCounter, alpaca_models, load_prompts
 from rtlm_adapt.predict_eval import evaluate, kendall_tau, split_by_prompt
 from rtlm_adapt.predictor import LengthPredictor
-from rtlm_adapt.workloads import TokenCounter, alpaca_models, load_prompts
 
 
 def _lengths_by_id(models: list[str], counter: TokenCounter) -> dict[str, dict[str, float]]:

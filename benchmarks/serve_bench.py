@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 from rtlm_adapt.calibration.profiler import machine_description, machine_load
+from rtlm_adapt.data import find_data_dir
 from rtlm_adapt.request import Request
 from rtlm_adapt.serving.factory import load_executor, sibling_executor
-from rtlm_adapt.workloads import find_data_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

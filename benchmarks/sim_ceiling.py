@@ -43,7 +43,7 @@ from pathlib import Path
 
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.calibration.step_fit import fit_step_cost, run_steps
-from rtlm_adapt.cli import _load_samples
+from rtlm_adapt.cli.arguments import load_samples
 from rtlm_adapt.experiment import run_policy
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion
 from rtlm_adapt.serve_bench import workload_from_args
@@ -217,7 +217,7 @@ def main() -> None:
     if args.calibrated and (args.fit_from or args.fit_policy):
         parser.error("--calibrated replays each policy's own calibration: no --fit-*")
 
-    samples, _ = _load_samples(args)
+    samples, _ = load_samples(args)
     cost = StepCost.load(args.profile)
     workload = workload_from_args(args, samples, cost)
     if args.fidelity:

@@ -21,9 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 from rtlm_adapt.calibration.step_cost import StepCost
-from rtlm_adapt.experiment import Workload, capacity_rps, mean_isolated_service_s
-from rtlm_adapt.uncertainty import UncertaintyScorer
-from rtlm_adapt.workloads import (
+from rtlm_adapt.data import (
     DEFAULT_SLO,
     AzureTrace,
     PromptSample,
@@ -35,6 +33,8 @@ from rtlm_adapt.workloads import (
     make_arrivals,
     trace_arrivals,
 )
+from rtlm_adapt.experiment import Workload, capacity_rps, mean_isolated_service_s
+from rtlm_adapt.uncertainty import UncertaintyScorer
 
 TRACES = ("azure-conv", "azure-code")
 
@@ -86,11 +86,11 @@ class EpisodeSampler:
     Parameters
     ----------
     prompts
-        Prompt set for :func:`rtlm_adapt.workloads.load_prompts` (``"alpaca:MODEL"``,
+        Prompt set for :func:`rtlm_adapt.data.load_prompts` (``"alpaca:MODEL"``,
         ``"sharegpt"``, or a file), or a sequence of :class:`PromptSample`.
     arrivals
         ``"azure-conv"`` or ``"azure-code"`` (windows of the real trace), or any other
-        :func:`~rtlm_adapt.workloads.make_arrivals` spec (``"poisson"``, ``"gamma:2"``).
+        :func:`~rtlm_adapt.data.make_arrivals` spec (``"poisson"``, ``"gamma:2"``).
     load
         Offered load (arrival rate over the primary's capacity), a number or a ``(low, high)``
         range drawn uniformly per episode.
@@ -100,7 +100,7 @@ class EpisodeSampler:
         Fraction ``(start, end)`` of the trace that window starts are drawn from; give training
         and evaluation disjoint slices so evaluation windows are unseen.
     slo
-        Deadline mix (see :func:`rtlm_adapt.workloads.assign_deadlines`).
+        Deadline mix (see :func:`rtlm_adapt.data.assign_deadlines`).
     cost
         The primary's cost profile (capacity and the mean service time come from it).
     prompt_limit

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 
 from rtlm_adapt.calibration.step_cost import StepCost
+from rtlm_adapt.data import load_prompts
 from rtlm_adapt.experiment import build_workload, run_policy
 from rtlm_adapt.metrics import format_table
-from rtlm_adapt.workloads import load_prompts
 
 
 def main() -> None:

@@ -419,11 +419,11 @@ def cached_encode(
     Benchmarks embed the same prompt sets again and again (16 AlpacaEval models share 805
     prompts; the prior refits on the same ShareGPT sample); a CPU embeds ~20-100 prompts/s, so
     the cache turns minutes into milliseconds. Files live under
-    :func:`rtlm_adapt.workloads.cache_dir` ``/embeddings``.
+    :func:`rtlm_adapt.data.cache_dir` ``/embeddings``.
     """
     import hashlib
 
-    from rtlm_adapt.workloads import cache_dir
+    from rtlm_adapt.data import cache_dir
 
     key = encoder.cache_key() if hasattr(encoder, "cache_key") else (
         f"minilm|{encoder.model_path}|{encoder.max_tokens}"

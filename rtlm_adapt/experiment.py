@@ -14,17 +14,17 @@ import numpy as np
 
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController
-from rtlm_adapt.metrics import Summary, summarize
-from rtlm_adapt.predictor import LengthPredictor
-from rtlm_adapt.request import Completion, Request
-from rtlm_adapt.serving.loop import ServingLoop
-from rtlm_adapt.serving.sim import SimulatedExecutor
-from rtlm_adapt.workloads import (
+from rtlm_adapt.data import (
     PromptSample,
     assign_deadlines,
     build_requests,
     make_arrivals,
 )
+from rtlm_adapt.metrics import Summary, summarize
+from rtlm_adapt.predictor import LengthPredictor
+from rtlm_adapt.request import Completion, Request
+from rtlm_adapt.serving.loop import ServingLoop
+from rtlm_adapt.serving.sim import SimulatedExecutor
 
 
 @dataclass

@@ -5,7 +5,7 @@ never appears on both sides), start from the packaged prior of the tier, stream 
 once in a seeded random order (predict, then learn: the prequential score), then score the
 held-out part without learning.
 
->>> from rtlm_adapt.workloads import PromptSample
+>>> from rtlm_adapt.data import PromptSample
 >>> s = [PromptSample(str(i), "Write " + "word " * i, 10 + 5 * i, i, "demo") for i in range(40)]
 >>> r = evaluate(s, tier="lexical", holdout_fraction=0.25, seed=0)
 >>> sorted(k for k in r if k in REQUIRED_KEYS) == sorted(REQUIRED_KEYS)

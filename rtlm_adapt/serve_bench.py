@@ -44,6 +44,7 @@ import numpy as np
 
 from rtlm_adapt.calibration.profiler import machine_load, quick_profile
 from rtlm_adapt.calibration.step_cost import StepCost
+from rtlm_adapt.data import PromptSample
 from rtlm_adapt.experiment import (
     Workload,
     build_workload,
@@ -60,7 +61,6 @@ from rtlm_adapt.serving.factory import (
     warm_up,
 )
 from rtlm_adapt.sim_fidelity import fidelity, sim_replay
-from rtlm_adapt.workloads import PromptSample
 
 
 def real_workload(

@@ -246,7 +246,7 @@ _SCORER: dict[str, object] = {}
 
 def _load_logs(path: Path, tokenizer: str) -> tuple[list[str], np.ndarray]:
     """Prompts and response lengths from JSON lines (AlpacaEval format or prompt/output_tokens)."""
-    from rtlm_adapt.workloads import TokenCounter
+    from rtlm_adapt.data import TokenCounter
 
     opener = gzip.open if path.name.endswith(".gz") else open
     prompts, outputs, counted = [], [], []
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.alphas is None:
         args.alphas = "3,10,30,100,300" if minilm else "0.3,1,3,10,30,100,300"
 
-    from rtlm_adapt.workloads import TokenCounter, load_sharegpt
+    from rtlm_adapt.data import TokenCounter, load_sharegpt
 
     t0 = time.perf_counter()
     if args.logs is not None:

@@ -67,12 +67,12 @@ def make_request(
 
 def alpaca_samples(model: str):
     """One AlpacaEval model's prompts with real lengths (SmolLM2 tokens); skips without data."""
-    from rtlm_adapt import workloads
+    from rtlm_adapt.data import TokenCounter, find_data_dir, load_alpaca_eval
 
     try:
-        path = workloads.find_data_dir() / "alpaca_eval" / f"{model}.jsonl.gz"
+        path = find_data_dir() / "alpaca_eval" / f"{model}.jsonl.gz"
     except (FileNotFoundError, OSError) as exc:
         pytest.skip(f"no shared data folder: {exc}")
     if not path.is_file():
         pytest.skip(f"no AlpacaEval outputs at {path}")
-    return workloads.load_alpaca_eval(path, tokenizer=workloads.TokenCounter.default())
+    return load_alpaca_eval(path, tokenizer=TokenCounter.default())

@@ -11,7 +11,7 @@ HEAVY = ("torch", "transformers", "stable_baselines3", "gymnasium")
 def test_import_is_light():
     code = (
         "import sys, rtlm_adapt, rtlm_adapt.controller, rtlm_adapt.serving.loop, "
-        "rtlm_adapt.serving.sim, rtlm_adapt.workloads, rtlm_adapt.metrics, rtlm_adapt.policies\n"
+        "rtlm_adapt.serving.sim, rtlm_adapt.data, rtlm_adapt.metrics, rtlm_adapt.policies\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -287,18 +287,19 @@ def test_fit_encoder_stores_the_standardisation(tmp_path) -> None:
 def test_cli_encoder_flag_needs_the_encoder_tier() -> None:
     import argparse
 
-    from rtlm_adapt.cli import _tier_spec, build_parser
+    from rtlm_adapt.cli import build_parser
+    from rtlm_adapt.cli.arguments import tier_spec
 
     args = build_parser().parse_args(
         ["predict-eval", "--prompts", "x", "--tier", "encoder", "--encoder", "smollm2-l16"]
     )
-    assert _tier_spec(args) == "encoder:smollm2-l16"
-    assert _tier_spec(argparse.Namespace(tier="encoder", encoder="minilm")) == "encoder"
-    assert _tier_spec(argparse.Namespace(tier="lexical", encoder=None)) == "lexical"
+    assert tier_spec(args) == "encoder:smollm2-l16"
+    assert tier_spec(argparse.Namespace(tier="encoder", encoder="minilm")) == "encoder"
+    assert tier_spec(argparse.Namespace(tier="lexical", encoder=None)) == "lexical"
     with pytest.raises(ValueError, match="needs --tier encoder"):
-        _tier_spec(argparse.Namespace(tier="lexical", encoder="smollm2-l16"))
+        tier_spec(argparse.Namespace(tier="lexical", encoder="smollm2-l16"))
     with pytest.raises(ValueError, match="unknown encoder"):
-        _tier_spec(argparse.Namespace(tier="encoder", encoder="nope"))
+        tier_spec(argparse.Namespace(tier="encoder", encoder="nope"))
 
 
 def test_packaged_smollm2_prior_loads_without_the_model() -> None:

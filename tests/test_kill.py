@@ -43,6 +43,7 @@ def worker(path: str, conn) -> None:
             conn.send(("saved", finished))  # the save inside on_finish has completed
 
 
+@pytest.mark.slow  # 20 subprocesses killed: ~4 s
 @pytest.mark.skipif(sys.platform != "linux", reason="needs fork and SIGKILL")
 def test_sigkill_at_random_moments_always_leaves_a_loadable_last_good_state(tmp_path):
     path = str(tmp_path / "ctl.state")

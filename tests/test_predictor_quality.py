@@ -13,7 +13,6 @@ import logging
 import math
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -139,22 +138,6 @@ def test_predict_remaining_is_calibrated_in_flight(gpt4) -> None:
         hits += r.low <= s.response_tokens - g <= r.high
         total += 1
     assert hits / total >= 0.75  # 90% target; the conditional tail is estimated from few points
-
-
-def test_lexical_costs_are_microseconds(gpt4) -> None:
-    p = LengthPredictor.pretrained("lexical")
-    feats = [p.features(s.prompt) for s in gpt4[:300]]
-    pred_ns, learn_ns = [], []
-    for f, s in zip(feats, gpt4, strict=False):
-        t0 = time.perf_counter_ns()
-        p.predict_one(f)
-        t1 = time.perf_counter_ns()
-        p.learn_one(f, s.response_tokens)
-        learn_ns.append(time.perf_counter_ns() - t1)
-        pred_ns.append(t1 - t0)
-    # Targets 20/100 us on an idle core; generous bounds here (shared CI machines).
-    assert np.median(pred_ns) / 1e3 < 150
-    assert np.median(learn_ns) / 1e3 < 400
 
 
 def test_prior_round_trip_and_garbage(tmp_path) -> None:

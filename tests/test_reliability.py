@@ -348,6 +348,7 @@ def test_loop_reports_rejections_as_failed_completions():
 
 
 # -- concurrency ----------------------------------------------------------------------
+@pytest.mark.slow  # a soak of 20,000 requests: ~4 s
 def test_64_threads_and_256_asyncio_tasks_20000_requests():
     ctl = AdaptiveController("fcfs", profiles={"p": COST, "s": COST})
     loop = ServingLoop(

@@ -135,6 +135,7 @@ def test_profile_cli_tiny(tmp_path):
     assert len(cost.extra["load_average_before"]) == 3
 
 
+@pytest.mark.slow  # serve-bench with a process per policy: ~9 s
 def test_serve_bench_isolated_and_calibrated(tmp_path, alpaca_file):
     # Each policy in a fresh process, after a calibration run whose steps give the profile the
     # simulator replays with; the served profile's fidelity is kept alongside.

@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from rtlm_adapt.data import PromptSample  # noqa: E402
 from rtlm_adapt.engines.vllm_bench import (  # noqa: E402
     BenchRequest,
     MetricsTimeline,
@@ -22,7 +23,6 @@ from rtlm_adapt.gateway.app import create_app  # noqa: E402
 from rtlm_adapt.gateway.config import BackendConfig, GatewayConfig  # noqa: E402
 from rtlm_adapt.gateway.paced_backend import create_app as paced_app  # noqa: E402
 from rtlm_adapt.gateway.server_thread import ServerThread  # noqa: E402
-from rtlm_adapt.workloads import PromptSample  # noqa: E402
 
 
 def samples(n: int) -> list[PromptSample]:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from rtlm_adapt.data import TokenCounter, alpaca_models, load_prompts
 from rtlm_adapt.encoder import cached_encode
 from rtlm_adapt.predict_eval import kendall_tau, split_by_prompt
 from rtlm_adapt.predictor import LengthPredictor
-from rtlm_adapt.workloads import TokenCounter, alpaca_models, load_prompts
 
 
 def ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:

@@ -62,8 +62,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rtlm_adapt.data import TokenCounter, alpaca_models, cache_dir, load_prompts
 from rtlm_adapt.predict_eval import kendall_tau, split_by_prompt
-from rtlm_adapt.workloads import TokenCounter, alpaca_models, cache_dir, load_prompts
 
 LAYERS = (4, 8, 12, 16, 20, 24, 27, 30)
 ALPHAS = np.logspace(-1, 5, 13)
@@ -549,7 +549,7 @@ def measure_cost(feat: SmolFeaturizer, prompts: list[str]) -> dict:
 def transfer(args, feat, counter, cache, reps, grouped, y, seeds) -> dict:
     """ShareGPT prior on the representation, no AlpacaEval labels; then prior + per-model
     ridge on the residuals of the training prompts."""
-    from rtlm_adapt.workloads import load_sharegpt
+    from rtlm_adapt.data import load_sharegpt
 
     sg = load_sharegpt(limit=args.sharegpt, seed=0, tokenizer=counter)
     sg = [s for s in sg if s.response_tokens > 0]

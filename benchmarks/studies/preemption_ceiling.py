@@ -441,11 +441,11 @@ def marginal(
 def base_workload(args):
     """serve-bench's workload for these flags (as sim_ceiling.py builds it) with SmolLM2's
     lengths (replayed as the simulator runs them)."""
-    from rtlm_adapt.cli import _load_samples
+    from rtlm_adapt.cli.arguments import load_samples
     from rtlm_adapt.serve_bench import workload_from_args
     from rtlm_adapt.sim_fidelity import replay_length
 
-    samples, _ = _load_samples(args)
+    samples, _ = load_samples(args)
     workload = workload_from_args(args, samples, StepCost.load(args.profile))
     if args.lengths_from:
         payload = json.loads(Path(args.lengths_from).read_text())
@@ -467,7 +467,7 @@ def base_workload(args):
 def variant(workload, n: int, seed: int, resample: bool):
     """The workload's requests with Poisson arrivals redrawn (seed) at its rate; with
     ``resample``, ``n`` requests drawn with replacement from its (prompt, length) pairs."""
-    from rtlm_adapt.workloads import make_arrivals
+    from rtlm_adapt.data import make_arrivals
 
     base = workload.requests
     if resample:
@@ -494,7 +494,7 @@ def capacity(requests, cost: StepCost, membership: Membership) -> float:
 
 def rearrive(requests, rate: float, seed: int):
     """The same requests with Poisson arrivals at ``rate`` (seed)."""
-    from rtlm_adapt.workloads import make_arrivals
+    from rtlm_adapt.data import make_arrivals
 
     times = sorted(make_arrivals("poisson", len(requests), rate, seed))
     return [dataclasses.replace(r, arrival_time=float(t)) for r, t in zip(requests, times,

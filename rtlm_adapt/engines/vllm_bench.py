@@ -43,9 +43,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+from rtlm_adapt.data import PromptSample, assign_deadlines, make_arrivals
 from rtlm_adapt.metrics import format_table, summarize, summary_json
 from rtlm_adapt.request import Completion
-from rtlm_adapt.workloads import PromptSample, assign_deadlines, make_arrivals
 
 DIRECT = "direct"
 

@@ -1,4 +1,4 @@
-"""Tests for rtlm_adapt.workloads: real data where a user meets it, small bad files for errors."""
+"""Tests for rtlm_adapt.data: real data where a user meets it, small bad files for errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtlm_adapt import workloads as w
+from rtlm_adapt import data as w
+from rtlm_adapt.data import datasets
 from rtlm_adapt.request import TRUE_LENGTH_KEY
 
 
@@ -72,7 +73,7 @@ def _row(i: int, instruction: str = "Say hi.", output: str = "Hi there.") -> str
 
 def test_import_does_not_pull_heavy_modules():
     code = (
-        "import sys, rtlm_adapt.workloads; "
+        "import sys, rtlm_adapt.data; "
         "print([m for m in ('torch', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run(
@@ -126,6 +127,27 @@ def test_resolve():
         w.TokenCounter.resolve(3)
 
 
+def test_a_tokenizer_that_is_nowhere_fails_without_asking_an_offline_hub(monkeypatch):
+    pytest.importorskip("transformers")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"tokenizer 'nosuch'.*HF_HUB_OFFLINE"):
+        w.TokenCounter.resolve("nosuch")  # a name the user gave: no silent estimate
+
+
+def test_a_local_tokenizer_folder_loads_by_its_path(smollm2, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # a path never needs the hub
+    folder = str(w.cache_dir() / "tokenizers" / "smollm2")  # converted by the smollm2 fixture
+    counter = w.TokenCounter.resolve(folder)
+    assert counter.kind == folder and not counter.is_estimate
+    assert counter.count_many(["Name a prime.", "Hi"]) == smollm2.count_many(
+        ["Name a prime.", "Hi"]
+    )
+
+
 def test_smollm2_counts(smollm2):
     assert smollm2.kind == "smollm2" and not smollm2.is_estimate
     assert smollm2.count("Hello world") == 2
@@ -165,6 +187,13 @@ def test_alpaca_unknown_model_lists_available():
 def test_load_prompts_unknown_name():
     with pytest.raises(ValueError, match="alpaca:<model>"):
         w.load_prompts("imagenet")
+
+
+def test_a_file_without_prompts_is_named(tmp_path):
+    empty = _write_jsonl(tmp_path / "empty.jsonl", [""])
+    with pytest.raises(ValueError, match="empty.jsonl: no prompts"):
+        w.load_alpaca_eval(empty, tokenizer="words")
+    assert w.load_alpaca_eval(empty, tokenizer="words", limit=0) == []  # none asked, none given
 
 
 def test_empty_response_counts_one_token(tmp_path):
@@ -255,7 +284,7 @@ def test_truncated_json_array_and_pairs():
         indent=2,
     )
     truncated = text[: text.index("cut off")]
-    pairs = list(w._sharegpt_pairs(w._iter_json_array(truncated)))
+    pairs = list(datasets._sharegpt_pairs(datasets._iter_json_array(truncated)))
     assert pairs == [("a:0", "Q1", "A1"), ("a:3", "Q2", "")]
 
 

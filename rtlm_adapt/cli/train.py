@@ -1,0 +1,42 @@
+"""``rtlm-adapt train``: train the PPO knob policy on ServingEnvs (needs the [rl] extra)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rtlm_adapt.cli.arguments import positive_float, positive_int
+
+HELP = "train the PPO knob policy on ServingEnvs (needs [rl])"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train the PPO knob policy (the same run as examples/train_ppo.py)."""
+    from rtlm_adapt.policies.ppo_train import make_config, train
+
+    config = make_config(
+        out=args.out,
+        timesteps=args.timesteps,
+        quick=args.quick,
+        prompts=args.prompts,
+        load=args.load,
+        n_envs=args.n_envs,
+        seed=args.seed,
+        progress_bar=not args.no_progress,
+        max_minutes=args.max_minutes,
+    )
+    print(f"saved {train(config)}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timesteps", type=positive_int, help="environment steps (default 300000)")
+    parser.add_argument("--out", default="runs/ppo", help="output folder (model.zip, logs)")
+    parser.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
+    parser.add_argument("--n-envs", type=positive_int, default=2, help="parallel environments")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts", default="alpaca:gpt4_1106_preview", help="prompt set")
+    parser.add_argument("--load", default="0.6,1.1", help="training load range LOW,HIGH")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--max-minutes", type=positive_float, help="stop (and save) after this long"
+    )
