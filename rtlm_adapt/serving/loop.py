@@ -27,38 +27,17 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
-import numbers
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from rtlm_adapt.request import Completion, Request
 from rtlm_adapt.serving.base import Executor, ExecutorState, StepResult
+from rtlm_adapt.serving.lane import Lane
+from rtlm_adapt.serving.step_checks import check_completion, check_step
 
 logger = logging.getLogger(__name__)
 
 BATCHING_MODES = ("continuous", "static")
-
-
-@dataclass(slots=True, eq=False)
-class _Lane:
-    """One executor, the step it is in the middle of, and the requests the loop placed on it."""
-
-    executor: Executor
-    role: str
-    busy_until: float = math.inf
-    pending: StepResult | None = None
-    #: requests admitted here that have not ended (the loop's truth, whatever the executor says)
-    inflight: dict[str, Request] = field(default_factory=dict)
-    #: ids in the pending step
-    step_ids: list[str] = field(default_factory=list)
-    #: set when the pending step is a (virtual-time) hang: (reason, detail) reported at its end
-    fault: tuple[str, str] | None = None
-    #: requests to retry here (faulted elsewhere); they go before the controller's next batch
-    retry: deque[Request] = field(default_factory=deque)
-    #: wall-clock mode: the worker thread that runs steps, and a step that never came back
-    pool: concurrent.futures.ThreadPoolExecutor | None = None
-    stuck: concurrent.futures.Future | None = None
 
 
 @dataclass(slots=True)
@@ -137,11 +116,11 @@ class ServingLoop:
         self.keep_completions = keep_completions
         self._attempts: dict[str, int] = {}  # retries used, only for requests that faulted
         self._take_cancellations = getattr(controller, "take_cancellations", None)
-        self._lanes = [_Lane(primary, "primary")]
+        self._lanes = [Lane(primary, "primary")]
         if secondary is not None:
             if secondary.name == primary.name:
                 raise ValueError("primary and secondary executors need different names")
-            self._lanes.append(_Lane(secondary, "secondary"))
+            self._lanes.append(Lane(secondary, "secondary"))
         register = getattr(controller, "register_executor", None)
         if callable(register):  # the first policy epoch then already sees both executors
             for lane in self._lanes:
@@ -323,7 +302,7 @@ class ServingLoop:
                 break
         return started or self.result.faults != faults_before
 
-    def _fill(self, lane: _Lane, now: float) -> bool:
+    def _fill(self, lane: Lane, now: float) -> bool:
         """Admit retries, then the controller's choice, onto an idle lane; True if it has work.
 
         Executor errors propagate (the caller faults the lane's requests)."""
@@ -345,7 +324,7 @@ class ServingLoop:
         lane.step_ids = list(lane.inflight)
         return True
 
-    def _start_step(self, lane: _Lane, now: float, next_arrival: float) -> bool:
+    def _start_step(self, lane: Lane, now: float, next_arrival: float) -> bool:
         ex = lane.executor
         try:
             if not self._fill(lane, now):
@@ -359,7 +338,7 @@ class ServingLoop:
         except Exception as exc:  # any executor error is a fault of this step, not of the loop
             self._fault(lane, list(lane.inflight), "executor_failure", f"{exc!r}", now)
             return False
-        problem = _check_step(result)
+        problem = check_step(result)
         if problem is not None:
             self.result.garbage += 1
             self._fault(lane, lane.step_ids, "executor_failure", f"garbage step: {problem}", now)
@@ -372,7 +351,7 @@ class ServingLoop:
         lane.busy_until = now + duration
         return True
 
-    def _call_step(self, lane: _Lane, now: float, horizon: float) -> StepResult:
+    def _call_step(self, lane: Lane, now: float, horizon: float) -> StepResult:
         if self.wall_timeout_s is None:
             return lane.executor.step(now, horizon)
         if lane.pool is None:
@@ -384,7 +363,7 @@ class ServingLoop:
             lane.stuck = future
             raise _StepHung(f"step ran past {self.wall_timeout_s} s of wall time") from None
 
-    def _lane_usable(self, lane: _Lane, now: float) -> bool:
+    def _lane_usable(self, lane: Lane, now: float) -> bool:
         stuck = lane.stuck
         if stuck is None:
             return True
@@ -402,7 +381,7 @@ class ServingLoop:
                 self._abort_quietly(lane, rid, now)
         return True
 
-    def _finish_step(self, lane: _Lane) -> None:
+    def _finish_step(self, lane: Lane) -> None:
         result = lane.pending
         lane.pending = None
         lane.busy_until = math.inf
@@ -423,7 +402,7 @@ class ServingLoop:
                 self.result.dropped += 1
                 continue
             ended.add(rid)
-            problem = _check_completion(completion)
+            problem = check_completion(completion)
             if problem is not None:
                 self.result.garbage += 1
                 self._fault(lane, [rid], "executor_failure", f"garbage completion: {problem}", now)
@@ -490,7 +469,7 @@ class ServingLoop:
 
     def _fault(
         self,
-        lane: _Lane,
+        lane: Lane,
         ids: Sequence[str],
         reason: str,
         detail: str,
@@ -522,7 +501,7 @@ class ServingLoop:
                 self._attempts.pop(rid, None)
                 self._end(self._failure(request, reason, detail, now, lane.executor.name))
 
-    def _abort_quietly(self, lane: _Lane, rid: str, now: float | None = None) -> None:
+    def _abort_quietly(self, lane: Lane, rid: str, now: float | None = None) -> None:
         try:
             lane.executor.abort(rid, self.now if now is None else now)
         except Exception:  # noqa: BLE001 - the request ends anyway; the executor is suspect
@@ -563,48 +542,3 @@ class ServingLoop:
 
 class _StepHung(Exception):
     """A wall-clock step did not return within ``wall_timeout_s``."""
-
-
-def _is_count(value: object) -> bool:
-    # numbers.Integral admits numpy integers, which real executors may well return
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
-
-
-def _is_time(value: object) -> bool:
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value >= 0
-    )
-
-
-def _check_step(result: object) -> str | None:
-    """Why a step result cannot be trusted, or None. O(batch): cheap next to the step."""
-    if not isinstance(result, StepResult):
-        return f"step returned {type(result).__name__}, not a StepResult"
-    if not _is_time(result.duration_s):
-        return f"duration_s={result.duration_s!r}"
-    for name in ("iterations", "batch_size", "prefill_tokens", "context_tokens"):
-        if not _is_count(getattr(result, name)):
-            return f"{name}={getattr(result, name)!r}"
-    if not isinstance(result.finished, list) or not isinstance(result.new_tokens, dict):
-        return "finished/new_tokens have the wrong types"
-    if not all(_is_count(n) for n in result.new_tokens.values()):
-        return "negative or non-integer new_tokens"
-    return None
-
-
-def _check_completion(c: object) -> str | None:
-    if not isinstance(c, Completion):
-        return f"{type(c).__name__} is not a Completion"
-    if not _is_count(c.output_tokens):
-        return f"output_tokens={c.output_tokens!r}"
-    for name in ("arrival_time", "start_time", "finish_time"):
-        if not _is_time(getattr(c, name)):
-            return f"{name}={getattr(c, name)!r}"
-    if c.finish_time < c.start_time:
-        return "finish_time before start_time"
-    if c.first_token_time is not None and not _is_time(c.first_token_time):
-        return f"first_token_time={c.first_token_time!r}"
-    return None
