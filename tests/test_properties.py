@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from rtlm_adapt import Completion, Knobs
-from rtlm_adapt.controller import AdaptiveController, QueueFullError
+from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.policies import FixedPolicy
+from rtlm_adapt.request import QueueFullError
 from rtlm_adapt.serving.base import ExecutorState
 from rtlm_adapt.serving.faults import FaultyExecutor
 from rtlm_adapt.serving.loop import ServingLoop

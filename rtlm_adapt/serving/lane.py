@@ -13,7 +13,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from rtlm_adapt.request import Request
+from rtlm_adapt.request import FailureReason, Request
 from rtlm_adapt.serving.base import Executor, StepResult
 
 
@@ -30,7 +30,7 @@ class Lane:
     #: ids in the pending step
     step_ids: list[str] = field(default_factory=list)
     #: set when the pending step is a (virtual-time) hang: (reason, detail) reported at its end
-    fault: tuple[str, str] | None = None
+    fault: tuple[FailureReason, str] | None = None
     #: requests to retry here (faulted elsewhere); they go before the controller's next batch
     retry: deque[Request] = field(default_factory=deque)
     #: wall-clock mode: the worker thread that runs steps, and a step that never came back

@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from rtlm_adapt.request import Completion, Request
+from rtlm_adapt.request import Completion, FailureReason, Request, RequestRefused
 from rtlm_adapt.serving.base import Executor, ExecutorState, StepResult
 from rtlm_adapt.serving.lane import Lane
 from rtlm_adapt.serving.step_checks import check_completion, check_step
@@ -163,7 +163,9 @@ class ServingLoop:
         """
         request = self.controller.cancel(request_id)
         if request is not None:
-            self._emit(self._failure(request, "cancelled", "cancelled while queued", self.now))
+            self._emit(
+                self._failure(request, FailureReason.CANCELLED, "cancelled while queued", self.now)
+            )
             return True
         is_running = getattr(self.controller, "is_running", None)
         return bool(is_running and is_running(request_id))
@@ -182,13 +184,17 @@ class ServingLoop:
         if drain:
             self.advance(math.inf)
         else:
-            for request in self.controller.fail_queued("shutdown"):
-                self._emit(self._failure(request, "shutdown", "loop shut down", self.now))
+            for request in self.controller.fail_queued(FailureReason.SHUTDOWN):
+                self._emit(
+                    self._failure(request, FailureReason.SHUTDOWN, "loop shut down", self.now)
+                )
             for lane in self._lanes:
                 lane.pending, lane.busy_until, lane.fault = None, math.inf, None
                 while lane.retry:
                     self._end(
-                        self._failure(lane.retry.popleft(), "shutdown", "loop shut down", self.now)
+                        self._failure(
+                            lane.retry.popleft(), FailureReason.SHUTDOWN, "loop shut down", self.now
+                        )
                     )
                 for rid in list(lane.inflight):
                     request = lane.inflight.pop(rid)
@@ -196,7 +202,11 @@ class ServingLoop:
                         self._abort_quietly(lane, rid)
                     self._end(
                         self._failure(
-                            request, "shutdown", "loop shut down", self.now, lane.executor.name
+                            request,
+                            FailureReason.SHUTDOWN,
+                            "loop shut down",
+                            self.now,
+                            lane.executor.name,
                         )
                     )
         for lane in self._lanes:
@@ -333,19 +343,21 @@ class ServingLoop:
             horizon = math.inf if ex.running() >= ex.max_batch_size else next_arrival
             result = self._call_step(lane, now, horizon)
         except _StepHung as hung:
-            self._fault(lane, lane.step_ids, "timed_out", str(hung), now, abort=False)
+            self._fault(lane, lane.step_ids, FailureReason.TIMED_OUT, str(hung), now, abort=False)
             return False
         except Exception as exc:  # any executor error is a fault of this step, not of the loop
-            self._fault(lane, list(lane.inflight), "executor_failure", f"{exc!r}", now)
+            self._fault(lane, list(lane.inflight), FailureReason.EXECUTOR_FAILURE, f"{exc!r}", now)
             return False
         problem = check_step(result)
         if problem is not None:
             self.result.garbage += 1
-            self._fault(lane, lane.step_ids, "executor_failure", f"garbage step: {problem}", now)
+            self._fault(
+                lane, lane.step_ids, FailureReason.EXECUTOR_FAILURE, f"garbage step: {problem}", now
+            )
             return False
         duration = result.duration_s
         if self.step_timeout_s is not None and duration > self.step_timeout_s:
-            lane.fault = ("timed_out", f"step ran past {self.step_timeout_s} s")
+            lane.fault = (FailureReason.TIMED_OUT, f"step ran past {self.step_timeout_s} s")
             duration = self.step_timeout_s
         lane.pending = result
         lane.busy_until = now + duration
@@ -405,7 +417,13 @@ class ServingLoop:
             problem = check_completion(completion)
             if problem is not None:
                 self.result.garbage += 1
-                self._fault(lane, [rid], "executor_failure", f"garbage completion: {problem}", now)
+                self._fault(
+                    lane,
+                    [rid],
+                    FailureReason.EXECUTOR_FAILURE,
+                    f"garbage completion: {problem}",
+                    now,
+                )
                 continue
             del lane.inflight[rid]
             self._attempts.pop(rid, None)
@@ -419,7 +437,9 @@ class ServingLoop:
                 still = set()
             lost = [rid for rid in missing if rid not in still]
             if lost:
-                self._fault(lane, lost, "executor_failure", "executor lost the request", now)
+                self._fault(
+                    lane, lost, FailureReason.EXECUTOR_FAILURE, "executor lost the request", now
+                )
 
     # -- ending requests -----------------------------------------------------------------------
     def _submit(self, request: Request, now: float) -> bool:
@@ -428,16 +448,14 @@ class ServingLoop:
             self.controller.submit(request)
             return True
         except (TypeError, ValueError) as exc:  # invalid: the controller did not count it
-            detail = f"invalid request: {exc}"
-        except RuntimeError as exc:  # QueueFullError, ControllerClosedError: counted there
-            detail = str(exc)
-            if "shut down" in detail:
-                self.result.rejected += 1
-                self._emit(self._failure(request, "shutdown", detail, now))
-                return False
+            reason, detail = FailureReason.REJECTED, f"invalid request: {exc}"
+        except RequestRefused as exc:  # a full queue or a closed controller: counted there
+            reason, detail = exc.reason, str(exc)
+        except RuntimeError as exc:  # another controller's refusal
+            reason, detail = FailureReason.REJECTED, str(exc)
         self.result.rejected += 1
         if isinstance(request, Request):
-            self._emit(self._failure(request, "rejected", detail, now))
+            self._emit(self._failure(request, reason, detail, now))
         else:
             logger.warning("dropped a submission that is not a Request: %s", detail)
         return False
@@ -460,7 +478,11 @@ class ServingLoop:
                 self._attempts.pop(rid, None)
                 self._end(
                     self._failure(
-                        request, "cancelled", "cancelled while running", now, lane.executor.name
+                        request,
+                        FailureReason.CANCELLED,
+                        "cancelled while running",
+                        now,
+                        lane.executor.name,
                     )
                 )
                 if not lane.inflight and lane.pending is not None and lane.fault is None:
@@ -471,7 +493,7 @@ class ServingLoop:
         self,
         lane: Lane,
         ids: Sequence[str],
-        reason: str,
+        reason: FailureReason,
         detail: str,
         now: float,
         *,
@@ -509,7 +531,7 @@ class ServingLoop:
 
     @staticmethod
     def _failure(
-        request: Request, reason: str, detail: str, now: float, executor: str = ""
+        request: Request, reason: FailureReason, detail: str, now: float, executor: str = ""
     ) -> Completion:
         t = max(now, request.arrival_time)
         return Completion(
@@ -520,7 +542,8 @@ class ServingLoop:
             finish_time=t,
             executor=executor,
             deadline=request.deadline,
-            error=f"{reason}: {detail}",
+            error=reason.error(detail),
+            failure=reason,
         )
 
     def _end(self, completion: Completion) -> None:

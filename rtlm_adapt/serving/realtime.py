@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from rtlm_adapt.request import Request
+from rtlm_adapt.request import FailureReason, Request
 from rtlm_adapt.serving.base import Executor, StepResult
 from rtlm_adapt.serving.lane import Lane
 from rtlm_adapt.serving.loop import LoopResult, ServingLoop
@@ -189,7 +189,7 @@ class RealTimeLoop(ServingLoop):
             if not self._fill(lane, now):
                 return False
         except Exception as exc:  # an admission error is a fault of this lane's requests
-            self._fault(lane, list(lane.inflight), "executor_failure", f"{exc!r}", now)
+            self._fault(lane, list(lane.inflight), FailureReason.EXECUTOR_FAILURE, f"{exc!r}", now)
             return False
         if lane.pool is None:
             lane.pool = concurrent.futures.ThreadPoolExecutor(1, f"step-{lane.executor.name}")
@@ -219,12 +219,14 @@ class RealTimeLoop(ServingLoop):
         try:
             result = future.result()
         except Exception as exc:  # any executor error is a fault of this step, not of the loop
-            self._fault(lane, list(lane.inflight), "executor_failure", f"{exc!r}", now)
+            self._fault(lane, list(lane.inflight), FailureReason.EXECUTOR_FAILURE, f"{exc!r}", now)
             return
         problem = check_step(result)
         if problem is not None:
             self.result.garbage += 1
-            self._fault(lane, lane.step_ids, "executor_failure", f"garbage step: {problem}", now)
+            self._fault(
+                lane, lane.step_ids, FailureReason.EXECUTOR_FAILURE, f"garbage step: {problem}", now
+            )
             return
         lane.pending = result
         self._finish_step(lane)
@@ -236,7 +238,7 @@ class RealTimeLoop(ServingLoop):
         lane.pending = None
         lane.stuck = future
         detail = f"step ran past {self.wall_timeout_s} s of wall time"
-        self._fault(lane, lane.step_ids, "timed_out", detail, self._tick(), abort=False)
+        self._fault(lane, lane.step_ids, FailureReason.TIMED_OUT, detail, self._tick(), abort=False)
 
     def _lane_usable(self, lane: Lane, now: float) -> bool:
         return lane not in self._flight and super()._lane_usable(lane, now)
