@@ -33,8 +33,22 @@ class RequestCounts:
     def failed(self) -> int:
         return sum(self.failures.values())
 
-    def count_failure(self, reason: FailureReason) -> None:
+    def count_failure(self, reason: FailureReason, *, submitted: bool = False) -> None:
+        """One more failed request; ``submitted``: one refused at submit (counted there too)."""
+        if submitted:
+            self.submitted += 1
         self.failures[reason.value] += 1
+
+    def stats(self, *, queued: int, running: int) -> ControllerStats:
+        """These counts with the requests now queued and running."""
+        return ControllerStats(
+            submitted=self.submitted,
+            queued=queued,
+            running=running,
+            finished=self.finished,
+            failed=self.failed,
+            failures=dict(self.failures),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,18 +23,24 @@ counts them as failed with reason ``shutdown``.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 from rtlm_adapt.accounting import RequestCounts
 from rtlm_adapt.knobs import Knobs, Policy
 from rtlm_adapt.latency import LatencyModel
+from rtlm_adapt.persistence import decode_state, encode_state, read_state, write_bytes_atomic
 from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.request import FailureReason
 from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.signals import ServingSignals
 from rtlm_adapt.uncertainty import UncertaintyScorer
+
+logger = logging.getLogger(__name__)
 
 #: The ``kind`` a controller's state file carries (persistence checks it on load).
 STATE_KIND = "rtlm_adapt.AdaptiveController"
@@ -112,7 +118,7 @@ class ControllerCheckpoint:
             )
             counts.failures[FailureReason.SHUTDOWN.value] += int(counters["in_flight"])
             saved = state["signals"]
-            signals = {f.name: float(saved[f.name]) for f in fields(ServingSignals)}
+            signals = {name: float(saved[name]) for name in ServingSignals.SAVED}
             return cls(
                 policy=state["policy"],
                 predictor=predictor,
@@ -128,3 +134,95 @@ class ControllerCheckpoint:
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"{source!r} holds an incomplete controller state: {exc!r}") from exc
+
+
+_Restorable = TypeVar("_Restorable", bound="Checkpointed")
+
+
+class Checkpointed:
+    """Saving and loading, for a class whose learned state is a :class:`ControllerCheckpoint`.
+
+    The class gives :meth:`checkpoint` and :meth:`restore`, and a re-entrant ``_lock`` under
+    which its state does not change; this adds files (:meth:`save`, :meth:`load`), bytes
+    (:meth:`state_bytes`, :meth:`from_state_bytes`) and a periodic save (``autosave_path``,
+    every ``autosave_every`` ended requests).
+    """
+
+    _lock: threading.RLock
+    autosave_path: str | Path | None
+    autosave_every: int
+    _ended_since_save: int
+
+    def _init_autosave(self, path: str | Path | None, every: int) -> None:
+        self.autosave_path = path
+        self.autosave_every = every
+        self._ended_since_save = 0
+
+    def _autosave_after_end(self) -> None:
+        """A request ended (called under the lock): save if ``autosave_every`` have since the
+        last save. Amortized: one save (milliseconds) per ``autosave_every`` requests."""
+        self._ended_since_save += 1
+        if self.autosave_path is None or self._ended_since_save < self.autosave_every:
+            return
+        self._ended_since_save = 0
+        try:
+            self.save(self.autosave_path)
+        except OSError:  # a failing disk must not take the serving path down with it
+            logger.exception("autosave to %s failed", self.autosave_path)
+
+    def checkpoint(self) -> ControllerCheckpoint:
+        """The learned state (live objects: serialize it under ``_lock``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def restore(
+        cls: type[_Restorable],
+        checkpoint: ControllerCheckpoint,
+        *,
+        autosave_path: str | Path | None = None,
+        autosave_every: int = 1000,
+    ) -> _Restorable:
+        """An instance that continues from ``checkpoint``."""
+        raise NotImplementedError
+
+    def state_bytes(self) -> bytes:
+        """The learned state as file bytes (see :meth:`save`)."""
+        with self._lock:  # serialized under the lock: the live objects do not change meanwhile
+            return encode_state(self.checkpoint().to_state())
+
+    def save(self, path: str | Path) -> None:
+        """Write everything learned online to ``path``, atomically (temp file, fsync, rename).
+
+        Saved: the policy, the length predictor, the uncertainty scorer, the latency models,
+        the knobs and the counters. Not saved: queued and running requests (a restart loses
+        them; :meth:`load` counts them as failed with reason ``shutdown``). The state is
+        serialized under the lock and written outside it.
+        """
+        write_bytes_atomic(path, self.state_bytes())
+
+    @classmethod
+    def load(
+        cls: type[_Restorable],
+        path: str | Path,
+        *,
+        autosave_path: str | Path | None = None,
+        autosave_every: int = 1000,
+    ) -> _Restorable:
+        """An instance restored from a :meth:`save` file.
+
+        Raises ValueError if the file is truncated, corrupted, of another format version or
+        incomplete; nothing is half-loaded (the instance is built only from a fully checked
+        state). Only load files you wrote yourself: the state is a pickle.
+        """
+        state = read_state(path, kind=STATE_KIND)
+        return cls.restore(
+            ControllerCheckpoint.from_state(state, str(path)),
+            autosave_path=autosave_path,
+            autosave_every=autosave_every,
+        )
+
+    @classmethod
+    def from_state_bytes(cls: type[_Restorable], data: bytes) -> _Restorable:
+        """Like :meth:`load`, from :meth:`state_bytes` output."""
+        state = decode_state(data, kind=STATE_KIND)
+        return cls.restore(ControllerCheckpoint.from_state(state, "<bytes>"))

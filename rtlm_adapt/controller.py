@@ -26,7 +26,6 @@ policy looks at an :class:`~rtlm_adapt.observation.Observation` and may change t
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 from collections.abc import Mapping
@@ -34,15 +33,13 @@ from pathlib import Path
 
 from rtlm_adapt import observer
 from rtlm_adapt.accounting import ControllerStats, RequestCounts
-from rtlm_adapt.batch_picker import BatchPicker
-from rtlm_adapt.checkpoint import STATE_KIND, ControllerCheckpoint, ControllerConfig
+from rtlm_adapt.checkpoint import Checkpointed, ControllerCheckpoint, ControllerConfig
+from rtlm_adapt.executor_models import ExecutorModels
 from rtlm_adapt.knobs import Knobs, Policy
 from rtlm_adapt.latency import LatencyModel
-from rtlm_adapt.live_request import LiveRequest
+from rtlm_adapt.live_request import LiveRequest, rank_length
 from rtlm_adapt.observation import Observation
-from rtlm_adapt.persistence import decode_state, encode_state, read_state, write_bytes_atomic
-from rtlm_adapt.predictor import LengthPrediction, LengthPredictor
-from rtlm_adapt.queue import RequestQueue
+from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.request import (
     FAILURE_REASONS,
     Completion,
@@ -55,14 +52,13 @@ from rtlm_adapt.serving.base import ExecutorState, StepResult
 from rtlm_adapt.serving.profile import StepCost
 from rtlm_adapt.signals import ServingSignals
 from rtlm_adapt.uncertainty import UncertaintyScorer
-
-logger = logging.getLogger(__name__)
+from rtlm_adapt.waiting_room import WaitingRoom
 
 #: The Policy attributes the controller relies on (a policy lacking one is refused up front).
 _POLICY_ATTRIBUTES = ("decide", "length_source", "consolidate", "name")
 
 
-class AdaptiveController:
+class AdaptiveController(Checkpointed):
     """Uncertainty-aware scheduler with an online length predictor; see the module docstring.
 
     Parameters
@@ -113,51 +109,27 @@ class AdaptiveController:
             from rtlm_adapt.policies import make_policy
 
             policy = make_policy(policy)
-        for attr in _POLICY_ATTRIBUTES:
-            if not hasattr(policy, attr):
-                raise TypeError(f"policy {policy!r} lacks {attr!r}: not a Policy")
-        if batching not in ("continuous", "static"):
-            raise ValueError(
-                f"unknown batching mode {batching!r}; expected 'continuous' or 'static'"
-            )
-        if not (isinstance(epoch_s, (int, float)) and epoch_s > 0 and math.isfinite(epoch_s)):
-            raise ValueError(f"epoch_s must be a positive number, got {epoch_s!r}")
-        if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 1):
-            raise ValueError(f"max_queue must be an int >= 1 or None, got {max_queue!r}")
-        if (
-            isinstance(autosave_every, bool)
-            or not isinstance(autosave_every, int)
-            or (autosave_every < 1)
-        ):
-            raise ValueError(f"autosave_every must be an int >= 1, got {autosave_every!r}")
+        _check_settings(policy, batching, epoch_s, max_queue, autosave_every)
         # One re-entrant lock per controller: the loop thread, front-end threads and asyncio
         # callbacks may all call in at once. Every public call is short (microseconds), so a
         # single lock costs less than finer-grained schemes and makes each call atomic.
         self._lock = threading.RLock()
-        self.autosave_path = autosave_path
-        self.autosave_every = autosave_every
-        self._ended_since_save = 0
+        self._init_autosave(autosave_path, autosave_every)
         self._cancel_marks: set[str] = set()  # running requests the loop should abort
         self._closed = False
         self.policy: Policy = policy
         # Default: the lexical tier from its packaged ShareGPT prior, useful on request one.
         self.predictor = predictor if predictor is not None else LengthPredictor.pretrained()
         self.scorer = scorer if scorer is not None else UncertaintyScorer()
-        self.profiles = dict(profiles or {})
-        self.latency: dict[str, LatencyModel] = {}
+        self._executors = ExecutorModels(profiles)
         self.epoch_s = float(epoch_s)
         self.batching = batching
         self.max_queue = max_queue
         self.reference_batch = reference_batch
-        self.knobs = Knobs()
-        self._queue = RequestQueue()
+        self._waiting = WaitingRoom()
+        self._queue = self._waiting.queue  # read-only use here: the room keeps it in order
         self._running: dict[str, LiveRequest] = {}
-        self._executors: dict[str, ExecutorState] = {}
-        self._primary: str | None = None
-        self._picker = BatchPicker(self._queue)
-        self._next_epoch = 0.0
-        self._last_epoch = 0.0
-        self._arrivals_in_epoch = 0
+        self._next_epoch = 0.0  # when the policy decides next
         self._external_knobs = False
         self._counts = RequestCounts()  # the accounting invariant
         self._signals = ServingSignals()  # what the observation reports of recent serving
@@ -179,12 +151,12 @@ class AdaptiveController:
                     f"duplicate request id {rid!r}: a request with this id is still live"
                 )
             if self._closed:
-                self._count_failure(FailureReason.SHUTDOWN, submitted=True)
+                self._counts.count_failure(FailureReason.SHUTDOWN, submitted=True)
                 raise ControllerClosedError(
                     f"controller is shut down; request {rid!r} not accepted"
                 )
             if self.max_queue is not None and len(self._queue) >= self.max_queue:
-                self._count_failure(FailureReason.REJECTED, submitted=True)
+                self._counts.count_failure(FailureReason.REJECTED, submitted=True)
                 raise QueueFullError(
                     f"queue is full ({self.max_queue} waiting); request {rid!r} rejected"
                 )
@@ -205,8 +177,8 @@ class AdaptiveController:
             prompt_tokens = request.prompt_tokens or max(
                 1, int(features.get("prompt_tokens_est", 1))
             )
-            rank_length = self._rank_length(request, prediction, prompt_tokens)
-            latency = self._primary_latency()
+            ranked_by = rank_length(self.policy, request, prediction, prompt_tokens)
+            latency = self._executors.primary_latency()
             live = LiveRequest(
                 rid,
                 request.arrival_time,
@@ -215,16 +187,14 @@ class AdaptiveController:
                 uncertainty=uncertainty,
                 prediction=prediction,
                 prompt_tokens=prompt_tokens,
-                rank_length=rank_length,
+                rank_length=ranked_by,
                 service_s=latency.service_time(
-                    prompt_tokens, rank_length, batch_size=self.reference_batch
+                    prompt_tokens, ranked_by, batch_size=self.reference_batch
                 ),
             )
-            live.key, live.offload = self._key_of(live)
-            self._queue.push(live)
-            self._picker.note_arrival(live.arrival_time, self.knobs.max_wait_s)
+            self._waiting.admit(live)
             self._counts.submitted += 1
-            self._arrivals_in_epoch += 1
+            self._signals.arrivals_in_epoch += 1
             # smoothed isolated service time: the time scale of the observation and of aging
             self._signals.record_service(
                 latency.service_time(prompt_tokens, prediction.length),
@@ -238,7 +208,7 @@ class AdaptiveController:
         over several backends asks for one at a time); the batch cap still applies.
         """
         with self._lock:
-            self._register(state)
+            self._executors.update(state)
             now = state.now
             if now >= self._next_epoch:
                 self._run_policy(now)
@@ -255,10 +225,9 @@ class AdaptiveController:
             if room <= 0:
                 return []
             if self.batching == "static" and state.running == 0 and self.policy.consolidate:
-                take = self._picker.take_similar
+                entries = self._waiting.take_similar(room, now, offload_only=not primary)
             else:
-                take = self._picker.take
-            entries = take(room, now, self.knobs.max_wait_s, offload_only=not primary)
+                entries = self._waiting.take(room, now, offload_only=not primary)
             for live in entries:
                 live.executor = state.name
                 self._running[live.request_id] = live
@@ -269,14 +238,14 @@ class AdaptiveController:
         with self._lock:
             if not isinstance(result, StepResult):
                 raise TypeError(f"on_step() takes a StepResult, got {type(result).__name__}")
-            self._latency_for(executor).learn_step(
+            self._executors.latency_for(executor).learn_step(
                 result.batch_size,
                 result.context_tokens,
                 result.prefill_tokens,
                 result.duration_s,
                 iterations=max(1, result.iterations),
             )
-            if executor == self._primary and result.iterations > 0:
+            if executor == self._executors.primary and result.iterations > 0:
                 self._signals.record_step(result.duration_s / result.iterations)
 
     def on_finish(self, completion: Completion) -> None:
@@ -297,15 +266,12 @@ class AdaptiveController:
                 )
             self._cancel_marks.discard(rid)
             if completion.failure is not None:
-                self._count_failure(completion.failure)
+                self._counts.count_failure(completion.failure)
             else:
                 self._counts.finished += 1
                 self.predictor.learn_one(tracked.features, completion.output_tokens)
                 self._signals.record_finish(completion.response_time, completion.missed_deadline)
-            self._ended_since_save += 1
-            if self.autosave_path is not None and self._ended_since_save >= self.autosave_every:
-                # Amortized: one save (milliseconds, under the lock) per autosave_every requests.
-                self._autosave()
+            self._autosave_after_end()
 
     def cancel(self, request_id: str) -> Request | None:
         """Cancel a request.
@@ -331,7 +297,7 @@ class AdaptiveController:
             entry = self._queue.remove(request_id)
             if entry is None:
                 return None
-            self._count_failure(reason)
+            self._counts.count_failure(reason)
             return entry.request
 
     def entry(self, request_id: str) -> LiveRequest | None:
@@ -364,7 +330,7 @@ class AdaptiveController:
             out = []
             while (entry := self._queue.oldest()) is not None:
                 self._queue.remove(entry.request_id)
-                self._count_failure(reason)
+                self._counts.count_failure(reason)
                 out.append(entry.request)
             return out
 
@@ -389,62 +355,17 @@ class AdaptiveController:
                 policy=self.policy,
                 predictor=self.predictor,
                 scorer=self.scorer,
-                profiles=self.profiles,
-                latency=self.latency,
+                profiles=self._executors.profiles,
+                latency=self._executors.latency,
                 knobs=self.knobs,
                 external_knobs=self._external_knobs,
                 config=ControllerConfig(
-                    epoch_s=self.epoch_s,
-                    batching=self.batching,
-                    max_queue=self.max_queue,
-                    reference_batch=self.reference_batch,
+                    self.epoch_s, self.batching, self.max_queue, self.reference_batch
                 ),
                 counts=self._counts,
                 in_flight=len(self._queue) + len(self._running),
                 signals=self._signals,
             )
-
-    def state_bytes(self) -> bytes:
-        """The learned state as file bytes (see :meth:`save`)."""
-        with self._lock:  # serialized under the lock: the live objects do not change meanwhile
-            return encode_state(self.checkpoint().to_state())
-
-    def save(self, path: str | Path) -> None:
-        """Write everything learned online to ``path``, atomically (temp file, fsync, rename).
-
-        Saved: the policy, the length predictor, the uncertainty scorer, the latency models,
-        the knobs and the counters. Not saved: queued and running requests (a restart loses
-        them; :meth:`load` counts them as failed with reason ``shutdown``). The state is
-        serialized under the lock and written outside it.
-        """
-        write_bytes_atomic(path, self.state_bytes())
-
-    @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        *,
-        autosave_path: str | Path | None = None,
-        autosave_every: int = 1000,
-    ) -> AdaptiveController:
-        """A controller restored from a :meth:`save` file.
-
-        Raises ValueError if the file is truncated, corrupted, of another format version or
-        incomplete; nothing is half-loaded (the controller is built only from a fully checked
-        state). Only load files you wrote yourself: the state is a pickle.
-        """
-        state = read_state(path, kind=STATE_KIND)
-        return cls.restore(
-            ControllerCheckpoint.from_state(state, str(path)),
-            autosave_path=autosave_path,
-            autosave_every=autosave_every,
-        )
-
-    @classmethod
-    def from_state_bytes(cls, data: bytes) -> AdaptiveController:
-        """Like :meth:`load`, from :meth:`state_bytes` output."""
-        state = decode_state(data, kind=STATE_KIND)
-        return cls.restore(ControllerCheckpoint.from_state(state, "<bytes>"))
 
     @classmethod
     def restore(
@@ -468,8 +389,8 @@ class AdaptiveController:
             autosave_path=autosave_path,
             autosave_every=autosave_every,
         )
-        ctl.latency = dict(checkpoint.latency)
-        ctl.knobs = checkpoint.knobs
+        ctl._executors.latency = dict(checkpoint.latency)
+        ctl._waiting.set_knobs(checkpoint.knobs)
         ctl._external_knobs = checkpoint.external_knobs
         ctl._counts = checkpoint.counts
         ctl._signals = checkpoint.signals
@@ -483,7 +404,7 @@ class AdaptiveController:
             if not isinstance(knobs, Knobs):
                 raise TypeError(f"set_knobs() takes Knobs, got {type(knobs).__name__}")
             self._external_knobs = hold
-            self._apply(knobs)
+            self._waiting.set_knobs(knobs)
 
     def observe(self, now: float) -> Observation:
         """The current observation (see :func:`rtlm_adapt.observer.observe`)."""
@@ -492,8 +413,6 @@ class AdaptiveController:
                 now,
                 self._queue,
                 self._executors,
-                self._primary,
-                self._primary_latency(),
                 self._signals,
                 self.predictor,
                 self.reference_batch,
@@ -501,14 +420,17 @@ class AdaptiveController:
 
     def stats(self) -> ControllerStats:
         with self._lock:
-            return ControllerStats(
-                submitted=self._counts.submitted,
-                queued=len(self._queue),
-                running=len(self._running),
-                finished=self._counts.finished,
-                failed=self._counts.failed,
-                failures=dict(self._counts.failures),
-            )
+            return self._counts.stats(queued=len(self._queue), running=len(self._running))
+
+    @property
+    def knobs(self) -> Knobs:
+        """The knobs in force."""
+        return self._waiting.knobs
+
+    @property
+    def latency(self) -> dict[str, LatencyModel]:
+        """The latency model per executor name, learned online."""
+        return self._executors.latency
 
     def __len__(self) -> int:
         """Waiting requests."""
@@ -520,90 +442,17 @@ class AdaptiveController:
         with self._lock:
             if not isinstance(state, ExecutorState):
                 raise TypeError(f"register_executor() takes an ExecutorState, got {state!r}")
-            self._register(state)
+            self._executors.update(state)
 
     # -- internals -------------------------------------------------------------------------------
-    def _count_failure(self, reason: FailureReason, *, submitted: bool = False) -> None:
-        if submitted:
-            self._counts.submitted += 1
-        self._counts.count_failure(reason)
-
-    def _autosave(self) -> None:
-        # Called under the lock; a failing disk must not take the serving path down with it.
-        self._ended_since_save = 0
-        try:
-            self.save(self.autosave_path)  # type: ignore[arg-type]
-        except OSError:
-            logger.exception("autosave to %s failed", self.autosave_path)
-
-    def _register(self, state: ExecutorState) -> None:
-        if state.__class__ is not ExecutorState and not isinstance(state, ExecutorState):
-            raise TypeError(f"next_batch() takes an ExecutorState, got {type(state).__name__}")
-        if state.name not in self._executors:
-            if state.role == "primary":
-                self._primary = state.name
-            self._latency_for(state.name)
-        self._executors[state.name] = state
-
-    def _latency_for(self, name: str) -> LatencyModel:
-        model = self.latency.get(name)
-        if model is None:
-            prior = self.profiles.get(name) or StepCost.default()
-            model = self.latency[name] = LatencyModel(prior)
-        return model
-
-    def _primary_latency(self) -> LatencyModel:
-        return self._latency_for(self._primary or "primary")
-
-    def _rank_length(
-        self, request: Request, prediction: LengthPrediction, prompt_tokens: int
-    ) -> float:
-        source = self.policy.length_source
-        if source == "predicted":
-            return prediction.length
-        if source == "prompt":
-            return float(prompt_tokens)
-        true = request.true_output_tokens
-        if true is None:
-            raise ValueError(
-                f"policy {self.policy.name!r} ranks by true lengths, but request {request.id!r} "
-                "carries none (metadata[TRUE_LENGTH_KEY])"
-            )
-        return float(true)
-
-    def _key_of(self, live: LiveRequest) -> tuple[float, bool]:
-        """``live``'s priority key under the knobs in force, and whether it may be offloaded."""
-        request = live.request
-        key = self.knobs.priority(
-            live.service_s, live.uncertainty, request.arrival_time, request.deadline
-        )
-        return key, live.offloadable(self.knobs.offload_threshold)
-
     def _run_policy(self, now: float) -> None:
-        elapsed = now - self._last_epoch
-        if elapsed > 0:
-            self._signals.record_arrival_rate(
-                self._arrivals_in_epoch, elapsed, first=self._last_epoch == 0
-            )
-        self._arrivals_in_epoch = 0
-        self._last_epoch = now
+        self._signals.close_epoch(now)
         self._next_epoch = now + self.epoch_s
         if self._external_knobs:
             return
         knobs = self.policy.decide(self.observe(now))
         if knobs != self.knobs:
-            self._apply(knobs)
-
-    def _apply(self, knobs: Knobs) -> None:
-        old, self.knobs = self.knobs, knobs
-        self._picker.forget_aging_bound()  # max_wait_s may have changed
-        # Re-key (O(n)) only when the order changes; a new offload threshold only re-flags.
-        weights = ("length_weight", "uncertainty_weight", "wait_weight", "slack_weight")
-        if any(getattr(old, w) != getattr(knobs, w) for w in weights):
-            self._queue.rekey(self._key_of)
-        elif old.offload_threshold != knobs.offload_threshold:
-            threshold = knobs.offload_threshold
-            self._queue.reflag(lambda live: live.offloadable(threshold))
+            self._waiting.set_knobs(knobs)
 
 
 def _failure_reason(reason: FailureReason | str) -> FailureReason:
@@ -614,3 +463,24 @@ def _failure_reason(reason: FailureReason | str) -> FailureReason:
             f"unknown failure reason {reason!r}; expected one of "
             f"{[r.value for r in FAILURE_REASONS]}"
         ) from None
+
+
+def _check_settings(
+    policy: Policy, batching: str, epoch_s: float, max_queue: int | None, autosave_every: int
+) -> None:
+    """Refuse a controller's settings that cannot work, naming the one at fault."""
+    for attr in _POLICY_ATTRIBUTES:
+        if not hasattr(policy, attr):
+            raise TypeError(f"policy {policy!r} lacks {attr!r}: not a Policy")
+    if batching not in ("continuous", "static"):
+        raise ValueError(f"unknown batching mode {batching!r}; expected 'continuous' or 'static'")
+    if not (isinstance(epoch_s, (int, float)) and epoch_s > 0 and math.isfinite(epoch_s)):
+        raise ValueError(f"epoch_s must be a positive number, got {epoch_s!r}")
+    if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 1):
+        raise ValueError(f"max_queue must be an int >= 1 or None, got {max_queue!r}")
+    if (
+        isinstance(autosave_every, bool)
+        or not isinstance(autosave_every, int)
+        or (autosave_every < 1)
+    ):
+        raise ValueError(f"autosave_every must be an int >= 1, got {autosave_every!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rtlm_adapt.knobs import Policy
 from rtlm_adapt.predictor import LengthPrediction
 from rtlm_adapt.queue import QueueEntry
 from rtlm_adapt.request import Request
@@ -36,3 +37,22 @@ class LiveRequest(QueueEntry):
     def offloadable(self, threshold: float) -> bool:
         """Eligible for the secondary executor: the length it is ranked by reaches ``threshold``."""
         return self.rank_length >= threshold
+
+
+def rank_length(
+    policy: Policy, request: Request, prediction: LengthPrediction, prompt_tokens: int
+) -> float:
+    """The length ``request`` is ranked by, per the policy's ``length_source``: predicted, the
+    prompt's own length, or (oracle baselines only) the true length a benchmark attached."""
+    source = policy.length_source
+    if source == "predicted":
+        return prediction.length
+    if source == "prompt":
+        return float(prompt_tokens)
+    true = request.true_output_tokens
+    if true is None:
+        raise ValueError(
+            f"policy {policy.name!r} ranks by true lengths, but request {request.id!r} "
+            "carries none (metadata[TRUE_LENGTH_KEY])"
+        )
+    return float(true)

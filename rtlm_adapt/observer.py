@@ -14,14 +14,13 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
+from rtlm_adapt.executor_models import ExecutorModels
 from rtlm_adapt.latency import LatencyModel
 from rtlm_adapt.live_request import LiveRequest
 from rtlm_adapt.observation import Observation
 from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.queue import RequestQueue
-from rtlm_adapt.serving.base import ExecutorState
 from rtlm_adapt.signals import ServingSignals
 
 #: Waiting requests an observation summarises (a sample: the queue may hold thousands).
@@ -34,17 +33,15 @@ _TYPICAL_PROMPT_TOKENS = 64
 def observe(
     now: float,
     queue: RequestQueue,
-    executors: Mapping[str, ExecutorState],
-    primary_name: str | None,
-    latency: LatencyModel,
+    executors: ExecutorModels,
     signals: ServingSignals,
     predictor: LengthPredictor,
     reference_batch: int,
 ) -> Observation:
     """The observation at ``now``.
 
-    ``latency`` is the primary's latency model; ``predictor`` gives the mean length assumed when
-    nothing waits; ``reference_batch`` stands for the primary's batch before it has reported.
+    ``predictor`` gives the mean length assumed when nothing waits; ``reference_batch`` stands
+    for the primary's batch before it has reported.
     """
     lengths, uncert, min_slack = [], 0.0, math.inf
     entry: LiveRequest
@@ -57,8 +54,9 @@ def observe(
     oldest = max(0.0, now - first.arrival_time) if first is not None else 0.0
     lengths.sort()
     n = len(lengths)
-    primary = executors.get(primary_name or "")
-    secondary = next((s for s in executors.values() if s.role != "primary"), None)
+    primary = executors.states.get(executors.primary or "")
+    secondary = executors.secondary()
+    latency = executors.primary_latency()
     batch = max(1, primary.max_batch_size if primary else reference_batch)
     mean_len = sum(lengths) / n if n else predictor.predict_one({}).length
     per_request = latency.service_time(_TYPICAL_PROMPT_TOKENS, mean_len, batch_size=batch)

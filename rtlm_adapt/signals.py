@@ -4,8 +4,9 @@ Each is an exponentially weighted moving average, updated as requests arrive, st
 requests finish; all are part of the controller's checkpoint.
 
 >>> signals = ServingSignals()
->>> signals.record_arrival_rate(arrivals=10, elapsed_s=2.0, first=True)
->>> signals.record_arrival_rate(arrivals=0, elapsed_s=1.0, first=False)
+>>> signals.arrivals_in_epoch = 10
+>>> signals.close_epoch(now=2.0)  # 5 requests/s in the first epoch
+>>> signals.close_epoch(now=3.0)  # none in the second: the rate decays
 >>> round(signals.arrival_rate, 3)
 3.5
 """
@@ -13,11 +14,15 @@ requests finish; all are part of the controller's checkpoint.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
 class ServingSignals:
+    """The smoothed signals; :data:`SAVED` names those a checkpoint keeps."""
+
+    SAVED = ("arrival_rate", "service_ewma", "response_ewma", "miss_ewma", "step_ewma")
+
     #: Requests per second, smoothed over scheduling epochs.
     arrival_rate: float = 0.0
     #: Isolated service time of a request on the primary, as predicted at submit (s).
@@ -28,11 +33,20 @@ class ServingSignals:
     miss_ewma: float = 0.0
     #: Duration of one decode iteration on the primary (s).
     step_ewma: float = 0.0
+    #: Submits since the current scheduling epoch began (the submit path counts them).
+    arrivals_in_epoch: int = field(default=0, repr=False)
+    #: When the current epoch began (0 before the first one ended).
+    epoch_start: float = field(default=0.0, repr=False)
 
-    def record_arrival_rate(self, arrivals: int, elapsed_s: float, *, first: bool) -> None:
-        """An epoch of ``elapsed_s`` seconds saw ``arrivals`` submits."""
-        rate = arrivals / elapsed_s
-        self.arrival_rate = rate if first else 0.7 * self.arrival_rate + 0.3 * rate
+    def close_epoch(self, now: float) -> None:
+        """The policy's epoch ends at ``now``: fold its arrivals into the arrival rate."""
+        elapsed = now - self.epoch_start
+        if elapsed > 0:
+            rate = self.arrivals_in_epoch / elapsed
+            first = self.epoch_start == 0
+            self.arrival_rate = rate if first else 0.7 * self.arrival_rate + 0.3 * rate
+        self.arrivals_in_epoch = 0
+        self.epoch_start = now
 
     def record_service(self, isolated_s: float, *, first: bool) -> None:
         """A request was submitted whose isolated service time is predicted as ``isolated_s``."""
@@ -53,4 +67,5 @@ class ServingSignals:
             self.step_ewma += 0.1 * (per_iteration_s - self.step_ewma)
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The :data:`SAVED` signals by name."""
+        return {name: getattr(self, name) for name in self.SAVED}
