@@ -218,6 +218,30 @@ class Completion:
                 f"start_time ({self.start_time})"
             )
 
+    @classmethod
+    def failed(
+        cls, request: Request, reason: FailureReason, detail: str, now: float, executor: str = ""
+    ) -> Completion:
+        """``request`` ended at ``now`` without a result, for ``reason`` (``detail`` says what
+        happened); ``executor`` is where it was running, if anywhere.
+
+        >>> r = Request("a", "Hi there.", arrival_time=1.0)
+        >>> Completion.failed(r, FailureReason.SHUTDOWN, "loop shut down", now=3.0).error
+        'shutdown: loop shut down'
+        """
+        t = max(now, request.arrival_time)
+        return cls(
+            request_id=request.id,
+            output_tokens=0,
+            arrival_time=request.arrival_time,
+            start_time=t,
+            finish_time=t,
+            executor=executor,
+            deadline=request.deadline,
+            error=reason.error(detail),
+            failure=reason,
+        )
+
     @property
     def ok(self) -> bool:
         return self.error is None

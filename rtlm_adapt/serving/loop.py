@@ -56,6 +56,15 @@ class LoopResult:
     retries: int = 0  # requests re-admitted after a fault
     dropped: int = 0  # completions ignored: unknown ids and duplicates
 
+    def record(self, completion: Completion, *, keep: bool) -> None:
+        """Count an ended request (and ``keep`` its Completion)."""
+        if completion.error is None:
+            self.completed += 1
+        else:
+            self.failed += 1
+        if keep:
+            self.completions.append(completion)
+
 
 class ServingLoop:
     """Drives executors with a controller's decisions on virtual time.
@@ -164,7 +173,9 @@ class ServingLoop:
         request = self.controller.cancel(request_id)
         if request is not None:
             self._emit(
-                self._failure(request, FailureReason.CANCELLED, "cancelled while queued", self.now)
+                Completion.failed(
+                    request, FailureReason.CANCELLED, "cancelled while queued", self.now
+                )
             )
             return True
         is_running = getattr(self.controller, "is_running", None)
@@ -186,13 +197,13 @@ class ServingLoop:
         else:
             for request in self.controller.fail_queued(FailureReason.SHUTDOWN):
                 self._emit(
-                    self._failure(request, FailureReason.SHUTDOWN, "loop shut down", self.now)
+                    Completion.failed(request, FailureReason.SHUTDOWN, "loop shut down", self.now)
                 )
             for lane in self._lanes:
                 lane.pending, lane.busy_until, lane.fault = None, math.inf, None
                 while lane.retry:
                     self._end(
-                        self._failure(
+                        Completion.failed(
                             lane.retry.popleft(), FailureReason.SHUTDOWN, "loop shut down", self.now
                         )
                     )
@@ -201,7 +212,7 @@ class ServingLoop:
                     if lane.stuck is None:
                         self._abort_quietly(lane, rid)
                     self._end(
-                        self._failure(
+                        Completion.failed(
                             request,
                             FailureReason.SHUTDOWN,
                             "loop shut down",
@@ -455,7 +466,7 @@ class ServingLoop:
             reason, detail = FailureReason.REJECTED, str(exc)
         self.result.rejected += 1
         if isinstance(request, Request):
-            self._emit(self._failure(request, reason, detail, now))
+            self._emit(Completion.failed(request, reason, detail, now))
         else:
             logger.warning("dropped a submission that is not a Request: %s", detail)
         return False
@@ -477,7 +488,7 @@ class ServingLoop:
             if request is not None:
                 self._attempts.pop(rid, None)
                 self._end(
-                    self._failure(
+                    Completion.failed(
                         request,
                         FailureReason.CANCELLED,
                         "cancelled while running",
@@ -521,7 +532,7 @@ class ServingLoop:
                 self.result.retries += 1
             else:
                 self._attempts.pop(rid, None)
-                self._end(self._failure(request, reason, detail, now, lane.executor.name))
+                self._end(Completion.failed(request, reason, detail, now, lane.executor.name))
 
     def _abort_quietly(self, lane: Lane, rid: str, now: float | None = None) -> None:
         try:
@@ -529,36 +540,13 @@ class ServingLoop:
         except Exception:  # noqa: BLE001 - the request ends anyway; the executor is suspect
             logger.warning("%s: abort(%r) failed", lane.executor.name, rid, exc_info=True)
 
-    @staticmethod
-    def _failure(
-        request: Request, reason: FailureReason, detail: str, now: float, executor: str = ""
-    ) -> Completion:
-        t = max(now, request.arrival_time)
-        return Completion(
-            request_id=request.id,
-            output_tokens=0,
-            arrival_time=request.arrival_time,
-            start_time=t,
-            finish_time=t,
-            executor=executor,
-            deadline=request.deadline,
-            error=reason.error(detail),
-            failure=reason,
-        )
-
     def _end(self, completion: Completion) -> None:
         """A request the controller holds as running ends: account for it, then report it."""
         self.controller.on_finish(completion)
         self._emit(completion)
 
     def _emit(self, completion: Completion) -> None:
-        result = self.result
-        if completion.error is None:
-            result.completed += 1
-        else:
-            result.failed += 1
-        if self.keep_completions:
-            result.completions.append(completion)
+        self.result.record(completion, keep=self.keep_completions)
         if self.on_completion is not None:
             self.on_completion(completion)
 
