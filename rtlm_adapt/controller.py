@@ -126,8 +126,9 @@ class AdaptiveController(Checkpointed):
         self.batching = batching
         self.max_queue = max_queue
         self.reference_batch = reference_batch
-        self._waiting = WaitingRoom()
-        self._queue = self._waiting.queue  # read-only use here: the room keeps it in order
+        self._room = WaitingRoom()
+        # Looked up and withdrawn from directly; only the room adds to it and orders it.
+        self._queue = self._room.queue
         self._running: dict[str, LiveRequest] = {}
         self._next_epoch = 0.0  # when the policy decides next
         self._external_knobs = False
@@ -192,7 +193,7 @@ class AdaptiveController(Checkpointed):
                     prompt_tokens, ranked_by, batch_size=self.reference_batch
                 ),
             )
-            self._waiting.admit(live)
+            self._room.admit(live)
             self._counts.submitted += 1
             self._signals.arrivals_in_epoch += 1
             # smoothed isolated service time: the time scale of the observation and of aging
@@ -225,9 +226,9 @@ class AdaptiveController(Checkpointed):
             if room <= 0:
                 return []
             if self.batching == "static" and state.running == 0 and self.policy.consolidate:
-                entries = self._waiting.take_similar(room, now, offload_only=not primary)
+                entries = self._room.take_similar(room, now, offload_only=not primary)
             else:
-                entries = self._waiting.take(room, now, offload_only=not primary)
+                entries = self._room.take(room, now, offload_only=not primary)
             for live in entries:
                 live.executor = state.name
                 self._running[live.request_id] = live
@@ -390,7 +391,7 @@ class AdaptiveController(Checkpointed):
             autosave_every=autosave_every,
         )
         ctl._executors.latency = dict(checkpoint.latency)
-        ctl._waiting.set_knobs(checkpoint.knobs)
+        ctl._room.set_knobs(checkpoint.knobs)
         ctl._external_knobs = checkpoint.external_knobs
         ctl._counts = checkpoint.counts
         ctl._signals = checkpoint.signals
@@ -404,7 +405,7 @@ class AdaptiveController(Checkpointed):
             if not isinstance(knobs, Knobs):
                 raise TypeError(f"set_knobs() takes Knobs, got {type(knobs).__name__}")
             self._external_knobs = hold
-            self._waiting.set_knobs(knobs)
+            self._room.set_knobs(knobs)
 
     def observe(self, now: float) -> Observation:
         """The current observation (see :func:`rtlm_adapt.observer.observe`)."""
@@ -425,7 +426,7 @@ class AdaptiveController(Checkpointed):
     @property
     def knobs(self) -> Knobs:
         """The knobs in force."""
-        return self._waiting.knobs
+        return self._room.knobs
 
     @property
     def latency(self) -> dict[str, LatencyModel]:
@@ -452,7 +453,7 @@ class AdaptiveController(Checkpointed):
             return
         knobs = self.policy.decide(self.observe(now))
         if knobs != self.knobs:
-            self._waiting.set_knobs(knobs)
+            self._room.set_knobs(knobs)
 
 
 def _failure_reason(reason: FailureReason | str) -> FailureReason:
