@@ -56,9 +56,9 @@ from _servers import (  # noqa: E402
     paced_backend_argv,
 )
 
-from rtlm_adapt.controller import FAILURE_REASONS, AdaptiveController  # noqa: E402
+from rtlm_adapt.controller import AdaptiveController  # noqa: E402
 from rtlm_adapt.persistence import read_state  # noqa: E402
-from rtlm_adapt.request import Request  # noqa: E402
+from rtlm_adapt.request import FAILURE_REASONS, Request  # noqa: E402
 
 STATE_KIND = "rtlm_adapt.AdaptiveController"
 

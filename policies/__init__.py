@@ -3,7 +3,9 @@
 Installed as ``rtlm_adapt.policies``. ``make_policy(name)`` builds one from its command-line name.
 """
 
-from .base import LENGTH_SOURCES, FixedPolicy, Policy
+from rtlm_adapt.knobs import LENGTH_SOURCES, Policy
+
+from .base import FixedPolicy
 from .baselines import fcfs, oracle_sjf, sjf_predicted, sjf_prompt
 from .heuristic import RTLMHeuristic
 from .registry import POLICIES, make_policy

@@ -1,30 +1,18 @@
-"""The Policy protocol: an observation of the queue and executors in, Knobs out.
+"""FixedPolicy: knobs that never change, the base of the classic baselines.
 
-A policy also says which length estimate the controller ranks by (``length_source``): the online
-predictor (``"predicted"``), the prompt's length (``"prompt"``, a cheap proxy) or the true length
-(``"oracle"``, benchmarks only: the limit a perfect predictor could reach); and whether a static
-batch is consolidated from requests of similar predicted length (``consolidate``).
+The :class:`~rtlm_adapt.knobs.Policy` protocol it follows lives beside
+:class:`~rtlm_adapt.knobs.Knobs` in :mod:`rtlm_adapt.knobs`.
+
+>>> from rtlm_adapt.knobs import Knobs, Policy
+>>> sjf = FixedPolicy("sjf", Knobs(length_weight=1.0))
+>>> isinstance(sjf, Policy), sjf.decide(None).length_weight
+(True, 1.0)
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
-from rtlm_adapt.knobs import Knobs
+from rtlm_adapt.knobs import LENGTH_SOURCES, Knobs
 from rtlm_adapt.observation import Observation
-
-LENGTH_SOURCES = ("predicted", "prompt", "oracle")
-
-
-@runtime_checkable
-class Policy(Protocol):
-    name: str
-    length_source: str
-    consolidate: bool
-
-    def decide(self, observation: Observation) -> Knobs:
-        """Knobs for the next scheduling epoch."""
-        ...
 
 
 class FixedPolicy:

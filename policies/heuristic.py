@@ -6,8 +6,9 @@ predicted lengths. No training.
   is what hurts the requests queued behind them), aging so that waiting moves a request forward,
   and a hard bound (a multiple of the typical service time) after which a request runs next.
 - **Consolidation**: the primary's batch is capped at its *knee*: the smallest batch that reaches
-  95% of its peak decode throughput according to the latency model learned online (while the load
-  leaves room for the lost 5%, or a secondary takes the overflow). Past the knee
+  95% of its peak decode throughput according to the latency model learned online (the
+  observation's ``primary_knee_batch``, from :func:`rtlm_adapt.observer.knee_batch`), while the
+  load leaves room for the lost 5% or a secondary takes the overflow. Past the knee
   a larger batch adds little throughput but slows every running request; below it, requests wait
   in the shortest-first queue instead of sharing the executor (on a CPU the knee is small, on a
   GPU close to the maximum). In static batching the controller also groups each batch by

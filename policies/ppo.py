@@ -26,83 +26,16 @@ import base64
 import io
 import json
 import zipfile
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
 
 from .action_space import OBS_HIGH, OBS_LOW, KnobsActionMap, observation_array
 from .heuristic import RTLMHeuristic
+from .mlp_actor import ACTIVATIONS, MLPActor
 from .ppo_online import SOURCES, PerformanceGuard, epoch_cost
-
-_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "Tanh": np.tanh,
-    "ReLU": lambda x: np.maximum(x, 0.0),
-}
-
-
-class MLPActor:
-    """The deterministic actor of an SB3 ``MlpPolicy`` in numpy: hidden layers, then the mean.
-
-    Parameters
-    ----------
-    layers
-        ``(weight, bias)`` per linear layer, the last one being SB3's ``action_net``.
-    activation
-        ``"Tanh"`` (SB3's PPO default) or ``"ReLU"``, applied after every hidden layer.
-    """
-
-    def __init__(
-        self, layers: Sequence[tuple[np.ndarray, np.ndarray]], activation: str = "Tanh"
-    ) -> None:
-        if activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"unsupported activation {activation!r}; expected one of {list(_ACTIVATIONS)}"
-            )
-        if not layers:
-            raise ValueError("MLPActor needs at least one layer")
-        # float64 is as fast as float32 at this size and avoids casting on every call
-        self.layers = [(np.asarray(w, dtype=np.float64), np.asarray(b, dtype=np.float64))
-                       for w, b in layers]
-        self.activation = activation
-        self._act = _ACTIVATIONS[activation]
-        self.obs_size = self.layers[0][0].shape[1]
-        self.action_size = self.layers[-1][0].shape[0]
-
-    def __call__(self, obs: np.ndarray) -> np.ndarray:
-        """The action in [-1, 1]^k for one observation vector (SB3's deterministic predict)."""
-        return np.minimum(np.maximum(self.mean(obs), -1.0), 1.0)
-
-    def mean(self, obs: np.ndarray | list[float]) -> np.ndarray:
-        """The Gaussian's mean, unclipped (the action map clips; np.clip costs microseconds)."""
-        x = np.asarray(obs, dtype=np.float64)
-        for w, b in self.layers[:-1]:
-            x = self._act(w @ x + b)
-        w, b = self.layers[-1]
-        return w @ x + b
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any], activation: str = "Tanh") -> MLPActor:
-        """From an SB3 ActorCriticPolicy state dict (``mlp_extractor.policy_net.*``,
-        ``action_net``); tensors or arrays."""
-
-        def arr(key: str) -> np.ndarray:
-            value = state[key]
-            return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-
-        prefix = "mlp_extractor.policy_net."
-        indices = sorted(
-            {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
-        )
-        layers = [(arr(f"{prefix}{i}.weight"), arr(f"{prefix}{i}.bias")) for i in indices]
-        if "action_net.weight" not in state:
-            raise ValueError("not an SB3 actor-critic state dict: no action_net.weight")
-        layers.append((arr("action_net.weight"), arr("action_net.bias")))
-        return cls(layers, activation)
 
 
 def _activation_from_data(data: dict[str, Any]) -> str:
@@ -112,7 +45,7 @@ def _activation_from_data(data: dict[str, Any]) -> str:
         return "Tanh"
     # SB3 stores classes cloudpickled by reference: the class name is in the pickle's bytes.
     blob = base64.b64decode(fn.get(":serialized:", "")) if isinstance(fn, dict) else b""
-    for name in _ACTIVATIONS:
+    for name in ACTIVATIONS:
         if name.encode() in blob:
             return name
     raise ValueError(f"unsupported activation_fn in the saved model: {fn!r:.80}")

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from rtlm_adapt.observation import Observation
 
-if TYPE_CHECKING:
-    from .ppo import MLPActor
+from .mlp_actor import MLPActor
 
 SOURCES = ("learned", "heuristic")
 
@@ -151,8 +150,6 @@ class OnlinePPO:
         return fresh
 
     def actor(self) -> MLPActor:
-        from .ppo import MLPActor
-
         activation = getattr(self.model.policy, "activation_fn", None)
         name = activation.__name__ if activation is not None else "Tanh"
         return MLPActor.from_state_dict(self.model.policy.state_dict(), name)

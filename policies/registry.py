@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import Policy
+from rtlm_adapt.knobs import Policy
+
 from .baselines import fcfs, oracle_sjf, sjf_predicted, sjf_prompt
 from .heuristic import RTLMHeuristic
 

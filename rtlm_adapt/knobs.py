@@ -1,4 +1,9 @@
-"""Knobs: the handful of numbers a policy sets and the controller applies to every decision.
+"""Knobs and Policy: the seam between a policy and the controller.
+
+A :class:`Policy` maps an :class:`~rtlm_adapt.observation.Observation` of the queue and executors
+to :class:`Knobs`, the handful of numbers the controller applies to every decision until the next
+scheduling epoch. Both live here, low in the package, so that the controller and every policy
+(``rtlm_adapt.policies``) import them from one place.
 
 A request's priority (smaller runs first) is, in seconds::
 
@@ -24,6 +29,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Protocol, runtime_checkable
+
+from rtlm_adapt.observation import Observation
+
+#: Which length estimate the controller ranks by: the online predictor's, the prompt's length (a
+#: cheap proxy) or the true length (benchmarks only: the limit a perfect predictor could reach).
+LENGTH_SOURCES = ("predicted", "prompt", "oracle")
+
+#: Slack (s) assumed for a request without a deadline, so the slack term stays finite.
+NO_DEADLINE_SLACK_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +96,49 @@ class Knobs:
                 raise ValueError(f"Knobs.{name} must be > 0 (inf disables it), got {value!r}")
         return self
 
+    def priority(
+        self, service_s: float, uncertainty: float, arrival_time: float, deadline: float | None
+    ) -> float:
+        """A request's time-invariant priority key (smaller runs first; see the module
+        docstring). A request without a deadline is given :data:`NO_DEADLINE_SLACK_S` of slack.
+
+        >>> Knobs(length_weight=1.0, wait_weight=0.5).priority(2.0, 0.0, 10.0, None)
+        7.0
+        """
+        key = (
+            self.length_weight + self.uncertainty_weight * uncertainty
+        ) * service_s + self.wait_weight * arrival_time
+        if self.slack_weight:
+            if deadline is None:
+                deadline = arrival_time + NO_DEADLINE_SLACK_S
+            key += self.slack_weight * (deadline - service_s)
+        return key
+
     def replace(self, **changes: float) -> Knobs:
         return replace(self, **changes)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the controller asks of a policy.
+
+    Attributes
+    ----------
+    name
+        How reports and the command line call it.
+    length_source
+        Which length estimate the controller ranks by (one of :data:`LENGTH_SOURCES`).
+    consolidate
+        In static batching, whether a batch is grouped from requests of similar predicted length.
+    """
+
+    name: str
+    length_source: str
+    consolidate: bool
+
+    def decide(self, observation: Observation) -> Knobs:
+        """Knobs for the next scheduling epoch."""
+        ...

@@ -10,6 +10,14 @@ that names the field, instead of corrupting a scheduling decision later.
 Traceback (most recent call last):
 ...
 ValueError: Request.prompt must be a non-empty string
+
+A request that ends without a result carries a :class:`FailureReason`; its value is the label
+users see (metrics, JSON reports):
+
+>>> failed = Completion("a", 0, 0.0, 1.0, 1.0, "gpu", error="timed_out: step ran past 30 s",
+...                     failure=FailureReason.TIMED_OUT)
+>>> failed.failure.value, failed.ok
+('timed_out', False)
 """
 
 from __future__ import annotations
@@ -17,12 +25,77 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, ClassVar
 
 #: Metadata key under which benchmarks store a request's true output length (tokens). The
 #: simulated executor reads it to know when a request ends; schedulers must not, except the
 #: oracle baselines that exist to show the limit of what a perfect predictor could buy.
 TRUE_LENGTH_KEY = "true_output_tokens"
+
+
+class FailureReason(str, Enum):
+    """Why a request ended without a result. The value is the label users see: metrics, the
+    JSON ``failed`` counts, a failed Completion's error text (``"timed_out: ..."``)."""
+
+    #: Not accepted: the queue was full, a deadline could not be met, the backend refused it.
+    REJECTED = "rejected"
+    #: An executor step ran past its time limit.
+    TIMED_OUT = "timed_out"
+    #: The executor raised, returned garbage or lost the request.
+    EXECUTOR_FAILURE = "executor_failure"
+    #: The client cancelled it (or went away).
+    CANCELLED = "cancelled"
+    #: The controller or loop was shutting down (or restarted: the request was live then).
+    SHUTDOWN = "shutdown"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def error(self, detail: str) -> str:
+        """A failed Completion's error text: the reason, then what happened.
+
+        >>> FailureReason.CANCELLED.error("client disconnected")
+        'cancelled: client disconnected'
+        """
+        return f"{self.value}: {detail}"
+
+    @classmethod
+    def of_error(cls, error: str) -> FailureReason:
+        """The reason an error text written as ``"<reason>: <detail>"`` names; any other text is
+        an ``executor_failure``. Only for executors that report bare text: a Completion classifies
+        its ``error`` once, on construction, when it is given no ``failure``.
+
+        >>> [str(FailureReason.of_error(text)) for text in ("timed_out: slow", "CUDA error")]
+        ['timed_out', 'executor_failure']
+        """
+        head = error.split(":", 1)[0].strip()
+        try:
+            return cls(head)
+        except ValueError:
+            return cls.EXECUTOR_FAILURE
+
+
+#: Every failure reason, in a stable order (metrics show each from the start).
+FAILURE_REASONS: tuple[FailureReason, ...] = tuple(FailureReason)
+
+
+class RequestRefused(RuntimeError):
+    """The controller did not accept a request; ``reason`` says why (it is counted as failed)."""
+
+    reason: ClassVar[FailureReason]
+
+
+class QueueFullError(RequestRefused):
+    """The controller's queue is at ``max_queue``: the request was not accepted."""
+
+    reason = FailureReason.REJECTED
+
+
+class ControllerClosedError(RequestRefused):
+    """The controller was closed (shutdown): the request was not accepted."""
+
+    reason = FailureReason.SHUTDOWN
 
 
 def _check_time(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -108,8 +181,10 @@ class Request:
 class Completion:
     """A finished request, as reported by an executor.
 
-    ``error`` is None for a success; otherwise it says why the request ended without a result
-    (and ``output_tokens`` counts what was generated before that).
+    ``error`` is None for a success; otherwise it says what went wrong (and ``output_tokens``
+    counts what was generated before that), and ``failure`` why the request ended without a
+    result. An executor that reports only the text leaves ``failure`` out: it is then taken from
+    the text (:meth:`FailureReason.of_error`).
     """
 
     request_id: str
@@ -123,8 +198,11 @@ class Completion:
     deadline: float | None = None
     text: str | None = None
     error: str | None = None
+    failure: FailureReason | None = None
 
     def __post_init__(self) -> None:
+        if self.error is not None and self.failure is None:
+            self.failure = FailureReason.of_error(self.error)
         if isinstance(self.output_tokens, bool) or not isinstance(self.output_tokens, int):
             raise TypeError(
                 f"Completion.output_tokens must be an int, got {type(self.output_tokens).__name__}"
@@ -139,6 +217,30 @@ class Completion:
                 f"Completion.finish_time ({self.finish_time}) is before "
                 f"start_time ({self.start_time})"
             )
+
+    @classmethod
+    def failed(
+        cls, request: Request, reason: FailureReason, detail: str, now: float, executor: str = ""
+    ) -> Completion:
+        """``request`` ended at ``now`` without a result, for ``reason`` (``detail`` says what
+        happened); ``executor`` is where it was running, if anywhere.
+
+        >>> r = Request("a", "Hi there.", arrival_time=1.0)
+        >>> Completion.failed(r, FailureReason.SHUTDOWN, "loop shut down", now=3.0).error
+        'shutdown: loop shut down'
+        """
+        t = max(now, request.arrival_time)
+        return cls(
+            request_id=request.id,
+            output_tokens=0,
+            arrival_time=request.arrival_time,
+            start_time=t,
+            finish_time=t,
+            executor=executor,
+            deadline=request.deadline,
+            error=reason.error(detail),
+            failure=reason,
+        )
 
     @property
     def ok(self) -> bool:

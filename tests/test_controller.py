@@ -4,8 +4,9 @@ import pytest
 from conftest import make_request
 
 from rtlm_adapt import Completion, Knobs, Request
-from rtlm_adapt.controller import AdaptiveController, QueueFullError
+from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.policies import FixedPolicy
+from rtlm_adapt.request import QueueFullError
 from rtlm_adapt.serving.base import ExecutorState
 
 

@@ -33,7 +33,7 @@ openai = pytest.importorskip("openai")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from rtlm_adapt.controller import FAILURE_REASONS, AdaptiveController  # noqa: E402
+from rtlm_adapt.controller import AdaptiveController  # noqa: E402
 from rtlm_adapt.gateway.app import DEADLINE_HEADER, create_app  # noqa: E402
 from rtlm_adapt.gateway.cli import add_arguments, config_from_args  # noqa: E402
 from rtlm_adapt.gateway.config import BackendConfig, GatewayConfig  # noqa: E402
@@ -41,7 +41,7 @@ from rtlm_adapt.gateway.paced_backend import create_app as paced_app  # noqa: E4
 from rtlm_adapt.gateway.paced_backend import token_text  # noqa: E402
 from rtlm_adapt.gateway.server_thread import ServerThread  # noqa: E402
 from rtlm_adapt.knobs import Knobs  # noqa: E402
-from rtlm_adapt.request import Request  # noqa: E402
+from rtlm_adapt.request import FAILURE_REASONS, Request  # noqa: E402
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 #: Prompts whose predicted lengths (the packaged lexical prior) differ widely.

@@ -15,7 +15,8 @@ from rtlm_adapt.knobs import Knobs  # noqa: E402
 from rtlm_adapt.observation import Observation  # noqa: E402
 from rtlm_adapt.policies import make_policy  # noqa: E402
 from rtlm_adapt.policies.heuristic import RTLMHeuristic  # noqa: E402
-from rtlm_adapt.policies.ppo import MLPActor, PPOPolicy  # noqa: E402
+from rtlm_adapt.policies.mlp_actor import MLPActor  # noqa: E402
+from rtlm_adapt.policies.ppo import PPOPolicy  # noqa: E402
 from rtlm_adapt.policies.ppo_online import PerformanceGuard  # noqa: E402
 
 

@@ -12,8 +12,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from rtlm_adapt import Completion, Knobs
 from rtlm_adapt.calibration.step_cost import StepCost
-from rtlm_adapt.controller import AdaptiveController, QueueFullError
+from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.policies import FixedPolicy
+from rtlm_adapt.request import QueueFullError
 from rtlm_adapt.serving.base import ExecutorState
 from rtlm_adapt.serving.faults import FaultyExecutor
 from rtlm_adapt.serving.loop import ServingLoop

@@ -13,13 +13,9 @@ from conftest import make_request
 
 from rtlm_adapt import Completion, Knobs, Request
 from rtlm_adapt.calibration.step_cost import StepCost
-from rtlm_adapt.controller import (
-    AdaptiveController,
-    ControllerClosedError,
-    QueueFullError,
-)
+from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.policies import FixedPolicy
-from rtlm_adapt.request import TRUE_LENGTH_KEY
+from rtlm_adapt.request import TRUE_LENGTH_KEY, ControllerClosedError, QueueFullError
 from rtlm_adapt.serving.base import ExecutorState, StepResult
 from rtlm_adapt.serving.faults import FaultyExecutor
 from rtlm_adapt.serving.frontend import AsyncServer

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rtlm_adapt.controller import AdaptiveController, ControllerClosedError, QueueFullError
+from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.gateway.config import GatewayConfig
 from rtlm_adapt.gateway.dispatcher import (
     Backend,
@@ -52,7 +52,7 @@ from rtlm_adapt.gateway.schemas import (
     StreamOptions,
     prompt_text,
 )
-from rtlm_adapt.request import TRUE_LENGTH_KEY
+from rtlm_adapt.request import TRUE_LENGTH_KEY, ControllerClosedError, FailureReason, QueueFullError
 from rtlm_adapt.request import Request as ServingRequest
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class Gateway:
         try:
             self.controller.submit(request)
         except QueueFullError as exc:
-            self.metrics.requests.labels("failed", "rejected").inc()
+            self.metrics.requests.labels("failed", exc.reason).inc()
             raise APIError(
                 429, str(exc), kind="rate_limit_error", retry_after=self._drain_estimate()
             ) from None
@@ -281,7 +281,7 @@ class Gateway:
             self.metrics.invalid.labels("400").inc()
             raise APIError(400, str(exc)) from None
         except ControllerClosedError as exc:
-            self.metrics.requests.labels("failed", "shutdown").inc()
+            self.metrics.requests.labels("failed", exc.reason).inc()
             raise APIError(503, str(exc), kind="service_unavailable") from None
         entry = self.controller.entry(request.id)
         ticket = Ticket(request, entry.prediction.length, entry.service_s)
@@ -290,7 +290,7 @@ class Gateway:
         if self.config.shed and deadline is not None:
             wait = self.controller.work_ahead(request.id) / max(1, self.dispatcher.slots)
             if now + wait + ticket.service_s > deadline:
-                self.dispatcher.withdraw(ticket, "rejected", "rejected: deadline cannot be met")
+                self.dispatcher.withdraw(ticket, FailureReason.REJECTED, "deadline cannot be met")
                 raise APIError(
                     503,
                     f"deadline cannot be met: predicted {wait + ticket.service_s:.2f} s "

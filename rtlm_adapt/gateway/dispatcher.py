@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.gateway.config import BackendConfig
-from rtlm_adapt.request import Completion, Request
+from rtlm_adapt.request import Completion, FailureReason, Request
 from rtlm_adapt.serving.base import ExecutorState, StepResult
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,9 @@ class Dispatcher:
             ),
         )
 
-    def _report_withdrawn(self, ticket: Ticket, error: str) -> None:
+    def _report_withdrawn(
+        self, ticket: Ticket, error: str, failure: FailureReason = FailureReason.CANCELLED
+    ) -> None:
         # A request that left the queue without running: the controller counted it already.
         if self.on_end is None:
             return
@@ -318,20 +320,21 @@ class Dispatcher:
                 executor="",
                 deadline=request.deadline,
                 error=error,
+                failure=failure,
             ),
         )
 
-    def withdraw(self, ticket: Ticket, reason: str, error: str) -> None:
-        """Take a queued request out as failed (``reason`` in the controller's accounting)."""
+    def withdraw(self, ticket: Ticket, reason: FailureReason, detail: str) -> None:
+        """Take a queued request out as failed with ``reason``; ``detail`` says what happened."""
         self._waiting.pop(ticket.request.id, None)
         if self.controller.withdraw(ticket.request.id, reason) is not None:
             ticket.ended = True
-            self._report_withdrawn(ticket, error)
+            self._report_withdrawn(ticket, reason.error(detail), reason)
 
     def shutdown(self) -> None:
         """Withdraw every queued request (reason ``shutdown``) and fail waiting retries."""
         for ticket, slot in list(self._waiting.values()):
-            self.withdraw(ticket, "shutdown", "shutdown: the gateway is stopping")
+            self.withdraw(ticket, FailureReason.SHUTDOWN, "the gateway is stopping")
             if not slot.done():
                 slot.set_exception(ShuttingDown("the gateway is shutting down"))
         for _, slot in self._retries:

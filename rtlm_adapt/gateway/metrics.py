@@ -1,7 +1,7 @@
 """The gateway's Prometheus metrics (prefix ``rtlm_``), in a registry of its own.
 
 Every request that reached the controller is counted once in ``rtlm_requests_total``, by outcome
-(``completed`` or ``failed``) and reason (a :data:`~rtlm_adapt.controller.FAILURE_REASONS` entry;
+(``completed`` or ``failed``) and reason (a :data:`~rtlm_adapt.request.FAILURE_REASONS` entry;
 empty for completed), so the counter and ``AdaptiveController.stats()`` tell the same story.
 Requests refused before that (malformed: 400, too large: 413) are ``rtlm_invalid_requests_total``.
 """
@@ -13,9 +13,8 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from scipy.stats import kendalltau
 
-from rtlm_adapt.controller import FAILURE_REASONS, failure_reason
 from rtlm_adapt.knobs import Knobs
-from rtlm_adapt.request import Completion
+from rtlm_adapt.request import FAILURE_REASONS, Completion
 
 _TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 _TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -99,7 +98,7 @@ class GatewayMetrics:
     def record_end(self, predicted_tokens: float, completion: Completion) -> None:
         """Count one ended request (called exactly once per request)."""
         if completion.error is not None:
-            self.requests.labels("failed", failure_reason(completion.error)).inc()
+            self.requests.labels("failed", completion.failure).inc()
             return
         self.requests.labels("completed", "").inc()
         self.actual_tokens.observe(completion.output_tokens)

@@ -27,38 +27,17 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
-import numbers
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from rtlm_adapt.request import Completion, Request
+from rtlm_adapt.request import Completion, FailureReason, Request, RequestRefused
 from rtlm_adapt.serving.base import Executor, ExecutorState, StepResult
+from rtlm_adapt.serving.lane import Lane
+from rtlm_adapt.serving.step_checks import check_completion, check_step
 
 logger = logging.getLogger(__name__)
 
 BATCHING_MODES = ("continuous", "static")
-
-
-@dataclass(slots=True, eq=False)
-class _Lane:
-    """One executor, the step it is in the middle of, and the requests the loop placed on it."""
-
-    executor: Executor
-    role: str
-    busy_until: float = math.inf
-    pending: StepResult | None = None
-    #: requests admitted here that have not ended (the loop's truth, whatever the executor says)
-    inflight: dict[str, Request] = field(default_factory=dict)
-    #: ids in the pending step
-    step_ids: list[str] = field(default_factory=list)
-    #: set when the pending step is a (virtual-time) hang: (reason, detail) reported at its end
-    fault: tuple[str, str] | None = None
-    #: requests to retry here (faulted elsewhere); they go before the controller's next batch
-    retry: deque[Request] = field(default_factory=deque)
-    #: wall-clock mode: the worker thread that runs steps, and a step that never came back
-    pool: concurrent.futures.ThreadPoolExecutor | None = None
-    stuck: concurrent.futures.Future | None = None
 
 
 @dataclass(slots=True)
@@ -76,6 +55,15 @@ class LoopResult:
     garbage: int = 0  # of which garbage (bad step fields or bad completions)
     retries: int = 0  # requests re-admitted after a fault
     dropped: int = 0  # completions ignored: unknown ids and duplicates
+
+    def record(self, completion: Completion, *, keep: bool) -> None:
+        """Count an ended request (and ``keep`` its Completion)."""
+        if completion.error is None:
+            self.completed += 1
+        else:
+            self.failed += 1
+        if keep:
+            self.completions.append(completion)
 
 
 class ServingLoop:
@@ -137,11 +125,11 @@ class ServingLoop:
         self.keep_completions = keep_completions
         self._attempts: dict[str, int] = {}  # retries used, only for requests that faulted
         self._take_cancellations = getattr(controller, "take_cancellations", None)
-        self._lanes = [_Lane(primary, "primary")]
+        self._lanes = [Lane(primary, "primary")]
         if secondary is not None:
             if secondary.name == primary.name:
                 raise ValueError("primary and secondary executors need different names")
-            self._lanes.append(_Lane(secondary, "secondary"))
+            self._lanes.append(Lane(secondary, "secondary"))
         register = getattr(controller, "register_executor", None)
         if callable(register):  # the first policy epoch then already sees both executors
             for lane in self._lanes:
@@ -184,7 +172,11 @@ class ServingLoop:
         """
         request = self.controller.cancel(request_id)
         if request is not None:
-            self._emit(self._failure(request, "cancelled", "cancelled while queued", self.now))
+            self._emit(
+                Completion.failed(
+                    request, FailureReason.CANCELLED, "cancelled while queued", self.now
+                )
+            )
             return True
         is_running = getattr(self.controller, "is_running", None)
         return bool(is_running and is_running(request_id))
@@ -203,21 +195,29 @@ class ServingLoop:
         if drain:
             self.advance(math.inf)
         else:
-            for request in self.controller.fail_queued("shutdown"):
-                self._emit(self._failure(request, "shutdown", "loop shut down", self.now))
+            for request in self.controller.fail_queued(FailureReason.SHUTDOWN):
+                self._emit(
+                    Completion.failed(request, FailureReason.SHUTDOWN, "loop shut down", self.now)
+                )
             for lane in self._lanes:
                 lane.pending, lane.busy_until, lane.fault = None, math.inf, None
                 while lane.retry:
                     self._end(
-                        self._failure(lane.retry.popleft(), "shutdown", "loop shut down", self.now)
+                        Completion.failed(
+                            lane.retry.popleft(), FailureReason.SHUTDOWN, "loop shut down", self.now
+                        )
                     )
                 for rid in list(lane.inflight):
                     request = lane.inflight.pop(rid)
                     if lane.stuck is None:
                         self._abort_quietly(lane, rid)
                     self._end(
-                        self._failure(
-                            request, "shutdown", "loop shut down", self.now, lane.executor.name
+                        Completion.failed(
+                            request,
+                            FailureReason.SHUTDOWN,
+                            "loop shut down",
+                            self.now,
+                            lane.executor.name,
                         )
                     )
         for lane in self._lanes:
@@ -323,7 +323,7 @@ class ServingLoop:
                 break
         return started or self.result.faults != faults_before
 
-    def _fill(self, lane: _Lane, now: float) -> bool:
+    def _fill(self, lane: Lane, now: float) -> bool:
         """Admit retries, then the controller's choice, onto an idle lane; True if it has work.
 
         Executor errors propagate (the caller faults the lane's requests)."""
@@ -345,7 +345,7 @@ class ServingLoop:
         lane.step_ids = list(lane.inflight)
         return True
 
-    def _start_step(self, lane: _Lane, now: float, next_arrival: float) -> bool:
+    def _start_step(self, lane: Lane, now: float, next_arrival: float) -> bool:
         ex = lane.executor
         try:
             if not self._fill(lane, now):
@@ -354,25 +354,27 @@ class ServingLoop:
             horizon = math.inf if ex.running() >= ex.max_batch_size else next_arrival
             result = self._call_step(lane, now, horizon)
         except _StepHung as hung:
-            self._fault(lane, lane.step_ids, "timed_out", str(hung), now, abort=False)
+            self._fault(lane, lane.step_ids, FailureReason.TIMED_OUT, str(hung), now, abort=False)
             return False
         except Exception as exc:  # any executor error is a fault of this step, not of the loop
-            self._fault(lane, list(lane.inflight), "executor_failure", f"{exc!r}", now)
+            self._fault(lane, list(lane.inflight), FailureReason.EXECUTOR_FAILURE, f"{exc!r}", now)
             return False
-        problem = _check_step(result)
+        problem = check_step(result)
         if problem is not None:
             self.result.garbage += 1
-            self._fault(lane, lane.step_ids, "executor_failure", f"garbage step: {problem}", now)
+            self._fault(
+                lane, lane.step_ids, FailureReason.EXECUTOR_FAILURE, f"garbage step: {problem}", now
+            )
             return False
         duration = result.duration_s
         if self.step_timeout_s is not None and duration > self.step_timeout_s:
-            lane.fault = ("timed_out", f"step ran past {self.step_timeout_s} s")
+            lane.fault = (FailureReason.TIMED_OUT, f"step ran past {self.step_timeout_s} s")
             duration = self.step_timeout_s
         lane.pending = result
         lane.busy_until = now + duration
         return True
 
-    def _call_step(self, lane: _Lane, now: float, horizon: float) -> StepResult:
+    def _call_step(self, lane: Lane, now: float, horizon: float) -> StepResult:
         if self.wall_timeout_s is None:
             return lane.executor.step(now, horizon)
         if lane.pool is None:
@@ -384,7 +386,7 @@ class ServingLoop:
             lane.stuck = future
             raise _StepHung(f"step ran past {self.wall_timeout_s} s of wall time") from None
 
-    def _lane_usable(self, lane: _Lane, now: float) -> bool:
+    def _lane_usable(self, lane: Lane, now: float) -> bool:
         stuck = lane.stuck
         if stuck is None:
             return True
@@ -402,7 +404,7 @@ class ServingLoop:
                 self._abort_quietly(lane, rid, now)
         return True
 
-    def _finish_step(self, lane: _Lane) -> None:
+    def _finish_step(self, lane: Lane) -> None:
         result = lane.pending
         lane.pending = None
         lane.busy_until = math.inf
@@ -423,10 +425,16 @@ class ServingLoop:
                 self.result.dropped += 1
                 continue
             ended.add(rid)
-            problem = _check_completion(completion)
+            problem = check_completion(completion)
             if problem is not None:
                 self.result.garbage += 1
-                self._fault(lane, [rid], "executor_failure", f"garbage completion: {problem}", now)
+                self._fault(
+                    lane,
+                    [rid],
+                    FailureReason.EXECUTOR_FAILURE,
+                    f"garbage completion: {problem}",
+                    now,
+                )
                 continue
             del lane.inflight[rid]
             self._attempts.pop(rid, None)
@@ -440,7 +448,9 @@ class ServingLoop:
                 still = set()
             lost = [rid for rid in missing if rid not in still]
             if lost:
-                self._fault(lane, lost, "executor_failure", "executor lost the request", now)
+                self._fault(
+                    lane, lost, FailureReason.EXECUTOR_FAILURE, "executor lost the request", now
+                )
 
     # -- ending requests -----------------------------------------------------------------------
     def _submit(self, request: Request, now: float) -> bool:
@@ -449,16 +459,14 @@ class ServingLoop:
             self.controller.submit(request)
             return True
         except (TypeError, ValueError) as exc:  # invalid: the controller did not count it
-            detail = f"invalid request: {exc}"
-        except RuntimeError as exc:  # QueueFullError, ControllerClosedError: counted there
-            detail = str(exc)
-            if "shut down" in detail:
-                self.result.rejected += 1
-                self._emit(self._failure(request, "shutdown", detail, now))
-                return False
+            reason, detail = FailureReason.REJECTED, f"invalid request: {exc}"
+        except RequestRefused as exc:  # a full queue or a closed controller: counted there
+            reason, detail = exc.reason, str(exc)
+        except RuntimeError as exc:  # another controller's refusal
+            reason, detail = FailureReason.REJECTED, str(exc)
         self.result.rejected += 1
         if isinstance(request, Request):
-            self._emit(self._failure(request, "rejected", detail, now))
+            self._emit(Completion.failed(request, reason, detail, now))
         else:
             logger.warning("dropped a submission that is not a Request: %s", detail)
         return False
@@ -480,8 +488,12 @@ class ServingLoop:
             if request is not None:
                 self._attempts.pop(rid, None)
                 self._end(
-                    self._failure(
-                        request, "cancelled", "cancelled while running", now, lane.executor.name
+                    Completion.failed(
+                        request,
+                        FailureReason.CANCELLED,
+                        "cancelled while running",
+                        now,
+                        lane.executor.name,
                     )
                 )
                 if not lane.inflight and lane.pending is not None and lane.fault is None:
@@ -490,9 +502,9 @@ class ServingLoop:
 
     def _fault(
         self,
-        lane: _Lane,
+        lane: Lane,
         ids: Sequence[str],
-        reason: str,
+        reason: FailureReason,
         detail: str,
         now: float,
         *,
@@ -520,29 +532,13 @@ class ServingLoop:
                 self.result.retries += 1
             else:
                 self._attempts.pop(rid, None)
-                self._end(self._failure(request, reason, detail, now, lane.executor.name))
+                self._end(Completion.failed(request, reason, detail, now, lane.executor.name))
 
-    def _abort_quietly(self, lane: _Lane, rid: str, now: float | None = None) -> None:
+    def _abort_quietly(self, lane: Lane, rid: str, now: float | None = None) -> None:
         try:
             lane.executor.abort(rid, self.now if now is None else now)
         except Exception:  # noqa: BLE001 - the request ends anyway; the executor is suspect
             logger.warning("%s: abort(%r) failed", lane.executor.name, rid, exc_info=True)
-
-    @staticmethod
-    def _failure(
-        request: Request, reason: str, detail: str, now: float, executor: str = ""
-    ) -> Completion:
-        t = max(now, request.arrival_time)
-        return Completion(
-            request_id=request.id,
-            output_tokens=0,
-            arrival_time=request.arrival_time,
-            start_time=t,
-            finish_time=t,
-            executor=executor,
-            deadline=request.deadline,
-            error=f"{reason}: {detail}",
-        )
 
     def _end(self, completion: Completion) -> None:
         """A request the controller holds as running ends: account for it, then report it."""
@@ -550,61 +546,10 @@ class ServingLoop:
         self._emit(completion)
 
     def _emit(self, completion: Completion) -> None:
-        result = self.result
-        if completion.error is None:
-            result.completed += 1
-        else:
-            result.failed += 1
-        if self.keep_completions:
-            result.completions.append(completion)
+        self.result.record(completion, keep=self.keep_completions)
         if self.on_completion is not None:
             self.on_completion(completion)
 
 
 class _StepHung(Exception):
     """A wall-clock step did not return within ``wall_timeout_s``."""
-
-
-def _is_count(value: object) -> bool:
-    # numbers.Integral admits numpy integers, which real executors may well return
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
-
-
-def _is_time(value: object) -> bool:
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value >= 0
-    )
-
-
-def _check_step(result: object) -> str | None:
-    """Why a step result cannot be trusted, or None. O(batch): cheap next to the step."""
-    if not isinstance(result, StepResult):
-        return f"step returned {type(result).__name__}, not a StepResult"
-    if not _is_time(result.duration_s):
-        return f"duration_s={result.duration_s!r}"
-    for name in ("iterations", "batch_size", "prefill_tokens", "context_tokens"):
-        if not _is_count(getattr(result, name)):
-            return f"{name}={getattr(result, name)!r}"
-    if not isinstance(result.finished, list) or not isinstance(result.new_tokens, dict):
-        return "finished/new_tokens have the wrong types"
-    if not all(_is_count(n) for n in result.new_tokens.values()):
-        return "negative or non-integer new_tokens"
-    return None
-
-
-def _check_completion(c: object) -> str | None:
-    if not isinstance(c, Completion):
-        return f"{type(c).__name__} is not a Completion"
-    if not _is_count(c.output_tokens):
-        return f"output_tokens={c.output_tokens!r}"
-    for name in ("arrival_time", "start_time", "finish_time"):
-        if not _is_time(getattr(c, name)):
-            return f"{name}={getattr(c, name)!r}"
-    if c.finish_time < c.start_time:
-        return "finish_time before start_time"
-    if c.first_token_time is not None and not _is_time(c.first_token_time):
-        return f"first_token_time={c.first_token_time!r}"
-    return None

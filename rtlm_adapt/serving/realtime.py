@@ -36,11 +36,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from rtlm_adapt.request import Request
+from rtlm_adapt.request import FailureReason, Request
 from rtlm_adapt.serving.base import Executor, StepResult
-from rtlm_adapt.serving.loop import LoopResult, ServingLoop, _check_step, _Lane
+from rtlm_adapt.serving.lane import Lane
+from rtlm_adapt.serving.loop import LoopResult, ServingLoop
+from rtlm_adapt.serving.step_checks import check_step
 
-#: Placeholder ``_Lane.pending`` while a lane's step runs on its worker thread.
+#: Placeholder ``Lane.pending`` while a lane's step runs on its worker thread.
 _IN_FLIGHT = StepResult(duration_s=0.0, iterations=0, batch_size=0)
 
 
@@ -92,9 +94,9 @@ class RealTimeLoop(ServingLoop):
         self.clock = clock
         self._origin: float | None = None
         #: lanes whose step runs now: (future, wall time it was started)
-        self._flight: dict[_Lane, tuple[concurrent.futures.Future, float]] = {}
+        self._flight: dict[Lane, tuple[concurrent.futures.Future, float]] = {}
         #: aborts asked for while the lane's step was in flight, applied when it returns
-        self._deferred: dict[_Lane, list[str]] = {}
+        self._deferred: dict[Lane, list[str]] = {}
 
     # -- clock ---------------------------------------------------------------------------------
     def wall(self) -> float:
@@ -182,12 +184,12 @@ class RealTimeLoop(ServingLoop):
             time.sleep(max(0.0, wake - now))
 
     # -- steps on worker threads ---------------------------------------------------------------
-    def _start_step(self, lane: _Lane, now: float, next_arrival: float) -> bool:
+    def _start_step(self, lane: Lane, now: float, next_arrival: float) -> bool:
         try:
             if not self._fill(lane, now):
                 return False
         except Exception as exc:  # an admission error is a fault of this lane's requests
-            self._fault(lane, list(lane.inflight), "executor_failure", f"{exc!r}", now)
+            self._fault(lane, list(lane.inflight), FailureReason.EXECUTOR_FAILURE, f"{exc!r}", now)
             return False
         if lane.pool is None:
             lane.pool = concurrent.futures.ThreadPoolExecutor(1, f"step-{lane.executor.name}")
@@ -206,7 +208,7 @@ class RealTimeLoop(ServingLoop):
             torch.set_num_threads(threads)  # process-wide: re-set before every step
         return executor.step(self.wall())
 
-    def _collect(self, lane: _Lane) -> None:
+    def _collect(self, lane: Lane) -> None:
         """A lane's step returned: apply deferred aborts, then account for it as ServingLoop
         does for a step that ends."""
         future, _ = self._flight.pop(lane)
@@ -217,29 +219,31 @@ class RealTimeLoop(ServingLoop):
         try:
             result = future.result()
         except Exception as exc:  # any executor error is a fault of this step, not of the loop
-            self._fault(lane, list(lane.inflight), "executor_failure", f"{exc!r}", now)
+            self._fault(lane, list(lane.inflight), FailureReason.EXECUTOR_FAILURE, f"{exc!r}", now)
             return
-        problem = _check_step(result)
+        problem = check_step(result)
         if problem is not None:
             self.result.garbage += 1
-            self._fault(lane, lane.step_ids, "executor_failure", f"garbage step: {problem}", now)
+            self._fault(
+                lane, lane.step_ids, FailureReason.EXECUTOR_FAILURE, f"garbage step: {problem}", now
+            )
             return
         lane.pending = result
         self._finish_step(lane)
 
-    def _hang(self, lane: _Lane) -> None:
+    def _hang(self, lane: Lane) -> None:
         """A step ran past ``wall_timeout_s``: give up on it; the lane waits for the call."""
         future, _ = self._flight.pop(lane)
         self._deferred.pop(lane, None)  # the returning call's leftovers are aborted anyway
         lane.pending = None
         lane.stuck = future
         detail = f"step ran past {self.wall_timeout_s} s of wall time"
-        self._fault(lane, lane.step_ids, "timed_out", detail, self._tick(), abort=False)
+        self._fault(lane, lane.step_ids, FailureReason.TIMED_OUT, detail, self._tick(), abort=False)
 
-    def _lane_usable(self, lane: _Lane, now: float) -> bool:
+    def _lane_usable(self, lane: Lane, now: float) -> bool:
         return lane not in self._flight and super()._lane_usable(lane, now)
 
-    def _abort_quietly(self, lane: _Lane, rid: str, now: float | None = None) -> None:
+    def _abort_quietly(self, lane: Lane, rid: str, now: float | None = None) -> None:
         if lane in self._flight:  # never touch an executor while it steps
             self._deferred.setdefault(lane, []).append(rid)
             return

@@ -1,0 +1,58 @@
+"""LiveRequest: what the controller knows of one request between submit and finish.
+
+It is the request's queue entry too (a :class:`~rtlm_adapt.queue.QueueEntry`): one object per
+request from submit to finish. The queue orders it by ``key`` while it waits; the controller holds
+it while it runs. :meth:`AdaptiveController.entry <rtlm_adapt.controller.AdaptiveController.entry>`
+hands it out, so a gateway can read the prediction, the service-time estimate and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rtlm_adapt.knobs import Policy
+from rtlm_adapt.predictor import LengthPrediction
+from rtlm_adapt.queue import QueueEntry
+from rtlm_adapt.request import Request
+
+
+@dataclass(slots=True, eq=False, kw_only=True)
+class LiveRequest(QueueEntry):
+    """A submitted request that has not ended, with everything the controller scored for it."""
+
+    request: Request
+    #: The prompt's features, as the predictor saw them (it learns from them at the finish).
+    features: dict[str, float]
+    #: The prompt's uncertainty score (0..1).
+    uncertainty: float
+    prediction: LengthPrediction
+    prompt_tokens: int
+    #: The length the priority uses (per the policy's ``length_source``).
+    rank_length: float
+    #: Predicted service time on the primary at the reference batch size (s).
+    service_s: float
+    #: The executor it runs on (None while it waits).
+    executor: str | None = None
+
+    def offloadable(self, threshold: float) -> bool:
+        """Eligible for the secondary executor: the length it is ranked by reaches ``threshold``."""
+        return self.rank_length >= threshold
+
+
+def rank_length(
+    policy: Policy, request: Request, prediction: LengthPrediction, prompt_tokens: int
+) -> float:
+    """The length ``request`` is ranked by, per the policy's ``length_source``: predicted, the
+    prompt's own length, or (oracle baselines only) the true length a benchmark attached."""
+    source = policy.length_source
+    if source == "predicted":
+        return prediction.length
+    if source == "prompt":
+        return float(prompt_tokens)
+    true = request.true_output_tokens
+    if true is None:
+        raise ValueError(
+            f"policy {policy.name!r} ranks by true lengths, but request {request.id!r} "
+            "carries none (metadata[TRUE_LENGTH_KEY])"
+        )
+    return float(true)
