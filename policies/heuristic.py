@@ -50,8 +50,11 @@ class RTLMHeuristic:
         How much a fully uncertain prompt's predicted service time is inflated in the priority.
     aging
         Seconds of priority gained per second of waiting (0 = pure shortest-first).
-    max_wait_factor
-        Hard aging bound, as a multiple of the smoothed isolated service time.
+    max_wait_factor, max_wait_response_factor
+        Hard aging bound: a request runs next once it has waited ``max_wait_factor`` times the
+        smoothed isolated service time or ``max_wait_response_factor`` times the recent mean
+        response time, whichever is longer. Tied to the response time, the bound grows with the
+        queue: under overload a bound of service times alone would turn the order into FCFS.
     slack_weight
         Deadline pressure (earliest-deadline-first component).
     consolidate_batch
@@ -71,7 +74,8 @@ class RTLMHeuristic:
         name: str = "heuristic",
         uncertainty_weight: float = 0.5,
         aging: float = 0.05,
-        max_wait_factor: float = 20.0,
+        max_wait_factor: float = 8.0,
+        max_wait_response_factor: float = 3.0,
         slack_weight: float = 0.0,
         consolidate_batch: bool = True,
         offload: bool = True,
@@ -82,6 +86,7 @@ class RTLMHeuristic:
         self.uncertainty_weight = uncertainty_weight
         self.aging = aging
         self.max_wait_factor = max_wait_factor
+        self.max_wait_response_factor = max_wait_response_factor
         self.slack_weight = slack_weight
         self.consolidate_batch = consolidate_batch
         self.offload = offload
@@ -109,7 +114,9 @@ class RTLMHeuristic:
             slack_weight=self.slack_weight,
             max_batch_size=cap,
             offload_threshold=threshold,
-            max_wait_s=self.max_wait_factor * svc,
+            max_wait_s=max(
+                self.max_wait_factor * svc, self.max_wait_response_factor * obs.recent_response_s
+            ),
         )
 
     def __repr__(self) -> str:

@@ -125,3 +125,12 @@ def test_no_secondary_defers_to_the_fallback(tiny_model):
         assert not PPOPolicy.load(path).trained_with_secondary
     finally:
         (path.parent / "config.json").unlink()
+
+
+def test_heuristic_aging_bound_grows_with_the_queue():
+    # service 35 s: alone, the bound is 8 x 35 = 280 s; once responses take 200 s (a long
+    # queue), it is 3 x 200 = 600 s, so overload does not turn shortest-first into FCFS.
+    calm = replace(_obs(10, 5.0), recent_response_s=40.0)
+    overloaded = replace(_obs(10, 5.0), recent_response_s=200.0)
+    assert RTLMHeuristic().decide(calm).max_wait_s == pytest.approx(280.0)
+    assert RTLMHeuristic().decide(overloaded).max_wait_s == pytest.approx(600.0)
