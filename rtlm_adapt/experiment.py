@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +37,11 @@ class Workload:
     mean_service_s: float
     capacity_rps: float
     description: str
+    #: Prompt features per predictor tier, filled by :func:`workload_features` (kept on the
+    #: workload itself, so they live and die with it).
+    features_by_tier: dict[str, dict[str, dict]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
 
 def capacity_rps(
@@ -177,14 +182,16 @@ def run_policy(
     return PolicyRun(policy, summarize(result.completions), result.completions, controller)
 
 
-_FEATURE_CACHE: dict[tuple[int, str], dict[str, dict]] = {}
-
-
 def workload_features(workload: Workload, tier: str) -> dict[str, dict]:
-    """Uncertainty + predictor features of every request, batched (cached per workload)."""
-    key = (id(workload), tier)
-    if key not in _FEATURE_CACHE:
-        _FEATURE_CACHE.clear()  # one workload at a time: bounded memory
+    """Uncertainty + predictor features of every request, batched (cached on the workload).
+
+    >>> from rtlm_adapt.request import Request
+    >>> w = Workload([Request("a", "Write a poem.", 0.0, deadline=9.0)], 1.0, 0.9, 1.0, 1.0, "")
+    >>> workload_features(w, "lexical") is workload_features(w, "lexical")
+    True
+    """
+    cached = workload.features_by_tier.get(tier)
+    if cached is None:
         predictor = LengthPredictor.pretrained(tier)
         from rtlm_adapt.uncertainty import UncertaintyScorer
 
@@ -201,8 +208,9 @@ def workload_features(workload: Workload, tier: str) -> dict[str, dict]:
                 f.update(b)
         else:
             full = [predictor.features(p, base=b) for p, b in zip(prompts, bases, strict=True)]
-        _FEATURE_CACHE[key] = {r.id: f for r, f in zip(workload.requests, full, strict=True)}
-    return _FEATURE_CACHE[key]
+        cached = {r.id: f for r, f in zip(workload.requests, full, strict=True)}
+        workload.features_by_tier[tier] = cached
+    return cached
 
 
 class _PrecomputedFeatures(AdaptiveController):
