@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ranking_finetune as rf  # noqa: E402
 from encoder_representation import ridge_cv_fit_predict  # noqa: E402
 
-from rtlm_adapt.predict_eval import kendall_tau, split_by_prompt  # noqa: E402
+from rtlm_adapt.predictor.evaluation import kendall_tau, split_by_prompt  # noqa: E402
 from rtlm_adapt.workloads import TokenCounter, alpaca_models, load_prompts  # noqa: E402
 
 

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtlm_adapt.predict_eval import kendall_tau, split_by_prompt
+from rtlm_adapt.predictor.evaluation import kendall_tau, split_by_prompt
 from rtlm_adapt.workloads import TokenCounter, alpaca_models, cache_dir, load_prompts
 
 LAYERS = (4, 8, 12, 16, 20, 24, 27, 30)

@@ -220,7 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict_eval(args: argparse.Namespace) -> int:
-    from rtlm_adapt.predict_eval import evaluate
+    from rtlm_adapt.predictor.evaluation import evaluate
     from rtlm_adapt.workloads import TokenCounter, load_prompts
 
     counter = TokenCounter.resolve(args.tokenizer)

@@ -90,7 +90,7 @@ class Tracked(QueueEntry):
     """
 
     request: Request
-    features: dict[str, float]
+    features: Mapping[Any, float]
     uncertainty: float
     prediction: LengthPrediction
     prompt_tokens: int
@@ -225,8 +225,9 @@ class AdaptiveController:
         self._step_ewma = 0.0
 
     # -- the loop's calls ------------------------------------------------------------------------
-    def submit(self, request: Request, features: dict[str, float] | None = None) -> None:
-        """Queue a request. ``features`` may carry precomputed uncertainty features.
+    def submit(self, request: Request, features: Mapping[Any, float] | None = None) -> None:
+        """Queue a request. ``features`` may carry precomputed features (a dict of uncertainty
+        features, or the predictor's :class:`~rtlm_adapt.predictor.PromptFeatures`).
 
         Raises TypeError/ValueError for an invalid call (not counted), ``QueueFullError`` when
         ``max_queue`` requests wait and ``ControllerClosedError`` after :meth:`close` (both
@@ -255,11 +256,11 @@ class AdaptiveController:
                 )
             if features is None:
                 features = self.scorer.features(request.prompt)
-                # score first: the predictor's features() then sees the complete dict
+                # score first: the predictor's features() then sees the complete set
                 features["uncertainty"] = self.scorer.score(features)
                 extend = getattr(self.predictor, "features", None)
                 if callable(extend):
-                    # The predictor's own features on top: hashed words (int keys) and, on the
+                    # The predictor's own features on top: hashed words and, on the
                     # encoder tier, the prompt embedding (batch 1 here; batch upstream and pass
                     # ``features`` to avoid that cost).
                     features = extend(request.prompt, base=features)

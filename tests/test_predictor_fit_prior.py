@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtlm_adapt.predict_eval import kendall_tau
+from rtlm_adapt.predictor.evaluation import kendall_tau
 from rtlm_adapt.priors.fit_prior import (
     _lexical_predictions,
     fit_encoder,
