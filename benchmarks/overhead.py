@@ -68,7 +68,7 @@ def controller_costs(
 
     now = 0.0
     for i in range(queued):
-        ctl.submit(request(i, now), dict(feats[i % len(feats)]))
+        ctl.submit(request(i, now), _own(feats[i % len(feats)]))
     costs = np.empty((n, 3))  # submit, next_batch, on_finish
     gc.disable()
     for k in range(n):
@@ -76,7 +76,7 @@ def controller_costs(
         now += 0.01
         req = request(i, now)
         # the scoring (or copy) is the caller's, not the controller's, cost
-        f = score(prompts[i % len(prompts)]) if fresh else dict(feats[i % len(feats)])
+        f = score(prompts[i % len(prompts)]) if fresh else _own(feats[i % len(feats)])
         state = ExecutorState("primary", "primary", 0, 1, now)
         # time the controller's three calls, not the loop's own work (the executor state and
         # the Completion are the loop's objects)
@@ -105,6 +105,12 @@ def controller_costs(
     gc.enable()
     assert len(ctl) == queued and ctl.stats().balanced
     return costs * 1e6  # per request: submit, next_batch, on_finish (sum = the total)
+
+
+def _own(features):
+    """The request's own features: a copy of a dict (the controller may add keys to it); an
+    immutable record (the predictor's PromptFeatures) as it is."""
+    return dict(features) if isinstance(features, dict) else features
 
 
 def predictor_share(

@@ -37,19 +37,19 @@ def main(argv: list[str] | None = None) -> int:
 
     samples = load_prompts(args.prompts, tokenizer=TokenCounter.default())
     p = LengthPredictor.pretrained("encoder", encoder=args.encoder)
-    cap = p._emb_model.capacity
+    cap = p.embedding_model.capacity
     rng = np.random.default_rng(0)
-    dim = p._emb_model.dim
+    dim = p.embedding_model.dim
     emb = rng.normal(size=(len(samples), dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     feats = [p.features(s.prompt, embedding=e) for s, e in zip(samples, emb, strict=True)]
     lengths = [s.response_tokens for s in samples]
     n = len(feats)
     for i in range(cap):  # fill the memory
-        p.learn_one(dict(feats[i % n]), lengths[i % n])
+        p.learn_one(feats[i % n], lengths[i % n])
     pred_ns, learn_ns = [], []
     for i in range(args.calls):
-        f = dict(feats[i % n])
+        f = feats[i % n]
         t0 = time.perf_counter_ns()
         p.predict_one(f)
         t1 = time.perf_counter_ns()
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "encoder": args.encoder,
         "dim": dim,
-        "memory": int(p._emb_model._n),
+        "memory": int(p.embedding_model._n),
         "predict_us_p50": float(np.median(pred_ns)) / 1e3,
         "predict_us_p99": float(np.percentile(pred_ns, 99)) / 1e3,
         "learn_us_p50": float(np.median(learn_ns)) / 1e3,

@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from rtlm_adapt.data import TokenCounter, alpaca_models, load_prompts
-from rtlm_adapt.predict_eval import evaluate, kendall_tau, split_by_prompt
 from rtlm_adapt.predictor import LengthPredictor
+from rtlm_adapt.predictor.evaluation import evaluate, kendall_tau, split_by_prompt
 
 
 def _lengths_by_id(models: list[str], counter: TokenCounter) -> dict[str, dict[str, float]]:
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         from rtlm_adapt.encoder import cached_encode
 
         enc_pred = LengthPredictor.pretrained("encoder", encoder=enc_name)
-        enc = enc_pred._get_encoder()
+        enc = enc_pred.get_encoder()
         ids = sorted(prompts_by_id, key=int)
         t_enc = time.perf_counter()
         embs = cached_encode(enc, [prompts_by_id[i] for i in ids],

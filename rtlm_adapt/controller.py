@@ -30,6 +30,7 @@ import math
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from rtlm_adapt import observer
 from rtlm_adapt.accounting import ControllerStats, RequestCounts
@@ -136,8 +137,9 @@ class AdaptiveController(Checkpointed):
         self._signals = ServingSignals()  # what the observation reports of recent serving
 
     # -- the loop's calls ------------------------------------------------------------------------
-    def submit(self, request: Request, features: dict[str, float] | None = None) -> None:
-        """Queue a request. ``features`` may carry precomputed uncertainty features.
+    def submit(self, request: Request, features: Mapping[Any, float] | None = None) -> None:
+        """Queue a request. ``features`` may carry precomputed features (a dict of uncertainty
+        features, or the predictor's :class:`~rtlm_adapt.predictor.PromptFeatures`).
 
         Raises TypeError/ValueError for an invalid call (not counted), ``QueueFullError`` when
         ``max_queue`` requests wait and ``ControllerClosedError`` after :meth:`close` (both
@@ -163,11 +165,11 @@ class AdaptiveController(Checkpointed):
                 )
             if features is None:
                 features = self.scorer.features(request.prompt)
-                # score first: the predictor's features() then sees the complete dict
+                # score first: the predictor's features() then sees the complete set
                 features["uncertainty"] = self.scorer.score(features)
                 extend = getattr(self.predictor, "features", None)
                 if callable(extend):
-                    # The predictor's own features on top: hashed words (int keys) and, on the
+                    # The predictor's own features on top: hashed words and, on the
                     # encoder tier, the prompt embedding (batch 1 here; batch upstream and pass
                     # ``features`` to avoid that cost).
                     features = extend(request.prompt, base=features)

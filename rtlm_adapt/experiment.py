@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from rtlm_adapt.data import (
     make_arrivals,
 )
 from rtlm_adapt.metrics import Summary, summarize
-from rtlm_adapt.predictor import LengthPredictor
+from rtlm_adapt.predictor import LengthPredictor, PromptFeatures
 from rtlm_adapt.request import Completion, Request
 from rtlm_adapt.serving.loop import ServingLoop
 from rtlm_adapt.serving.sim import SimulatedExecutor
@@ -37,6 +38,11 @@ class Workload:
     mean_service_s: float
     capacity_rps: float
     description: str
+    #: Prompt features per predictor tier, filled by :func:`workload_features` (kept on the
+    #: workload itself, so they live and die with it).
+    features_by_tier: dict[str, dict[str, PromptFeatures]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
 
 def capacity_rps(
@@ -177,42 +183,31 @@ def run_policy(
     return PolicyRun(policy, summarize(result.completions), result.completions, controller)
 
 
-_FEATURE_CACHE: dict[tuple[int, str], dict[str, dict]] = {}
+def workload_features(workload: Workload, tier: str) -> dict[str, PromptFeatures]:
+    """The predictor's features of every request by id, batched (cached on the workload).
 
-
-def workload_features(workload: Workload, tier: str) -> dict[str, dict]:
-    """Uncertainty + predictor features of every request, batched (cached per workload)."""
-    key = (id(workload), tier)
-    if key not in _FEATURE_CACHE:
-        _FEATURE_CACHE.clear()  # one workload at a time: bounded memory
-        predictor = LengthPredictor.pretrained(tier)
-        from rtlm_adapt.uncertainty import UncertaintyScorer
-
-        scorer = UncertaintyScorer()
-        bases = []
-        for r in workload.requests:
-            f, u = scorer.score_prompt(r.prompt)
-            f["uncertainty"] = u
-            bases.append(f)
-        prompts = [r.prompt for r in workload.requests]
-        if predictor.tier == "encoder":  # any encoder ("encoder:NAME" too): embed in batches
-            full = predictor.features_many(prompts)
-            for f, b in zip(full, bases, strict=True):
-                f.update(b)
-        else:
-            full = [predictor.features(p, base=b) for p, b in zip(prompts, bases, strict=True)]
-        _FEATURE_CACHE[key] = {r.id: f for r, f in zip(workload.requests, full, strict=True)}
-    return _FEATURE_CACHE[key]
+    >>> from rtlm_adapt.request import Request
+    >>> w = Workload([Request("a", "Write a poem.", 0.0, deadline=9.0)], 1.0, 0.9, 1.0, 1.0, "")
+    >>> workload_features(w, "lexical") is workload_features(w, "lexical")
+    True
+    """
+    cached = workload.features_by_tier.get(tier)
+    if cached is None:
+        # the encoder tier (any encoder, "encoder:NAME" too) embeds the prompts in batches
+        full = LengthPredictor.pretrained(tier).features_many([r.prompt for r in workload.requests])
+        cached = {r.id: f for r, f in zip(workload.requests, full, strict=True)}
+        workload.features_by_tier[tier] = cached
+    return cached
 
 
 class _PrecomputedFeatures(AdaptiveController):
     """A controller fed features computed upstream (batched), as a front end would."""
 
-    def __init__(self, *args, features: dict[str, dict], **kwargs) -> None:
+    def __init__(self, *args, features: Mapping[str, PromptFeatures], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._features = features
 
-    def submit(self, request: Request, features: dict | None = None) -> None:
-        if features is None and request.id in self._features:
-            features = dict(self._features[request.id])  # the controller may add keys
+    def submit(self, request: Request, features: Mapping[Any, float] | None = None) -> None:
+        if features is None:
+            features = self._features.get(request.id)
         super().submit(request, features)

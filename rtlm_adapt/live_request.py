@@ -8,7 +8,9 @@ hands it out, so a gateway can read the prediction, the service-time estimate an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from rtlm_adapt.knobs import Policy
 from rtlm_adapt.predictor import LengthPrediction
@@ -22,7 +24,7 @@ class LiveRequest(QueueEntry):
 
     request: Request
     #: The prompt's features, as the predictor saw them (it learns from them at the finish).
-    features: dict[str, float]
+    features: Mapping[Any, float]
     #: The prompt's uncertainty score (0..1).
     uncertainty: float
     prediction: LengthPrediction

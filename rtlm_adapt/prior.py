@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-#: Hashed lexical features live in ``[0, 2**HASH_BITS)``; they are the int keys of a features
-#: dict (value 1.0), next to the str-named dense features.
+#: Hashed lexical features live in ``[0, 2**HASH_BITS)``: the ``hashed`` buckets of a
+#: :class:`rtlm_adapt.predictor.PromptFeatures`, or the int keys (value 1.0) of a plain features
+#: mapping, next to the str-named dense features.
 HASH_BITS = 15
 _HASH_MASK = (1 << HASH_BITS) - 1
 _WORD_RE = re.compile(r"[a-z0-9']+")
@@ -112,7 +113,7 @@ class LengthPrior:
     ``predict(features) = bias + sum(hash_w[k] for int keys k) + sum(w_j * z_j) + emb_prior``
     where ``z_j`` is the clipped z-score of dense feature ``j`` and ``emb_prior`` is the
     embedding head's output, which :meth:`rtlm_adapt.predictor.LengthPredictor.features` puts
-    in the features dict.
+    among the dense features.
 
     Parameters
     ----------

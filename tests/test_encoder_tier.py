@@ -1,4 +1,4 @@
-"""The encoder tier's online embedding model (rtlm_adapt/encoder_tier.py), without torch.
+"""The encoder tier's online embedding model (rtlm_adapt/predictor/embedding.py), without torch.
 
 Embeddings are synthetic unit vectors passed to ``features(..., embedding=...)``, so these tests
 need neither the encoder weights nor torch; the real-data figures are in
@@ -17,9 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-from rtlm_adapt.encoder_tier import EmbeddingRef, EmbeddingResidualModel, EncoderLengthPredictor
-from rtlm_adapt.predict_eval import kendall_tau
-from rtlm_adapt.predictor import EMBEDDING_KEY, LengthPredictor
+from rtlm_adapt.predictor import EmbeddingResidualModel, LengthPredictor
+from rtlm_adapt.predictor.evaluation import kendall_tau
 from rtlm_adapt.prior import LengthPrior
 
 DIM = 384
@@ -56,33 +55,33 @@ def _held_out_tau(p: LengthPredictor, emb, lengths, n_train: int) -> float:
 
 
 def test_pretrained_encoder_tier_is_the_encoder_predictor() -> None:
-    assert type(LengthPredictor.pretrained("encoder")) is EncoderLengthPredictor
-    assert type(LengthPredictor.pretrained("lexical")) is LengthPredictor
+    assert LengthPredictor.pretrained("encoder").embedding_model is not None
+    assert LengthPredictor.pretrained("lexical").embedding_model is None
 
 
 def test_embedding_model_learns_clusters_and_a_direction() -> None:
     rng = np.random.default_rng(0)
     centers = _unit(rng.normal(size=(2, 16)))
     m = EmbeddingResidualModel(dim=16, k=5, solve_every=5)
-    assert m.term(centers[0]) == 0.0  # nothing learnt yet
+    assert m.predict_one(centers[0]) == 0.0  # nothing learnt yet
     for _ in range(40):
-        m.learn(_unit(centers[0] + 0.05 * rng.normal(size=16)), 1.0)
-        m.learn(_unit(centers[1] + 0.05 * rng.normal(size=16)), -1.0)
+        m.learn_one(_unit(centers[0] + 0.05 * rng.normal(size=16)), 1.0)
+        m.learn_one(_unit(centers[1] + 0.05 * rng.normal(size=16)), -1.0)
     # Centred: the mean residual (0 here) is the offset's job; the clusters get +-.
-    assert m.term(centers[0]) > 0.5 and m.term(centers[1]) < -0.5
+    assert m.predict_one(centers[0]) > 0.5 and m.predict_one(centers[1]) < -0.5
     # Garbage is ignored, not learnt.
-    m.learn(np.full(16, np.nan, np.float32), 1.0)
-    m.learn(centers[0], float("inf"))
-    m.learn(np.ones(3, np.float32), 1.0)
+    m.learn_one(np.full(16, np.nan, np.float32), 1.0)
+    m.learn_one(centers[0], float("inf"))
+    m.learn_one(np.ones(3, np.float32), 1.0)
     assert m.n_learned == 80
 
 
 def test_the_embedding_model_improves_the_held_out_ranking(prior) -> None:
     emb, lengths = _clustered_stream(800, seed=1)
-    with_model = _held_out_tau(EncoderLengthPredictor(prior=prior), emb, lengths, 600)
+    with_model = _held_out_tau(LengthPredictor.from_prior(prior), emb, lengths, 600)
     off = EmbeddingResidualModel(knn_weight=0.0, ridge_weight=0.0)
     without = _held_out_tau(
-        EncoderLengthPredictor(prior=prior, embedding_model=off), emb, lengths, 600
+        LengthPredictor.from_prior(prior, embedding_model=off), emb, lengths, 600
     )
     assert with_model > 0.6
     assert with_model > without + 0.1, (with_model, without)
@@ -90,20 +89,20 @@ def test_the_embedding_model_improves_the_held_out_ranking(prior) -> None:
 
 def test_conformal_window_holds_the_whole_predictions_residual(prior) -> None:
     emb, lengths = _clustered_stream(300, seed=2)
-    p = EncoderLengthPredictor(prior=prior)
+    p = LengthPredictor.from_prior(prior)
     feats = [p.features("Tell me about this.", embedding=e) for e in emb]
     for f, y in zip(feats[:250], lengths[:250], strict=True):
         p.learn_one(f, y)
     f, y = feats[250], lengths[250]
     before = math.log1p(p.predict_one(f).length)  # includes the embedding term
-    assert p._emb_model.term(f[EMBEDDING_KEY].vec) != 0.0
+    assert p.embedding_model.predict_one(f.embedding) != 0.0
     p.learn_one(f, y)
-    assert p._resid_fifo[-1] == pytest.approx(math.log1p(y) - before, abs=1e-9)
+    assert p.interval.fifo[-1] == pytest.approx(math.log1p(y) - before, abs=1e-9)
 
 
 def test_intervals_stay_calibrated_with_the_embedding_model(prior) -> None:
     emb, lengths = _clustered_stream(1500, seed=3)
-    p = EncoderLengthPredictor(prior=prior)
+    p = LengthPredictor.from_prior(prior)
     feats = [p.features("Tell me about this.", embedding=e) for e in emb]
     for f, y in zip(feats[:1000], lengths[:1000], strict=True):
         p.learn_one(f, y)
@@ -115,7 +114,7 @@ def test_intervals_stay_calibrated_with_the_embedding_model(prior) -> None:
 @pytest.mark.parametrize("bad", [0, 10**9, float("nan")])
 def test_absurd_lengths_move_later_predictions_by_at_most_5_percent(prior, bad, caplog) -> None:
     emb, lengths = _clustered_stream(400, seed=4)
-    p = EncoderLengthPredictor(prior=prior)
+    p = LengthPredictor.from_prior(prior)
     feats = [p.features("Tell me about this.", embedding=e) for e in emb]
     for f, y in zip(feats[:300], lengths[:300], strict=True):
         p.learn_one(f, y)
@@ -131,15 +130,15 @@ def test_absurd_lengths_move_later_predictions_by_at_most_5_percent(prior, bad, 
 
 def test_save_load_and_pickled_features_keep_the_embedding(prior, tmp_path) -> None:
     emb, lengths = _clustered_stream(200, seed=5)
-    p = EncoderLengthPredictor(prior=prior)
+    p = LengthPredictor.from_prior(prior)
     feats = [p.features("Tell me about this.", embedding=e) for e in emb]
     for f, y in zip(feats[:150], lengths[:150], strict=True):
         p.learn_one(f, y)
     p.save(tmp_path / "enc.pkl")
     q = LengthPredictor.load(tmp_path / "enc.pkl")
-    assert type(q) is EncoderLengthPredictor
+    assert q.embedding_model is not None
     copies = pickle.loads(pickle.dumps(feats[150:]))
-    assert isinstance(copies[0][EMBEDDING_KEY], EmbeddingRef)
+    assert copies[0] == feats[150] and copies[0].embedding is not None
     assert [q.predict_one(f) for f in copies] == [p.predict_one(f) for f in feats[150:]]
     for f, g, y in zip(feats[150:], copies, lengths[150:], strict=True):
         p.learn_one(f, y)
@@ -148,12 +147,12 @@ def test_save_load_and_pickled_features_keep_the_embedding(prior, tmp_path) -> N
 
 
 def test_features_without_an_embedding_fall_back_to_the_linear_parts(prior) -> None:
-    p = EncoderLengthPredictor(prior=prior)
+    p = LengthPredictor.from_prior(prior)
     emb, lengths = _clustered_stream(100, seed=6)
     for e, y in zip(emb, lengths, strict=True):
         p.learn_one(p.features("Tell me about this.", embedding=e), y)
     lexical_dict = LengthPredictor.pretrained("lexical").features("Write a poem about rain.")
-    assert EMBEDDING_KEY not in lexical_dict
+    assert lexical_dict.embedding is None
     assert p.predict_one(lexical_dict).length >= 1.0
     assert p.learn_one(lexical_dict, 120)
 
@@ -178,17 +177,17 @@ def test_controller_feeds_finished_requests_to_the_embedding_model(prior) -> Non
     from rtlm_adapt.serving.base import ExecutorState
 
     emb, lengths = _clustered_stream(400, seed=7)
-    p = EncoderLengthPredictor(prior=prior)
+    p = LengthPredictor.from_prior(prior)
     ctl = AdaptiveController("sjf", predictor=p)
     feats = [p.features("Tell me about this.", embedding=e) for e in emb]
     for i in range(300):
-        ctl.submit(Request(f"r{i}", "Tell me about this.", float(i)), features=dict(feats[i]))
+        ctl.submit(Request(f"r{i}", "Tell me about this.", float(i)), features=feats[i])
         (req,) = ctl.next_batch(ExecutorState("primary", "primary", 0, 1, float(i)))
         ctl.on_finish(Completion(req.id, int(lengths[i]), float(i), float(i), i + 0.5, "primary"))
-    assert p._emb_model.n_learned == 300 and p.n_learned == 300
+    assert p.embedding_model.n_learned == 300 and p.n_learned == 300
     # Queue 100 unseen requests at once: shortest-predicted-first must follow the true lengths.
     for i in range(300, 400):
-        ctl.submit(Request(f"r{i}", "Tell me about this.", 400.0), features=dict(feats[i]))
+        ctl.submit(Request(f"r{i}", "Tell me about this.", 400.0), features=feats[i])
     order = [r.id for r in ctl.next_batch(ExecutorState("primary", "primary", 0, 100, 400.0))]
     served = [lengths[int(rid[1:])] for rid in order]
     assert kendall_tau(np.arange(len(served)), served) > 0.5

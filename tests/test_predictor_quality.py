@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from conftest import alpaca_samples
 
-from rtlm_adapt.predict_eval import REQUIRED_KEYS, evaluate, kendall_tau
 from rtlm_adapt.predictor import LengthPredictor
+from rtlm_adapt.predictor.evaluation import REQUIRED_KEYS, evaluate, kendall_tau
 from rtlm_adapt.prior import LengthPrior, lexical_features
 
 
@@ -160,7 +160,7 @@ def test_prior_round_trip_and_garbage(tmp_path) -> None:
 
 def test_lexical_tier_does_not_import_torch() -> None:
     code = (
-        "import sys, rtlm_adapt, rtlm_adapt.predictor as P, rtlm_adapt.predict_eval;"
+        "import sys, rtlm_adapt, rtlm_adapt.predictor as P, rtlm_adapt.predictor.evaluation;"
         "p = P.LengthPredictor.pretrained('lexical'); p.predict_one(p.features('hi there'));"
         "print('torch' in sys.modules or 'transformers' in sys.modules)"
     )

@@ -40,7 +40,7 @@ import ranking_finetune as rf  # noqa: E402
 from encoder_representation import ridge_cv_fit_predict  # noqa: E402
 
 from rtlm_adapt.data import TokenCounter, alpaca_models, load_prompts  # noqa: E402
-from rtlm_adapt.predict_eval import kendall_tau, split_by_prompt  # noqa: E402
+from rtlm_adapt.predictor.evaluation import kendall_tau, split_by_prompt  # noqa: E402
 
 
 def consensus_target(samples: dict[str, list], pos: dict[str, int]) -> np.ndarray:

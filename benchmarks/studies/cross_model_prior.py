@@ -20,8 +20,8 @@ import numpy as np
 
 from rtlm_adapt.data import TokenCounter, alpaca_models, load_prompts
 from rtlm_adapt.encoder import cached_encode
-from rtlm_adapt.predict_eval import kendall_tau, split_by_prompt
 from rtlm_adapt.predictor import LengthPredictor
+from rtlm_adapt.predictor.evaluation import kendall_tau, split_by_prompt
 
 
 def ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
@@ -54,7 +54,7 @@ def main() -> None:
     out: dict = {}
     for name in args.encoders.split(","):
         predictor = LengthPredictor.pretrained("encoder", encoder=name)
-        emb = cached_encode(predictor._get_encoder(), prompts, batch_size=16)
+        emb = cached_encode(predictor.get_encoder(), prompts, batch_size=16)
         x = predictor.prior.transform(emb).astype(np.float64)
         x = np.hstack([x, np.ones((len(x), 1))])
         out[name] = {}

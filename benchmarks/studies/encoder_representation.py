@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from rtlm_adapt.data import TokenCounter, alpaca_models, cache_dir, load_prompts
-from rtlm_adapt.predict_eval import kendall_tau, split_by_prompt
+from rtlm_adapt.predictor.evaluation import kendall_tau, split_by_prompt
 
 LAYERS = (4, 8, 12, 16, 20, 24, 27, 30)
 ALPHAS = np.logspace(-1, 5, 13)

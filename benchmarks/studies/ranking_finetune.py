@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encoder_representation import ridge_cv_fit_predict  # noqa: E402
 
 from rtlm_adapt.data import TokenCounter, alpaca_models, load_prompts, load_sharegpt  # noqa: E402
-from rtlm_adapt.predict_eval import kendall_tau, split_by_prompt  # noqa: E402
+from rtlm_adapt.predictor.evaluation import kendall_tau, split_by_prompt  # noqa: E402
 
 TOP = 16  # the representation layer (smollm2-l16)
 

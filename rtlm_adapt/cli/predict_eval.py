@@ -15,7 +15,7 @@ HELP = "length predictor quality: prior + prequential stream, then held-out prom
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the figures (and ``--json``)."""
-    from rtlm_adapt.predict_eval import evaluate
+    from rtlm_adapt.predictor.evaluation import evaluate
 
     tier = tier_spec(args)  # an unknown encoder fails before the data loads
     counter = TokenCounter.resolve(args.tokenizer)

@@ -124,8 +124,9 @@ def evaluate(
         from rtlm_adapt.encoder import cached_encode
 
         minilm = predictor.prior.encoder_name == "minilm"  # type: ignore[union-attr]
-        embeddings = cached_encode(predictor._get_encoder(), prompts,
-                                   batch_size=32 if minilm else 16)
+        embeddings = cached_encode(
+            predictor.get_encoder(), prompts, batch_size=32 if minilm else 16
+        )
     feat_ns = []
     feats = []
     for i, p in enumerate(prompts):
