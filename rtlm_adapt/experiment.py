@@ -162,7 +162,7 @@ def run_policy(
         controller = controller_factory(policy, profiles=profiles, batching=batching)
     else:
         predictor = LengthPredictor.pretrained(tier)
-        controller = _PrecomputedFeatures(
+        controller = PrecomputedFeaturesController(
             policy,
             profiles=profiles,
             batching=batching,
@@ -200,7 +200,7 @@ def workload_features(workload: Workload, tier: str) -> dict[str, PromptFeatures
     return cached
 
 
-class _PrecomputedFeatures(AdaptiveController):
+class PrecomputedFeaturesController(AdaptiveController):
     """A controller fed features computed upstream (batched), as a front end would."""
 
     def __init__(self, *args, features: Mapping[str, PromptFeatures], **kwargs) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.calibration.step_fit import STEP_COLUMNS
-from rtlm_adapt.experiment import Workload, _PrecomputedFeatures, workload_features
+from rtlm_adapt.experiment import PrecomputedFeaturesController, Workload, workload_features
 from rtlm_adapt.metrics import Summary, summarize
 from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.request import Completion
@@ -51,7 +51,7 @@ def run_real_policy(
     """Serve ``workload`` in real time under ``policy``; every request ends (checked)."""
     from rtlm_adapt.serving.realtime import RealTimeLoop
 
-    controller = _PrecomputedFeatures(
+    controller = PrecomputedFeaturesController(
         policy,
         profiles=profiles,
         batching="continuous",
