@@ -205,8 +205,10 @@ def sse_data(response: Any) -> list[str]:
 def max_overlap(entries: list[dict[str, Any]], slack: float = 0.002) -> int:
     """Most requests generating at once at a backend, from its log's [started_at, finished_at].
 
-    ``slack`` trims each end: the backend logs ``finished_at`` a loop turn after its last byte.
+    ``slack`` trims each end: the backend logs ``finished_at`` a loop turn after its last byte,
+    so a client can hold its answer before the log has it: wait for that first.
     """
+    wait_for(lambda: all(e["finished_at"] is not None for e in entries), what="the log complete")
     events = [(e["started_at"], 1) for e in entries]
     events += [(e["finished_at"] - slack, -1) for e in entries]
     events.sort(key=lambda ev: (ev[0], ev[1]))
