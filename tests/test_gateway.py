@@ -34,9 +34,10 @@ openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from rtlm_adapt.controller import AdaptiveController  # noqa: E402
-from rtlm_adapt.gateway.app import DEADLINE_HEADER, create_app  # noqa: E402
+from rtlm_adapt.gateway.app import create_app  # noqa: E402
 from rtlm_adapt.gateway.cli import add_arguments, config_from_args  # noqa: E402
 from rtlm_adapt.gateway.config import BackendConfig, GatewayConfig  # noqa: E402
+from rtlm_adapt.gateway.headers import DEADLINE_HEADER  # noqa: E402
 from rtlm_adapt.gateway.paced_backend import create_app as paced_app  # noqa: E402
 from rtlm_adapt.gateway.paced_backend import token_text  # noqa: E402
 from rtlm_adapt.gateway.server_thread import ServerThread  # noqa: E402

@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.gateway.config import GatewayConfig
@@ -39,27 +39,31 @@ from rtlm_adapt.gateway.dispatcher import (
     Ticket,
     monotonic_clock,
 )
+from rtlm_adapt.gateway.errors import APIError, BodyLimit, error_param, error_response
+from rtlm_adapt.gateway.headers import (
+    DEADLINE_HEADER,
+    ORACLE_HEADER,
+    completion_tokens,
+    deadline_from_header,
+    forwarded_headers,
+    oracle_metadata,
+    ticket_headers,
+)
 from rtlm_adapt.gateway.metrics import GatewayMetrics
 from rtlm_adapt.gateway.proxy import Upstream, UpstreamFailure, UpstreamReply, upstream_session
 from rtlm_adapt.gateway.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     ErrorResponse,
     Health,
     ModelList,
-    StreamOptions,
     prompt_text,
 )
-from rtlm_adapt.request import TRUE_LENGTH_KEY, ControllerClosedError, FailureReason, QueueFullError
+from rtlm_adapt.request import ControllerClosedError, FailureReason, QueueFullError
 from rtlm_adapt.request import Request as ServingRequest
 
 logger = logging.getLogger(__name__)
-
-DEADLINE_HEADER = "x-rtlm-deadline-ms"
-#: Benchmarks only: the request's true output length, which ``oracle`` policies rank by.
-ORACLE_HEADER = "x-rtlm-oracle-tokens"
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Malformed body or header"},
@@ -102,40 +106,6 @@ _COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     **_ERRORS,
 }
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's error body."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-        self.retry_after = retry_after
-
-    def response(self) -> JSONResponse:
-        headers = {}
-        if self.retry_after is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
-        return error_response(self.status, self.message, self.kind, self.param, headers)
-
-
-def error_response(
-    status: int,
-    message: str,
-    kind: str = "invalid_request_error",
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class Gateway:
@@ -233,7 +203,7 @@ class Gateway:
         """Serve one completion request (streamed or not), from arrival to its end."""
         ticket = self._submit(http, body)
         payload = body.model_dump(exclude_unset=True)
-        headers = _forwarded_headers(http, ticket)
+        headers = forwarded_headers(http, ticket)
         relaying = False
         try:
             if not body.stream:
@@ -249,7 +219,7 @@ class Gateway:
                 self.upstream.relay(ticket, outcome, client_wants_usage=wants_usage),
                 cleanup=lambda: self.upstream.abandon(ticket, outcome),
                 media_type="text/event-stream",
-                headers=_ticket_headers(ticket),
+                headers=ticket_headers(ticket),
             )
         finally:
             if not relaying:
@@ -258,7 +228,7 @@ class Gateway:
 
     def _submit(self, http: Request, body: ChatCompletionRequest | CompletionRequest) -> Ticket:
         now = self.clock()
-        deadline = _deadline(http.headers.get(DEADLINE_HEADER), now)
+        deadline = deadline_from_header(http.headers.get(DEADLINE_HEADER), now)
         # An image-only turn has no text: the predictor then sees a neutral one-word prompt.
         text = prompt_text(body).strip() or "?"
         max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
@@ -267,7 +237,7 @@ class Gateway:
             text,
             arrival_time=now,
             deadline=deadline,
-            metadata=_oracle_metadata(http.headers.get(ORACLE_HEADER)),
+            metadata=oracle_metadata(http.headers.get(ORACLE_HEADER)),
             **({"max_tokens": max_tokens} if max_tokens else {}),
         )
         try:
@@ -333,13 +303,13 @@ class Gateway:
             return reply
         try:
             answer = json.loads(reply.body or b"")
-            tokens = _completion_tokens(answer)
+            tokens = completion_tokens(answer)
         except ValueError:
             error = f"executor_failure: {reply.backend.name} sent a malformed answer"
             self.dispatcher.finish(ticket, 0, error=error)
             return error_response(502, error, "upstream_error")
         self.dispatcher.finish(ticket, tokens)
-        return JSONResponse(answer, headers=_ticket_headers(ticket))
+        return JSONResponse(answer, headers=ticket_headers(ticket))
 
     async def models(self) -> ModelList:
         """The union of what the healthy backends serve."""
@@ -439,60 +409,6 @@ def _make_controller(config: GatewayConfig) -> AdaptiveController:
     )
 
 
-def _deadline(header: str | None, now: float) -> float | None:
-    if header is None:
-        return None
-    try:
-        ms = float(header)
-    except ValueError:
-        ms = math.nan
-    if not (ms > 0 and math.isfinite(ms)):
-        raise APIError(
-            400,
-            f"{DEADLINE_HEADER} must be a positive number of milliseconds, got {header!r}",
-            param=DEADLINE_HEADER,
-        )
-    return now + ms / 1000.0
-
-
-def _oracle_metadata(header: str | None) -> dict[str, int]:
-    if header is None:
-        return {}
-    if not header.isdigit():
-        raise APIError(
-            400,
-            f"{ORACLE_HEADER} must be a non-negative integer, got {header!r}",
-            param=ORACLE_HEADER,
-        )
-    return {TRUE_LENGTH_KEY: int(header)}
-
-
-def _completion_tokens(answer: Any) -> int:
-    usage = answer.get("usage") if isinstance(answer, dict) else None
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ValueError("the answer has no usage.completion_tokens")
-    return tokens
-
-
-def _forwarded_headers(http: Request, ticket: Ticket) -> dict[str, str]:
-    headers = {"x-request-id": ticket.request.id}
-    auth = http.headers.get("authorization")
-    if auth is not None:  # a backend started with --api-key checks the client's key
-        headers["authorization"] = auth
-    return headers
-
-
-def _ticket_headers(ticket: Ticket) -> dict[str, str]:
-    backend = ticket.backend
-    return {
-        "x-request-id": ticket.request.id,
-        "x-rtlm-backend": backend.name if backend is not None else "",
-        "x-rtlm-predicted-tokens": f"{ticket.predicted_tokens:.0f}",
-        "x-rtlm-priority": str(ticket.priority),
-    }
-
-
 async def _until_disconnect(http: Request, work: Awaitable[Response | Any]) -> Any:
     """Run ``work``; if the client disconnects first, cancel it (withdrawing the request from
     the queue, or closing the upstream connection, which makes vLLM abort it)."""
@@ -516,47 +432,6 @@ async def _disconnected(http: Request) -> None:
     # The body was read already, so the next message is the disconnect.
     while (await http.receive())["type"] != "http.disconnect":
         pass
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413 before anything parses it."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[], None]) -> None:
-        self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._reject(scope, receive, send)
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.on_reject()
-        message = f"request body over {self.max_bytes} bytes"
-        await error_response(413, message)(scope, receive, send)
-
-
-class _TooLarge(BaseException):
-    # A BaseException: FastAPI turns any Exception raised while it reads the body into a 400.
-    pass
 
 
 def create_app(config: GatewayConfig, *, controller: AdaptiveController | None = None) -> FastAPI:
@@ -595,7 +470,7 @@ def create_app(config: GatewayConfig, *, controller: AdaptiveController | None =
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         gateway.metrics.invalid.labels("400").inc()
         first = exc.errors()[0] if exc.errors() else {}
-        where = _error_param(first.get("loc", ()))
+        where = error_param(first.get("loc", ()))
         message = (
             f"{where}: {first.get('msg', 'invalid request')}"
             if where
@@ -647,24 +522,6 @@ def create_app(config: GatewayConfig, *, controller: AdaptiveController | None =
         on_reject=lambda: gateway.metrics.invalid.labels("413").inc(),
     )
     return app
-
-
-_FIELDS = frozenset(
-    name
-    for model in (ChatCompletionRequest, CompletionRequest, ChatMessage, StreamOptions)
-    for name in model.model_fields
-)
-
-
-def _error_param(loc: Any) -> str:
-    """The field an error is about, from pydantic's ``loc`` ("body", field, index, ...), up to
-    the first part that is neither a field nor an index: pydantic's tag of a union member."""
-    parts = [str(p) for p in loc[1:2] if loc and loc[0] == "body"]
-    for part in loc[2:]:
-        if not (isinstance(part, int) or part in _FIELDS):
-            break
-        parts.append(str(part))
-    return ".".join(parts)
 
 
 def _drop_unused_422(app: FastAPI) -> None:

@@ -61,6 +61,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
+from rtlm_adapt.gateway.paced_request import PacedCall, parse_call
+
 FAULT_MODES = ("status", "drop", "midstream", "hang")
 FaultMode = Literal["status", "drop", "midstream", "hang"]
 
@@ -170,77 +172,6 @@ class _Backend:
         return None
 
 
-@dataclass
-class _Call:
-    """A parsed completion request."""
-
-    chat: bool
-    model: str
-    max_tokens: int
-    stream: bool
-    include_usage: bool
-    priority: int
-    prompt_tokens: int
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _count_words(content: Any) -> int:
-    """Prompt 'tokens': whitespace words of text, text parts, or the length of a token-id list."""
-    if isinstance(content, str):
-        return len(content.split())
-    if isinstance(content, list):
-        if content and all(_is_int(x) for x in content):
-            return len(content)  # a pre-tokenized prompt
-        return sum(_count_words(x) for x in content)
-    if isinstance(content, dict):  # a chat content part, {"type": "text", "text": ...}
-        return _count_words(content.get("text"))
-    return 0
-
-
-def _parse(body: Any, *, chat: bool, default_model: str, default_max_tokens: int) -> _Call:
-    """Validate an OpenAI-style body; raises ValueError (answered with a 400)."""
-    if not isinstance(body, dict):
-        raise ValueError("the request body must be a JSON object")
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("'messages' must be a non-empty list")
-        prompt_tokens = sum(_count_words(m.get("content")) for m in messages if isinstance(m, dict))
-    else:
-        if "prompt" not in body:
-            raise ValueError("'prompt' is required")
-        prompt_tokens = _count_words(body["prompt"])
-    max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = default_max_tokens
-    if not _is_int(max_tokens) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    priority = body.get("priority", 0)
-    if not _is_int(priority):
-        raise ValueError(f"priority must be an integer, got {priority!r}")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise ValueError(f"stream must be a boolean, got {stream!r}")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ValueError("stream_options must be an object")
-    model = body.get("model") or default_model
-    return _Call(
-        chat=chat,
-        model=str(model),
-        max_tokens=max_tokens,
-        stream=stream,
-        include_usage=stream and bool(options.get("include_usage")),
-        priority=priority,
-        prompt_tokens=prompt_tokens,
-    )
-
-
 def _error(status: int, message: str, kind: str) -> JSONResponse:
     """An error in OpenAI's shape, which the openai client turns into its APIStatusError types."""
     body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
@@ -280,7 +211,9 @@ class _Generation(Response):
     fail afterwards, so the watcher is what frees the slot of an aborted request.
     """
 
-    def __init__(self, backend: _Backend, call: _Call, entry: dict[str, Any], fault: str | None):
+    def __init__(
+        self, backend: _Backend, call: PacedCall, entry: dict[str, Any], fault: str | None
+    ):
         super().__init__()
         self.backend, self.call, self.entry, self.fault = backend, call, entry, fault
         prefix = "chatcmpl" if call.chat else "cmpl"
@@ -452,7 +385,7 @@ async def _completions(request: Request, backend: _Backend, *, chat: bool) -> Re
         body = await request.json()
         if isinstance(body, dict):
             entry["model"] = body.get("model")
-        call = _parse(
+        call = parse_call(
             body,
             chat=chat,
             default_model=backend.model,
