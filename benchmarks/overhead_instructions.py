@@ -40,9 +40,9 @@ if snap:  # measure the snapshot, not the (editable) installed package
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
     sys.path.insert(0, snap)
 sys.path.insert(0, os.environ["BENCH_DIR"])
-from overhead import controller_costs
+# the revision's own harness, with the data loaders it imports (their module moved over time)
+from overhead import TokenCounter, controller_costs, load_prompts
 from rtlm_adapt.controller import AdaptiveController
-from rtlm_adapt.data import TokenCounter, load_prompts
 
 if os.environ.get("MODE") == "null":
     class _Balanced:
@@ -89,9 +89,10 @@ def per_request(env: dict[str, str], small: int, large: int) -> float:
 
 
 def snapshot(rev: str, dest: Path) -> None:
-    """``rev``'s package as it is installed: rtlm_adapt/ with policies/ and envs/ inside."""
+    """``rev``'s package as it is installed (rtlm_adapt/ with policies/ and envs/ inside), and
+    its own harness, benchmarks/overhead.py, which feeds the controller as that revision did."""
     archive = subprocess.run(
-        ["git", "archive", rev, "rtlm_adapt", "policies", "envs"],
+        ["git", "archive", rev, "rtlm_adapt", "policies", "envs", "benchmarks/overhead.py"],
         cwd=ROOT, check=True, capture_output=True,
     ).stdout  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
@@ -124,6 +125,7 @@ def main() -> None:
         if args.rev:
             snapshot(args.rev, Path(snap))
             env["SNAP"] = snap
+            env["BENCH_DIR"] = str(Path(snap) / "benchmarks")
         total = per_request(env, args.small, args.large)
         harness = per_request(dict(env, MODE="null"), args.small, args.large)
     result = {
