@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -28,7 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
 
 PYTHON = sys.executable
@@ -300,3 +301,18 @@ __all__ = [
     "proc_cpu_s",
     "system_busy_s",
 ]
+
+
+async def sse_chunks(content: AsyncIterable[bytes]) -> AsyncIterator[dict | None]:
+    """The JSON chunks of an OpenAI-style SSE stream, then ``None`` for its ``[DONE]`` (a stream
+    that ends without one was cut short)."""
+    async for raw in content:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            yield None
+            return
+        yield json.loads(data)
+

@@ -58,6 +58,7 @@ from _servers import (  # noqa: E402
     loadavg,
     paced_backend_argv,
     proc_cpu_s,
+    sse_chunks,
     system_busy_s,
 )
 
@@ -294,15 +295,10 @@ async def streams_run(
                 if open_now >= n:
                     all_open.set()
                 chunks, done, first = 0, False, None
-                async for raw in r.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
+                async for chunk in sse_chunks(r.content):
+                    if chunk is None:
                         done = True
                         break
-                    chunk = json.loads(data)
                     if "error" in chunk:
                         errors["stream error event"] += 1
                         return

@@ -54,6 +54,7 @@ from _servers import (  # noqa: E402
     gateway_argv,
     loadavg,
     paced_backend_argv,
+    sse_chunks,
 )
 
 from rtlm_adapt.controller import AdaptiveController  # noqa: E402
@@ -175,15 +176,10 @@ async def _request(session: aiohttp.ClientSession, base: str, spec: Spec, rec: d
             rec["outcome"] = "completed" if tokens == spec.max_tokens else "corrupt"
             return
         chunks, done = 0, False
-        async for raw in r.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
+        async for chunk in sse_chunks(r.content):
+            if chunk is None:
                 done = True
                 break
-            chunk = json.loads(data)
             if "error" in chunk:
                 rec["outcome"] = "stream_error"
                 rec["error"] = str(chunk["error"].get("message", ""))[:200]
