@@ -510,14 +510,23 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
 
 def policy_json(runs: Sequence[Sequence[Completion]]) -> dict[str, float]:
     """serve-bench's per-policy figures over one or more repeats: response-time percentiles and
-    deadline misses over every request, TTFT percentiles, and throughput as the mean of the
-    repeats' (each repeat has its own clock, so pooled makespans would overlap)."""
+    deadline misses over every request, TTFT percentiles, the mean time per token after the first
+    (``decode_ms_per_token``), and throughput as the mean of the repeats' (each repeat has its own
+    clock, so pooled makespans would overlap)."""
     pooled = [c for run in runs for c in run]
     figures = summary_json(summarize(pooled))
     figures["throughput_rps"] = float(np.mean([summarize(run).throughput_rps for run in runs]))
     ttft = [c.first_token_time - c.arrival_time for c in pooled if c.ok and c.first_token_time]
     figures["ttft_p50_s"] = float(np.percentile(ttft, 50)) if ttft else float("nan")
     figures["ttft_p99_s"] = float(np.percentile(ttft, 99)) if ttft else float("nan")
+    # the engine's pace as each request saw it once it ran: tells a slower engine apart from a
+    # longer wait when two policies differ
+    decode = [
+        (c.finish_time - c.first_token_time) / (c.output_tokens - 1)
+        for c in pooled
+        if c.ok and c.first_token_time is not None and c.output_tokens >= 2
+    ]
+    figures["decode_ms_per_token"] = 1000 * float(np.mean(decode)) if decode else float("nan")
     return figures
 
 
