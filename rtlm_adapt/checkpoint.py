@@ -44,6 +44,13 @@ logger = logging.getLogger(__name__)
 
 #: The ``kind`` a controller's state file carries (persistence checks it on load).
 STATE_KIND = "rtlm_adapt.AdaptiveController"
+#: How to make a controller's state file again that this version cannot read.
+REBUILD = (
+    "Rebuild it: start a new AdaptiveController with the same policy and predictor tier "
+    "(predictor=LengthPredictor.pretrained(TIER)); it learns online again from its first "
+    "requests. To skip that warm-up, re-fit the predictor on your logged requests first "
+    "(learn_one(predictor.features(prompt), true_length) for each). Then save() it again."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +221,7 @@ class Checkpointed:
         incomplete; nothing is half-loaded (the instance is built only from a fully checked
         state). Only load files you wrote yourself: the state is a pickle.
         """
-        state = read_state(path, kind=STATE_KIND)
+        state = read_state(path, kind=STATE_KIND, rebuild=REBUILD)
         return cls.restore(
             ControllerCheckpoint.from_state(state, str(path)),
             autosave_path=autosave_path,
@@ -224,5 +231,5 @@ class Checkpointed:
     @classmethod
     def from_state_bytes(cls: type[_Restorable], data: bytes) -> _Restorable:
         """Like :meth:`load`, from :meth:`state_bytes` output."""
-        state = decode_state(data, kind=STATE_KIND)
+        state = decode_state(data, kind=STATE_KIND, rebuild=REBUILD)
         return cls.restore(ControllerCheckpoint.from_state(state, "<bytes>"))

@@ -40,6 +40,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rtlm_adapt.unpickling import OlderStateFileError, loads
+
 MAGIC = b"RTLMSTAT"
 #: Bumped whenever the layout of the saved dicts changes incompatibly.
 FORMAT_VERSION = 1
@@ -53,8 +55,14 @@ def encode_state(state: dict[str, Any]) -> bytes:
     return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), digest) + payload
 
 
-def decode_state(data: bytes, *, source: str = "<bytes>", kind: str | None = None) -> dict:
-    """Check and unpickle file bytes; raise ValueError naming ``source`` on any defect."""
+def decode_state(
+    data: bytes, *, source: str = "<bytes>", kind: str | None = None, rebuild: str = ""
+) -> dict:
+    """Check and unpickle file bytes; raise ValueError naming ``source`` on any defect.
+
+    A file from an older version that names a class this one no longer has raises
+    :class:`~rtlm_adapt.unpickling.OlderStateFileError`, with ``rebuild`` (how to make the file
+    again) in its message."""
     if len(data) < _HEADER.size:
         raise ValueError(
             f"{source!r} is truncated or not a state file ({len(data)} bytes, "
@@ -75,8 +83,11 @@ def decode_state(data: bytes, *, source: str = "<bytes>", kind: str | None = Non
         )
     if hashlib.sha256(payload).digest() != digest:
         raise ValueError(f"{source!r} is corrupted (checksum mismatch)")
+    what = f"a state file of kind {kind!r}" if kind else "a state file"
     try:
-        state = pickle.loads(payload)
+        state = loads(payload, source=source, what=what, rebuild=rebuild)
+    except OlderStateFileError:
+        raise
     except Exception as exc:  # a matching checksum makes this unlikely, but never half-load
         raise ValueError(f"{source!r} holds an unreadable payload: {exc}") from exc
     if not isinstance(state, dict):
@@ -122,7 +133,10 @@ def write_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     write_bytes_atomic(path, encode_state(state))
 
 
-def read_state(path: str | os.PathLike[str], *, kind: str | None = None) -> dict:
-    """Read a file written by :func:`write_state`; ValueError if it is damaged or foreign."""
+def read_state(
+    path: str | os.PathLike[str], *, kind: str | None = None, rebuild: str = ""
+) -> dict:
+    """Read a file written by :func:`write_state`; ValueError if it is damaged or foreign
+    (``rebuild`` as in :func:`decode_state`)."""
     data = Path(path).read_bytes()
-    return decode_state(data, source=str(path), kind=kind)
+    return decode_state(data, source=str(path), kind=kind, rebuild=rebuild)

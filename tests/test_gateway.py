@@ -42,7 +42,7 @@ from rtlm_adapt.gateway.paced_backend import create_app as paced_app  # noqa: E4
 from rtlm_adapt.gateway.paced_backend import token_text  # noqa: E402
 from rtlm_adapt.gateway.server_thread import ServerThread  # noqa: E402
 from rtlm_adapt.knobs import Knobs  # noqa: E402
-from rtlm_adapt.request import FAILURE_REASONS, Request  # noqa: E402
+from rtlm_adapt.request import FAILURE_REASONS, FailureReason, Request  # noqa: E402
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 #: Prompts whose predicted lengths (the packaged lexical prior) differ widely.
@@ -992,6 +992,39 @@ def test_mixed_outcomes_balance_in_stats_and_metrics(pool: ThreadPoolExecutor) -
             "shutdown": 0,
         }
         assert gw.metric("rtlm_invalid_requests_total", status="400") == 1
+
+
+def test_failure_reasons_travel_typed_and_the_wire_is_unchanged(monkeypatch) -> None:
+    """Each failure's FailureReason goes from where it happened to the controller and the
+    metrics as a value: nothing parses "<reason>: <detail>" text back (a parse fails the test),
+    while clients still read that text."""
+
+    def no_parsing(cls: Any, error: str) -> Any:
+        raise AssertionError(f"a failure reason was parsed back out of {error!r}")
+
+    monkeypatch.setattr(FailureReason, "of_error", classmethod(no_parsing))
+    with paced() as be, gateway(be, max_inflight=1, request_timeout_s=0.5) as gw:
+        be.fault("status")
+        with pytest.raises(openai.InternalServerError, match=f"executor_failure: {be.name} answ"):
+            chat(gw.oai)
+        be.fault("midstream")
+        with pytest.raises(openai.APIError, match=f"executor_failure: {be.name}: "):
+            list(gw.oai.chat.completions.create(model="m", messages=user("x"), stream=True))
+        be.fault("hang")
+        with pytest.raises(openai.APIStatusError, match=f"timed_out: {be.name}: ") as info:
+            chat(gw.oai)
+        assert info.value.status_code == 504
+        with held(gw.oai):  # cancelled when it closes
+            with pytest.raises(openai.APITimeoutError):  # cancelled while queued
+                chat(gw.client(timeout=0.3), "impatient")
+        stats = assert_accounting(gw)
+        assert stats.failures == {
+            "rejected": 0,
+            "timed_out": 1,
+            "executor_failure": 2,
+            "cancelled": 2,
+            "shutdown": 0,
+        }
 
 
 # == 10. state =====================================================================================

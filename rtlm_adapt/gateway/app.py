@@ -33,6 +33,7 @@ from starlette.types import Receive, Scope, Send
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.gateway.config import GatewayConfig
 from rtlm_adapt.gateway.dispatcher import (
+    CLIENT_LEFT,
     Backend,
     Dispatcher,
     ShuttingDown,
@@ -283,15 +284,13 @@ class Gateway:
         try:
             reply = await self.upstream.send(ticket, path, payload, headers)
         except UpstreamFailure as failure:
-            self.dispatcher.finish(ticket, 0, error=failure.error)
-            return error_response(failure.status, failure.error, "upstream_error")
+            return self._failed(ticket, failure)
         except asyncio.CancelledError:
-            self.dispatcher.finish(ticket, 0, error="cancelled: client disconnected")
+            self.dispatcher.finish(ticket, 0, reason=FailureReason.CANCELLED, detail=CLIENT_LEFT)
             raise
         if reply.status >= 300:  # the backend refused it (a 4xx): the client's problem
-            self.dispatcher.finish(
-                ticket, 0, error=f"rejected: {reply.backend.name} answered {reply.status}"
-            )
+            detail = f"{reply.backend.name} answered {reply.status}"
+            self.dispatcher.finish(ticket, 0, reason=FailureReason.REJECTED, detail=detail)
             return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
         return reply
 
@@ -305,11 +304,15 @@ class Gateway:
             answer = json.loads(reply.body or b"")
             tokens = completion_tokens(answer)
         except ValueError:
-            error = f"executor_failure: {reply.backend.name} sent a malformed answer"
-            self.dispatcher.finish(ticket, 0, error=error)
-            return error_response(502, error, "upstream_error")
+            detail = f"{reply.backend.name} sent a malformed answer"
+            return self._failed(ticket, UpstreamFailure(FailureReason.EXECUTOR_FAILURE, detail))
         self.dispatcher.finish(ticket, tokens)
         return JSONResponse(answer, headers=ticket_headers(ticket))
+
+    def _failed(self, ticket: Ticket, failure: UpstreamFailure) -> Response:
+        """End ``ticket`` as ``failure`` says, and the error the client is answered with."""
+        self.dispatcher.finish(ticket, 0, reason=failure.reason, detail=failure.detail)
+        return error_response(failure.status, failure.error, "upstream_error")
 
     async def models(self) -> ModelList:
         """The union of what the healthy backends serve."""

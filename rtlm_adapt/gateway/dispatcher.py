@@ -26,6 +26,9 @@ from rtlm_adapt.serving.base import ExecutorState, StepResult
 
 logger = logging.getLogger(__name__)
 
+#: What happened to a request whose client went away (reason ``cancelled``).
+CLIENT_LEFT = "client disconnected"
+
 
 @dataclass(eq=False)
 class Backend:
@@ -144,19 +147,19 @@ class Dispatcher:
             self.abandon(ticket)
             raise
 
-    def abandon(self, ticket: Ticket, error: str = "cancelled: client disconnected") -> None:
-        """End a request whose caller gave up (the client went away), wherever it is: withdrawn
-        from the queue, or ended if it was given a slot. Idempotent."""
+    def abandon(self, ticket: Ticket) -> None:
+        """End a request whose caller gave up (the client went away) as ``cancelled``, wherever
+        it is: withdrawn from the queue, or ended if it was given a slot. Idempotent."""
         if ticket.ended:
             return
         self._waiting.pop(ticket.request.id, None)
         slot = ticket.slot
         admitted = slot is not None and slot.done() and not slot.cancelled()
         if admitted and slot.exception() is None:
-            self.finish(ticket, 0, error=error)
+            self.finish(ticket, 0, reason=FailureReason.CANCELLED, detail=CLIENT_LEFT)
         elif self.controller.cancel(ticket.request.id) is not None:
             ticket.ended = True
-            self._report_withdrawn(ticket, error + " while queued")
+            self._report_withdrawn(ticket, FailureReason.CANCELLED, f"{CLIENT_LEFT} while queued")
 
     async def readmit(self, ticket: Ticket) -> Backend:
         """A slot on a healthy backend ``ticket`` has not tried yet (for one retry).
@@ -173,7 +176,8 @@ class Dispatcher:
             return await asyncio.shield(slot)  # as in admit(): the slot outlives the caller
         except asyncio.CancelledError:
             self._retries = [r for r in self._retries if r[0] is not ticket]
-            self.finish(ticket, 0, error="cancelled: client disconnected")  # frees any new slot
+            # frees any new slot
+            self.finish(ticket, 0, reason=FailureReason.CANCELLED, detail=CLIENT_LEFT)
             raise
 
     def pump(self) -> None:
@@ -247,12 +251,14 @@ class Dispatcher:
         ticket: Ticket,
         output_tokens: int,
         *,
-        error: str | None = None,
+        reason: FailureReason | None = None,
+        detail: str = "",
     ) -> Completion | None:
         """End an admitted request exactly once: teach the controller, free its slot, pump.
 
-        ``error`` starts with a failure reason (``executor_failure: ...``, ``timed_out: ...``,
-        ``cancelled: ...``). Returns the completion, or None if the ticket had already ended.
+        ``reason`` is None for a success; otherwise it says why the request failed and
+        ``detail`` what happened (the Completion's error is ``"<reason>: <detail>"``). Returns
+        the completion, or None if the ticket had already ended.
         """
         if ticket.ended:
             return None
@@ -270,9 +276,10 @@ class Dispatcher:
             prompt_tokens=request.prompt_tokens or 0,
             first_token_time=ticket.first_token_time,
             deadline=request.deadline,
-            error=error,
+            error=None if reason is None else reason.error(detail),
+            failure=reason,
         )
-        if error is None and backend is not None and output_tokens > 1:
+        if reason is None and backend is not None and output_tokens > 1:
             self._learn_timing(ticket, backend, completion)
         self.controller.on_finish(completion)
         self._leave(ticket)  # a no-op if a failed retry already freed it
@@ -301,9 +308,7 @@ class Dispatcher:
             ),
         )
 
-    def _report_withdrawn(
-        self, ticket: Ticket, error: str, failure: FailureReason = FailureReason.CANCELLED
-    ) -> None:
+    def _report_withdrawn(self, ticket: Ticket, reason: FailureReason, detail: str) -> None:
         # A request that left the queue without running: the controller counted it already.
         if self.on_end is None:
             return
@@ -319,8 +324,8 @@ class Dispatcher:
                 finish_time=now,
                 executor="",
                 deadline=request.deadline,
-                error=error,
-                failure=failure,
+                error=reason.error(detail),
+                failure=reason,
             ),
         )
 
@@ -329,7 +334,7 @@ class Dispatcher:
         self._waiting.pop(ticket.request.id, None)
         if self.controller.withdraw(ticket.request.id, reason) is not None:
             ticket.ended = True
-            self._report_withdrawn(ticket, reason.error(detail), reason)
+            self._report_withdrawn(ticket, reason, detail)
 
     def shutdown(self) -> None:
         """Withdraw every queued request (reason ``shutdown``) and fail waiting retries."""

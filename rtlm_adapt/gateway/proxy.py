@@ -16,15 +16,32 @@ from typing import Any
 
 import aiohttp
 
-from rtlm_adapt.gateway.dispatcher import Backend, Dispatcher, NoBackendError, Ticket
+from rtlm_adapt.gateway.dispatcher import CLIENT_LEFT, Backend, Dispatcher, NoBackendError, Ticket
+from rtlm_adapt.request import FailureReason
 
 
 @dataclass
 class UpstreamFailure(Exception):
-    """The request could not be served upstream; ``error`` starts with a failure reason."""
+    """The request could not be served upstream: why (``reason``), what happened (``detail``)
+    and the HTTP status the client is answered with.
 
-    error: str
+    >>> UpstreamFailure(FailureReason.TIMED_OUT, "b1: TimeoutError", 504).error
+    'timed_out: b1: TimeoutError'
+    """
+
+    reason: FailureReason
+    detail: str
     status: int = 502
+
+    @property
+    def error(self) -> str:
+        """What the client reads and the Completion records: ``"<reason>: <detail>"``."""
+        return self.reason.error(self.detail)
+
+    @classmethod
+    def executor_failure(cls, detail: str) -> UpstreamFailure:
+        """The backend failed: it answered 5xx, dropped the connection or broke a stream."""
+        return cls(FailureReason.EXECUTOR_FAILURE, detail)
 
 
 @dataclass
@@ -114,16 +131,17 @@ class Upstream:
                         reply.body = await response.read()  # the answer, or an error to pass on
                     return reply
                 response.release()
-                failure = UpstreamFailure(
-                    f"executor_failure: {backend.name} answered {response.status}"
+                failure = UpstreamFailure.executor_failure(
+                    f"{backend.name} answered {response.status}"
                 )
             except asyncio.TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors too
-                failure = UpstreamFailure(f"timed_out: {backend.name}: {type(exc).__name__}", 504)
+                detail = f"{backend.name}: {type(exc).__name__}"
+                failure = UpstreamFailure(FailureReason.TIMED_OUT, detail, 504)
             except aiohttp.ClientConnectorError as exc:
                 backend.healthy = False  # refused: down until a health check says otherwise
-                failure = UpstreamFailure(f"executor_failure: {backend.name}: {exc!r}")
+                failure = UpstreamFailure.executor_failure(f"{backend.name}: {exc!r}")
             except aiohttp.ClientError as exc:
-                failure = UpstreamFailure(f"executor_failure: {backend.name}: {exc!r}")
+                failure = UpstreamFailure.executor_failure(f"{backend.name}: {exc!r}")
             if len(ticket.tried) >= 2:
                 raise failure
             if self.on_retry is not None:
@@ -146,7 +164,8 @@ class Upstream:
         clock = self.dispatcher.clock
         completion_tokens: int | None = None
         content_chunks = 0
-        error: str | None = "cancelled: client disconnected"
+        # why the request ends if the stream stops before its end: the client left, or a failure
+        reason, detail = FailureReason.CANCELLED, CLIENT_LEFT
         try:
             saw_done = False
             try:
@@ -164,7 +183,7 @@ class Upstream:
                         continue
                     if "error" in chunk:  # the engine gave up mid-stream
                         yield f"data: {data}\n\n".encode()
-                        raise UpstreamFailure(f"executor_failure: {backend.name}: stream error")
+                        raise UpstreamFailure.executor_failure(f"{backend.name}: stream error")
                     usage = chunk.get("usage")
                     if isinstance(usage, dict) and "completion_tokens" in usage:
                         completion_tokens = int(usage["completion_tokens"])
@@ -179,32 +198,32 @@ class Upstream:
                         data = json.dumps(chunk, separators=(",", ":"))
                     yield f"data: {data}\n\n".encode()
                 if not saw_done:
-                    raise UpstreamFailure(f"executor_failure: {backend.name}: stream ended early")
+                    raise UpstreamFailure.executor_failure(f"{backend.name}: stream ended early")
             # ValueError: a line over aiohttp's buffer (64 KiB), which no token chunk reaches
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, UpstreamFailure) as exc:
-                error = (
-                    exc.error
+                failure = (
+                    exc
                     if isinstance(exc, UpstreamFailure)
-                    else f"executor_failure: {backend.name}: {exc!r}"
+                    else UpstreamFailure.executor_failure(f"{backend.name}: {exc!r}")
                 )
-                yield _error_event(error)
+                reason, detail = failure.reason, failure.detail
+                yield _error_event(failure.error)
                 yield b"data: [DONE]\n\n"
                 return
             # Without a usage chunk (a backend that ignores include_usage) each content chunk
             # stands for one token: vLLM and OpenAI send one chunk per token.
             tokens = completion_tokens if completion_tokens is not None else content_chunks
-            error = None
             self.dispatcher.finish(ticket, tokens)
             yield b"data: [DONE]\n\n"
         finally:
-            if not ticket.ended:
-                self.dispatcher.finish(ticket, content_chunks, error=error)
+            if not ticket.ended:  # the stream stopped early (or the client left)
+                self.dispatcher.finish(ticket, content_chunks, reason=reason, detail=detail)
             reply.close()
 
     async def abandon(self, ticket: Ticket, reply: UpstreamReply) -> None:
         """End a relayed request that stopped without ending (its stream never ran)."""
         if not ticket.ended:
-            self.dispatcher.finish(ticket, 0, error="cancelled: client disconnected")
+            self.dispatcher.finish(ticket, 0, reason=FailureReason.CANCELLED, detail=CLIENT_LEFT)
         reply.close()
 
 

@@ -4,7 +4,9 @@ The file (and a pickle of the predictor, inside a controller checkpoint) holds t
 layout older versions wrote and read: the settings, the hashed weights as one list, one
 ``[count, mean, m2, 1/std, weight, fixed]`` list per dense feature (a fixed feature's weight in
 its record), the ADWIN detector, the residual window, and on the encoder tier ``_emb_model``.
-The parts are rebuilt from it on load.
+The parts are rebuilt from it on load. Files written before the predictor became a package name
+the encoder tier's classes in ``rtlm_adapt.encoder_tier``; :mod:`rtlm_adapt.unpickling` finds
+them at their new home.
 
 >>> import io
 >>> state = {"a": 1}
@@ -21,6 +23,7 @@ from typing import Any
 from rtlm_adapt.predictor.conformal import ConformalInterval
 from rtlm_adapt.predictor.offset import DriftingOffset
 from rtlm_adapt.predictor.scaling import FeatureScaler, FeatureStats
+from rtlm_adapt.unpickling import OlderStateFileError, loads
 
 __all__ = [
     "EMBEDDING_KEY",
@@ -43,6 +46,11 @@ STATE_KEYS = frozenset(
     "_resid_fifo _resid_sorted _n_learned _q_low _q_high _z_default _hw".split()
 )
 EMBEDDING_KEY = "_emb_model"
+#: How to make a predictor file again that this version cannot read.
+REBUILD = (
+    "Rebuild it: start from LengthPredictor.pretrained(TIER), re-fit it on your logged requests "
+    "(learn_one(predictor.features(prompt), true_length) for each) and save() it again."
+)
 
 
 def envelope_bytes(state: dict[str, Any]) -> bytes:
@@ -55,7 +63,9 @@ def state_from_envelope(data: bytes, source: str, keys: frozenset[str] | set[str
     """The state in file bytes written by :func:`envelope_bytes`; ValueError naming ``source``
     if they are not that."""
     try:
-        envelope = pickle.loads(data)
+        envelope = loads(data, source=source, what="a LengthPredictor file", rebuild=REBUILD)
+    except OlderStateFileError:
+        raise
     except Exception as exc:  # pickle raises many types on garbage input
         raise ValueError(f"{source!r} is not a readable LengthPredictor file: {exc}") from exc
     if not isinstance(envelope, dict) or envelope.get("format") != FORMAT:

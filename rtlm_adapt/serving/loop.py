@@ -20,6 +20,13 @@ then failed with the error (reason ``executor_failure`` or ``timed_out``). A sin
 completion (NaN times, negative tokens) faults only its request; completions for unknown ids
 and duplicates are dropped; a request the executor silently lost is faulted. The controller
 learns only from results that passed these checks.
+
+The loop keeps the event order and the steps; small parts end requests early, each in its own
+module: :mod:`~rtlm_adapt.serving.retries` (a fault's requests: retried elsewhere or failed),
+:mod:`~rtlm_adapt.serving.hung_steps` (a wall-clock step that does not return, and its executor
+after it), :mod:`~rtlm_adapt.serving.cancellations` (queued and running requests the client gave
+up on) and :mod:`~rtlm_adapt.serving.shutdown` (``shutdown(drain=False)``: fail what was
+accepted). What the loop did is a :class:`~rtlm_adapt.serving.loop_result.LoopResult`.
 """
 
 from __future__ import annotations
@@ -28,42 +35,20 @@ import concurrent.futures
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from rtlm_adapt.request import Completion, FailureReason, Request, RequestRefused
+from rtlm_adapt.serving import shutdown
 from rtlm_adapt.serving.base import Executor, ExecutorState, StepResult
+from rtlm_adapt.serving.cancellations import Cancellations
+from rtlm_adapt.serving.hung_steps import StepHung, back_in_service, step_with_timeout
 from rtlm_adapt.serving.lane import Lane
+from rtlm_adapt.serving.loop_result import LoopResult
+from rtlm_adapt.serving.retries import Retries
 from rtlm_adapt.serving.step_checks import check_completion, check_step
 
 logger = logging.getLogger(__name__)
 
 BATCHING_MODES = ("continuous", "static")
-
-
-@dataclass(slots=True)
-class LoopResult:
-    """What the loop did. ``completions`` holds every ended request (successes and failures)
-    unless the loop was built with ``keep_completions=False``; the counters are always kept."""
-
-    completions: list[Completion] = field(default_factory=list)
-    submitted: int = 0
-    rejected: int = 0
-    end_time: float = 0.0
-    completed: int = 0  # ended with a result
-    failed: int = 0  # ended with an error (rejections included)
-    faults: int = 0  # executor steps that raised, hung or returned garbage
-    garbage: int = 0  # of which garbage (bad step fields or bad completions)
-    retries: int = 0  # requests re-admitted after a fault
-    dropped: int = 0  # completions ignored: unknown ids and duplicates
-
-    def record(self, completion: Completion, *, keep: bool) -> None:
-        """Count an ended request (and ``keep`` its Completion)."""
-        if completion.error is None:
-            self.completed += 1
-        else:
-            self.failed += 1
-        if keep:
-            self.completions.append(completion)
 
 
 class ServingLoop:
@@ -119,12 +104,9 @@ class ServingLoop:
         self.controller = controller
         self.batching = batching
         self.on_completion = on_completion
-        self.max_retries = max_retries
         self.step_timeout_s = step_timeout_s
         self.wall_timeout_s = wall_timeout_s
         self.keep_completions = keep_completions
-        self._attempts: dict[str, int] = {}  # retries used, only for requests that faulted
-        self._take_cancellations = getattr(controller, "take_cancellations", None)
         self._lanes = [Lane(primary, "primary")]
         if secondary is not None:
             if secondary.name == primary.name:
@@ -139,6 +121,18 @@ class ServingLoop:
         self._next = 0
         self.now = 0.0
         self.result = LoopResult()
+        # the parts that end requests early; each ends a request through the loop's _end/_emit
+        # and takes it off an executor through _abort_quietly (a wall-clock loop defers that)
+        abort, end, emit = self._abort_quietly, self._end, self._emit
+        self._retries = Retries(self._lanes, max_retries, self.result, abort=abort, end=end)
+        self._cancellations = Cancellations(
+            controller, self._lanes, self._retries, abort=abort, end=end, emit=emit
+        )
+
+    @property
+    def max_retries(self) -> int:
+        """How many times a request hit by an executor fault is re-admitted before it fails."""
+        return self._retries.max_retries
 
     # -- feeding -------------------------------------------------------------------------------
     def add_requests(self, requests: Sequence[Request]) -> None:
@@ -170,16 +164,7 @@ class ServingLoop:
         A queued request ends at once; a running one when the loop next handles events (it is
         aborted on its executor). Either way it ends with a ``cancelled`` failure Completion.
         """
-        request = self.controller.cancel(request_id)
-        if request is not None:
-            self._emit(
-                Completion.failed(
-                    request, FailureReason.CANCELLED, "cancelled while queued", self.now
-                )
-            )
-            return True
-        is_running = getattr(self.controller, "is_running", None)
-        return bool(is_running and is_running(request_id))
+        return self._cancellations.cancel(request_id, self.now)
 
     def shutdown(self, *, drain: bool = True) -> LoopResult:
         """Stop: arrivals not yet submitted fail (``shutdown``); then either serve what was
@@ -195,31 +180,14 @@ class ServingLoop:
         if drain:
             self.advance(math.inf)
         else:
-            for request in self.controller.fail_queued(FailureReason.SHUTDOWN):
-                self._emit(
-                    Completion.failed(request, FailureReason.SHUTDOWN, "loop shut down", self.now)
-                )
-            for lane in self._lanes:
-                lane.pending, lane.busy_until, lane.fault = None, math.inf, None
-                while lane.retry:
-                    self._end(
-                        Completion.failed(
-                            lane.retry.popleft(), FailureReason.SHUTDOWN, "loop shut down", self.now
-                        )
-                    )
-                for rid in list(lane.inflight):
-                    request = lane.inflight.pop(rid)
-                    if lane.stuck is None:
-                        self._abort_quietly(lane, rid)
-                    self._end(
-                        Completion.failed(
-                            request,
-                            FailureReason.SHUTDOWN,
-                            "loop shut down",
-                            self.now,
-                            lane.executor.name,
-                        )
-                    )
+            shutdown.fail_accepted(
+                self.controller,
+                self._lanes,
+                self.now,
+                abort=self._abort_quietly,
+                end=self._end,
+                emit=self._emit,
+            )
         for lane in self._lanes:
             if lane.pool is not None:
                 lane.pool.shutdown(wait=False)
@@ -248,13 +216,13 @@ class ServingLoop:
     def advance(self, until: float) -> bool:
         """Process every event up to virtual time ``until``; returns ``self.done``."""
         lanes = self._lanes
-        self._apply_cancellations(self.now)  # those requested since the last call
+        self._cancellations.apply(self.now)  # those requested since the last call
         while True:
             next_arrival = self._next_arrival()
             next_finish = min(lane.busy_until for lane in lanes)
             t = min(next_arrival, next_finish)
             if t == math.inf:
-                self._apply_cancellations(self.now)
+                self._cancellations.apply(self.now)
                 waiting = len(self.controller) or any(lane.retry for lane in lanes)
                 if waiting and self._dispatch(self.now):
                     continue  # work was queued while executors were idle (e.g. knobs changed)
@@ -277,14 +245,14 @@ class ServingLoop:
                 return True
             if t > until:
                 self.now = until
-                self._apply_cancellations(until)
+                self._cancellations.apply(until)
                 self._dispatch(until)
                 return False
             self.now = t
             for lane in lanes:
                 if lane.busy_until == t:
                     self._finish_step(lane)
-            self._apply_cancellations(t)
+            self._cancellations.apply(t)
             self._submit_arrivals(t)
             self._dispatch(t)
 
@@ -353,16 +321,20 @@ class ServingLoop:
             # While the batch is full nobody can join, so a simulator may fuse steps freely.
             horizon = math.inf if ex.running() >= ex.max_batch_size else next_arrival
             result = self._call_step(lane, now, horizon)
-        except _StepHung as hung:
-            self._fault(lane, lane.step_ids, FailureReason.TIMED_OUT, str(hung), now, abort=False)
+        except StepHung as hung:
+            self._retries.fault(
+                lane, lane.step_ids, FailureReason.TIMED_OUT, str(hung), now, abort=False
+            )
             return False
         except Exception as exc:  # any executor error is a fault of this step, not of the loop
-            self._fault(lane, list(lane.inflight), FailureReason.EXECUTOR_FAILURE, f"{exc!r}", now)
+            self._retries.fault(
+                lane, list(lane.inflight), FailureReason.EXECUTOR_FAILURE, f"{exc!r}", now
+            )
             return False
         problem = check_step(result)
         if problem is not None:
             self.result.garbage += 1
-            self._fault(
+            self._retries.fault(
                 lane, lane.step_ids, FailureReason.EXECUTOR_FAILURE, f"garbage step: {problem}", now
             )
             return False
@@ -377,32 +349,10 @@ class ServingLoop:
     def _call_step(self, lane: Lane, now: float, horizon: float) -> StepResult:
         if self.wall_timeout_s is None:
             return lane.executor.step(now, horizon)
-        if lane.pool is None:
-            lane.pool = concurrent.futures.ThreadPoolExecutor(1, f"step-{lane.executor.name}")
-        future = lane.pool.submit(lane.executor.step, now, horizon)
-        try:
-            return future.result(timeout=self.wall_timeout_s)
-        except concurrent.futures.TimeoutError:
-            lane.stuck = future
-            raise _StepHung(f"step ran past {self.wall_timeout_s} s of wall time") from None
+        return step_with_timeout(lane, now, horizon, self.wall_timeout_s)
 
     def _lane_usable(self, lane: Lane, now: float) -> bool:
-        stuck = lane.stuck
-        if stuck is None:
-            return True
-        if not stuck.done():
-            return False
-        # The hung call came back: whatever it still holds is no longer ours.
-        lane.stuck = None
-        try:
-            leftovers = lane.executor.running_ids()
-        except Exception:  # noqa: BLE001 - a broken executor stays out of service
-            lane.stuck = stuck
-            return False
-        for rid in leftovers:
-            if rid not in lane.inflight:
-                self._abort_quietly(lane, rid, now)
-        return True
+        return lane.stuck is None or back_in_service(lane, now, self._abort_quietly)
 
     def _finish_step(self, lane: Lane) -> None:
         result = lane.pending
@@ -414,7 +364,7 @@ class ServingLoop:
         if lane.fault is not None:
             (reason, detail), lane.fault = lane.fault, None
             self.result.faults += 1
-            self._fault(lane, lane.step_ids, reason, detail, now, counted=True)
+            self._retries.fault(lane, lane.step_ids, reason, detail, now, counted=True)
             return
         self.controller.on_step(lane.executor.name, result)
         ended: set[str] = set()
@@ -428,7 +378,7 @@ class ServingLoop:
             problem = check_completion(completion)
             if problem is not None:
                 self.result.garbage += 1
-                self._fault(
+                self._retries.fault(
                     lane,
                     [rid],
                     FailureReason.EXECUTOR_FAILURE,
@@ -437,7 +387,7 @@ class ServingLoop:
                 )
                 continue
             del lane.inflight[rid]
-            self._attempts.pop(rid, None)
+            self._retries.forget(rid)
             self._end(completion)
         # A request neither finished nor still in the executor was lost by it: fault it.
         missing = [rid for rid in lane.step_ids if rid in lane.inflight and rid not in ended]
@@ -448,7 +398,7 @@ class ServingLoop:
                 still = set()
             lost = [rid for rid in missing if rid not in still]
             if lost:
-                self._fault(
+                self._retries.fault(
                     lane, lost, FailureReason.EXECUTOR_FAILURE, "executor lost the request", now
                 )
 
@@ -471,72 +421,9 @@ class ServingLoop:
             logger.warning("dropped a submission that is not a Request: %s", detail)
         return False
 
-    def _apply_cancellations(self, now: float) -> None:
-        if self._take_cancellations is None:
-            return
-        for rid in self._take_cancellations():
-            for lane in self._lanes:
-                request = lane.inflight.pop(rid, None)
-                if request is not None:
-                    if lane.stuck is None:
-                        self._abort_quietly(lane, rid, now)
-                    break
-                request = next((r for r in lane.retry if r.id == rid), None)
-                if request is not None:
-                    lane.retry.remove(request)
-                    break
-            if request is not None:
-                self._attempts.pop(rid, None)
-                self._end(
-                    Completion.failed(
-                        request,
-                        FailureReason.CANCELLED,
-                        "cancelled while running",
-                        now,
-                        lane.executor.name,
-                    )
-                )
-                if not lane.inflight and lane.pending is not None and lane.fault is None:
-                    # the step now serves nobody: free the executor instead of waiting it out
-                    lane.pending, lane.busy_until = None, math.inf
-
-    def _fault(
-        self,
-        lane: Lane,
-        ids: Sequence[str],
-        reason: FailureReason,
-        detail: str,
-        now: float,
-        *,
-        abort: bool = True,
-        counted: bool = False,
-    ) -> None:
-        """Take ``ids`` off ``lane`` after a fault; retry each elsewhere or fail it."""
-        if not counted:
-            self.result.faults += 1
-        logger.warning(
-            "%s: %s (%s) affecting %d requests", lane.executor.name, reason, detail, len(ids)
-        )
-        others = [o for o in self._lanes if o is not lane and o.stuck is None]
-        target = others[0] if others else (lane if lane.stuck is None else None)
-        for rid in ids:
-            request = lane.inflight.pop(rid, None)
-            if request is None:
-                continue
-            if abort:
-                self._abort_quietly(lane, rid, now)
-            used = self._attempts.get(rid, 0)
-            if target is not None and used < self.max_retries:
-                self._attempts[rid] = used + 1
-                target.retry.append(request)
-                self.result.retries += 1
-            else:
-                self._attempts.pop(rid, None)
-                self._end(Completion.failed(request, reason, detail, now, lane.executor.name))
-
-    def _abort_quietly(self, lane: Lane, rid: str, now: float | None = None) -> None:
+    def _abort_quietly(self, lane: Lane, rid: str, now: float) -> None:
         try:
-            lane.executor.abort(rid, self.now if now is None else now)
+            lane.executor.abort(rid, now)
         except Exception:  # noqa: BLE001 - the request ends anyway; the executor is suspect
             logger.warning("%s: abort(%r) failed", lane.executor.name, rid, exc_info=True)
 
@@ -549,7 +436,3 @@ class ServingLoop:
         self.result.record(completion, keep=self.keep_completions)
         if self.on_completion is not None:
             self.on_completion(completion)
-
-
-class _StepHung(Exception):
-    """A wall-clock step did not return within ``wall_timeout_s``."""

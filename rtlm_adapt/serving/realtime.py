@@ -39,7 +39,8 @@ from typing import Any
 from rtlm_adapt.request import FailureReason, Request
 from rtlm_adapt.serving.base import Executor, StepResult
 from rtlm_adapt.serving.lane import Lane
-from rtlm_adapt.serving.loop import LoopResult, ServingLoop
+from rtlm_adapt.serving.loop import ServingLoop
+from rtlm_adapt.serving.loop_result import LoopResult
 from rtlm_adapt.serving.step_checks import check_step
 
 #: Placeholder ``Lane.pending`` while a lane's step runs on its worker thread.
@@ -142,7 +143,7 @@ class RealTimeLoop(ServingLoop):
                 elif self.wall_timeout_s is not None and now - started > self.wall_timeout_s:
                     self._hang(lane)
             now = self._tick()
-            self._apply_cancellations(now)
+            self._cancellations.apply(now)
             self._submit_arrivals(now)
             self._dispatch(now)
             if self.done:
@@ -189,7 +190,9 @@ class RealTimeLoop(ServingLoop):
             if not self._fill(lane, now):
                 return False
         except Exception as exc:  # an admission error is a fault of this lane's requests
-            self._fault(lane, list(lane.inflight), FailureReason.EXECUTOR_FAILURE, f"{exc!r}", now)
+            self._retries.fault(
+                lane, list(lane.inflight), FailureReason.EXECUTOR_FAILURE, f"{exc!r}", now
+            )
             return False
         if lane.pool is None:
             lane.pool = concurrent.futures.ThreadPoolExecutor(1, f"step-{lane.executor.name}")
@@ -219,12 +222,14 @@ class RealTimeLoop(ServingLoop):
         try:
             result = future.result()
         except Exception as exc:  # any executor error is a fault of this step, not of the loop
-            self._fault(lane, list(lane.inflight), FailureReason.EXECUTOR_FAILURE, f"{exc!r}", now)
+            self._retries.fault(
+                lane, list(lane.inflight), FailureReason.EXECUTOR_FAILURE, f"{exc!r}", now
+            )
             return
         problem = check_step(result)
         if problem is not None:
             self.result.garbage += 1
-            self._fault(
+            self._retries.fault(
                 lane, lane.step_ids, FailureReason.EXECUTOR_FAILURE, f"garbage step: {problem}", now
             )
             return
@@ -238,12 +243,14 @@ class RealTimeLoop(ServingLoop):
         lane.pending = None
         lane.stuck = future
         detail = f"step ran past {self.wall_timeout_s} s of wall time"
-        self._fault(lane, lane.step_ids, FailureReason.TIMED_OUT, detail, self._tick(), abort=False)
+        self._retries.fault(
+            lane, lane.step_ids, FailureReason.TIMED_OUT, detail, self._tick(), abort=False
+        )
 
     def _lane_usable(self, lane: Lane, now: float) -> bool:
         return lane not in self._flight and super()._lane_usable(lane, now)
 
-    def _abort_quietly(self, lane: Lane, rid: str, now: float | None = None) -> None:
+    def _abort_quietly(self, lane: Lane, rid: str, now: float) -> None:
         if lane in self._flight:  # never touch an executor while it steps
             self._deferred.setdefault(lane, []).append(rid)
             return
