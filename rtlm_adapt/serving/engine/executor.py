@@ -20,9 +20,12 @@ call fuses them and prices them in closed form.
 ...                 engine=EngineSpec(max_num_seqs=4, kv_cache_tokens=4096))
 >>> ex = EngineExecutor("primary", cost)
 >>> ex.admit([Request("a", "hi", 0.0, metadata={TRUE_LENGTH_KEY: 5}, prompt_tokens=100)], 0.0)
->>> r = ex.step(0.0)  # the prefill (0.01 + 100 x 0.001 s), then 4 decodes (0.01 s each), fused
+>>> r = ex.step(0.0)  # the prefill (0.01 + 100 x 0.001 s), which samples the first token
+>>> r.iterations, round(r.duration_s, 3), r.new_tokens
+(1, 0.11, {'a': 1})
+>>> r = ex.step(0.11)  # then 4 decodes of 0.01 s each, fused into one call
 >>> r.iterations, round(r.duration_s, 3), [c.output_tokens for c in r.finished]
-(5, 0.15, [5])
+(4, 0.04, [5])
 """
 
 from __future__ import annotations
