@@ -502,10 +502,36 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
             }
             for name, s in pooled.items()
         }
+    if getattr(args, "compare_sim", False):
+        out["sim_fidelity"] = compare_sim(args, requests, chosen, results)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
+
+
+def compare_sim(
+    args: Any,
+    requests: Sequence[BenchRequest],
+    chosen: Sequence[PromptSample],
+    results: dict[str, list[list[Completion]]],
+) -> dict[str, dict[str, float]]:
+    """``--compare-sim``: every policy's repeats replayed on the simulator's engine model of
+    vLLM (``--profile``, default the measured vLLM-CPU one), with the run's max_num_seqs."""
+    from rtlm_adapt.engines.vllm_replay import DEFAULT_ENGINE_PROFILE, compare_on_engine
+
+    profile = DEFAULT_ENGINE_PROFILE if args.profile == "auto" else args.profile
+    prompt_tokens = [s.prompt_tokens for s in chosen]
+    figures = compare_on_engine(
+        requests, prompt_tokens, results, profile=profile, max_num_seqs=args.max_num_seqs
+    )
+    for name, f in figures.items():
+        print(
+            f"fidelity {name} (engine profile {f['profile']}): mean RT sim/real "
+            f"{f['mean_rt_ratio_sim_over_real']:.3f}, spearman {f['spearman']:.3f}",
+            file=sys.stderr,
+        )
+    return figures
 
 
 def policy_json(runs: Sequence[Sequence[Completion]]) -> dict[str, float]:
