@@ -128,6 +128,8 @@ class PolicyRun:
     summary: Summary
     completions: list[Completion]
     controller: AdaptiveController
+    #: Requests the simulated engines preempted (engine-model profiles; 0 for the batch model).
+    preemptions: int = 0
 
 
 def run_policy(
@@ -173,9 +175,12 @@ def run_policy(
         secondary = simulated_executor(
             "secondary", secondary_cost, batching=batching, priority_of=priority_of
         )
+    primary = simulated_executor(
+        "primary", primary_cost, batching=batching, priority_of=priority_of
+    )
     loop = ServingLoop(
         controller,
-        simulated_executor("primary", primary_cost, batching=batching, priority_of=priority_of),
+        primary,
         secondary,
         batching=batching,
         on_completion=on_completion,
@@ -184,7 +189,10 @@ def run_policy(
     stats = controller.stats()
     if not stats.balanced or len(result.completions) != len(workload.requests):
         raise RuntimeError(f"accounting mismatch after the run: {stats}")
-    return PolicyRun(policy, summarize(result.completions), result.completions, controller)
+    preemptions = sum(getattr(ex, "preemptions", 0) for ex in (primary, secondary))
+    return PolicyRun(
+        policy, summarize(result.completions), result.completions, controller, preemptions
+    )
 
 
 def engine_priority(controller: AdaptiveController) -> Callable[[Request], int]:

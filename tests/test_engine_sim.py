@@ -357,3 +357,24 @@ def test_serving_env_steps_on_a_vllm_profile():
         assert math.isfinite(reward)
         steps += 1
     assert done and info["completed"] == 20
+
+
+def test_simulate_on_a_small_cache_reports_preemptions(alpaca_file, tmp_path, capsys):
+    from rtlm_adapt.cli import main
+
+    cost = StepCost.load("vllm-cpu-smollm2-135m")
+    small = StepCost.from_dict(
+        {**json.loads(cost.to_json()), "name": "small-kv", "max_batch_size": 16,
+         "engine": {"max_num_seqs": 16, "kv_cache_tokens": 4096, "block_size": 16}}
+    )  # fmt: skip
+    profile = tmp_path / "small-kv.json"
+    small.save(profile)
+    out = tmp_path / "sim.json"
+    args = ["simulate", "--prompts", str(alpaca_file), "--requests", "150", "--tokenizer",
+            "words", "--profile", str(profile), "--secondary-profile", "none", "--load", "1.0",
+            "--policies", "fcfs,oracle-sjf", "--json", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert "preemptions in the engine" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert all(p["completed"] == 150 for p in data["policies"].values())
+    assert data["policies"]["fcfs"]["preemptions"] > 0

@@ -44,13 +44,13 @@ def test_replay_generates_the_real_lengths_and_direct_has_no_cap():
         [r.arrival_s for r in REQUESTS], [r.deadline_s for r in REQUESTS], real,
     )  # fmt: skip
     for policy in ("direct", "fcfs", "oracle-sjf"):
-        sim = replay(policy, requests, cost)
+        sim = replay(policy, requests, cost).completions
         assert {c.request_id: c.output_tokens for c in sim} == {
             c.request_id: c.output_tokens for c in real
         }
     # oracle-sjf reorders through the gateway and vLLM's priority: a lower mean than direct
     mean = {
-        p: sum(c.response_time for c in replay(p, requests, cost)) for p in ("direct", "oracle-sjf")
+        p: replay(p, requests, cost).summary.mean_rt_s for p in ("direct", "oracle-sjf")
     }
     assert mean["oracle-sjf"] < mean["direct"]
 
@@ -61,14 +61,14 @@ def test_replaying_a_replay_is_exact_and_repeats_pool():
         [r.id for r in REQUESTS], [r.prompt for r in REQUESTS], PROMPT_TOKENS,
         [r.arrival_s for r in REQUESTS], [r.deadline_s for r in REQUESTS], fake_real(1.0),
     )  # fmt: skip
-    sim_run = replay("fcfs", requests, cost)
+    sim_run = replay("fcfs", requests, cost).completions
     figures = compare_on_engine(
         REQUESTS, PROMPT_TOKENS, {"fcfs": [sim_run, sim_run]}, max_num_seqs=4
     )["fcfs"]
     assert figures["n"] == 80
     assert figures["mean_rt_ratio_sim_over_real"] == pytest.approx(1.0)
     assert figures["spearman"] == pytest.approx(1.0)
-    assert figures["profile"] == "vllm-cpu-smollm2-135m"
+    assert figures["profile"] == "vllm-cpu-smollm2-135m" and figures["sim_preemptions"] == 0
 
 
 def test_a_profile_without_an_engine_cannot_replay_vllm():

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from rtlm_adapt.calibration.step_cost import StepCost
-from rtlm_adapt.experiment import Workload, run_policy
+from rtlm_adapt.experiment import PolicyRun, Workload, run_policy
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
 from rtlm_adapt.sim_fidelity import fidelity
 
@@ -67,16 +67,14 @@ def replay_requests(
     ]
 
 
-def replay(policy: str, requests: Sequence[Request], cost: StepCost) -> list[Completion]:
+def replay(policy: str, requests: Sequence[Request], cost: StepCost) -> PolicyRun:
     """``requests`` under ``policy`` on the engine model (``direct``: no gateway)."""
     workload = Workload(list(requests), 1.0, 1.0, 1.0, 1.0, "vLLM replay")
     if policy == DIRECT:
-        run = run_policy(
+        return run_policy(
             "fcfs", workload, primary_cost=dataclasses.replace(cost, max_batch_size=NO_CAP)
         )
-    else:
-        run = run_policy(policy, workload, primary_cost=cost)
-    return run.completions
+    return run_policy(policy, workload, primary_cost=cost)
 
 
 class BenchedRequest(Protocol):
@@ -103,6 +101,7 @@ def compare_on_engine(
     for policy, runs in results.items():
         sims: list[Completion] = []
         reals: list[Completion] = []
+        preemptions = 0
         for k, real in enumerate(runs):
             replayed = replay_requests(
                 [r.id for r in requests],
@@ -112,9 +111,15 @@ def compare_on_engine(
                 [r.deadline_s for r in requests],
                 real,
             )
-            sims += _tagged(replay(policy, replayed, cost), k)
+            run = replay(policy, replayed, cost)
+            preemptions += run.preemptions
+            sims += _tagged(run.completions, k)
             reals += _tagged(real, k)
-        out[policy] = {**fidelity(sims, reals), "profile": cost.name}
+        out[policy] = {
+            **fidelity(sims, reals),
+            "profile": cost.name,
+            "sim_preemptions": preemptions,  # all repeats
+        }
     return out
 
 
