@@ -380,6 +380,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         scheduling_policy="priority",
     )
     results: dict[str, list[list[Completion]]] = {p: [] for p in policies}
+    preemptions: dict[str, list[float]] = {p: [] for p in policies}  # vLLM's, per repeat
     gateway_metrics: dict[str, str] = {}
     timelines: dict[str, list[dict[str, Any]]] = {}  # per policy, one per repeat
     with server:
@@ -437,6 +438,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
             order = policies if repeat % 2 == 0 else policies[::-1]
             for name in order:
                 t0 = time.perf_counter()
+                preempted_before = server.preemptions()
                 oracle = name != DIRECT and make_policy(name).length_source == "oracle"
                 if name == DIRECT:
                     done = asyncio.run(
@@ -461,6 +463,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
                         gateway_metrics[name] = gateway.metrics_text()
                         timelines.setdefault(name, []).append(timeline.stop())
                 results[name].append(done)
+                preemptions[name].append(server.preemptions() - preempted_before)
                 s = summarize(done)
                 print(
                     f"[{repeat + 1}/{args.repeats}] {name}: mean {s.mean_rt_s:.2f} s, "
@@ -491,6 +494,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         },
         "gateway_metrics": {name: _gateway_figures(text) for name, text in gateway_metrics.items()},
         "gateway_timelines": timelines,
+        "engine_preemptions": preemptions,
     }
     if DIRECT in pooled:
         base = pooled[DIRECT]
