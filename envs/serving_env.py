@@ -98,7 +98,9 @@ class ServingEnv(gym.Env):
         or a local path / hub id.
     profile, secondary_profile
         Cost profiles (names or paths for :meth:`StepCost.load`); ``secondary_profile=None``
-        disables offloading.
+        disables offloading. A profile with an ``engine`` block (``vllm-cpu-smollm2-135m``,
+        ``vllm-h100-llama3-8b``, ...) runs on the engine model of vLLM's scheduler, so PPO
+        learns the knobs for that engine.
     predictor_tier
         The length predictor: ``"lexical"`` (online linear model on the uncertainty features).
     slo

@@ -119,9 +119,7 @@ class EngineExecutor:
                 raise RuntimeError(f"{self.name}: step() with nothing in flight")
             return StepResult(duration_s=0.0, iterations=0, batch_size=0, finished=finished)
         sched = self.scheduler
-        plan = sched.schedule()
-        while not plan.scheduled:  # the only candidate preempted itself: schedule again
-            plan = sched.schedule()
+        plan = self._next_plan()
         first_s = self._step_s(plan)
         end = now + first_s
         sampled, ended = sched.complete(plan)
@@ -163,6 +161,16 @@ class EngineExecutor:
         return self._complete(seq, max(now, seq.start_time), error="aborted")
 
     # -- internals -----------------------------------------------------------------------------
+    def _next_plan(self) -> StepPlan:
+        """The next step with work in it. A step can come out empty when the first running
+        request needed a block and was itself the one to preempt (vLLM then runs nothing); each
+        such try preempts one more request, so work comes within len(running) + 1 tries."""
+        for _ in range(len(self.scheduler.running) + 1):
+            plan = self.scheduler.schedule()
+            if plan.scheduled:
+                return plan
+        raise RuntimeError(f"{self.name}: no request can be scheduled (KV cache too small?)")
+
     def _step_s(self, plan: StepPlan) -> float:
         c = self.cost
         s = c.decode_s_base + c.decode_s_per_seq * plan.decodes
