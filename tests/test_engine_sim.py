@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -378,3 +379,25 @@ def test_simulate_on_a_small_cache_reports_preemptions(alpaca_file, tmp_path, ca
     data = json.loads(out.read_text())
     assert all(p["completed"] == 150 for p in data["policies"].values())
     assert data["policies"]["fcfs"]["preemptions"] > 0
+
+
+def test_profile_engine_vllm_refits_the_packaged_cpu_profile(tmp_path, capsys):
+    """``profile --engine vllm --from-run`` on section 7.1's recorded run gives the packaged
+    vLLM-CPU profile's coefficients (which were rounded from it)."""
+    from conftest import data_dir
+
+    from rtlm_adapt.cli import main
+
+    run = Path(__file__).resolve().parents[1] / "benchmarks/results/gateway_vllm_load0.9.json"
+    if data_dir() is None or not (data_dir() / "alpaca_eval").exists():
+        pytest.skip("the AlpacaEval data is not present")
+    out = tmp_path / "fit.json"
+    assert main(["profile", "--engine", "vllm", "--from-run", str(run), "--out", str(out)]) == 0
+    fitted, packaged = StepCost.load(out), StepCost.load("vllm-cpu-smollm2-135m")
+    for key in ("decode_s_base", "prefill_s_base", "prefill_s_per_token"):
+        assert getattr(fitted, key) == pytest.approx(getattr(packaged, key), rel=2e-3)
+    assert fitted.engine == packaged.engine
+    bad = tmp_path / "hf.json"
+    bad.write_text(json.dumps({"policies": {}}))
+    assert main(["profile", "--engine", "vllm", "--from-run", str(bad), "--out", str(out)]) != 0
+    assert "not a serve-bench --engine vllm run" in capsys.readouterr().err

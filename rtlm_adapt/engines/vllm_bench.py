@@ -485,6 +485,8 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         "repeats": args.repeats,
         "arrivals": args.arrivals,
         "prompts": args.prompts,
+        "seed": args.seed,
+        "tokenizer": args.tokenizer,
         "capacity": capacity,
         "arrival_rate_rps": rate,
         "mean_true_tokens": mean_len,
