@@ -401,3 +401,29 @@ def test_profile_engine_vllm_refits_the_packaged_cpu_profile(tmp_path, capsys):
     bad.write_text(json.dumps({"policies": {}}))
     assert main(["profile", "--engine", "vllm", "--from-run", str(bad), "--out", str(out)]) != 0
     assert "not a serve-bench --engine vllm run" in capsys.readouterr().err
+
+
+def test_cancelling_a_request_in_the_engine_aborts_it_and_frees_its_blocks():
+    """Through the serving loop: a request waiting in the engine and one running are cancelled;
+    they end as cancelled, their blocks come back, the others finish."""
+    from rtlm_adapt.controller import AdaptiveController
+    from rtlm_adapt.serving.loop import ServingLoop
+
+    cost = cost_with(EngineSpec(max_num_seqs=2, kv_cache_tokens=4096), max_batch_size=4)
+    ex = EngineExecutor("primary", cost)
+    ctl = AdaptiveController("fcfs", profiles={"primary": cost})
+    loop = ServingLoop(ctl, ex)
+    lengths = [200, 400, 50, 50]
+    loop.add_requests([make_request(f"r{i}", 0.0, n, deadline=1e3) for i, n in enumerate(lengths)])
+    loop.advance(0.5)  # r0 and r1 run (2 seats); r2 and r3 wait in the engine's queue
+    assert [s.request.id for s in ex.scheduler.waiting] == ["r2", "r3"]
+    assert [s.request.id for s in ex.scheduler.running] == ["r1"]  # r0 ends in this fused step
+    held = ex.scheduler.kv.num_blocks - ex.scheduler.kv.free_blocks
+    assert loop.cancel("r1") and loop.cancel("r3")
+    loop.advance(0.6)  # the loop aborts r1 in the engine: its blocks come back at once
+    assert ex.scheduler.kv.num_blocks - ex.scheduler.kv.free_blocks < held
+    loop.advance(math.inf)
+    ended = {c.request_id: c for c in loop.result.completions}
+    assert {rid for rid, c in ended.items() if c.error} == {"r1", "r3"}
+    assert (ended["r0"].output_tokens, ended["r2"].output_tokens) == (200, 50)
+    assert ex.running() == 0 and ex.scheduler.kv.free_blocks == ex.scheduler.kv.num_blocks
