@@ -49,9 +49,7 @@ def test_replay_generates_the_real_lengths_and_direct_has_no_cap():
             c.request_id: c.output_tokens for c in real
         }
     # oracle-sjf reorders through the gateway and vLLM's priority: a lower mean than direct
-    mean = {
-        p: replay(p, requests, cost).summary.mean_rt_s for p in ("direct", "oracle-sjf")
-    }
+    mean = {p: replay(p, requests, cost).summary.mean_rt_s for p in ("direct", "oracle-sjf")}
     assert mean["oracle-sjf"] < mean["direct"]
 
 
@@ -93,3 +91,12 @@ def test_serve_bench_vllm_compare_sim_reports_each_policy(capsys):
     assert set(figures) == {"direct", "fcfs"}
     assert all(f["n"] == 40 and f["profile"] == "vllm-cpu-smollm2-135m" for f in figures.values())
     assert "fidelity direct" in capsys.readouterr().err
+
+
+def test_vllm_preemption_count_is_nan_when_metrics_do_not_answer():
+    import math
+
+    from rtlm_adapt.engines.vllm_server import VLLMServer, free_port
+
+    server = VLLMServer(port=free_port())  # not started: nothing listens there
+    assert math.isnan(server.preemptions(timeout=1.0))

@@ -303,9 +303,13 @@ class VLLMServer:
             return False
 
     def preemptions(self, timeout: float = 5.0) -> float:
-        """vLLM's ``vllm:num_preemptions_total`` now (summed over its label sets)."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=timeout) as response:
-            return counter_total(response.read().decode(), "vllm:num_preemptions_total")
+        """vLLM's ``vllm:num_preemptions_total`` now (summed over its label sets); NaN when
+        ``/metrics`` does not answer (a benchmark goes on without the count)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/metrics", timeout=timeout) as response:
+                return counter_total(response.read().decode(), "vllm:num_preemptions_total")
+        except (urllib.error.URLError, OSError, ValueError):
+            return float("nan")
 
     def _failure(self, what: str) -> str:
         tail = self.log_tail()
