@@ -1,6 +1,7 @@
 """ServingEnv steps per second and PPOPolicy decision cost.
 
     python benchmarks/env_speed.py --model runs/ppo/model.zip
+    python benchmarks/env_speed.py --profile vllm-cpu-smollm2-135m --secondary-profile none
 
 Steps: one env (no vectorisation, no wrappers), random actions, episodes reset as they end;
 the best of ``--repeats`` timed blocks (the machine is shared). Decision cost: ``PPOPolicy.decide``
@@ -22,8 +23,8 @@ from rtlm_adapt.envs import ServingEnv
 from rtlm_adapt.policies.ppo import PPOPolicy
 
 
-def env_steps_per_s(steps: int, repeats: int) -> list[float]:
-    env = ServingEnv()
+def env_steps_per_s(steps: int, repeats: int, **env_kwargs) -> list[float]:
+    env = ServingEnv(**env_kwargs)
     env.reset(seed=0)
     actions = np.random.default_rng(0).uniform(-1, 1, (steps, 6)).astype(np.float32)
     rates = []
@@ -59,16 +60,31 @@ def main() -> None:
     parser.add_argument("--model", help="PPO model.zip (for the decision cost)")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", help="primary cost profile (default: the env's)")
+    parser.add_argument("--secondary-profile", help="secondary profile, or 'none'")
     args = parser.parse_args()
-    rates = env_steps_per_s(args.steps, args.repeats)
-    print(f"env steps/s: best {max(rates):.0f}, median {statistics.median(rates):.0f} "
-          f"({args.repeats} x {args.steps} steps)")
+    env_kwargs = {}
+    if args.profile:
+        env_kwargs["profile"] = args.profile
+    if args.secondary_profile:
+        env_kwargs["secondary_profile"] = (
+            None if args.secondary_profile == "none" else args.secondary_profile
+        )
+    rates = env_steps_per_s(args.steps, args.repeats, **env_kwargs)
+    print(
+        f"env steps/s: best {max(rates):.0f}, median {statistics.median(rates):.0f} "
+        f"({args.repeats} x {args.steps} steps)"
+    )
     if args.model:
         decide, whole = decide_us(args.model, args.repeats)
-        print(f"PPOPolicy.decide: best {min(decide):.1f} us, "
-              f"median {statistics.median(decide):.1f} us")
-        print(f"controller epoch (observe + decide + set_knobs): best {min(whole):.1f} us, "
-              f"median {statistics.median(whole):.1f} us")
+        print(
+            f"PPOPolicy.decide: best {min(decide):.1f} us, "
+            f"median {statistics.median(decide):.1f} us"
+        )
+        print(
+            f"controller epoch (observe + decide + set_knobs): best {min(whole):.1f} us, "
+            f"median {statistics.median(whole):.1f} us"
+        )
 
 
 if __name__ == "__main__":

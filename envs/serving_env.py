@@ -48,13 +48,13 @@ from gymnasium import spaces
 
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController
-from rtlm_adapt.experiment import Workload
+from rtlm_adapt.experiment import Workload, engine_priority
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
 from rtlm_adapt.policies.action_space import OBS_HIGH, OBS_LOW, KnobsActionMap, observation_array
 from rtlm_adapt.request import Completion
 from rtlm_adapt.serving.loop import ServingLoop
-from rtlm_adapt.serving.sim import SimulatedExecutor
+from rtlm_adapt.serving.simulated import simulated_executor
 
 from .episodes import EpisodeSampler, shared_scorer
 
@@ -98,7 +98,9 @@ class ServingEnv(gym.Env):
         or a local path / hub id.
     profile, secondary_profile
         Cost profiles (names or paths for :meth:`StepCost.load`); ``secondary_profile=None``
-        disables offloading.
+        disables offloading. A profile with an ``engine`` block (``vllm-cpu-smollm2-135m``,
+        ``vllm-h100-llama3-8b``, ...) runs on the engine model of vLLM's scheduler, so PPO
+        learns the knobs for that engine.
     predictor_tier
         The length predictor: ``"lexical"`` (online linear model on the uncertainty features).
     slo
@@ -207,11 +209,16 @@ class ServingEnv(gym.Env):
                 on_completion=self._on_completion,
             )
         else:
-            primary = SimulatedExecutor("primary", self.primary_cost, batching=self.batching)
+            # a profile with an engine block gets the engine model of vLLM's scheduler
+            priority_of = engine_priority(self.controller)
+            primary = simulated_executor(
+                "primary", self.primary_cost, batching=self.batching, priority_of=priority_of
+            )
             secondary = None
             if self.secondary_cost is not None:
-                secondary = SimulatedExecutor(
-                    "secondary", self.secondary_cost, batching=self.batching
+                secondary = simulated_executor(
+                    "secondary", self.secondary_cost, batching=self.batching,
+                    priority_of=priority_of,
                 )
             self.loop = ServingLoop(
                 self.controller, primary, secondary, batching=self.batching,

@@ -25,7 +25,7 @@ from rtlm_adapt.metrics import Summary, summarize
 from rtlm_adapt.predictor import LengthPredictor, PromptFeatures
 from rtlm_adapt.request import Completion, Request
 from rtlm_adapt.serving.loop import ServingLoop
-from rtlm_adapt.serving.sim import SimulatedExecutor
+from rtlm_adapt.serving.simulated import simulated_executor
 
 
 @dataclass
@@ -128,6 +128,8 @@ class PolicyRun:
     summary: Summary
     completions: list[Completion]
     controller: AdaptiveController
+    #: Requests the simulated engines preempted (engine-model profiles; 0 for the batch model).
+    preemptions: int = 0
 
 
 def run_policy(
@@ -152,10 +154,8 @@ def run_policy(
     """
     primary_cost = primary_cost or StepCost.default()
     profiles = {"primary": primary_cost}
-    secondary = None
     if secondary_cost is not None:
         profiles["secondary"] = secondary_cost
-        secondary = SimulatedExecutor("secondary", secondary_cost, batching=batching)
     if controller_profiles is not None:
         profiles = {**profiles, **controller_profiles}
     if controller_factory is not None:
@@ -169,9 +169,18 @@ def run_policy(
             predictor=predictor,
             features=workload_features(workload, tier),
         )
+    priority_of = engine_priority(controller)
+    secondary = None
+    if secondary_cost is not None:
+        secondary = simulated_executor(
+            "secondary", secondary_cost, batching=batching, priority_of=priority_of
+        )
+    primary = simulated_executor(
+        "primary", primary_cost, batching=batching, priority_of=priority_of
+    )
     loop = ServingLoop(
         controller,
-        SimulatedExecutor("primary", primary_cost, batching=batching),
+        primary,
         secondary,
         batching=batching,
         on_completion=on_completion,
@@ -180,7 +189,22 @@ def run_policy(
     stats = controller.stats()
     if not stats.balanced or len(result.completions) != len(workload.requests):
         raise RuntimeError(f"accounting mismatch after the run: {stats}")
-    return PolicyRun(policy, summarize(result.completions), result.completions, controller)
+    preemptions = sum(getattr(ex, "preemptions", 0) for ex in (primary, secondary))
+    return PolicyRun(
+        policy, summarize(result.completions), result.completions, controller, preemptions
+    )
+
+
+def engine_priority(controller: AdaptiveController) -> Callable[[Request], int]:
+    """vLLM's ``priority`` for an admitted request, as the gateway sends it: the controller's
+    key in milliseconds (time-invariant for fixed knobs, so aging holds in the engine's queue).
+    """
+
+    def priority(request: Request) -> int:
+        entry = controller.entry(request.id)
+        return round(entry.key * 1000) if entry is not None else 0
+
+    return priority
 
 
 def workload_features(workload: Workload, tier: str) -> dict[str, PromptFeatures]:

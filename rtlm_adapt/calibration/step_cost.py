@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from rtlm_adapt.calibration.engine_spec import EngineSpec
+
 DEFAULT_PROFILE = "smollm2-135m-cpu2"
 DEFAULT_SECONDARY_PROFILE = "smollm2-135m-cpu2-secondary"
 
@@ -63,6 +65,9 @@ class StepCost:
     padded_context: bool = False
     source: str = ""
     extra: dict = field(default_factory=dict)
+    #: The engine's scheduler settings; set, the simulator serves this profile with its engine
+    #: model of vLLM's V1 scheduler (``serving/engine``) instead of the plain batch model.
+    engine: EngineSpec | None = None
 
     def __post_init__(self) -> None:
         for key in COST_COEFFICIENTS:
@@ -77,6 +82,8 @@ class StepCost:
             raise ValueError(
                 f"StepCost.max_batch_size must be an int >= 1, got {self.max_batch_size!r}"
             )
+        if self.engine is not None and not isinstance(self.engine, EngineSpec):
+            raise ValueError(f"StepCost.engine must be an EngineSpec or None, got {self.engine!r}")
 
     def step_time(
         self,
@@ -111,7 +118,10 @@ class StepCost:
 
     # -- persistence -------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        data = asdict(self)
+        if data["engine"] is None:  # profiles without an engine keep their old shape
+            del data["engine"]
+        return json.dumps(data, indent=2)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
@@ -122,6 +132,8 @@ class StepCost:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"StepCost profile has unknown fields: {sorted(unknown)}")
+        if data.get("engine") is not None:
+            data = {**data, "engine": EngineSpec.from_dict(data["engine"])}
         try:
             return cls(**data)
         except TypeError as exc:

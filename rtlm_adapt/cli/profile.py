@@ -28,6 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", help="smollm2 (default), tiny, or a local path/hub id: the executor measured"
     )
     parser.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="vllm: fit an engine profile (the simulator's model of vLLM's scheduler) to the "
+        "capacity probe of a serve-bench --engine vllm run (--from-run; --base gives the KV "
+        "cache and block size, default vllm-cpu-smollm2-135m)",
+    )
+    parser.add_argument(
         "--from-run",
         metavar="RUN.json",
         help="fit to the steps recorded in this serve-bench --json instead of measuring",

@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         batching=args.batching,
     )
     results = {}
+    preemptions: dict[str, int] = {}  # the engine model's (profiles with an engine block)
     more_hardware = set()
     bar = tqdm(
         total=len(policies) * len(workload.requests),
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             tier=tier,
         )
         results[name] = run.summary
+        preemptions[name] = run.preemptions
         if any(c.executor == "secondary" for c in run.completions):
             more_hardware.add(name)
     bar.close()
@@ -142,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         f"{secondary.name if secondary else 'none'} (used only by rows marked so)\n"
     )
     print(comparison_table(results, more_hardware))
+    if primary.engine is not None:
+        counts = ", ".join(f"{name} {n}" for name, n in preemptions.items())
+        print(f"preemptions in the engine (KV cache full, recomputed): {counts}")
     print()
     print(legend(ratio=RATIO_BASELINE in results, more_hardware=bool(more_hardware)))
     elapsed = time.perf_counter() - t0
@@ -152,7 +157,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         payload = {
-            "policies": {name: summary_json(s) for name, s in results.items()},
+            "policies": {
+                name: {
+                    **summary_json(s),
+                    **({"preemptions": preemptions[name]} if primary.engine is not None else {}),
+                }
+                for name, s in results.items()
+            },
             "workload": {
                 "prompts": args.prompts,
                 "arrivals": args.arrivals,

@@ -380,6 +380,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         scheduling_policy="priority",
     )
     results: dict[str, list[list[Completion]]] = {p: [] for p in policies}
+    preemptions: dict[str, list[float]] = {p: [] for p in policies}  # vLLM's, per repeat
     gateway_metrics: dict[str, str] = {}
     timelines: dict[str, list[dict[str, Any]]] = {}  # per policy, one per repeat
     with server:
@@ -437,6 +438,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
             order = policies if repeat % 2 == 0 else policies[::-1]
             for name in order:
                 t0 = time.perf_counter()
+                preempted_before = server.preemptions()
                 oracle = name != DIRECT and make_policy(name).length_source == "oracle"
                 if name == DIRECT:
                     done = asyncio.run(
@@ -461,6 +463,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
                         gateway_metrics[name] = gateway.metrics_text()
                         timelines.setdefault(name, []).append(timeline.stop())
                 results[name].append(done)
+                preemptions[name].append(server.preemptions() - preempted_before)
                 s = summarize(done)
                 print(
                     f"[{repeat + 1}/{args.repeats}] {name}: mean {s.mean_rt_s:.2f} s, "
@@ -482,6 +485,8 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         "repeats": args.repeats,
         "arrivals": args.arrivals,
         "prompts": args.prompts,
+        "seed": args.seed,
+        "tokenizer": args.tokenizer,
         "capacity": capacity,
         "arrival_rate_rps": rate,
         "mean_true_tokens": mean_len,
@@ -491,6 +496,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         },
         "gateway_metrics": {name: _gateway_figures(text) for name, text in gateway_metrics.items()},
         "gateway_timelines": timelines,
+        "engine_preemptions": preemptions,
     }
     if DIRECT in pooled:
         base = pooled[DIRECT]
@@ -502,10 +508,36 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
             }
             for name, s in pooled.items()
         }
+    if getattr(args, "compare_sim", False):
+        out["sim_fidelity"] = compare_sim(args, requests, chosen, results)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
+
+
+def compare_sim(
+    args: Any,
+    requests: Sequence[BenchRequest],
+    chosen: Sequence[PromptSample],
+    results: dict[str, list[list[Completion]]],
+) -> dict[str, dict[str, float]]:
+    """``--compare-sim``: every policy's repeats replayed on the simulator's engine model of
+    vLLM (``--profile``, default the measured vLLM-CPU one), with the run's max_num_seqs."""
+    from rtlm_adapt.engines.vllm_replay import DEFAULT_ENGINE_PROFILE, compare_on_engine
+
+    profile = DEFAULT_ENGINE_PROFILE if args.profile == "auto" else args.profile
+    prompt_tokens = [s.prompt_tokens for s in chosen]
+    figures = compare_on_engine(
+        requests, prompt_tokens, results, profile=profile, max_num_seqs=args.max_num_seqs
+    )
+    for name, f in figures.items():
+        print(
+            f"fidelity {name} (engine profile {f['profile']}): mean RT sim/real "
+            f"{f['mean_rt_ratio_sim_over_real']:.3f}, spearman {f['spearman']:.3f}",
+            file=sys.stderr,
+        )
+    return figures
 
 
 def policy_json(runs: Sequence[Sequence[Completion]]) -> dict[str, float]:

@@ -50,6 +50,20 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def counter_total(metrics_text: str, name: str) -> float:
+    """The sum of a Prometheus counter's samples over its label sets.
+
+    >>> text = 'vllm:num_preemptions_total{engine="0"} 3.0\\nvllm:num_preemptions_x 9\\n'
+    >>> counter_total(text, "vllm:num_preemptions_total")
+    3.0
+    """
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (another process may still take it first)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -287,6 +301,15 @@ class VLLMServer:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
+
+    def preemptions(self, timeout: float = 5.0) -> float:
+        """vLLM's ``vllm:num_preemptions_total`` now (summed over its label sets); NaN when
+        ``/metrics`` does not answer (a benchmark goes on without the count)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/metrics", timeout=timeout) as response:
+                return counter_total(response.read().decode(), "vllm:num_preemptions_total")
+        except (urllib.error.URLError, OSError, ValueError):
+            return float("nan")
 
     def _failure(self, what: str) -> str:
         tail = self.log_tail()

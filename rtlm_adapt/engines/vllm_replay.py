@@ -1,0 +1,127 @@
+"""A vLLM serve-bench run replayed on the simulator's engine model: ``serve-bench --engine vllm
+--compare-sim``.
+
+Every policy's requests run again in virtual time, each generating what the real engine
+generated for it (vLLM's ``completion_tokens``: its first token comes with the prefill, as in the
+engine model), on a profile with an engine block whose ``max_num_seqs`` is the run's. A gateway
+policy replays through the controller with the run's in-flight cap and vLLM priorities;
+``direct`` replays with no cap and no priority (every request goes straight into the engine's
+queue, as the clients sent it). :func:`~rtlm_adapt.sim_fidelity.fidelity` then compares the
+response times request by request.
+
+>>> from rtlm_adapt.calibration.step_cost import StepCost
+>>> cost = engine_profile(StepCost.load("vllm-cpu-smollm2-135m"), max_num_seqs=16)
+>>> cost.engine.max_num_seqs, cost.max_batch_size
+(16, 16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from rtlm_adapt.calibration.step_cost import StepCost
+from rtlm_adapt.experiment import PolicyRun, Workload, run_policy
+from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
+from rtlm_adapt.sim_fidelity import fidelity
+
+#: The profile a replay uses unless told otherwise (measured on this project's machine).
+DEFAULT_ENGINE_PROFILE = "vllm-cpu-smollm2-135m"
+#: ``direct``'s in-flight cap: none (every request enters the engine at once).
+NO_CAP = 1_000_000
+DIRECT = "direct"
+
+
+def engine_profile(cost: StepCost, *, max_num_seqs: int) -> StepCost:
+    """``cost`` with the run's ``max_num_seqs`` (and that in-flight cap, the gateway's)."""
+    if cost.engine is None:
+        raise ValueError(f"profile {cost.name!r} has no engine block: it cannot model vLLM")
+    engine = dataclasses.replace(cost.engine, max_num_seqs=max_num_seqs)
+    return dataclasses.replace(cost, engine=engine, max_batch_size=max_num_seqs)
+
+
+def replay_requests(
+    ids: Sequence[str],
+    prompts: Sequence[str],
+    prompt_tokens: Sequence[int],
+    arrivals: Sequence[float],
+    deadlines: Sequence[float],
+    real: Sequence[Completion],
+) -> list[Request]:
+    """The run's requests, each to generate what the real engine generated (failed ones: 1)."""
+    made = {c.request_id: max(1, c.output_tokens) for c in real}
+    return [
+        Request(
+            id=rid,
+            prompt=prompt,
+            arrival_time=float(arrival),
+            deadline=float(deadline),
+            max_tokens=made.get(rid, 1),
+            prompt_tokens=int(tokens),
+            metadata={TRUE_LENGTH_KEY: made.get(rid, 1)},
+        )
+        for rid, prompt, tokens, arrival, deadline in zip(
+            ids, prompts, prompt_tokens, arrivals, deadlines, strict=True
+        )
+    ]
+
+
+def replay(policy: str, requests: Sequence[Request], cost: StepCost) -> PolicyRun:
+    """``requests`` under ``policy`` on the engine model (``direct``: no gateway)."""
+    workload = Workload(list(requests), 1.0, 1.0, 1.0, 1.0, "vLLM replay")
+    if policy == DIRECT:
+        return run_policy(
+            "fcfs", workload, primary_cost=dataclasses.replace(cost, max_batch_size=NO_CAP)
+        )
+    return run_policy(policy, workload, primary_cost=cost)
+
+
+class BenchedRequest(Protocol):
+    """What a replay needs of a serve-bench request (``vllm_bench.BenchRequest``)."""
+
+    id: str
+    prompt: str
+    arrival_s: float
+    deadline_s: float
+
+
+def compare_on_engine(
+    requests: Sequence[BenchedRequest],
+    prompt_tokens: Sequence[int],
+    results: Mapping[str, Sequence[Sequence[Completion]]],
+    *,
+    profile: str = DEFAULT_ENGINE_PROFILE,
+    max_num_seqs: int,
+) -> dict[str, dict[str, float]]:
+    """Per policy, sim/real fidelity over its repeats (each repeat replayed on its own lengths;
+    ids prefixed by the repeat, so the repeats pool into one comparison)."""
+    cost = engine_profile(StepCost.load(profile), max_num_seqs=max_num_seqs)
+    out = {}
+    for policy, runs in results.items():
+        sims: list[Completion] = []
+        reals: list[Completion] = []
+        preemptions = 0
+        for k, real in enumerate(runs):
+            replayed = replay_requests(
+                [r.id for r in requests],
+                [r.prompt for r in requests],
+                prompt_tokens,
+                [r.arrival_s for r in requests],
+                [r.deadline_s for r in requests],
+                real,
+            )
+            run = replay(policy, replayed, cost)
+            preemptions += run.preemptions
+            sims += _tagged(run.completions, k)
+            reals += _tagged(real, k)
+        out[policy] = {
+            **fidelity(sims, reals),
+            "profile": cost.name,
+            "sim_preemptions": preemptions,  # all repeats
+        }
+    return out
+
+
+def _tagged(completions: Sequence[Completion], repeat: int) -> list[Completion]:
+    return [dataclasses.replace(c, request_id=f"{repeat}:{c.request_id}") for c in completions]
