@@ -31,8 +31,11 @@ state; every process holding a handle has its own router and so its own book):
 - ``on_request_routed``: moves the reservation to the replica that took the request;
 - ``on_request_completed``: releases it;
 - replicas' ``record_routing_stats`` (read from ``RunningReplica.routing_stats``): each
-  replica's backlog from all callers and its measured speed, so the ranking is in seconds and
-  sees other callers' load.
+  replica's speed, so the ranking is in seconds, and with ``count_reported_backlog`` (several
+  ingress replicas) its backlog from all callers. Serve polls the stats every
+  ``request_routing_stats_period_s``: a backlog that old misleads a single caller, whose own
+  book is exact (measured here, 2 replicas, one caller: mean response time 1.06x
+  power-of-two's with it, 1.02x without).
 
 Requests without ``rtlm_predicted_tokens`` count as ``default_tokens``.
 """
@@ -50,7 +53,11 @@ class LengthAwareRouter(RequestRouter):
     """Least predicted outstanding work first, long requests to the long replica group."""
 
     def initialize_state(
-        self, long_replicas: int = 0, default_tokens: float = 256.0, **_: Any
+        self,
+        long_replicas: int = 0,
+        default_tokens: float = 256.0,
+        count_reported_backlog: bool = False,
+        **_: Any,
     ) -> None:
         """Settings from ``RequestRouterConfig.request_router_kwargs``.
 
@@ -60,9 +67,12 @@ class LengthAwareRouter(RequestRouter):
             How many replicas (the last in id order) form the long group; 0: none.
         default_tokens
             Predicted tokens of a request that carries no prediction.
+        count_reported_backlog
+            Count each replica's reported backlog (other callers' requests) too.
         """
         self.long_replicas = int(long_replicas)
         self.default_tokens = float(default_tokens)
+        self.count_reported_backlog = bool(count_reported_backlog)
         self.book = WorkBook()
 
     async def choose_replicas(
@@ -73,7 +83,11 @@ class LengthAwareRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         for replica in candidate_replicas:
             if replica.routing_stats:
-                self.book.report(replica.replica_id.unique_id, replica.routing_stats)
+                self.book.report(
+                    replica.replica_id.unique_id,
+                    replica.routing_stats,
+                    backlog=self.count_reported_backlog,
+                )
         tokens, offload = self._inputs(pending_request)
         ranked = self.book.rank(list(by_id), offload=offload, long_replicas=self.long_replicas)
         if ranked and pending_request is not None:

@@ -131,7 +131,11 @@ class ScaleOutSettings:
             )
         return RequestRouterConfig(
             request_router_class=LengthAwareRouter,
-            request_router_kwargs={"long_replicas": self.long_replicas},
+            request_router_kwargs={
+                "long_replicas": self.long_replicas,
+                # Other ingress replicas' requests show only in the replicas' reports.
+                "count_reported_backlog": self.ingress_replicas > 1,
+            },
             request_routing_stats_period_s=self.routing_stats_period_s,
         )
 

@@ -107,10 +107,12 @@ class WorkBook:
             load.reserved_tokens = max(0.0, load.reserved_tokens - hold.tokens)
         return True
 
-    def report(self, replica: str, stats: Mapping[str, float]) -> None:
-        """What the replica published (``record_routing_stats``): its backlog and speed."""
+    def report(self, replica: str, stats: Mapping[str, float], *, backlog: bool = True) -> None:
+        """What the replica published (``record_routing_stats``): its speed and, if
+        ``backlog``, its backlog from every caller (worth its staleness only when other
+        callers send there too)."""
         load = self.load(replica)
-        if "outstanding_tokens" in stats:
+        if backlog and "outstanding_tokens" in stats:
             load.reported_tokens = max(0.0, float(stats["outstanding_tokens"]))
         speed = float(stats.get("tokens_per_s", 0.0) or 0.0)
         if speed > 0:
