@@ -15,7 +15,8 @@ Issue 18's done-means. Phases, all in one run:
 2. **overhead**: sequential zero-token calls, the two routers interleaved call by call: the
    latency a call pays for routing (median and mean difference to the default router).
 3. **scaling, SIMULATED** (``_routing_sim.py``): the routing decision's cost and the mean and p99
-   response time against power-of-two at 4, 16 and 64 replicas, same workload, no Ray.
+   response time against power-of-two at 2, 4, 16 and 64 replicas, same workload, no Ray; also
+   with a long group (a quarter of the replicas for the top tenth of predicted lengths).
 4. ``--fault``: the full application (HTTP ingress, 2 engines, learner): a request stream,
    one engine replica killed mid-run, then the learner killed: how each request ended, and
    whether the learned count survived.
@@ -198,6 +199,7 @@ def scaling_phase(args: argparse.Namespace, jobs: list[Job]) -> dict[str, Any]:
     true = [j.true_tokens for j in jobs]
     pred = [j.predicted for j in jobs]
     mean_len = float(np.mean(true))
+    long_threshold = float(np.quantile(pred, 0.9))
     out: dict[str, Any] = {}
     for n in args.sim_replicas:
         count = max(args.requests, 100 * n)  # enough requests to load every replica
@@ -215,12 +217,18 @@ def scaling_phase(args: argparse.Namespace, jobs: list[Job]) -> dict[str, Any]:
         )
         pow2 = simulate("power-of-two", **common)
         aware = simulate("length-aware", **common)
+        # With a long group: a quarter of the replicas, for the top tenth of predictions.
+        long_group = {"long_replicas": max(1, n // 4), "offload_threshold": long_threshold}
+        grouped = simulate("length-aware", **common, **long_group)
         out[str(n)] = {
             "requests": count,
             "power-of-two": vars(pow2),
             "length-aware": vars(aware),
             "mean_rt_ratio": aware.mean_rt_s / pow2.mean_rt_s,
             "p99_rt_ratio": aware.p99_rt_s / pow2.p99_rt_s,
+            "length-aware+long-group": {**vars(grouped), **long_group},
+            "long_group_mean_rt_ratio": grouped.mean_rt_s / pow2.mean_rt_s,
+            "long_group_p99_rt_ratio": grouped.p99_rt_s / pow2.p99_rt_s,
         }
         print(f"  simulated {n:>3} replicas: mean ratio {out[str(n)]['mean_rt_ratio']:.3f}")
     return out
@@ -309,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--long-replicas", type=int, default=0)
     p.add_argument("--offload-threshold", type=float, default=float("inf"))
     p.add_argument("--overhead-calls", type=int, default=300)
-    p.add_argument("--sim-replicas", type=int, nargs="+", default=[4, 16, 64])
+    p.add_argument("--sim-replicas", type=int, nargs="+", default=[2, 4, 16, 64])
     p.add_argument("--fault", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="fewer requests, one repeat")
@@ -367,10 +375,14 @@ def print_table(r: dict[str, Any]) -> None:
         )
     print(f"routing overhead (median call, vs default): {r['routing_overhead_ms']:+.3f} ms")
     print("\nSIMULATED scaling (same lengths and predictions):")
-    print(f"{'replicas':>8} {'mean x':>7} {'p99 x':>7} {'pow2 us':>8} {'aware us':>9}")
+    print(
+        f"{'replicas':>8} {'mean x':>7} {'p99 x':>7} {'+long mean x':>13} {'+long p99 x':>12}"
+        f" {'pow2 us':>8} {'aware us':>9}"
+    )
     for n, s in r["scaling_simulated"].items():
         print(
             f"{n:>8} {s['mean_rt_ratio']:>7.3f} {s['p99_rt_ratio']:>7.3f} "
+            f"{s['long_group_mean_rt_ratio']:>13.3f} {s['long_group_p99_rt_ratio']:>12.3f} "
             f"{s['power-of-two']['decision_us']:>8.1f} {s['length-aware']['decision_us']:>9.1f}"
         )
     if r.get("fault"):

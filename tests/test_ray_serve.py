@@ -20,11 +20,9 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from rtlm_adapt.integrations.ray_serve import (  # noqa: E402
-    ScaleOutSettings,
-    build_app,
-    engine_app,
-)
+from rtlm_adapt.integrations.ray_serve import build_app  # noqa: E402
+
+APP = "rtlm"
 
 
 def _free_port() -> int:
@@ -57,31 +55,26 @@ def cluster():
                 os.environ[k] = v
 
 
-def _deploy(cluster, *, ingress: bool = True, **settings) -> serve.handle.DeploymentHandle:
-    """An application for these settings (made once: a handle's router keeps the settings it
-    started with, so each setting gets an application of its own)."""
-    apps = cluster.setdefault("apps", {})
-    key = (ingress, tuple(sorted(settings.items())))
-    if key not in apps:
-        apps[key] = name = f"rtlm-{len(apps)}"
-        base = {
-            "engine_replicas": 2,
-            "slots": 1,
-            "tokens_per_s": 1000.0,
-            "learner_state_dir": str(cluster["scratch"] / "learner"),
-            "routing_stats_period_s": 0.5,
-            # Two applications share the 2 CPUs: 4 engines and an ingress must fit.
-            "engine_cpus": 0.25,
-            "ingress_cpus": 0.25,
-        }
-        args = {**base, **settings}
-        app = build_app(args) if ingress else engine_app(ScaleOutSettings.from_args(args))
-        serve.run(app, name=name, route_prefix="/" if ingress else None)
-    return serve.get_deployment_handle("Engine", app_name=apps[key])
+#: One long replica; offload_threshold 1 token makes every HTTP request offload-eligible.
+SETTINGS = {
+    "engine_replicas": 2,
+    "slots": 1,
+    "tokens_per_s": 1000.0,
+    "long_replicas": 1,
+    "offload_threshold": 1.0,
+    "pull_every_s": 0.2,
+    "routing_stats_period_s": 0.5,
+    "engine_cpus": 0.25,
+    "ingress_cpus": 0.25,
+}
 
 
-#: The application of the HTTP tests: one long replica, every request offload-eligible.
-FULL = {"long_replicas": 1, "offload_threshold": 1.0, "pull_every_s": 0.2}
+@pytest.fixture(scope="module")
+def engine(cluster) -> serve.handle.DeploymentHandle:
+    """The application (ingress, 2 engines, learner), deployed once; the engines' handle."""
+    settings = {**SETTINGS, "learner_state_dir": str(cluster["scratch"] / "learner")}
+    serve.run(build_app(settings), name=APP, route_prefix="/")
+    return serve.get_deployment_handle("Engine", app_name=APP)
 
 
 async def _generate(engine, n, *, tokens, predicted, offload=False):
@@ -97,8 +90,8 @@ async def _generate(engine, n, *, tokens, predicted, offload=False):
     return [await c for c in calls]
 
 
-def test_short_requests_go_where_the_predicted_work_is_least_not_the_count(cluster):
-    engine = _deploy(cluster, ingress=False, long_replicas=0)
+def test_short_requests_go_where_the_predicted_work_is_least_not_the_count(engine):
+    # Requests that are not offload-eligible rank every replica by predicted work.
 
     async def scenario():
         # One replica gets one long request, the other two short ones (by predicted work).
@@ -123,20 +116,29 @@ def test_short_requests_go_where_the_predicted_work_is_least_not_the_count(clust
     assert heavy["replica"] not in {s["replica"] for s in shorts}
 
 
-def test_offload_eligible_requests_go_to_the_long_group_and_the_rest_stay_off_it(cluster):
-    engine = _deploy(cluster, **FULL)
-    long = asyncio.run(_generate(engine, 8, tokens=20, predicted=900.0, offload=True))
-    short = asyncio.run(_generate(engine, 8, tokens=5, predicted=20.0))
-    long_replicas = Counter(r["replica"] for r in long)
-    short_replicas = Counter(r["replica"] for r in short)
+def test_offload_eligible_requests_go_to_the_long_group_and_the_rest_shun_its_backlog(engine):
+
+    async def scenario():
+        longs = [
+            engine.generate.remote(
+                {"max_tokens": 150}, rtlm_predicted_tokens=900.0, rtlm_priority=0, rtlm_offload=True
+            )
+            for _ in range(8)
+        ]
+        await asyncio.sleep(0.05)  # routed: 7,200 predicted tokens wait on the long replica
+        shorts = await _generate(engine, 4, tokens=5, predicted=20.0)
+        return [await c for c in longs], shorts
+
+    longs, shorts = asyncio.run(scenario())
+    long_replicas = Counter(r["replica"] for r in longs)
+    short_replicas = Counter(r["replica"] for r in shorts)
     assert len(long_replicas) == 1 and len(short_replicas) == 1, (long_replicas, short_replicas)
     (long_id,), (short_id,) = long_replicas, short_replicas
     # The long group is the last replica in id order, the same in every caller's router.
     assert short_id < long_id
 
 
-def test_the_http_ingress_predicts_routes_and_teaches_the_shared_learner(cluster):
-    _deploy(cluster, **FULL)
+def test_the_http_ingress_predicts_routes_and_teaches_the_shared_learner(cluster, engine):
     learner = ray.get_actor("rtlm-learner", namespace="rtlm")
     before = ray.get(learner.learned.remote())
     prompts = ["Name one prime.", "Write a long story about the sea.", "Why is the sky blue?"]
@@ -161,8 +163,7 @@ def test_the_http_ingress_predicts_routes_and_teaches_the_shared_learner(cluster
     _wait_for(lambda: ray.get(learner.learned.remote()) >= before + 4)
 
 
-def test_a_restarted_learner_keeps_what_it_learned(cluster):
-    _deploy(cluster, **FULL)
+def test_a_restarted_learner_keeps_what_it_learned(cluster, engine):
     learner = ray.get_actor("rtlm-learner", namespace="rtlm")
     with httpx.Client(base_url=cluster["url"], timeout=30) as client:
         assert client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2}).is_success
@@ -174,13 +175,11 @@ def test_a_restarted_learner_keeps_what_it_learned(cluster):
     assert ray.get(learner.info.remote())["learned"] == before["learned"]
 
 
-def test_an_engine_replica_killed_mid_run_loses_no_request(cluster):
-    _deploy(cluster, **FULL)
-    app = next(name for key, name in cluster["apps"].items() if key[0])
+def test_an_engine_replica_killed_mid_run_loses_no_request(cluster, engine):
     replicas = [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith(f"SERVE_REPLICA::{app}#Engine")
+        if a["name"].startswith(f"SERVE_REPLICA::{APP}#Engine")
     ]
     assert len(replicas) == 2
 
@@ -193,7 +192,7 @@ def test_an_engine_replica_killed_mid_run_loses_no_request(cluster):
                 for i in range(6)
             ]
             await asyncio.sleep(0.5)  # some run, the rest queue on the long replica
-            # The long replica (last in id order): every request of FULL goes there.
+            # The long replica (last in id order): every HTTP request goes there.
             ray.kill(ray.get_actor(max(replicas), namespace="serve"), no_restart=True)
             return await asyncio.gather(*calls)
 

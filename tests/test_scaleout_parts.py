@@ -50,16 +50,16 @@ def test_a_replicas_report_shows_other_callers_load():
     assert book.rank(["a", "b"], offload=False)[0] == "b"
 
 
-def test_long_group_first_for_offload_and_last_for_the_rest():
+def test_long_group_first_for_offload_and_the_rest_ranked_by_work_alone():
     book = WorkBook()
     for i, replica in enumerate(["r1", "r2", "r3", "r4"]):
-        book.reserve(str(i), replica, 100.0 * (4 - i), confirmed=True)
+        book.reserve(str(i), replica, 100.0 * (i + 1), confirmed=True)
     ranked_long = book.rank(["r3", "r1", "r4", "r2"], offload=True, long_replicas=2)
     ranked_short = book.rank(["r3", "r1", "r4", "r2"], offload=False, long_replicas=2)
-    assert ranked_long == ["r4", "r3", "r2", "r1"]  # the long group (r3, r4), least work first
-    assert ranked_short == ["r2", "r1", "r4", "r3"]
+    assert ranked_long == ["r3", "r4", "r1", "r2"]  # the long group (r3, r4) first
+    assert ranked_short == ["r1", "r2", "r3", "r4"]  # every replica by its work alone
     # No long group when it would take every replica.
-    assert book.rank(["r1", "r2"], offload=True, long_replicas=2) == ["r2", "r1"]
+    assert book.rank(["r1", "r2"], offload=True, long_replicas=2) == ["r1", "r2"]
 
 
 def test_a_tentative_hold_lapses_and_a_departed_replica_is_forgotten():

@@ -6,7 +6,7 @@ reported of itself (its backlog from all callers and its speed). A replica's loa
 predicted seconds of outstanding work; the router ranks replicas by it, least first, and sends
 offload-eligible requests (predicted length at or above the policy's threshold) to a designated
 "long" group, the last ``long_replicas`` replicas in id order, so that long answers do not take
-the slots short ones need.
+the slots short ones need on the other replicas.
 
 >>> book = WorkBook()
 >>> book.reserve("r1", "a", 900.0, confirmed=True)
@@ -129,15 +129,15 @@ class WorkBook:
     def rank(
         self, replicas: Sequence[str], *, offload: bool, long_replicas: int = 0
     ) -> list[str]:
-        """``replicas`` best first: least predicted work, offload-eligible requests to the long
-        group first and the others to the rest first (each group falls back on the other)."""
+        """``replicas`` best first, by least predicted work. An offload-eligible request ranks
+        the long group first; any other request ranks every replica alike, so it uses the
+        long group's spare capacity but shuns the long answers' backlog there."""
         self._expire()
+        if not offload or not 0 < long_replicas < len(replicas):
+            return self._by_work(list(replicas))
         ordered = sorted(replicas)
-        n_long = long_replicas if 0 < long_replicas < len(ordered) else 0
-        split = len(ordered) - n_long
-        short, long = ordered[:split], ordered[split:]
-        first, then = (long, short) if offload else (short, long)
-        return self._by_work(first) + self._by_work(then)
+        split = len(ordered) - long_replicas
+        return self._by_work(ordered[split:]) + self._by_work(ordered[:split])
 
     def holds(self) -> int:
         """Requests with a reservation (for tests and stats)."""
