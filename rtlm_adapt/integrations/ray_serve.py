@@ -77,8 +77,9 @@ class ScaleOutSettings:
     ingress_replicas
         Ingress replicas (each predicts with its own copy of the shared predictor).
     learner_name, learner_state_dir, pull_every_s
-        The shared learner actor's name, its snapshot/journal folder (None: in memory), and
-        how often each ingress pulls a fresh predictor.
+        The shared learner actor's name, its snapshot/journal folder, and how often each
+        ingress pulls a fresh predictor. With ``learner_state_dir`` None the learner keeps its
+        state in memory only: a restarted learner starts again from the pretrained predictor.
     model
         The model name the API reports.
     routing_stats_period_s
