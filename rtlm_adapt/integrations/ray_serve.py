@@ -127,9 +127,7 @@ class ScaleOutSettings:
     def router_config(self) -> RequestRouterConfig:
         """The engine deployment's router (Serve's default for ``power-of-two``)."""
         if self.router == "power-of-two":
-            return RequestRouterConfig(
-                request_routing_stats_period_s=self.routing_stats_period_s
-            )
+            return RequestRouterConfig(request_routing_stats_period_s=self.routing_stats_period_s)
         return RequestRouterConfig(
             request_router_class=LengthAwareRouter,
             request_router_kwargs={
@@ -300,7 +298,9 @@ class Ingress:
     async def describe(self) -> dict[str, Any]:
         return asdict(self.settings)
 
-    async def _serve(self, body: ChatCompletionRequest | CompletionRequest, kind: str):
+    async def _serve(
+        self, body: ChatCompletionRequest | CompletionRequest, kind: str
+    ) -> JSONResponse:
         if body.stream:
             raise APIError(400, "stream=true is not supported on the Ray Serve ingress yet")
         await self.learner.maybe_pull()

@@ -126,9 +126,7 @@ class WorkBook:
         for replica in [r for r in self.loads if r not in alive]:
             del self.loads[replica]
 
-    def rank(
-        self, replicas: Sequence[str], *, offload: bool, long_replicas: int = 0
-    ) -> list[str]:
+    def rank(self, replicas: Sequence[str], *, offload: bool, long_replicas: int = 0) -> list[str]:
         """``replicas`` best first, by least predicted work. An offload-eligible request ranks
         the long group first; any other request ranks every replica alike, so it uses the
         long group's spare capacity but shuns the long answers' backlog there."""
