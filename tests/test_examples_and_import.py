@@ -5,13 +5,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "stable_baselines3", "gymnasium")
+HEAVY = ("torch", "transformers", "stable_baselines3", "gymnasium", "ray")
 
 
 def test_import_is_light():
     code = (
         "import sys, rtlm_adapt, rtlm_adapt.controller, rtlm_adapt.serving.loop, "
-        "rtlm_adapt.serving.sim, rtlm_adapt.data, rtlm_adapt.metrics, rtlm_adapt.policies\n"
+        "rtlm_adapt.serving.sim, rtlm_adapt.data, rtlm_adapt.metrics, rtlm_adapt.policies, "
+        "rtlm_adapt.integrations, rtlm_adapt.integrations.routing\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
