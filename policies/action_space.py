@@ -33,7 +33,7 @@ fraction so one policy fits executors of any size.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -55,11 +55,38 @@ ACTION_FIELDS = (
 OBS_LOW, OBS_HIGH = -1.0, 2.0
 
 
-def observation_array(obs: Observation) -> np.ndarray:
-    """``obs.as_vector()`` as float32, clipped to ``[OBS_LOW, OBS_HIGH]`` (the env's Box)."""
-    return np.array(
-        [min(OBS_HIGH, max(OBS_LOW, x)) for x in obs.as_vector()], dtype=np.float32
+#: Observation formats a learned policy may read, by number: the vector and its field names.
+#: 2 (scale-free) is what the environment produces now; 1 is kept so older models still run.
+OBSERVATION_FORMATS: dict[int, tuple[Callable[[Observation], list[float]], tuple[str, ...]]] = {
+    1: (Observation.as_vector, Observation.VECTOR_FIELDS),
+    2: (Observation.scale_free_vector, Observation.SCALE_FREE_FIELDS),
+}
+#: The format the environment (and so every newly trained model) uses.
+OBSERVATION_FORMAT = 2
+
+
+def observation_format_for_size(size: int) -> int:
+    """The format whose vector has ``size`` entries (how a model file without the number is
+    read); a ValueError naming the sizes known otherwise."""
+    for number, (_, names) in OBSERVATION_FORMATS.items():
+        if len(names) == size:
+            return number
+    known = ", ".join(f"{len(names)} (format {n})" for n, (_, names) in OBSERVATION_FORMATS.items())
+    raise ValueError(
+        f"the model reads observations of {size} numbers, which no observation format has "
+        f"(known: {known}); it was trained on an observation this version cannot build: "
+        "retrain it with examples/train_ppo.py"
     )
+
+
+def observation_vector(obs: Observation, fmt: int = OBSERVATION_FORMAT) -> list[float]:
+    """The observation in format ``fmt``, clipped to ``[OBS_LOW, OBS_HIGH]``, as plain floats."""
+    return [min(OBS_HIGH, max(OBS_LOW, x)) for x in OBSERVATION_FORMATS[fmt][0](obs)]
+
+
+def observation_array(obs: Observation, fmt: int = OBSERVATION_FORMAT) -> np.ndarray:
+    """:func:`observation_vector` as float32 (the env's Box)."""
+    return np.array(observation_vector(obs, fmt), dtype=np.float32)
 
 
 def _signed(u: float) -> float:
