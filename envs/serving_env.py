@@ -10,9 +10,9 @@ the controller's policy: it sets the Knobs once per scheduling epoch.
 Spaces
 ------
 - **Action**: ``Box(-1, 1, (6,), float32)``, mapped to Knobs by
-  :class:`rtlm_adapt.policies.action_space.KnobsActionMap` (length, uncertainty, aging and slack
-  weights, batch-size cap as a fraction of the primary's maximum, offload threshold in predicted
-  tokens on a log scale).
+  :class:`rtlm_adapt.policies.action_space.RelativeKnobsActionMap` (format 2: length,
+  uncertainty, aging and slack weights; the batch cap relative to the primary's knee and the
+  offload threshold relative to the waiting requests' median predicted length, both in octaves).
 - **Observation**: ``Box(-1, 2, (14,), float32)``, :meth:`Observation.scale_free_vector`
   (observation format 2: queue per batch slot, executor utilisations, whether a secondary
   exists and its share of the slots, the knee over the batch cap, predicted-length quantiles
@@ -55,6 +55,7 @@ from rtlm_adapt.experiment import Workload
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
 from rtlm_adapt.policies.action_space import (
+    ACTION_MAPS,
     OBS_HIGH,
     OBS_LOW,
     OBSERVATION_FORMAT,
@@ -191,7 +192,7 @@ class ServingEnv(gym.Env):
         self.batching = batching
         self.miss_penalty = float(miss_penalty)
         self.max_episode_steps = int(max_episode_steps)
-        self.action_map = KnobsActionMap()
+        self.action_map = ACTION_MAPS[OBSERVATION_FORMAT]()
         self.action_space = spaces.Box(-1.0, 1.0, (KnobsActionMap.size,), dtype=np.float32)
         n_obs = len(OBSERVATION_FORMATS[OBSERVATION_FORMAT][1])
         self.observation_space = spaces.Box(OBS_LOW, OBS_HIGH, (n_obs,), dtype=np.float32)
@@ -282,8 +283,9 @@ class ServingEnv(gym.Env):
 
     # -- helpers -------------------------------------------------------------------------------
     def knobs_for(self, action: np.ndarray) -> Knobs:
-        """The Knobs an action means here (the primary's batch size sets the cap's scale)."""
-        return self.action_map.to_knobs(action, self.episode_cost.max_batch_size)
+        """The Knobs an action means at the observation the agent last saw (which sets the
+        batch cap's and the offload threshold's scale)."""
+        return self.action_map.knobs(action, self._seen)
 
     def _sampler_for(self, prompts: str, arrivals: str) -> EpisodeSampler:
         """One sampler per (prompt set, trace), built on first use (prompts load once)."""
@@ -299,7 +301,8 @@ class ServingEnv(gym.Env):
         return self.controller.observe(self.loop.now)
 
     def _obs(self) -> np.ndarray:
-        return observation_array(self.observation())
+        self._seen = self.observation()
+        return observation_array(self._seen)
 
     def _real_executors(self) -> tuple[Any, Any]:
         """The real primary (and a secondary sharing its weights), loaded on first use.

@@ -42,6 +42,7 @@ from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
 
 from .action_space import (
+    ACTION_MAPS,
     OBSERVATION_FORMATS,
     KnobsActionMap,
     observation_array,
@@ -100,7 +101,8 @@ class PPOPolicy:
     name
         Policy name in tables.
     action_map
-        Must match the environment the actor was trained in (the default does).
+        Must match the environment the actor was trained in (the default, the map of the
+        model's format, :data:`~rtlm_adapt.policies.action_space.ACTION_MAPS`, does).
     guard
         The :class:`PerformanceGuard` (default: a fresh one); ``decide`` hands over to
         ``fallback`` whenever it judges the learned policy worse. ``None`` switches it off.
@@ -115,9 +117,9 @@ class PPOPolicy:
         no secondary that is outside what it learned, so ``decide`` defers to ``fallback``.
         :meth:`load` reads it from the model file or the training's ``config.json``.
     observation_format
-        The observation format the actor reads (see
-        :data:`~rtlm_adapt.policies.action_space.OBSERVATION_FORMATS`); default: the one whose
-        size matches the actor's input.
+        The model format: the observation the actor reads and the action map it was trained
+        with (see :data:`~rtlm_adapt.policies.action_space.OBSERVATION_FORMATS`); default: the
+        format whose observation size matches the actor's input.
     """
 
     length_source = "predicted"
@@ -137,7 +139,8 @@ class PPOPolicy:
     ) -> None:
         self.actor = actor
         self.name = name
-        self.action_map = action_map or KnobsActionMap()
+        fmt = observation_format or observation_format_for_size(actor.obs_size)
+        self.action_map = action_map or ACTION_MAPS[fmt]()
         if actor.action_size != self.action_map.size:
             raise ValueError(
                 f"the actor outputs {actor.action_size} numbers, the action map takes "
@@ -147,7 +150,6 @@ class PPOPolicy:
         self.fallback = fallback if fallback is not None else RTLMHeuristic()
         self.online = online
         self.trained_with_secondary = trained_with_secondary
-        fmt = observation_format or observation_format_for_size(actor.obs_size)
         if len(OBSERVATION_FORMATS[fmt][1]) != actor.obs_size:
             raise ValueError(
                 f"the actor reads {actor.obs_size} numbers, observation format {fmt} has "
@@ -266,7 +268,7 @@ class PPOPolicy:
             # the hot path: plain floats in, plain floats out; clipping happens in to_knobs
             vec = observation_vector(observation, self.observation_format)
             action = self.actor.mean(vec).tolist()
-        return self.action_map.to_knobs(action, max(1, observation.primary_max_batch))
+        return self.action_map.knobs(action, observation)
 
     def __repr__(self) -> str:
         return f"PPOPolicy(name={self.name!r}, layers={len(self.actor.layers)})"

@@ -72,7 +72,7 @@ class TrainConfig:
     log_std_init: float = -0.5
     eval_freq: int = 20_000
     #: Evaluation episodes: scenarios drawn from the training space (its held-out windows).
-    eval_episodes: int = 8
+    eval_episodes: int = 12
     checkpoint_freq: int = 50_000
     vec_env: str = "subproc"
     progress_bar: bool = True
@@ -285,3 +285,23 @@ def train(config: TrainConfig) -> Path:
     path = out / "model.zip"
     model.save(path)
     return path
+
+
+def export_model(run: str | Path, dest: str | Path, model: str = "best_model.zip") -> Path:
+    """Write a training run's model as the numpy ``.npz`` that :meth:`PPOPolicy.load` reads
+    without torch, with the run's config and learning curve in its metadata and as
+    ``DEST.json`` beside it (how the packaged model is made)."""
+    from .ppo import PPOPolicy
+
+    run, dest = Path(run), Path(dest)
+    config = json.loads((run / "config.json").read_text())
+    curve_file = run / "evaluations.json"
+    curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
+    policy = PPOPolicy.load(run / model, guard=None)
+    training = {"run": str(run), "model": model, "config": config,
+                "timesteps": curve[-1]["timesteps"] if curve else config.get("timesteps")}
+    policy.save(dest, training={k: v for k, v in training.items() if k != "config"})
+    dest.with_suffix(".json").write_text(
+        json.dumps({**training, "learning_curve": curve}, indent=1) + "\n"
+    )
+    return dest

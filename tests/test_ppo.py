@@ -14,6 +14,7 @@ pytest.importorskip("stable_baselines3")
 from rtlm_adapt.knobs import Knobs  # noqa: E402
 from rtlm_adapt.observation import Observation  # noqa: E402
 from rtlm_adapt.policies import make_policy  # noqa: E402
+from rtlm_adapt.policies.action_space import KnobsActionMap  # noqa: E402
 from rtlm_adapt.policies.heuristic import RTLMHeuristic  # noqa: E402
 from rtlm_adapt.policies.mlp_actor import MLPActor  # noqa: E402
 from rtlm_adapt.policies.ppo import PPOPolicy  # noqa: E402
@@ -73,9 +74,11 @@ def test_ppo_in_simulate_cli(tiny_model, tmp_path):
     assert figures[f"ppo:{path}"]["completed"] == 40
 
 
-def _bad_actor() -> MLPActor:
-    """A deliberately bad policy: batch cap 1/16 of the primary's, arrival order, no offloading."""
-    return MLPActor([(np.zeros((6, 14)), np.array([-1.0, -1.0, -1.0, -1.0, -1.0, 1.0]))])
+def _bad_policy(**kwargs) -> PPOPolicy:
+    """A deliberately bad policy: batch cap 1/16 of the primary's (format 1's action map),
+    arrival order, no offloading."""
+    actor = MLPActor([(np.zeros((6, 14)), np.array([-1.0, -1.0, -1.0, -1.0, -1.0, 1.0]))])
+    return PPOPolicy(actor, action_map=KnobsActionMap(), **kwargs)
 
 
 @pytest.mark.parametrize("arrivals,load", [("poisson", 0.9), ("azure-conv", 0.7)])
@@ -86,7 +89,7 @@ def test_guard_hands_a_bad_policy_back_within_two_trials(arrivals, load, caplog)
 
     samples = cached_prompts("alpaca:gpt4_1106_preview")
     workload = build_workload(samples, arrivals=arrivals, load=load, n=200, seed=1)
-    policy = PPOPolicy(_bad_actor())  # the guard is on by default
+    policy = _bad_policy()  # the guard is on by default
     assert isinstance(policy.guard, PerformanceGuard)
     judged_at = []
     decide = policy.decide
@@ -105,7 +108,7 @@ def test_guard_hands_a_bad_policy_back_within_two_trials(arrivals, load, caplog)
     assert judged_at == [3]
     assert policy.guard.metrics()["handbacks"] >= 1
     assert any("handing the knobs back to the heuristic" in r.message for r in caplog.records)
-    unguarded = run_policy(PPOPolicy(_bad_actor(), guard=None), workload,
+    unguarded = run_policy(_bad_policy(guard=None), workload,
                            secondary_cost=secondary)
     assert guarded.summary.mean_rt_s < 0.8 * unguarded.summary.mean_rt_s
 

@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress_bar=not args.no_progress,
         max_minutes=args.max_minutes,
+        learning_rate=args.learning_rate,
     )
     print(f"saved {train(config)}")
     return 0
@@ -48,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "0.7 and 0.9, held out for evaluation)",
     )
     parser.add_argument("--batch-caps", help="primary batch caps LOW,HIGH (default 4,64)")
+    parser.add_argument("--learning-rate", type=positive_float, default=3e-4, help="PPO's")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--max-minutes", type=positive_float, help="stop (and save) after this long"
