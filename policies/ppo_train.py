@@ -287,21 +287,64 @@ def train(config: TrainConfig) -> Path:
     return path
 
 
-def export_model(run: str | Path, dest: str | Path, model: str = "best_model.zip") -> Path:
-    """Write a training run's model as the numpy ``.npz`` that :meth:`PPOPolicy.load` reads
-    without torch, with the run's config and learning curve in its metadata and as
-    ``DEST.json`` beside it (how the packaged model is made)."""
+def export_model(
+    run: str | Path, dest: str | Path, model: str = "best_model.zip",
+    validation: list[tuple[str, float]] | None = None,
+) -> Path:
+    """Write a training run's model (a file in the run folder) as the numpy ``.npz`` that
+    :meth:`PPOPolicy.load` reads without torch, with the run's config and learning curve in its
+    metadata and as ``DEST.json`` beside it, with ``validation`` (from
+    :func:`validate_checkpoints`) if given. How the packaged model is made::
+
+        ranked = validate_checkpoints("runs/ppo17")
+        export_model("runs/ppo17", "policies/models/ppo.npz", ranked[0][0], ranked)
+    """
     from .ppo import PPOPolicy
 
     run, dest = Path(run), Path(dest)
     config = json.loads((run / "config.json").read_text())
     curve_file = run / "evaluations.json"
     curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
-    policy = PPOPolicy.load(run / model, guard=None)
-    training = {"run": str(run), "model": model, "config": config,
-                "timesteps": curve[-1]["timesteps"] if curve else config.get("timesteps")}
+    env = config.get("env", {})
+    only_with_secondary = env.get("secondary_profile", "default") is not None and float(
+        env.get("scenarios", {}).get("secondary_prob", 1.0)) >= 1.0
+    policy = PPOPolicy.load(run / model, guard=None, trained_with_secondary=only_with_secondary)
+    # best_model.zip is the evaluation with the lowest mean response time (the callback's rule)
+    best = min(curve, key=lambda row: row["ppo"]["mean_rt_s"]) if curve else {}
+    chosen = best if model == "best_model.zip" else (curve[-1] if curve else {})
+    steps = chosen.get("timesteps", config.get("timesteps"))
+    if model.startswith("checkpoints/"):  # ppo_500000_steps.zip
+        steps = int(Path(model).stem.split("_")[1])
+    training = {"run": str(run), "model": model, "config": config, "timesteps": steps,
+                "trained_timesteps": curve[-1]["timesteps"] if curve else None}
     policy.save(dest, training={k: v for k, v in training.items() if k != "config"})
+    extra = {"validation_rt_over_heuristic": validation} if validation else {}
     dest.with_suffix(".json").write_text(
-        json.dumps({**training, "learning_curve": curve}, indent=1) + "\n"
+        json.dumps({**training, **extra, "learning_curve": curve}, indent=1) + "\n"
     )
     return dest
+
+
+def validate_checkpoints(
+    run: str | Path, episodes: int = 48, seed: int = 30_000
+) -> list[tuple[str, float]]:
+    """Rank a run's checkpoints by their mean response time over the heuristic's, averaged over
+    ``episodes`` validation episodes drawn from the *training* space (held-out windows, a seed
+    neither training nor ``benchmarks/ppo_eval.py`` uses), so a model can be chosen without
+    looking at the held-out grid. Returns ``(model file, mean ratio)``, best first."""
+    from .ppo import PPOPolicy
+
+    run = Path(run)
+    config = TrainConfig(**{**json.loads((run / "config.json").read_text()),
+                            "eval_episodes": episodes})
+    cases = training_eval_cases(config, seed=seed)
+    heuristic = [run_case("heuristic", case, config.env)[0] for case in cases]
+    files = sorted((run / "checkpoints").glob("*.zip")) + [run / "best_model.zip",
+                                                           run / "model.zip"]
+    ranked = []
+    for file in (f for f in files if f.is_file()):
+        actor = PPOPolicy.load(file, guard=None).actor
+        # the actor alone (guard=None): the guard's judgement would blur the comparison
+        rts = [run_case(PPOPolicy(actor, guard=None), case, config.env)[0] for case in cases]
+        ranked.append((str(file.relative_to(run)), float(np.mean(np.divide(rts, heuristic)))))
+    return sorted(ranked, key=lambda item: item[1])
