@@ -1,11 +1,11 @@
 """PPOPolicy: a PPO actor trained in :class:`~rtlm_adapt.envs.ServingEnv`, as a Policy.
 
 Deployed inference needs neither gymnasium nor stable-baselines3: :meth:`PPOPolicy.load` reads the
-actor's weights out of the SB3 ``model.zip`` (``policy.pth``, with torch) into numpy, and
-``decide`` is three small matrix products — a few microseconds — followed by the same
-:class:`~rtlm_adapt.policies.action_space.KnobsActionMap` the environment uses. The deterministic
-action (the Gaussian's mean, clipped to [-1, 1]) is what SB3's ``predict(deterministic=True)``
-returns.
+actor's weights from an ``.npz`` (numpy only) or out of an SB3 ``model.zip`` (``policy.pth``, with
+torch), and ``decide`` is three small matrix products — a few microseconds — followed by the
+same action map (:data:`~rtlm_adapt.policies.action_space.ACTION_MAPS`) the environment used.
+The deterministic action (the Gaussian's mean, clipped to [-1, 1]) is what SB3's
+``predict(deterministic=True)`` returns.
 
 The guard is on by default: a :class:`~rtlm_adapt.policies.ppo_guard.PerformanceGuard`
 compares the learned policy online with the RT-LM heuristic (interleaved trials) and hands the
