@@ -1,13 +1,15 @@
 """ServingEnv steps per second and PPOPolicy decision cost.
 
-    python benchmarks/env_speed.py --model runs/ppo/model.zip
+    python benchmarks/env_speed.py --model ppo
     python benchmarks/env_speed.py --profile vllm-cpu-smollm2-135m --secondary-profile none
 
 Steps: one env (no vectorisation, no wrappers), random actions, episodes reset as they end;
-the best of ``--repeats`` timed blocks (the machine is shared). Decision cost: ``PPOPolicy.decide``
-on a live Observation — observation vector, the numpy MLP, the action mapping and Knobs
-validation — best and median of the timed blocks, plus the controller's whole epoch
-(``observe`` + ``decide`` + re-keying the queue) inside a running loop.
+the best of ``--repeats`` timed blocks (the machine is shared); with ``--scenarios`` each episode
+draws its deployment from the training space (``ppo_train.TRAIN_SCENARIOS``), as in training.
+Decision cost: ``PPOPolicy.decide`` (guarded, as deployed) on a live Observation — the
+observation vector, the numpy MLP, the action mapping and Knobs validation — best and median of
+the timed blocks, plus the controller's whole epoch (``observe`` + ``decide`` + re-keying the
+queue) inside a running loop.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ import timeit
 import numpy as np
 
 from rtlm_adapt.envs import ServingEnv
-from rtlm_adapt.policies.ppo import PPOPolicy
+from rtlm_adapt.policies import make_policy
+from rtlm_adapt.policies.ppo_train import TRAIN_SCENARIOS
 
 
-def env_steps_per_s(steps: int, repeats: int, **env_kwargs) -> list[float]:
+def env_steps_per_s(steps: int, repeats: int, scenarios: bool = False, **env_kwargs) -> list[float]:
+    if scenarios:
+        env_kwargs["scenarios"] = TRAIN_SCENARIOS
     env = ServingEnv(**env_kwargs)
     env.reset(seed=0)
     actions = np.random.default_rng(0).uniform(-1, 1, (steps, 6)).astype(np.float32)
@@ -39,7 +44,7 @@ def env_steps_per_s(steps: int, repeats: int, **env_kwargs) -> list[float]:
 
 
 def decide_us(model: str, repeats: int, number: int = 2000) -> tuple[list[float], list[float]]:
-    policy = PPOPolicy.load(model)
+    policy = make_policy(model if model.startswith("ppo") else f"ppo:{model}")  # guarded
     env = ServingEnv()
     env.reset(seed=0)
     for _ in range(30):  # a queue and running batches to observe
@@ -57,7 +62,11 @@ def decide_us(model: str, repeats: int, number: int = 2000) -> tuple[list[float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="PPO model.zip (for the decision cost)")
+    parser.add_argument(
+        "--model", help="PPO model (.zip, .npz, or 'ppo': the packaged one) for the decision cost"
+    )
+    parser.add_argument("--scenarios", action="store_true",
+                        help="episodes drawn from the training space")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", help="primary cost profile (default: the env's)")
@@ -70,7 +79,7 @@ def main() -> None:
         env_kwargs["secondary_profile"] = (
             None if args.secondary_profile == "none" else args.secondary_profile
         )
-    rates = env_steps_per_s(args.steps, args.repeats, **env_kwargs)
+    rates = env_steps_per_s(args.steps, args.repeats, args.scenarios, **env_kwargs)
     print(
         f"env steps/s: best {max(rates):.0f}, median {statistics.median(rates):.0f} "
         f"({args.repeats} x {args.steps} steps)"

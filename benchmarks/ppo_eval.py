@@ -1,13 +1,17 @@
-"""PPO vs the RT-LM heuristic, FCFS and oracle SJF on arrival windows unseen in training.
+"""PPO vs the RT-LM heuristic, FCFS and oracle SJF on a grid of deployments held out from training.
 
-    python benchmarks/ppo_eval.py --model runs/ppo/model.zip --runs runs/ppo \
-        --out benchmarks/results
+    python benchmarks/ppo_eval.py --model ppo --runs runs/ppo17 --out benchmarks/results
 
-Windows are drawn from the last 20% of the Azure conversation trace (training draws window
-starts from the first 80% only) with a seed that neither training nor its evaluation callback
-uses; every policy serves the very same requests through the same controller, loop and simulated
-executors (``rtlm_adapt.experiment.run_policy``). Writes ``ppo_eval.json``, ``ppo_eval.md`` (the
-table) and, given ``--runs``, ``ppo_learning_curve.png`` from the training's evaluations.json.
+Cells: prompt sets x arrival processes x loads x primary batch caps (4, 16, 64), with the
+secondary executor. The prompt sets (``ppo_train.HELD_OUT_PROMPTS``), traces
+(``HELD_OUT_ARRIVALS``) and loads (``HELD_OUT_LOADS``: bands training never draws from) are held
+out from training, and so are the windows (the last 20% of a trace, or arrival seeds training
+never uses). Every policy serves the very same requests in a cell through the same controller,
+loop and simulated executors (``rtlm_adapt.experiment.run_policy``); each policy object is fresh
+per window. ``ppo`` is the policy as deployed (the guard on); ``ppo-unguarded`` is the learned
+actor alone. Writes ``ppo_eval.json`` (per cell, the held-out lists, the summary against #17's
+bar), ``ppo_eval.md`` and, given ``--runs``, ``ppo_learning_curve.png`` from the training's
+``evaluations.json``.
 """
 
 from __future__ import annotations
@@ -19,29 +23,63 @@ import platform
 import shlex
 import sys
 import time
-from datetime import date
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from rtlm_adapt.knobs import Knobs
-from rtlm_adapt.policies.base import FixedPolicy
-from rtlm_adapt.policies.ppo import PPOPolicy
-from rtlm_adapt.policies.ppo_train import eval_workloads, evaluate
+import numpy as np
+
+from rtlm_adapt.envs.scenarios import grid
+from rtlm_adapt.policies import make_policy
+from rtlm_adapt.policies.ppo_train import (
+    HELD_OUT_ARRIVALS,
+    HELD_OUT_LOADS,
+    HELD_OUT_PROMPTS,
+    TRAIN_SCENARIOS,
+    run_case,
+    scenario_cases,
+)
 
 BENCH_SEED = 20_000  # training uses seeds 0.., its evaluation callback 10_000
+BASELINES = ("fcfs", "heuristic", "oracle-sjf")
 
 
-def policies(model: str) -> dict[str, object]:
+def policy_factories(model: str) -> dict[str, Any]:
+    """Name -> a factory of a fresh policy (a guard's judgement must not carry across windows)."""
+    path = "" if model == "ppo" else f":{model}"
     return {
-        "fcfs": "fcfs",
-        "heuristic": "heuristic",
-        # the same heuristic without the secondary executor: how much offloading alone buys
-        "heuristic-local": "heuristic-local",
-        # a hand-tuned fixed-knob reference: SJF plus always-on offloading of long predictions
-        "sjf+offload400": FixedPolicy(
-            "sjf+offload400", Knobs(length_weight=1.0, offload_threshold=400.0)
-        ),
-        "ppo": PPOPolicy.load(model),
-        "oracle-sjf": "oracle-sjf",
+        **{name: name for name in BASELINES},  # names: run_policy builds a fresh one per run
+        "ppo": lambda: make_policy(f"ppo{path}"),
+        "ppo-unguarded": lambda: make_policy(f"ppo-unguarded{path}"),
+    }
+
+
+def evaluate_cell(cases: list[Any], factories: dict[str, Any]) -> dict[str, dict[str, float]]:
+    rows = {}
+    for name, factory in factories.items():
+        runs = [run_case(factory, case, {}) for case in cases]
+        rows[name] = {"mean_rt_s": float(np.mean([r for r, _ in runs])),
+                      "miss_rate": float(np.mean([m for _, m in runs]))}
+    return rows
+
+
+def summarize_grid(cells: list[dict[str, Any]], policy: str) -> dict[str, Any]:
+    """``policy`` against the heuristic over the cells, and #17's bar: no cell worse by more
+    than 2% in mean response time or 1 point in miss rate, the mean ratio at least 5% better."""
+    ratios = [c["policies"][policy]["mean_rt_s"] / c["policies"]["heuristic"]["mean_rt_s"]
+              for c in cells]
+    miss = [c["policies"][policy]["miss_rate"] - c["policies"]["heuristic"]["miss_rate"]
+            for c in cells]
+    worse = [c["cell"] for c, r, m in zip(cells, ratios, miss, strict=True)
+             if r > 1.02 or m > 0.01]
+    return {
+        "mean_rt_ratio": float(np.mean(ratios)),
+        "worst_rt_ratio": float(np.max(ratios)),
+        "best_rt_ratio": float(np.min(ratios)),
+        "mean_miss_diff_pt": 100 * float(np.mean(miss)),
+        "worst_miss_diff_pt": 100 * float(np.max(miss)),
+        "cells_worse_than_bar": worse,
+        "meets_bar": not worse and float(np.mean(ratios)) <= 0.95,
     }
 
 
@@ -59,83 +97,98 @@ def learning_curve(evaluations: Path, png: Path) -> None:
     ax.axhline(rows[0]["fcfs"]["mean_rt_s"], color="C2", ls=":", label="FCFS")
     ax.set_xlabel("training steps (scheduling epochs)")
     ax.set_ylabel("mean response time (s)")
-    ax.set_title("PPO on held-out Azure-conv windows (loads 0.9, 1.0)")
+    ax.set_title("PPO during training (episodes drawn from the training space)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
 
+def markdown(cells: list[dict[str, Any]], names: list[str]) -> str:
+    head = "| cell | heuristic RT (s), miss | " + " | ".join(
+        f"{n} RT, miss vs heur." for n in names if n != "heuristic") + " |"
+    lines = [head, "|" + "---|" * (len(names) + 1)]
+    for c in cells:
+        h = c["policies"]["heuristic"]
+        row = [c["cell"], f"{h['mean_rt_s']:.1f}, {100 * h['miss_rate']:.0f}%"]
+        for n in names:
+            if n == "heuristic":
+                continue
+            r = c["policies"][n]
+            row.append(f"{100 * (r['mean_rt_s'] / h['mean_rt_s'] - 1):+.1f}%, "
+                       f"{100 * (r['miss_rate'] - h['miss_rate']):+.1f} pt")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="PPO model.zip")
+    parser.add_argument("--model", default="ppo", help="'ppo' (the packaged model) or a path")
     parser.add_argument("--runs", help="training output folder (for the learning curve)")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--loads", default="0.7,0.9,1.0")
-    parser.add_argument("--windows", type=int, default=8, help="windows per load")
+    parser.add_argument("--prompts", default=",".join(HELD_OUT_PROMPTS))
+    parser.add_argument("--arrivals", default=",".join(HELD_OUT_ARRIVALS))
+    parser.add_argument("--loads", default=",".join(map(str, HELD_OUT_LOADS)))
+    parser.add_argument("--caps", default="4,16,64", help="primary batch caps")
+    parser.add_argument("--windows", type=int, default=4, help="windows per cell")
     parser.add_argument("--requests", type=int, default=100, help="requests per window")
-    parser.add_argument("--prompts", default="alpaca:gpt4_1106_preview")
     args = parser.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = {"prompts": args.prompts, "n_requests": args.requests}
+    split = lambda text: [x for x in text.split(",") if x]  # noqa: E731
+    scenarios = grid(split(args.prompts), split(args.arrivals),
+                     [float(x) for x in split(args.loads)], [int(x) for x in split(args.caps)])
+    factories = policy_factories(args.model)
     load_avg = os.getloadavg()
     t0 = time.perf_counter()
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for load in (float(x) for x in args.loads.split(",")):
-        workloads = eval_workloads(env, (load,), args.windows, seed=BENCH_SEED)
-        table[str(load)] = {
-            name: evaluate(p, workloads, env) for name, p in policies(args.model).items()
-        }
-    lines = [
-        "| load | policy | mean RT (s) | vs heuristic | miss rate | vs heuristic |",
-        "|---|---|---|---|---|---|",
-    ]
-    for load, rows in table.items():
-        h = rows["heuristic"]
-        for name, r in rows.items():
-            lines.append(
-                f"| {load} | {name} | {r['mean_rt_s']:.1f} | "
-                f"{100 * (r['mean_rt_s'] / h['mean_rt_s'] - 1):+.1f}% | "
-                f"{100 * r['miss_rate']:.1f}% | "
-                f"{100 * (r['miss_rate'] - h['miss_rate']):+.1f} pt |"
-            )
-    text = "\n".join(lines)
-    print(text)
+    cells = []
+    for i, sc in enumerate(scenarios):
+        cases = scenario_cases([sc], args.windows, {"n_requests": args.requests},
+                               seed=BENCH_SEED + i)
+        cells.append({"cell": sc.label(), "scenario": sc.__dict__,
+                      "policies": evaluate_cell(cases, factories)})
+        print(f"[{time.perf_counter() - t0:.0f}s] {sc.label()}: " + ", ".join(
+            f"{n} {r['mean_rt_s']:.1f}" for n, r in cells[-1]["policies"].items()), flush=True)
+    summary = {n: summarize_grid(cells, n) for n in factories if n != "heuristic"}
     command = shlex.join(["python", *sys.argv])
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
-        f"load average {', '.join(f'{x:.2f}' for x in load_avg)} at the start"
-    )
-    header = [
-        "# PPO vs baselines on held-out Azure-conv windows",
-        "",
-        f"- command: `{command}`",
-        f"- date: {date.today().isoformat()}; machine: {machine}",
-        f"- model: `{args.model}`; {args.windows} windows x {args.requests} requests per load "
-        f"({args.prompts} lengths), window starts in the last 20% of the trace (training draws "
-        f"from the first 80%), seed {BENCH_SEED}",
-        "",
-        "Mean response time and deadline-miss rate, averaged over windows; "
-        "relative to the RT-LM heuristic (v2, with offloading).",
-        "",
-        "",
-    ]
-    (out / "ppo_eval.md").write_text("\n".join(header) + text + "\n")
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, load "
+               f"average {', '.join(f'{x:.2f}' for x in load_avg)} at the start")
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     payload = {
-        "table": table,
+        "summary": summary,
+        "held_out": {"prompts": split(args.prompts), "arrivals": split(args.arrivals),
+                     "loads": [float(x) for x in split(args.loads)],
+                     "windows": "last 20% of a trace (training draws from the first 80%); "
+                                "other arrivals with seeds training never uses"},
+        "training_space": TRAIN_SCENARIOS,
+        "cells": cells,
         "model": args.model,
-        "windows_per_load": args.windows,
+        "windows_per_cell": args.windows,
         "requests_per_window": args.requests,
-        "prompts": args.prompts,
-        "arrivals": "azure-conv, window starts in the last 20% of the trace (unseen in training)",
         "seed": BENCH_SEED,
         "command": command,
         "machine": machine,
-        "date": date.today().isoformat(),
+        "date": when,
         "elapsed_s": time.perf_counter() - t0,
     }
     (out / "ppo_eval.json").write_text(json.dumps(payload, indent=1) + "\n")
+    names = list(factories)
+    lines = ["| policy | mean RT / heuristic over cells | worst cell | mean miss diff | "
+             "worst miss diff | cells past the bar (2%, 1 pt) |", "|---|---|---|---|---|---|"]
+    for n, s in summary.items():
+        lines.append(f"| {n} | {s['mean_rt_ratio']:.3f} | {s['worst_rt_ratio']:.3f} | "
+                     f"{s['mean_miss_diff_pt']:+.1f} pt | {s['worst_miss_diff_pt']:+.1f} pt | "
+                     f"{len(s['cells_worse_than_bar'])} of {len(cells)} |")
+    text = "\n".join([
+        "# PPO vs baselines on deployments held out from training", "",
+        f"- command: `{command}`", f"- date: {when}; machine: {machine}",
+        f"- model: `{args.model}`; {len(cells)} cells x {args.windows} windows x "
+        f"{args.requests} requests; held out: prompts {args.prompts}, arrivals {args.arrivals}, "
+        f"loads {args.loads}; seed {BENCH_SEED}", "",
+        *lines, "", markdown(cells, names), "",
+    ])
+    (out / "ppo_eval.md").write_text(text)
+    print("\n".join(lines))
     if args.runs and (Path(args.runs) / "evaluations.json").is_file():
         learning_curve(Path(args.runs) / "evaluations.json", out / "ppo_learning_curve.png")
     print(f"({payload['elapsed_s']:.0f}s; wrote {out}/ppo_eval.json, ppo_eval.md)")

@@ -162,16 +162,21 @@ class EpisodeSampler:
             )
         return first, last
 
-    def sample(self, rng: np.random.Generator, load: float | None = None) -> Workload:
-        """One episode's workload, drawn with ``rng`` (same generator state, same workload)."""
+    def sample(
+        self, rng: np.random.Generator, load: float | None = None, cost: StepCost | None = None
+    ) -> Workload:
+        """One episode's workload, drawn with ``rng`` (same generator state, same workload).
+
+        ``cost`` replaces the primary's profile for this episode (e.g. another batch cap): the
+        rate follows its capacity."""
         n = self.n_requests
+        cost = cost or self.cost
         if load is None:
             low, high = self.load_range
             load = float(rng.uniform(low, high)) if high > low else low
         idx = rng.choice(len(self.samples), size=n, replace=n > len(self.samples))
         chosen = [self.samples[i] for i in idx]
-        batch = self.cost.max_batch_size
-        cap = capacity_rps(self.cost, chosen, batch)
+        cap = capacity_rps(cost, chosen, cost.max_batch_size)
         rate = load * cap
         arrival_seed = int(rng.integers(2**31))
         if self.trace is not None:
@@ -181,7 +186,7 @@ class EpisodeSampler:
         else:
             times = make_arrivals(self.arrivals, n, rate, arrival_seed)
             where = f"{self.arrivals} (seed {arrival_seed})"
-        mean_svc = mean_isolated_service_s(self.cost, chosen)
+        mean_svc = mean_isolated_service_s(cost, chosen)
         deadlines = assign_deadlines(times, mean_svc, seed=rng, slo=self.slo)
         requests = build_requests(chosen, times, deadlines)
         requests = [replace(r, id=f"{i}:{r.metadata['sample_id']}") for i, r in enumerate(requests)]

@@ -10,12 +10,15 @@ the controller's policy: it sets the Knobs once per scheduling epoch.
 Spaces
 ------
 - **Action**: ``Box(-1, 1, (6,), float32)``, mapped to Knobs by
-  :class:`rtlm_adapt.policies.action_space.KnobsActionMap` (length, uncertainty, aging and slack
-  weights, batch-size cap as a fraction of the primary's maximum, offload threshold in predicted
-  tokens on a log scale).
-- **Observation**: ``Box(-1, 2, (11,), float32)``, :meth:`Observation.as_vector` (queue length,
-  executor utilisations, predicted-length mean and p90 and mean uncertainty of waiting requests,
-  oldest wait, smallest deadline slack, offered load, recent response time and miss rate).
+  :class:`rtlm_adapt.policies.action_space.RelativeKnobsActionMap` (format 2: length,
+  uncertainty, aging and slack weights; the batch cap relative to the primary's knee and the
+  offload threshold relative to the waiting requests' median predicted length, both in octaves).
+- **Observation**: ``Box(-1, 2, (14,), float32)``, :meth:`Observation.scale_free_vector`
+  (observation format 2: queue per batch slot, executor utilisations, whether a secondary
+  exists and its share of the slots, the knee over the batch cap, predicted-length quantiles
+  over their mean, mean uncertainty, oldest wait and smallest slack over the service time,
+  offered load, recent response time over the service time and miss rate). Only ratios, so
+  one policy reads any executor and prompt mix.
 - **Reward** per epoch ``[t0, t1)``::
 
       r = -( integral over [t0, t1) of (requests waiting or running) dt ) / S
@@ -30,7 +33,7 @@ Spaces
 >>> env = ServingEnv(n_requests=20, load=0.9)
 >>> obs, info = env.reset(seed=0)
 >>> obs.shape, env.action_space.shape
-((11,), (6,))
+((14,), (6,))
 >>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
 >>> bool(reward <= 0.0)
 True
@@ -51,12 +54,21 @@ from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.experiment import Workload, engine_priority
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
-from rtlm_adapt.policies.action_space import OBS_HIGH, OBS_LOW, KnobsActionMap, observation_array
+from rtlm_adapt.policies.action_space import (
+    ACTION_MAPS,
+    OBS_HIGH,
+    OBS_LOW,
+    OBSERVATION_FORMAT,
+    OBSERVATION_FORMATS,
+    KnobsActionMap,
+    observation_array,
+)
 from rtlm_adapt.request import Completion
 from rtlm_adapt.serving.loop import ServingLoop
 from rtlm_adapt.serving.simulated import simulated_executor
 
 from .episodes import EpisodeSampler, shared_scorer
+from .scenarios import Scenario, ScenarioSpace
 
 EXECUTORS = ("sim", "hf")
 PREDICTOR_TIERS = ("lexical",)
@@ -107,6 +119,11 @@ class ServingEnv(gym.Env):
         Deadline mix.
     miss_penalty
         Reward lost per deadline miss, in units of one request's mean isolated service time.
+    scenarios
+        A :class:`~rtlm_adapt.envs.scenarios.ScenarioSpace` (or a dict of its fields): each
+        episode then draws its prompt set, arrivals, load, the primary's batch cap and whether a
+        secondary exists from it, overriding ``prompts``, ``arrivals`` and ``load`` (the
+        secondary is ``secondary_profile`` when drawn).
     max_episode_steps
         Truncation bound.
     render_mode
@@ -131,6 +148,7 @@ class ServingEnv(gym.Env):
         predictor_tier: str = "lexical",
         slo: str = "0.7:2,0.3:10",
         miss_penalty: float = 0.5,
+        scenarios: ScenarioSpace | dict[str, Any] | None = None,
         max_episode_steps: int = 20_000,
         render_mode: str | None = None,
         model: str = "smollm2",
@@ -156,22 +174,29 @@ class ServingEnv(gym.Env):
             raise ValueError(f"epoch_s must be a positive number, got {epoch_s!r}")
         self.primary_cost = StepCost.load(profile)
         self.secondary_cost = StepCost.load(secondary_profile) if secondary_profile else None
-        self.sampler = EpisodeSampler(
-            prompts,
-            arrivals=arrivals,
-            load=tuple(load) if isinstance(load, (list, tuple)) else load,
-            n_requests=n_requests,
-            trace_slice=tuple(trace_slice),
-            slo=slo,
-            cost=self.primary_cost,
-        )
+        if scenarios is None:
+            low, high = (load, load) if isinstance(load, (int, float)) else load
+            cap = self.primary_cost.max_batch_size
+            scenarios = ScenarioSpace(
+                prompts=(prompts,), arrivals=(arrivals,), loads=((low, high),),
+                batch_caps=(cap, cap), secondary_prob=1.0 if self.secondary_cost else 0.0,
+            )
+        self.scenarios = ScenarioSpace.from_options(scenarios)
+        if executor == "hf" and len(set(self.scenarios.batch_caps)) > 1:
+            raise ValueError("executor='hf' runs the real model: its batch cap cannot vary")
+        self._sampler_options = {"n_requests": n_requests, "trace_slice": tuple(trace_slice),
+                                 "slo": slo, "cost": self.primary_cost}
+        self._samplers: dict[tuple[str, str], EpisodeSampler] = {}
+        self.sampler = self._sampler_for(self.scenarios.prompts[0], self.scenarios.arrivals[0])
+        self.scenario: Scenario | None = None
+        self.episode_cost = self.primary_cost
         self.epoch_s = float(epoch_s)
         self.batching = batching
         self.miss_penalty = float(miss_penalty)
         self.max_episode_steps = int(max_episode_steps)
-        self.action_map = KnobsActionMap()
+        self.action_map = ACTION_MAPS[OBSERVATION_FORMAT]()
         self.action_space = spaces.Box(-1.0, 1.0, (KnobsActionMap.size,), dtype=np.float32)
-        n_obs = len(Observation.VECTOR_FIELDS)
+        n_obs = len(OBSERVATION_FORMATS[OBSERVATION_FORMAT][1])
         self.observation_space = spaces.Box(OBS_LOW, OBS_HIGH, (n_obs,), dtype=np.float32)
         self.workload: Workload | None = None
         self.controller: AdaptiveController | None = None
@@ -187,10 +212,15 @@ class ServingEnv(gym.Env):
             # a truncated episode: end what is left, so reused real executors start empty
             self.loop.shutdown(drain=False)
         load = (options or {}).get("load")
-        self.workload = wl = self.sampler.sample(self.np_random, load=load)
-        profiles = {"primary": self.primary_cost}
-        if self.secondary_cost is not None:
-            profiles["secondary"] = self.secondary_cost
+        self.scenario = sc = self.scenarios.sample(self.np_random, load=load)
+        self.sampler = self._sampler_for(sc.prompts, sc.arrivals)
+        self.episode_cost = replace(self.primary_cost, max_batch_size=sc.max_batch)
+        secondary_cost = self.secondary_cost if sc.secondary else None
+        self.workload = wl = self.sampler.sample(self.np_random, load=sc.load,
+                                                 cost=self.episode_cost)
+        profiles = {"primary": self.episode_cost}
+        if secondary_cost is not None:
+            profiles["secondary"] = secondary_cost
         # The policy object is never consulted: the knobs are held from outside (set_knobs).
         self.controller = AdaptiveController(
             "fcfs", profiles=profiles, epoch_s=self.epoch_s, batching=self.batching,
@@ -212,13 +242,12 @@ class ServingEnv(gym.Env):
             # a profile with an engine block gets the engine model of vLLM's scheduler
             priority_of = engine_priority(self.controller)
             primary = simulated_executor(
-                "primary", self.primary_cost, batching=self.batching, priority_of=priority_of
+                "primary", self.episode_cost, batching=self.batching, priority_of=priority_of
             )
             secondary = None
-            if self.secondary_cost is not None:
+            if secondary_cost is not None:
                 secondary = simulated_executor(
-                    "secondary", self.secondary_cost, batching=self.batching,
-                    priority_of=priority_of,
+                    "secondary", secondary_cost, batching=self.batching, priority_of=priority_of
                 )
             self.loop = ServingLoop(
                 self.controller, primary, secondary, batching=self.batching,
@@ -238,7 +267,8 @@ class ServingEnv(gym.Env):
         self._steps = 0
         self._work = 0.0  # W(now): response time accrued so far, over all requests
         self.loop.advance(0.0)
-        info = {"load": wl.load, "rate_rps": wl.rate_rps, "workload": wl.description}
+        info = {"load": wl.load, "rate_rps": wl.rate_rps, "workload": wl.description,
+                "scenario": sc.label()}
         return self._obs(), info
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -261,8 +291,17 @@ class ServingEnv(gym.Env):
 
     # -- helpers -------------------------------------------------------------------------------
     def knobs_for(self, action: np.ndarray) -> Knobs:
-        """The Knobs an action means here (the primary's batch size sets the cap's scale)."""
-        return self.action_map.to_knobs(action, self.primary_cost.max_batch_size)
+        """The Knobs an action means at the observation the agent last saw (which sets the
+        batch cap's and the offload threshold's scale)."""
+        return self.action_map.knobs(action, self._seen)
+
+    def _sampler_for(self, prompts: str, arrivals: str) -> EpisodeSampler:
+        """One sampler per (prompt set, trace), built on first use (prompts load once)."""
+        key = (prompts, arrivals)
+        if key not in self._samplers:
+            self._samplers[key] = EpisodeSampler(prompts, arrivals=arrivals,
+                                                 **self._sampler_options)
+        return self._samplers[key]
 
     def observation(self) -> Observation:
         """The controller's current Observation (what a Policy would see)."""
@@ -270,7 +309,8 @@ class ServingEnv(gym.Env):
         return self.controller.observe(self.loop.now)
 
     def _obs(self) -> np.ndarray:
-        return observation_array(self.observation())
+        self._seen = self.observation()
+        return observation_array(self._seen)
 
     def _real_executors(self) -> tuple[Any, Any]:
         """The real primary (and a secondary sharing its weights), loaded on first use.

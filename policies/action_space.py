@@ -33,7 +33,7 @@ fraction so one policy fits executors of any size.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -55,11 +55,38 @@ ACTION_FIELDS = (
 OBS_LOW, OBS_HIGH = -1.0, 2.0
 
 
-def observation_array(obs: Observation) -> np.ndarray:
-    """``obs.as_vector()`` as float32, clipped to ``[OBS_LOW, OBS_HIGH]`` (the env's Box)."""
-    return np.array(
-        [min(OBS_HIGH, max(OBS_LOW, x)) for x in obs.as_vector()], dtype=np.float32
+#: Observation formats a learned policy may read, by number: the vector and its field names.
+#: 2 (scale-free) is what the environment produces now; 1 is kept so older models still run.
+OBSERVATION_FORMATS: dict[int, tuple[Callable[[Observation], list[float]], tuple[str, ...]]] = {
+    1: (Observation.as_vector, Observation.VECTOR_FIELDS),
+    2: (Observation.scale_free_vector, Observation.SCALE_FREE_FIELDS),
+}
+#: The format the environment (and so every newly trained model) uses.
+OBSERVATION_FORMAT = 2
+
+
+def observation_format_for_size(size: int) -> int:
+    """The format whose vector has ``size`` entries (how a model file without the number is
+    read); a ValueError naming the sizes known otherwise."""
+    for number, (_, names) in OBSERVATION_FORMATS.items():
+        if len(names) == size:
+            return number
+    known = ", ".join(f"{len(names)} (format {n})" for n, (_, names) in OBSERVATION_FORMATS.items())
+    raise ValueError(
+        f"the model reads observations of {size} numbers, which no observation format has "
+        f"(known: {known}); it was trained on an observation this version cannot build: "
+        "retrain it with examples/train_ppo.py"
     )
+
+
+def observation_vector(obs: Observation, fmt: int = OBSERVATION_FORMAT) -> list[float]:
+    """The observation in format ``fmt``, clipped to ``[OBS_LOW, OBS_HIGH]``, as plain floats."""
+    return [min(OBS_HIGH, max(OBS_LOW, x)) for x in OBSERVATION_FORMATS[fmt][0](obs)]
+
+
+def observation_array(obs: Observation, fmt: int = OBSERVATION_FORMAT) -> np.ndarray:
+    """:func:`observation_vector` as float32 (the env's Box)."""
+    return np.array(observation_vector(obs, fmt), dtype=np.float32)
 
 
 def _signed(u: float) -> float:
@@ -139,3 +166,65 @@ class KnobsActionMap:
             ],
             dtype=np.float32,
         )
+
+    def knobs(self, action: Sequence[float] | np.ndarray, obs: Observation) -> Knobs:
+        """Knobs for ``action`` taken at ``obs`` (this map reads only the primary's maximum)."""
+        return self.to_knobs(action, max(1, obs.primary_max_batch))
+
+
+class RelativeKnobsActionMap(KnobsActionMap):
+    """Action format 2: the weights as in format 1, the two knobs with a scale relative to what
+    the observation says, so the same action means the same on any executor and prompt mix.
+
+    - batch cap: the primary's knee batch times ``2 ** (batch_octaves * a)`` (a = 0: the knee,
+      the heuristic's choice), within [1, the primary's maximum]; the maximum where the knee is
+      unknown;
+    - offload threshold: the median predicted length of the waiting requests times
+      ``2 ** (offload_octaves * a)`` (a = 0: the longer half of the queue, the heuristic's choice
+      under load); offloading off for ``a >= off_above``, with no queue, or no secondary.
+
+    >>> from rtlm_adapt.observation import Observation
+    >>> obs = Observation(now=0.0, queue_length=9, primary_running=4, primary_max_batch=64,
+    ...     secondary_running=0, secondary_max_batch=4, pred_len_mean=250.0, pred_len_p90=600.0,
+    ...     uncertainty_mean=0.3, oldest_wait_s=5.0, min_slack_s=9.0, arrival_rate=1.0,
+    ...     service_time_s=10.0, load=0.9, recent_response_s=20.0, recent_miss_rate=0.0,
+    ...     step_time_s=0.1, primary_knee_batch=16, pred_len_p50=200.0)
+    >>> k = RelativeKnobsActionMap().knobs([1, 0, 0, -1, 0, 0], obs)
+    >>> k.max_batch_size, k.offload_threshold
+    (16, 200.0)
+    >>> RelativeKnobsActionMap().knobs([1, 0, 0, -1, 1, 1], obs).offload_threshold
+    inf
+    """
+
+    def __init__(
+        self, *, batch_octaves: float = 2.0, offload_octaves: float = 3.0,
+        off_above: float = 0.9, **kwargs: float
+    ) -> None:
+        super().__init__(**kwargs)
+        self.batch_octaves = float(batch_octaves)
+        self.offload_octaves = float(offload_octaves)
+        self.off_above = float(off_above)
+
+    def knobs(self, action: Sequence[float] | np.ndarray, obs: Observation) -> Knobs:
+        cap = max(1, obs.primary_max_batch)
+        base = self.to_knobs(action, cap)  # the weights; batch and threshold replaced below
+        a_batch = min(1.0, max(-1.0, float(action[4])))
+        a_offload = min(1.0, max(-1.0, float(action[5])))
+        knee = obs.primary_knee_batch if obs.primary_knee_batch > 0 else cap
+        batch = max(1, min(cap, round(knee * 2.0 ** (self.batch_octaves * a_batch))))
+        median = obs.pred_len_p50 if obs.pred_len_p50 > 0 else obs.pred_len_mean
+        threshold = math.inf
+        if a_offload < self.off_above and median > 0 and obs.secondary_max_batch > 0:
+            threshold = median * 2.0 ** (self.offload_octaves * a_offload)
+        return Knobs(
+            length_weight=base.length_weight,
+            uncertainty_weight=base.uncertainty_weight,
+            wait_weight=base.wait_weight,
+            slack_weight=base.slack_weight,
+            max_batch_size=int(batch),
+            offload_threshold=threshold,
+        )
+
+
+#: The action map of each model format (the same numbers as the observation formats).
+ACTION_MAPS: dict[int, type[KnobsActionMap]] = {1: KnobsActionMap, 2: RelativeKnobsActionMap}

@@ -1,23 +1,30 @@
 """PPOPolicy: a PPO actor trained in :class:`~rtlm_adapt.envs.ServingEnv`, as a Policy.
 
 Deployed inference needs neither gymnasium nor stable-baselines3: :meth:`PPOPolicy.load` reads the
-actor's weights out of the SB3 ``model.zip`` (``policy.pth``, with torch) into numpy, and
-``decide`` is three small matrix products — a few microseconds — followed by the same
-:class:`~rtlm_adapt.policies.action_space.KnobsActionMap` the environment uses. The deterministic
-action (the Gaussian's mean, clipped to [-1, 1]) is what SB3's ``predict(deterministic=True)``
-returns.
+actor's weights from an ``.npz`` (numpy only) or out of an SB3 ``model.zip`` (``policy.pth``, with
+torch), and ``decide`` is three small matrix products — a few microseconds — followed by the
+same action map (:data:`~rtlm_adapt.policies.action_space.ACTION_MAPS`) the environment used.
+The deterministic action (the Gaussian's mean, clipped to [-1, 1]) is what SB3's
+``predict(deterministic=True)`` returns.
 
-With ``online=True`` the policy keeps learning from the live loop (see
-:class:`~rtlm_adapt.policies.ppo_online.OnlinePPO`), and a
-:class:`~rtlm_adapt.policies.ppo_online.PerformanceGuard` hands the knobs to the RT-LM heuristic
-whenever the learned policy's recent performance falls below the heuristic's.
+The guard is on by default: a :class:`~rtlm_adapt.policies.ppo_guard.PerformanceGuard`
+compares the learned policy online with the RT-LM heuristic (interleaved trials) and hands the
+knobs back when it does worse, with a log line and a count (``guard.metrics()``). ``guard=None``
+(or the policy name ``ppo-unguarded``) switches it off. With ``online=True`` the policy also keeps
+learning from the live loop (see :class:`~rtlm_adapt.policies.ppo_online.OnlinePPO`).
+
+Model files: :meth:`PPOPolicy.save` writes the actor as ``.npz`` (numpy only, the format the
+packaged model uses, :data:`PACKAGED_MODEL`); :meth:`PPOPolicy.load` reads those and SB3
+``model.zip`` files. Both record the observation format the actor reads (format 1 models, from
+before the scale-free observation, still run on it); a file this version cannot read raises a
+ValueError naming the problem.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
->>> layers = [(rng.normal(size=(8, 11)), np.zeros(8)), (rng.normal(size=(6, 8)), np.zeros(6))]
+>>> layers = [(rng.normal(size=(8, 14)), np.zeros(8)), (rng.normal(size=(6, 8)), np.zeros(6))]
 >>> policy = PPOPolicy(MLPActor(layers))
->>> policy.actor(np.zeros(11, dtype=np.float32)).shape
-(6,)
+>>> policy.actor(np.zeros(14, dtype=np.float32)).shape, policy.observation_format
+((6,), 2)
 """
 
 from __future__ import annotations
@@ -29,13 +36,30 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
 
-from .action_space import OBS_HIGH, OBS_LOW, KnobsActionMap, observation_array
+from .action_space import (
+    ACTION_MAPS,
+    OBSERVATION_FORMATS,
+    KnobsActionMap,
+    observation_array,
+    observation_format_for_size,
+    observation_vector,
+)
 from .heuristic import RTLMHeuristic
 from .mlp_actor import ACTIVATIONS, MLPActor
-from .ppo_online import SOURCES, PerformanceGuard, epoch_cost
+from .ppo_guard import PerformanceGuard
+from .ppo_online import epoch_cost
+
+#: The trained model that ships with the package (``--policies ppo``); its training config and
+#: learning curve are ``ppo.json`` beside it.
+PACKAGED_MODEL = Path(__file__).parent / "models" / "ppo.npz"
+#: Version of the ``.npz`` model file layout written by :meth:`PPOPolicy.save`.
+MODEL_FILE_VERSION = 1
+_DEFAULT = object()  # "a fresh PerformanceGuard", the default for ``guard``
 
 
 def _activation_from_data(data: dict[str, Any]) -> str:
@@ -52,7 +76,8 @@ def _activation_from_data(data: dict[str, Any]) -> str:
 
 
 def _trained_with_secondary(model_path: Path) -> bool:
-    """From the training's config.json beside the model (ppo_train writes it); default True."""
+    """Whether the model only ever saw a secondary executor, from the training's config.json
+    beside it (ppo_train writes it); True without one (the older models were)."""
     config = model_path.parent / "config.json"
     if not config.is_file():
         return True
@@ -60,7 +85,9 @@ def _trained_with_secondary(model_path: Path) -> bool:
         env = json.loads(config.read_text()).get("env", {})
     except (json.JSONDecodeError, AttributeError):
         return True
-    return env.get("secondary_profile", "default") is not None
+    if env.get("secondary_profile", "default") is None:
+        return False
+    return float(env.get("scenarios", {}).get("secondary_prob", 1.0)) >= 1.0
 
 
 class PPOPolicy:
@@ -74,20 +101,25 @@ class PPOPolicy:
     name
         Policy name in tables.
     action_map
-        Must match the environment the actor was trained in (the default does).
+        Must match the environment the actor was trained in (the default, the map of the
+        model's format, :data:`~rtlm_adapt.policies.action_space.ACTION_MAPS`, does).
     guard
-        Optional :class:`PerformanceGuard`; with it, ``decide`` hands over to ``fallback``
-        whenever the guard judges the learned policy worse.
+        The :class:`PerformanceGuard` (default: a fresh one); ``decide`` hands over to
+        ``fallback`` whenever it judges the learned policy worse. ``None`` switches it off.
     fallback
         The policy to fall back to (default: :class:`RTLMHeuristic`).
     online
         Optional :class:`~rtlm_adapt.policies.ppo_online.OnlinePPO` learner: ``decide`` then
         samples exploratory actions from it and it updates the actor periodically.
     trained_with_secondary
-        Whether the training environment had a secondary executor. A policy trained with one
+        Whether every training episode had a secondary executor. A policy trained only with one
         leans on offloading (and caps the primary's batch accordingly); where the controller has
         no secondary that is outside what it learned, so ``decide`` defers to ``fallback``.
-        :meth:`load` reads it from the training's ``config.json`` beside the model, if any.
+        :meth:`load` reads it from the model file or the training's ``config.json``.
+    observation_format
+        The model format: the observation the actor reads and the action map it was trained
+        with (see :data:`~rtlm_adapt.policies.action_space.OBSERVATION_FORMATS`); default: the
+        format whose observation size matches the actor's input.
     """
 
     length_source = "predicted"
@@ -99,44 +131,57 @@ class PPOPolicy:
         *,
         name: str = "ppo",
         action_map: KnobsActionMap | None = None,
-        guard: PerformanceGuard | None = None,
+        guard: Any = _DEFAULT,
         fallback: Any = None,
         online: Any = None,
-        trained_with_secondary: bool = True,
+        trained_with_secondary: bool = False,
+        observation_format: int | None = None,
     ) -> None:
         self.actor = actor
         self.name = name
-        self.action_map = action_map or KnobsActionMap()
+        fmt = observation_format or observation_format_for_size(actor.obs_size)
+        self.action_map = action_map or ACTION_MAPS[fmt]()
         if actor.action_size != self.action_map.size:
             raise ValueError(
                 f"the actor outputs {actor.action_size} numbers, the action map takes "
                 f"{self.action_map.size}"
             )
-        self.guard = guard
+        self.guard: PerformanceGuard | None = PerformanceGuard() if guard is _DEFAULT else guard
         self.fallback = fallback if fallback is not None else RTLMHeuristic()
         self.online = online
         self.trained_with_secondary = trained_with_secondary
+        if len(OBSERVATION_FORMATS[fmt][1]) != actor.obs_size:
+            raise ValueError(
+                f"the actor reads {actor.obs_size} numbers, observation format {fmt} has "
+                f"{len(OBSERVATION_FORMATS[fmt][1])}"
+            )
+        self.observation_format = fmt
         self._last_obs: Observation | None = None
         self._last_source = "learned"
+        self.metadata: dict[str, Any] = {}
 
-    # -- loading -------------------------------------------------------------------------------
+    # -- loading and saving --------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, *, online: bool = False, **kwargs: Any) -> PPOPolicy:
-        """Load the actor of an SB3 PPO ``model.zip``.
+        """Load a model: an ``.npz`` from :meth:`save` (numpy only) or an SB3 ``model.zip``.
 
-        Needs torch (to read ``policy.pth``) but not gymnasium or stable-baselines3, unless
-        ``online=True``, which loads the whole SB3 model to keep training it. Other keyword
-        arguments go to the constructor (``guard``, ``fallback``, ``name``, ...).
+        A ``model.zip`` needs torch (to read ``policy.pth``) but not gymnasium or
+        stable-baselines3, unless ``online=True``, which loads the whole SB3 model to keep
+        training it. Other keyword arguments go to the constructor (``guard``, ``fallback``,
+        ``name``, ...).
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no saved PPO model at {path}")
+        if path.suffix == ".npz":
+            if online:
+                raise ValueError(f"{path}: online learning needs the SB3 model.zip, not an .npz")
+            return cls._load_npz(path, **kwargs)
+        kwargs.setdefault("trained_with_secondary", _trained_with_secondary(path))
         if online:
             from .ppo_online import OnlinePPO
 
             learner = OnlinePPO.load(path)
-            kwargs.setdefault("guard", PerformanceGuard())
-            kwargs.setdefault("trained_with_secondary", _trained_with_secondary(path))
             return cls(learner.actor(), online=learner, **kwargs)
         import torch
 
@@ -146,8 +191,50 @@ class PPOPolicy:
                 data = json.loads(z.read("data"))
         except (zipfile.BadZipFile, KeyError) as exc:
             raise ValueError(f"{path} is not a stable-baselines3 model zip ({exc})") from None
-        kwargs.setdefault("trained_with_secondary", _trained_with_secondary(path))
-        return cls(MLPActor.from_state_dict(state, _activation_from_data(data)), **kwargs)
+        actor = MLPActor.from_state_dict(state, _activation_from_data(data))
+        try:
+            return cls(actor, **kwargs)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    @classmethod
+    def _load_npz(cls, path: Path, **kwargs: Any) -> PPOPolicy:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"])) if "meta" in z else {}
+            version = meta.get("file_version")
+            if version != MODEL_FILE_VERSION:
+                raise ValueError(
+                    f"{path}: model file version {version!r}; this rtlm-adapt reads version "
+                    f"{MODEL_FILE_VERSION} (re-export it with PPOPolicy.save from its model.zip)"
+                )
+            fmt = int(meta["observation_format"])
+            if fmt not in OBSERVATION_FORMATS:
+                raise ValueError(
+                    f"{path}: the model reads observation format {fmt}, which this rtlm-adapt "
+                    f"does not build (known: {sorted(OBSERVATION_FORMATS)}); upgrade rtlm-adapt "
+                    "or retrain the model"
+                )
+            layers = [(z[f"w{i}"], z[f"b{i}"]) for i in range(int(meta["layers"]))]
+        kwargs.setdefault("trained_with_secondary", bool(meta.get("trained_with_secondary")))
+        policy = cls(MLPActor(layers, meta.get("activation", "Tanh")), observation_format=fmt,
+                     **kwargs)
+        policy.metadata = meta
+        return policy
+
+    def save(self, path: str | Path, **metadata: Any) -> Path:
+        """The actor as ``.npz`` (weights and a JSON ``meta``: file version, observation
+        format, activation, ``trained_with_secondary`` and any ``metadata`` given)."""
+        meta = {**metadata, "file_version": MODEL_FILE_VERSION,
+                "observation_format": self.observation_format,
+                "activation": self.actor.activation, "layers": len(self.actor.layers),
+                "trained_with_secondary": self.trained_with_secondary}
+        arrays: dict[str, Any] = {"meta": np.array(json.dumps(meta))}
+        for i, (w, b) in enumerate(self.actor.layers):
+            arrays[f"w{i}"], arrays[f"b{i}"] = w, b
+        path = Path(path)
+        with path.open("wb") as f:
+            np.savez_compressed(f, **arrays)
+        return path
 
     @classmethod
     def from_model(cls, model: Any, **kwargs: Any) -> PPOPolicy:
@@ -160,34 +247,28 @@ class PPOPolicy:
     # -- Policy protocol -----------------------------------------------------------------------
     def decide(self, observation: Observation) -> Knobs:
         """Knobs for the next epoch: the learned actor's, or the fallback's if the guard says so."""
-        source = "learned"
         if self.trained_with_secondary and observation.secondary_max_batch == 0:
             self._last_source = "fallback"
             return self.fallback.decide(observation)
-        if self.guard is not None or self.online is not None:
-            if self._last_obs is not None:
-                cost = epoch_cost(self._last_obs, observation)
-                if self.guard is not None and self._last_source in SOURCES:
-                    self.guard.record(self._last_source, cost)
-                if self.online is not None and self._last_source == "learned":
-                    self.online.record_reward(-cost)
-            self._last_obs = observation
-            if self.guard is not None:
-                source = self.guard.choose()
+        if self.online is not None and self._last_obs is not None:
+            if self._last_source == "learned":
+                self.online.record_reward(-epoch_cost(self._last_obs, observation))
+        self._last_obs = observation
+        source = self.guard.choose(observation) if self.guard is not None else "learned"
         self._last_source = source
         if source != "learned":
             if self.online is not None:
                 self.online.interrupt()  # the fallback's epochs are not the learner's transitions
             return self.fallback.decide(observation)
         if self.online is not None:
-            action = self.online.act(observation_array(observation))
+            action = self.online.act(observation_array(observation, self.observation_format))
             if self.online.updated:
                 self.actor = self.online.actor()
         else:
             # the hot path: plain floats in, plain floats out; clipping happens in to_knobs
-            vec = [min(OBS_HIGH, max(OBS_LOW, v)) for v in observation.as_vector()]
+            vec = observation_vector(observation, self.observation_format)
             action = self.actor.mean(vec).tolist()
-        return self.action_map.to_knobs(action, max(1, observation.primary_max_batch))
+        return self.action_map.knobs(action, observation)
 
     def __repr__(self) -> str:
         return f"PPOPolicy(name={self.name!r}, layers={len(self.actor.layers)})"

@@ -4,26 +4,15 @@
   requests in the system times the epoch's length, in units of the mean service time. It is the
   live counterpart of :class:`~rtlm_adapt.envs.ServingEnv`'s reward (whose episode sum is the
   total response time), so the online learner optimises what the environment trained for.
-- :class:`PerformanceGuard`: keeps recent epoch costs of the learned policy and of the heuristic;
-  the heuristic takes over when the learned policy's recent mean cost exceeds the heuristic's by
-  more than a margin. The inactive one is probed for a few epochs now and then so both
-  references stay fresh.
+- :class:`~rtlm_adapt.policies.ppo_guard.PerformanceGuard` (re-exported here): compares the
+  learned policy with the heuristic online and hands the knobs back when it does worse.
 - :class:`OnlinePPO`: collects (observation, action, reward) transitions from the live controller
   into an SB3 rollout buffer and runs a PPO update every ``n_steps`` decisions. Needs
   stable-baselines3 (and hence gymnasium) loaded, unlike plain inference.
-
->>> guard = PerformanceGuard(window=4, min_samples=2, probe_every=10, probe_len=2)
->>> for cost in (1.0, 1.0):
-...     guard.record("heuristic", cost)
->>> for cost in (3.0, 3.0):
-...     guard.record("learned", cost)
->>> guard.choose()
-'heuristic'
 """
 
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +21,9 @@ import numpy as np
 from rtlm_adapt.observation import Observation
 
 from .mlp_actor import MLPActor
+from .ppo_guard import SOURCES, PerformanceGuard
 
-SOURCES = ("learned", "heuristic")
+__all__ = ["SOURCES", "OnlinePPO", "PerformanceGuard", "epoch_cost"]
 
 
 def epoch_cost(prev: Observation, cur: Observation) -> float:
@@ -45,68 +35,6 @@ def epoch_cost(prev: Observation, cur: Observation) -> float:
     in_system = prev.queue_length + prev.primary_running + prev.secondary_running
     svc = cur.service_time_s if cur.service_time_s > 0 else 1.0
     return in_system * dt / svc
-
-
-class PerformanceGuard:
-    """Chooses the learned policy or the heuristic from their recent epoch costs.
-
-    Parameters
-    ----------
-    window
-        Recent epochs remembered per source.
-    margin
-        The learned policy is dropped once its mean cost exceeds the heuristic's by this
-        fraction (0.05: 5% worse).
-    min_samples
-        Epochs needed from both sources before any judgement.
-    probe_every, probe_len
-        Every ``probe_every`` decisions the inactive source runs for ``probe_len`` decisions, so
-        its reference is recent (the first probe of the heuristic is at decision ``probe_every``).
-    """
-
-    def __init__(
-        self,
-        *,
-        window: int = 50,
-        margin: float = 0.05,
-        min_samples: int = 10,
-        probe_every: int = 200,
-        probe_len: int = 20,
-    ) -> None:
-        if window < 1 or min_samples < 1 or min_samples > window:
-            raise ValueError("need window >= 1 and 1 <= min_samples <= window")
-        if probe_len < 1 or probe_every <= probe_len:
-            raise ValueError("need probe_len >= 1 and probe_every > probe_len")
-        self.margin = float(margin)
-        self.min_samples = int(min_samples)
-        self.probe_every = int(probe_every)
-        self.probe_len = int(probe_len)
-        self.recent: dict[str, deque[float]] = {s: deque(maxlen=window) for s in SOURCES}
-        self.active = "learned"
-        self.switches = 0
-        self._decisions = 0
-
-    def record(self, source: str, cost: float) -> None:
-        """The epoch just run under ``source`` cost ``cost`` (lower is better)."""
-        if source not in self.recent:
-            raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
-        if np.isfinite(cost):
-            self.recent[source].append(float(cost))
-        learned, heuristic = self.recent["learned"], self.recent["heuristic"]
-        if len(learned) >= self.min_samples and len(heuristic) >= self.min_samples:
-            worse = np.mean(learned) > (1.0 + self.margin) * np.mean(heuristic)
-            active = "heuristic" if worse else "learned"
-            if active != self.active:
-                self.active = active
-                self.switches += 1
-
-    def choose(self) -> str:
-        """Who decides the next epoch: the active source, or the other one while probing."""
-        self._decisions += 1
-        probing = self._decisions >= self.probe_every
-        if probing and self._decisions % self.probe_every < self.probe_len:
-            return "heuristic" if self.active == "learned" else "learned"
-        return self.active
 
 
 class OnlinePPO:

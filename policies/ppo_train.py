@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,22 @@ from rtlm_adapt.experiment import Workload, run_policy
 #: Trace fractions: training windows start in the first, evaluation windows in the second.
 TRAIN_SLICE = (0.0, 0.8)
 EVAL_SLICE = (0.8, 1.0)
+
+#: The deployments training covers, one drawn per episode (``envs.scenarios.ScenarioSpace``
+#: fields). Held out for ``benchmarks/ppo_eval.py``: the prompt sets :data:`HELD_OUT_PROMPTS`,
+#: the traces :data:`HELD_OUT_ARRIVALS` and the load bands around 0.7 and 0.9.
+TRAIN_SCENARIOS: dict[str, Any] = {
+    "prompts": ["sharegpt", "alpaca:gpt4_1106_preview", "alpaca:claude-2",
+                "alpaca:Mixtral-8x7B-Instruct-v0.1", "alpaca:llama-2-7b-chat-hf",
+                "alpaca:zephyr-7b-beta"],
+    "arrivals": ["azure-conv", "poisson", "gamma:2"],
+    "loads": [[0.5, 0.65], [0.75, 0.85], [0.95, 1.1]],
+    "batch_caps": [4, 64],
+    "secondary_prob": 0.5,
+}
+HELD_OUT_PROMPTS = ("alpaca:Yi-34B-Chat", "alpaca:phi-2")
+HELD_OUT_ARRIVALS = ("azure-code", "gamma:4")
+HELD_OUT_LOADS = (0.7, 0.9)
 
 
 @dataclass
@@ -43,7 +59,9 @@ class TrainConfig:
     out: str = "runs/ppo"
     n_envs: int = 2
     seed: int = 0
-    env: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(
+        default_factory=lambda: {"scenarios": json.loads(json.dumps(TRAIN_SCENARIOS))}
+    )
     n_steps: int = 512
     batch_size: int = 256
     n_epochs: int = 10
@@ -53,8 +71,8 @@ class TrainConfig:
     ent_coef: float = 0.0
     log_std_init: float = -0.5
     eval_freq: int = 20_000
-    eval_loads: tuple[float, ...] = (0.9, 1.0)
-    eval_windows: int = 4
+    #: Evaluation episodes: scenarios drawn from the training space (its held-out windows).
+    eval_episodes: int = 12
     checkpoint_freq: int = 50_000
     vec_env: str = "subproc"
     progress_bar: bool = True
@@ -63,10 +81,16 @@ class TrainConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> TrainConfig:
         """A run that finishes in a couple of minutes on two shared cores (a smoke test)."""
-        base = dict(timesteps=16_384, n_steps=256, eval_freq=8_192, eval_windows=2,
-                    checkpoint_freq=8_192, env={"n_requests": 60})
+        base: dict[str, Any] = dict(timesteps=16_384, n_steps=256, eval_freq=8_192,
+                                    eval_episodes=4, checkpoint_freq=8_192)
         base.update(overrides)
-        return cls(**base)
+        config = cls(**base)
+        config.env.setdefault("n_requests", 60)
+        return config
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
 
 def make_config(
@@ -74,57 +98,95 @@ def make_config(
     out: str = "runs/ppo",
     timesteps: int | None = None,
     quick: bool = False,
-    prompts: str = "alpaca:gpt4_1106_preview",
-    load: str | tuple[float, float] = (0.6, 1.1),
+    prompts: str | None = None,
+    arrivals: str | None = None,
+    load: str | tuple[float, float] | None = None,
+    batch_caps: str | None = None,
     **overrides: Any,
 ) -> TrainConfig:
-    """The config that the command-line front ends build (``load`` may be "LOW,HIGH")."""
-    if isinstance(load, str):
-        low, _, high = load.partition(",")
-        load = (float(low), float(high or low))
+    """The config that the command-line front ends build: the training space
+    :data:`TRAIN_SCENARIOS`, with comma-separated ``prompts`` / ``arrivals``, a ``load``
+    "LOW,HIGH" and ``batch_caps`` "LOW,HIGH" replacing its fields where given."""
     overrides["out"] = out
     if timesteps:
         overrides["timesteps"] = timesteps
     config = TrainConfig.quick(**overrides) if quick else TrainConfig(**overrides)
-    config.env.update({"prompts": prompts, "load": tuple(load)})
+    space = config.env["scenarios"]
+    if prompts:
+        space["prompts"] = _csv(prompts)
+    if arrivals:
+        space["arrivals"] = _csv(arrivals)
+    if load:
+        low, _, high = load.partition(",") if isinstance(load, str) else map(str, load)
+        space["loads"] = [[float(low), float(high or low)]]
+    if batch_caps:
+        low, _, high = batch_caps.partition(",")
+        space["batch_caps"] = [int(low), int(high or low)]
     return config
 
 
-def eval_workloads(
-    env_options: dict[str, Any], loads: tuple[float, ...], windows: int, seed: int = 10_000
-) -> list[Workload]:
-    """Evaluation workloads: ``windows`` per load from :data:`EVAL_SLICE` (unseen in training)."""
+@dataclass
+class EvalCase:
+    """One evaluation episode: the deployment and its requests."""
+
+    scenario: Any  # envs.scenarios.Scenario
+    workload: Workload
+
+
+def scenario_cases(
+    scenarios: list[Any], windows: int, env_options: dict[str, Any], seed: int
+) -> list[EvalCase]:
+    """``windows`` workloads per scenario; trace windows from :data:`EVAL_SLICE` (unseen in
+    training), other arrivals with seeds training never draws."""
     from rtlm_adapt.envs.episodes import EpisodeSampler
 
-    opts = {k: env_options[k] for k in ("prompts", "arrivals", "n_requests", "slo")
-            if k in env_options}
-    cost = StepCost.load(env_options.get("profile", "smollm2-135m-cpu2"))
-    sampler = EpisodeSampler(trace_slice=EVAL_SLICE, cost=cost, **opts)
+    base = StepCost.load(env_options.get("profile", "smollm2-135m-cpu2"))
     rng = np.random.default_rng(seed)
-    return [sampler.sample(rng, load=load) for load in loads for _ in range(windows)]
+    cases = []
+    for sc in scenarios:
+        cost = replace(base, max_batch_size=sc.max_batch)
+        sampler = EpisodeSampler(sc.prompts, arrivals=sc.arrivals, trace_slice=EVAL_SLICE,
+                                 cost=cost, n_requests=env_options.get("n_requests", 100),
+                                 slo=env_options.get("slo", "0.7:2,0.3:10"))
+        cases += [EvalCase(sc, sampler.sample(rng, load=sc.load)) for _ in range(windows)]
+    return cases
 
 
-def evaluate(
-    policy: Any, workloads: list[Workload], env_options: dict[str, Any]
-) -> dict[str, float]:
-    """Mean response time and deadline-miss rate of ``policy`` over ``workloads`` (the same
-    controller, loop and simulated executors as ``rtlm-adapt simulate``)."""
+def training_eval_cases(config: TrainConfig, seed: int = 10_000) -> list[EvalCase]:
+    """What the training callback evaluates: scenarios drawn from the training space."""
+    from rtlm_adapt.envs.scenarios import ScenarioSpace
+
+    space = ScenarioSpace.from_options(config.env.get("scenarios", {}))
+    rng = np.random.default_rng(seed)
+    scenarios = [space.sample(rng) for _ in range(config.eval_episodes)]
+    return scenario_cases(scenarios, 1, config.env, seed)
+
+
+def run_case(policy: Any, case: EvalCase, env_options: dict[str, Any]) -> tuple[float, float]:
+    """Mean response time and deadline-miss rate of one episode (the same controller, loop and
+    simulated executors as ``rtlm-adapt simulate``). A callable ``policy`` is a factory: each
+    episode gets a fresh policy (a guard's judgement does not carry over)."""
     from rtlm_adapt.envs.episodes import shared_scorer
 
-    primary = StepCost.load(env_options.get("profile", "smollm2-135m-cpu2"))
+    base = StepCost.load(env_options.get("profile", "smollm2-135m-cpu2"))
     second = env_options.get("secondary_profile", "smollm2-135m-cpu2-secondary")
-    secondary = StepCost.load(second) if second else None
+    secondary = StepCost.load(second) if second and case.scenario.secondary else None
     factory = functools.partial(
         AdaptiveController, epoch_s=env_options.get("epoch_s", 5.0), scorer=shared_scorer()
     )
-    rts, misses = [], []
-    for wl in workloads:
-        run = run_policy(policy, wl, batching=env_options.get("batching", "continuous"),
-                         primary_cost=primary, secondary_cost=secondary,
-                         controller_factory=factory)
-        rts.append(run.summary.mean_rt_s)
-        misses.append(run.summary.deadline_miss_rate)
-    return {"mean_rt_s": float(np.mean(rts)), "miss_rate": float(np.mean(misses))}
+    if callable(policy) and not hasattr(policy, "decide"):
+        policy = policy()
+    run = run_policy(policy, case.workload, batching=env_options.get("batching", "continuous"),
+                     primary_cost=replace(base, max_batch_size=case.scenario.max_batch),
+                     secondary_cost=secondary, controller_factory=factory)
+    return run.summary.mean_rt_s, run.summary.deadline_miss_rate
+
+
+def evaluate(policy: Any, cases: list[EvalCase], env_options: dict[str, Any]) -> dict[str, float]:
+    """Mean response time and deadline-miss rate of ``policy``, averaged over ``cases``."""
+    runs = [run_case(policy, case, env_options) for case in cases]
+    return {"mean_rt_s": float(np.mean([r for r, _ in runs])),
+            "miss_rate": float(np.mean([m for _, m in runs]))}
 
 
 def _make_callbacks(config: TrainConfig, out: Path) -> list[Any]:
@@ -138,7 +200,7 @@ def _make_callbacks(config: TrainConfig, out: Path) -> list[Any]:
 
         def __init__(self) -> None:
             super().__init__()
-            self.workloads = eval_workloads(config.env, config.eval_loads, config.eval_windows)
+            self.workloads = training_eval_cases(config)
             self.baselines = {name: evaluate(name, self.workloads, config.env)
                               for name in ("heuristic", "fcfs")}
             self.history: list[dict[str, Any]] = []
@@ -155,7 +217,8 @@ def _make_callbacks(config: TrainConfig, out: Path) -> list[Any]:
             self._evaluate()
 
         def _evaluate(self) -> None:
-            ppo = evaluate(PPOPolicy.from_model(self.model), self.workloads, config.env)
+            actor = PPOPolicy.from_model(self.model).actor
+            ppo = evaluate(lambda: PPOPolicy(actor, guard=None), self.workloads, config.env)
             heur = self.baselines["heuristic"]
             row = {"timesteps": int(self.num_timesteps), "time_s": time.time() - started,
                    "ppo": ppo, **self.baselines}
@@ -222,3 +285,66 @@ def train(config: TrainConfig) -> Path:
     path = out / "model.zip"
     model.save(path)
     return path
+
+
+def export_model(
+    run: str | Path, dest: str | Path, model: str = "best_model.zip",
+    validation: list[tuple[str, float]] | None = None,
+) -> Path:
+    """Write a training run's model (a file in the run folder) as the numpy ``.npz`` that
+    :meth:`PPOPolicy.load` reads without torch, with the run's config and learning curve in its
+    metadata and as ``DEST.json`` beside it, with ``validation`` (from
+    :func:`validate_checkpoints`) if given. How the packaged model is made::
+
+        ranked = validate_checkpoints("runs/ppo17")
+        export_model("runs/ppo17", "policies/models/ppo.npz", ranked[0][0], ranked)
+    """
+    from .ppo import PPOPolicy
+
+    run, dest = Path(run), Path(dest)
+    config = json.loads((run / "config.json").read_text())
+    curve_file = run / "evaluations.json"
+    curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
+    env = config.get("env", {})
+    only_with_secondary = env.get("secondary_profile", "default") is not None and float(
+        env.get("scenarios", {}).get("secondary_prob", 1.0)) >= 1.0
+    policy = PPOPolicy.load(run / model, guard=None, trained_with_secondary=only_with_secondary)
+    # best_model.zip is the evaluation with the lowest mean response time (the callback's rule)
+    best = min(curve, key=lambda row: row["ppo"]["mean_rt_s"]) if curve else {}
+    chosen = best if model == "best_model.zip" else (curve[-1] if curve else {})
+    steps = chosen.get("timesteps", config.get("timesteps"))
+    if model.startswith("checkpoints/"):  # ppo_500000_steps.zip
+        steps = int(Path(model).stem.split("_")[1])
+    training = {"run": str(run), "model": model, "config": config, "timesteps": steps,
+                "trained_timesteps": curve[-1]["timesteps"] if curve else None}
+    policy.save(dest, training={k: v for k, v in training.items() if k != "config"})
+    extra = {"validation_rt_over_heuristic": validation} if validation else {}
+    dest.with_suffix(".json").write_text(
+        json.dumps({**training, **extra, "learning_curve": curve}, indent=1) + "\n"
+    )
+    return dest
+
+
+def validate_checkpoints(
+    run: str | Path, episodes: int = 48, seed: int = 30_000
+) -> list[tuple[str, float]]:
+    """Rank a run's checkpoints by their mean response time over the heuristic's, averaged over
+    ``episodes`` validation episodes drawn from the *training* space (held-out windows, a seed
+    neither training nor ``benchmarks/ppo_eval.py`` uses), so a model can be chosen without
+    looking at the held-out grid. Returns ``(model file, mean ratio)``, best first."""
+    from .ppo import PPOPolicy
+
+    run = Path(run)
+    config = TrainConfig(**{**json.loads((run / "config.json").read_text()),
+                            "eval_episodes": episodes})
+    cases = training_eval_cases(config, seed=seed)
+    heuristic = [run_case("heuristic", case, config.env)[0] for case in cases]
+    files = sorted((run / "checkpoints").glob("*.zip")) + [run / "best_model.zip",
+                                                           run / "model.zip"]
+    ranked = []
+    for file in (f for f in files if f.is_file()):
+        actor = PPOPolicy.load(file, guard=None).actor
+        # the actor alone (guard=None): the guard's judgement would blur the comparison
+        rts = [run_case(PPOPolicy(actor, guard=None), case, config.env)[0] for case in cases]
+        ranked.append((str(file.relative_to(run)), float(np.mean(np.divide(rts, heuristic)))))
+    return sorted(ranked, key=lambda item: item[1])

@@ -33,20 +33,31 @@ POLICIES: dict[str, Callable[[], Policy]] = {
 }
 
 
+def _ppo(name: str, base: str, path: str | None) -> Policy:
+    """``ppo``: the packaged model; ``ppo:PATH``: a trained one; both guarded (the guard hands
+    the knobs back to the heuristic when the learned policy does worse) unless
+    ``ppo-unguarded``."""
+    from .ppo import PACKAGED_MODEL, PPOPolicy
+
+    if path == "":
+        raise ValueError(f"policy {name!r}: give a model path after the colon, or drop it")
+    kwargs = {"guard": None} if base == "ppo-unguarded" else {}
+    return PPOPolicy.load(path or PACKAGED_MODEL, name=name, **kwargs)
+
+
 def make_policy(name: str) -> Policy:
     """Build a policy from its command-line name."""
     if not isinstance(name, str):
         raise TypeError(f"policy name must be a string, got {type(name).__name__}")
-    if name.startswith("ppo:"):
-        from .ppo import PPOPolicy
-
-        return PPOPolicy.load(name[len("ppo:") :])
+    base, colon, path = name.partition(":")
+    if base in ("ppo", "ppo-unguarded"):
+        return _ppo(name, base, path if colon else None)
     base, _, suffix = name.partition("+")
     if base not in POLICIES or suffix not in ("", "oracle"):
         known = ", ".join(sorted(POLICIES))
         raise ValueError(
             f"unknown policy {name!r}; known: {known} (append +oracle to rank by true lengths, "
-            "or ppo:PATH)"
+            "ppo (the packaged model), ppo:PATH, or ppo-unguarded[:PATH] without the guard)"
         )
     policy = POLICIES[base]()
     if suffix == "oracle":

@@ -1,8 +1,14 @@
 """Observation: the compact view of the queue and executors that a policy maps to Knobs.
 
-The controller builds one per scheduling epoch. ``as_vector`` gives the fixed-size, roughly
-unit-scaled float vector that the RL environment uses as its observation (its layout is
-``Observation.VECTOR_FIELDS``).
+The controller builds one per scheduling epoch. Two fixed-size, roughly unit-scaled float vectors
+read it for a learned policy:
+
+- ``scale_free_vector`` (format 2, ``SCALE_FREE_FIELDS``), what the RL environment observes: only
+  ratios (queue per batch slot, waits and slack over the service time, length quantiles over
+  their mean, the knee over the batch cap), the load, and rates; no seconds, no tokens, no batch
+  sizes. One policy then reads a small CPU model and a large GPU one alike.
+- ``as_vector`` (format 1, ``VECTOR_FIELDS``), kept so models trained on it still load: it has
+  queue lengths and predicted lengths in absolute units.
 """
 
 from __future__ import annotations
@@ -60,8 +66,52 @@ class Observation:
         "recent_miss_rate",
     )
 
+    SCALE_FREE_FIELDS = (
+        "queue_per_slot",
+        "primary_util",
+        "secondary_util",
+        "has_secondary",
+        "secondary_share",
+        "knee_fraction",
+        "p90_over_mean",
+        "p50_over_mean",
+        "uncertainty_mean",
+        "oldest_wait",
+        "min_slack",
+        "load",
+        "recent_response",
+        "recent_miss_rate",
+    )
+
+    def scale_free_vector(self) -> list[float]:
+        """Format 2: ratios and rates only, squashed to about [0, 1] (slack to [-1, 1])."""
+        svc = max(self.service_time_s, 1e-6)
+        slots = max(1, self.primary_max_batch)
+        slack = self.min_slack_s if math.isfinite(self.min_slack_s) else 100 * svc
+        mean_len = self.pred_len_mean
+        has_secondary = self.secondary_max_batch > 0
+        return [
+            # requests waiting per batch slot: what a queue of 10 means depends on the cap
+            math.log1p(self.queue_length / slots) / 4.0,
+            self.primary_running / slots,
+            self.secondary_running / max(1, self.secondary_max_batch),
+            1.0 if has_secondary else 0.0,
+            self.secondary_max_batch / (slots + self.secondary_max_batch),
+            self.primary_knee_batch / slots,
+            # the queue's length spread (how much shortest-first can gain), not its scale
+            math.log1p(self.pred_len_p90 / mean_len) / 2.0 if mean_len > 0 else 0.0,
+            math.log1p(self.pred_len_p50 / mean_len) / 2.0 if mean_len > 0 else 0.0,
+            self.uncertainty_mean,
+            math.log1p(self.oldest_wait_s / svc) / 5.0,
+            math.tanh(slack / svc / 10.0),
+            min(self.load, 3.0) / 3.0,
+            math.log1p(self.recent_response_s / svc) / 5.0,
+            self.recent_miss_rate,
+        ]
+
     def as_vector(self) -> list[float]:
-        """Fixed-size features, squashed to about [0, 1] (log scales for unbounded ones)."""
+        """Format 1: fixed-size features, squashed to about [0, 1] (log scales for unbounded
+        ones); queue and predicted lengths in absolute units (see ``scale_free_vector``)."""
         svc = max(self.service_time_s, 1e-6)
         slack = self.min_slack_s if math.isfinite(self.min_slack_s) else 100 * svc
         return [

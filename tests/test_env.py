@@ -114,3 +114,46 @@ def test_hf_executor_runs_the_real_model_on_the_wall_clock_loop():
     assert stats.balanced and stats.finished == 6
     env.reset(seed=1)  # the loaded executors are reused: the new episode starts cleanly
     assert env.controller.stats().balanced and env.controller.stats().failed == 0
+
+
+def test_scenarios_vary_the_deployment_per_episode():
+    from gymnasium.utils.env_checker import check_env
+
+    from rtlm_adapt.policies.action_space import OBSERVATION_FORMATS
+    from rtlm_adapt.policies.ppo_train import TRAIN_SCENARIOS
+
+    env = ServingEnv(scenarios=TRAIN_SCENARIOS, n_requests=20)
+    check_env(env, skip_render_check=True)
+    names = OBSERVATION_FORMATS[2][1]
+    seen = []
+    for seed in range(12):
+        obs, info = env.reset(seed=seed)
+        sc = env.scenario
+        assert 4 <= sc.max_batch <= 64 and 0.5 <= sc.load <= 1.1
+        assert not 0.65 < sc.load < 0.75 and not 0.85 < sc.load < 0.95  # held-out bands
+        assert env.observation().primary_max_batch == sc.max_batch
+        assert obs[names.index("has_secondary")] == float(sc.secondary)
+        assert 1 <= env.knobs_for(np.ones(6, dtype=np.float32)).max_batch_size <= sc.max_batch
+        seen.append(sc)
+    assert len({s.max_batch for s in seen}) > 3 and {s.secondary for s in seen} == {True, False}
+    assert len({s.prompts for s in seen}) > 2 and len({s.arrivals for s in seen}) > 1
+
+
+def test_scale_free_observation_reads_two_scales_alike():
+    from dataclasses import replace
+
+    from rtlm_adapt.observation import Observation
+
+    small = Observation(now=0.0, queue_length=8, primary_running=4, primary_max_batch=4,
+                        secondary_running=0, secondary_max_batch=0, pred_len_mean=200.0,
+                        pred_len_p90=500.0, uncertainty_mean=0.3, oldest_wait_s=30.0,
+                        min_slack_s=20.0, arrival_rate=0.1, service_time_s=10.0, load=0.9,
+                        recent_response_s=25.0, recent_miss_rate=0.1, step_time_s=0.05,
+                        primary_knee_batch=2, pred_len_p50=150.0)
+    # a 16x larger executor on a 4x longer prompt mix, 10x faster: the same situation
+    big = replace(small, queue_length=128, primary_running=64, primary_max_batch=64,
+                  pred_len_mean=800.0, pred_len_p90=2000.0, pred_len_p50=600.0,
+                  oldest_wait_s=3.0, min_slack_s=2.0, arrival_rate=1.0, service_time_s=1.0,
+                  recent_response_s=2.5, step_time_s=0.005, primary_knee_batch=32)
+    assert small.scale_free_vector() == pytest.approx(big.scale_free_vector())
+    assert small.as_vector() != pytest.approx(big.as_vector())  # format 1 was not

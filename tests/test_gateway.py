@@ -418,6 +418,17 @@ def test_metrics_reflect_lengths_and_ranking() -> None:
         assert gw.metric("rtlm_response_time_seconds_count", backend=be.name) == n
 
 
+def test_a_guarded_learned_policy_shows_its_guard_in_metrics() -> None:
+    with paced() as be, gateway(be, policy="ppo") as gw:
+        assert chat(gw.oai).status_code == 200
+        assert gw.metric("rtlm_policy_guard", figure="learned_active") == 1.0
+        assert gw.metric("rtlm_policy_guard", figure="handbacks") == 0.0
+        guard = gw.controller.policy.guard
+        guard.active, guard.handbacks = "heuristic", 1  # as after a hand-back
+        assert gw.metric("rtlm_policy_guard", figure="learned_active") == 0.0
+        assert gw.metric("rtlm_policy_guard", figure="handbacks") == 1.0
+
+
 def test_oracle_policy_ranks_by_the_oracle_header() -> None:
     with paced() as be, gateway(be, policy="oracle-sjf") as gw:
         raw = chat(gw.oai, extra_headers={"x-rtlm-oracle-tokens": "5"})

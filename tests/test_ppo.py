@@ -14,6 +14,7 @@ pytest.importorskip("stable_baselines3")
 from rtlm_adapt.knobs import Knobs  # noqa: E402
 from rtlm_adapt.observation import Observation  # noqa: E402
 from rtlm_adapt.policies import make_policy  # noqa: E402
+from rtlm_adapt.policies.action_space import KnobsActionMap  # noqa: E402
 from rtlm_adapt.policies.heuristic import RTLMHeuristic  # noqa: E402
 from rtlm_adapt.policies.mlp_actor import MLPActor  # noqa: E402
 from rtlm_adapt.policies.ppo import PPOPolicy  # noqa: E402
@@ -51,7 +52,7 @@ def test_load_matches_sb3_predict(tiny_model):
     policy = make_policy(f"ppo:{path}")
     assert isinstance(policy, PPOPolicy)
     rng = np.random.default_rng(0)
-    for obs in rng.uniform(0.0, 1.0, size=(20, 11)).astype(np.float32):
+    for obs in rng.uniform(0.0, 1.0, size=(20, 14)).astype(np.float32):
         expected, _ = model.predict(obs, deterministic=True)
         np.testing.assert_allclose(policy.actor(obs), expected, atol=1e-5)
     knobs = policy.decide(_obs(10, 5.0))
@@ -73,37 +74,131 @@ def test_ppo_in_simulate_cli(tiny_model, tmp_path):
     assert figures[f"ppo:{path}"]["completed"] == 40
 
 
-def test_guard_falls_back_to_heuristic_when_learned_is_worse():
-    guard = PerformanceGuard(window=5, min_samples=3, probe_every=10, probe_len=5, margin=0.05)
-    # a constant actor: whatever it decides, the queue it leaves behind is long
-    actor = MLPActor([(np.zeros((6, 11)), np.full(6, 0.3))])
-    heuristic = RTLMHeuristic()
-    policy = PPOPolicy(actor, guard=guard, fallback=heuristic)
-    sources = []
-    for step in range(40):
-        # the learned policy's epochs end with 40 waiting, the heuristic's with 5
-        queue = 40 if policy._last_source == "learned" else 5
-        knobs = policy.decide(_obs(queue, now=5.0 * step))
-        sources.append(policy._last_source)
-        if policy._last_source == "heuristic":
-            assert knobs == heuristic.decide(_obs(queue, now=5.0 * step))
-    assert sources[:9] == ["learned"] * 9  # nothing to compare with before the first probe
-    assert guard.active == "heuristic" and guard.switches >= 1
-    assert sources[-5:].count("heuristic") >= 4
+def _bad_policy(**kwargs) -> PPOPolicy:
+    """A deliberately bad policy: batch cap 1/16 of the primary's (format 1's action map),
+    arrival order, no offloading."""
+    actor = MLPActor([(np.zeros((6, 14)), np.array([-1.0, -1.0, -1.0, -1.0, -1.0, 1.0]))])
+    return PPOPolicy(actor, action_map=KnobsActionMap(), **kwargs)
 
 
-def test_guard_keeps_learned_when_it_is_better():
-    guard = PerformanceGuard(window=5, min_samples=3, probe_every=10, probe_len=5)
-    for _ in range(5):
-        guard.record("learned", 1.0)
-        guard.record("heuristic", 2.0)
-    assert guard.active == "learned" and guard.choose() == "learned"
+@pytest.mark.parametrize("arrivals,load", [("poisson", 0.9), ("azure-conv", 0.7)])
+def test_guard_hands_a_bad_policy_back_within_two_trials(arrivals, load, caplog):
+    from rtlm_adapt.calibration.step_cost import StepCost
+    from rtlm_adapt.envs.episodes import cached_prompts
+    from rtlm_adapt.experiment import build_workload, run_policy
+
+    samples = cached_prompts("alpaca:gpt4_1106_preview")
+    workload = build_workload(samples, arrivals=arrivals, load=load, n=200, seed=1)
+    policy = _bad_policy()  # the guard is on by default
+    assert isinstance(policy.guard, PerformanceGuard)
+    judged_at = []
+    decide = policy.decide
+
+    def watch(obs):  # note the trial count when the guard first hands back
+        knobs = decide(obs)
+        if policy.guard.handbacks and not judged_at:
+            judged_at.append(policy.guard.trials)
+        return knobs
+
+    policy.decide = watch
+    secondary = StepCost.default_secondary()
+    with caplog.at_level("WARNING", logger="rtlm_adapt.policies.ppo_guard"):
+        guarded = run_policy(policy, workload, secondary_cost=secondary)
+    # trial 1 is the warm-up; the evidence is trial 2 (heuristic) and trial 3 (learned)
+    assert judged_at == [3]
+    assert policy.guard.metrics()["handbacks"] >= 1
+    assert any("handing the knobs back to the heuristic" in r.message for r in caplog.records)
+    unguarded = run_policy(_bad_policy(guard=None), workload,
+                           secondary_cost=secondary)
+    assert guarded.summary.mean_rt_s < 0.8 * unguarded.summary.mean_rt_s
+
+
+def _in_system_obs(now: float, in_system: int) -> Observation:
+    return replace(_obs(in_system, now), primary_running=0, arrival_rate=1.0)
+
+
+def _drive(guard: PerformanceGuard, rise: dict[str, int], steps: int, start: int = 0) -> list[str]:
+    """Run the guard on a system where each source adds ``rise[source]`` requests an epoch."""
+    level, sources = 50, []
+    for step in range(start, start + steps):
+        source = guard.choose(_in_system_obs(5.0 * step, level))
+        sources.append(source)
+        level = max(0, level + rise[source])
+    return sources
+
+
+def test_guard_keeps_a_learned_policy_that_does_as_well():
+    guard = PerformanceGuard(trial_epochs=4, probe_every=3)
+    sources = _drive(guard, {"learned": 0, "heuristic": 0}, 80)
+    assert guard.handbacks == 0 and guard.active == "learned"
+    assert sources.count("learned") > 0.6 * len(sources)
+    assert "heuristic" in sources[16:]  # the reference is probed now and then
+
+
+def test_guard_gives_the_knobs_back_once_the_learned_policy_recovers():
+    guard = PerformanceGuard(trial_epochs=4, probe_every=2, window=2)
+    _drive(guard, {"learned": 3, "heuristic": 0}, 13)
+    assert guard.active == "heuristic" and guard.handbacks == 1
+    # now the learned policy drains faster
+    _drive(guard, {"learned": -1, "heuristic": 0}, 80, start=13)
+    assert guard.active == "learned" and guard.resumes == 1
+
+
+def test_guard_can_be_switched_off(tiny_model):
+    path, _ = tiny_model
+    assert make_policy(f"ppo:{path}").guard is not None
+    assert make_policy(f"ppo-unguarded:{path}").guard is None
+    assert PPOPolicy.load(path, guard=None).guard is None
+    with pytest.raises(ValueError, match="model path"):
+        make_policy("ppo:")
+
+
+def test_bare_ppo_loads_the_packaged_model():
+    from rtlm_adapt.policies.ppo import PACKAGED_MODEL
+
+    policy = make_policy("ppo")
+    assert isinstance(policy, PPOPolicy) and PACKAGED_MODEL.is_file()
+    assert policy.observation_format == 2 and policy.guard is not None
+    assert not policy.trained_with_secondary  # trained with and without a secondary
+    assert policy.metadata.get("training", {}).get("timesteps", 0) > 0
+    knobs = policy.decide(_obs(10, 5.0))
+    assert 1 <= knobs.max_batch_size <= 16
+
+
+def test_npz_round_trip_and_format_errors(tiny_model, tmp_path):
+    path, _ = tiny_model
+    policy = PPOPolicy.load(path, guard=None)
+    saved = policy.save(tmp_path / "m.npz", note="test")
+    again = PPOPolicy.load(saved, guard=None)
+    assert again.metadata["note"] == "test"
+    x = np.random.default_rng(1).uniform(0, 1, 14)
+    np.testing.assert_allclose(again.actor(x), policy.actor(x))
+    # a file from a future version names the problem
+    with np.load(saved) as z:
+        arrays = dict(z)
+    meta = json.loads(str(arrays["meta"]))
+    for field_, value, message in [("observation_format", 9, "observation format 9"),
+                                   ("file_version", 7, "model file version 7")]:
+        arrays["meta"] = np.array(json.dumps({**meta, field_: value}))
+        np.savez(tmp_path / "bad.npz", **arrays)
+        with pytest.raises(ValueError, match=message):
+            PPOPolicy.load(tmp_path / "bad.npz")
+
+
+def test_models_on_the_older_observation_still_run():
+    from pathlib import Path
+
+    old = Path(__file__).parents[1] / "benchmarks" / "results" / "ppo_model.zip"
+    policy = make_policy(f"ppo:{old}")  # trained on observation format 1 (11 numbers)
+    assert policy.observation_format == 1 and policy.actor.obs_size == 11
+    assert isinstance(policy.decide(_obs(10, 5.0)), Knobs)
+    with pytest.raises(ValueError, match="no observation format has"):
+        PPOPolicy(MLPActor([(np.zeros((6, 9)), np.zeros(6))]))
 
 
 def test_online_learning_updates_the_actor(tiny_model):
     path, _ = tiny_model
-    policy = PPOPolicy.load(path, online=True,
-                            guard=PerformanceGuard(probe_every=10_000, probe_len=1))
+    policy = PPOPolicy.load(path, online=True, guard=None)
     policy.online.model.n_epochs = 1
     before = [w.copy() for w, _ in policy.actor.layers]
     for step in range(140):  # the online rollout is 128 decisions
@@ -115,14 +210,18 @@ def test_online_learning_updates_the_actor(tiny_model):
 
 def test_no_secondary_defers_to_the_fallback(tiny_model):
     path, _ = tiny_model
-    policy = PPOPolicy.load(path)  # no config.json beside it: assumed trained with a secondary
+    # no config.json beside it: assumed trained with a secondary; guard off to compare knobs
+    policy = PPOPolicy.load(path, guard=None)
     assert policy.trained_with_secondary
     alone = replace(_obs(10, 5.0), secondary_max_batch=0)
     assert policy.decide(alone) == RTLMHeuristic().decide(alone)
     assert policy.decide(_obs(10, 5.0)) != RTLMHeuristic().decide(_obs(10, 5.0))
     (path.parent / "config.json").write_text(json.dumps({"env": {"secondary_profile": None}}))
     try:
-        assert not PPOPolicy.load(path).trained_with_secondary
+        assert not PPOPolicy.load(path, guard=None).trained_with_secondary
+        mixed = {"env": {"scenarios": {"secondary_prob": 0.5}}}
+        (path.parent / "config.json").write_text(json.dumps(mixed))
+        assert not PPOPolicy.load(path, guard=None).trained_with_secondary
     finally:
         (path.parent / "config.json").unlink()
 

@@ -19,10 +19,13 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick,
         prompts=args.prompts,
         load=args.load,
+        arrivals=args.arrivals,
+        batch_caps=args.batch_caps,
         n_envs=args.n_envs,
         seed=args.seed,
         progress_bar=not args.no_progress,
         max_minutes=args.max_minutes,
+        learning_rate=args.learning_rate,
     )
     print(f"saved {train(config)}")
     return 0
@@ -34,8 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
     parser.add_argument("--n-envs", type=positive_int, default=2, help="parallel environments")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompts", default="alpaca:gpt4_1106_preview", help="prompt set")
-    parser.add_argument("--load", default="0.6,1.1", help="training load range LOW,HIGH")
+    parser.add_argument(
+        "--prompts", help="comma-separated prompt sets (default: ShareGPT and five AlpacaEval "
+        "models' lengths, drawn per episode; see ppo_train.TRAIN_SCENARIOS)",
+    )
+    parser.add_argument(
+        "--arrivals", help="comma-separated arrival specs (default: azure-conv, poisson, gamma:2)"
+    )
+    parser.add_argument(
+        "--load", help="training load range LOW,HIGH (default: 0.5-1.1 without the bands around "
+        "0.7 and 0.9, held out for evaluation)",
+    )
+    parser.add_argument("--batch-caps", help="primary batch caps LOW,HIGH (default 4,64)")
+    parser.add_argument("--learning-rate", type=positive_float, default=3e-4, help="PPO's")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--max-minutes", type=positive_float, help="stop (and save) after this long"

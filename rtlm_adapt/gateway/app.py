@@ -367,6 +367,12 @@ class Gateway:
             m.healthy.labels(backend.name).set_function(lambda b=backend: float(b.healthy))
         for name in self.controller.knobs.as_dict():
             m.knob.labels(name).set_function(lambda n=name: _knob_value(self.controller, n))
+        guard = getattr(self.controller.policy, "guard", None)
+        if guard is not None:  # a guarded learned policy: is it still the one deciding?
+            for figure in guard.metrics():
+                m.policy_guard.labels(figure).set_function(
+                    lambda f=figure: _guard_figure(self.controller, f)
+                )
 
 
 class _RelayResponse(StreamingResponse):
@@ -386,6 +392,11 @@ class _RelayResponse(StreamingResponse):
 def _knob_value(controller: AdaptiveController, name: str) -> float:
     value = getattr(controller.knobs, name)
     return math.inf if value is None else float(value)
+
+
+def _guard_figure(controller: AdaptiveController, figure: str) -> float:
+    guard = getattr(controller.policy, "guard", None)
+    return guard.metrics()[figure] if guard is not None else math.nan
 
 
 def _make_controller(config: GatewayConfig) -> AdaptiveController:

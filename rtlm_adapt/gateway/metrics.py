@@ -88,6 +88,13 @@ class GatewayMetrics:
             registry=r,
         )
         self.knob = Gauge("rtlm_knob", "The knobs in force", ["name"], registry=r)
+        self.policy_guard = Gauge(
+            "rtlm_policy_guard",
+            "A learned policy's guard (ppo): handbacks and resumes so far, trials judged, and "
+            "learned_active (1 while the learned policy holds the knobs, 0 while the heuristic)",
+            ["figure"],
+            registry=r,
+        )
         for reason in FAILURE_REASONS:  # visible at 0 from the start
             self.requests.labels("failed", reason)
         self.requests.labels("completed", "")
