@@ -44,14 +44,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import heapq
 import itertools
 import json
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
@@ -62,6 +60,7 @@ from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
 from rtlm_adapt.gateway.paced_request import PacedCall, parse_call
+from rtlm_adapt.gateway.priority_slots import PrioritySlots
 
 FAULT_MODES = ("status", "drop", "midstream", "hang")
 FaultMode = Literal["status", "drop", "midstream", "hang"]
@@ -83,52 +82,6 @@ def token_text(i: int) -> str:
     return _WORDS[i % len(_WORDS)] + " "
 
 
-class _Slots:
-    """At most ``limit`` holders at once (None: no limit); lowest (priority, seq) waiter first."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.running = 0
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    @asynccontextmanager
-    async def hold(self, priority: int, seq: int) -> AsyncIterator[None]:
-        await self._acquire(priority, seq)
-        try:
-            yield
-        finally:
-            self._release()
-
-    async def _acquire(self, priority: int, seq: int) -> None:
-        if self.limit is None or (self.running < self.limit and not self._waiters):
-            self.running += 1
-            return
-        entry = (priority, seq, asyncio.get_running_loop().create_future())
-        heapq.heappush(self._waiters, entry)
-        try:
-            await entry[2]  # _release hands its slot over by resolving this future
-        except asyncio.CancelledError:
-            if entry[2].cancelled():
-                if entry in self._waiters:  # an aborted waiter leaves the queue
-                    self._waiters.remove(entry)
-                    heapq.heapify(self._waiters)
-            else:
-                self._release()  # the slot arrived just as we were cancelled: pass it on
-            raise
-
-    def _release(self) -> None:
-        while self._waiters:
-            waiter = heapq.heappop(self._waiters)[2]
-            if not waiter.done():  # skip one cancelled but not yet out of the queue
-                waiter.set_result(None)  # the slot passes on: `running` is unchanged
-                return
-        self.running -= 1
-
-
 @dataclass
 class _Backend:
     """The app's state: its settings, the slots, the log and the fault switches."""
@@ -140,7 +93,7 @@ class _Backend:
     fault_rate: float
     fault_modes: tuple[str, ...]
     seed: int
-    slots: _Slots
+    slots: PrioritySlots
     log: list[dict[str, Any]] = field(default_factory=list)
     healthy: bool = True
     fail_next: int = 0
@@ -443,7 +396,7 @@ def create_app(
         fault_rate=fault_rate,
         fault_modes=tuple(fault_modes),
         seed=seed,
-        slots=_Slots(max_concurrency),
+        slots=PrioritySlots(max_concurrency),
     )
     app = _PacedApp(title="paced backend", docs_url=None, redoc_url=None)
     app.state.backend = backend

@@ -22,10 +22,11 @@ predicted tokens it holds and its measured speed, which the replica publishes to
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import time
 from dataclasses import dataclass
+
+from rtlm_adapt.gateway.priority_slots import PrioritySlots
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +47,10 @@ class PacedEngine:
         self.slots = slots
         self.tokens_per_s = tokens_per_s
         self.ttft_s = ttft_s
-        self.running = 0
         self.completed = 0
         self.outstanding_tokens = 0.0  # predicted tokens of the requests held here
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
+        self._slots = PrioritySlots(slots)
+        self._seq = itertools.count()  # arrival order breaks priority ties
 
     async def generate(
         self, max_tokens: int, *, priority: int = 0, predicted_tokens: float = 0.0
@@ -59,12 +59,9 @@ class PacedEngine:
         arrived = time.monotonic()
         self.outstanding_tokens += predicted_tokens
         try:
-            await self._acquire(priority)
-            started = time.monotonic()
-            try:
+            async with self._slots.hold(priority, next(self._seq)):
+                started = time.monotonic()
                 await asyncio.sleep(self.ttft_s + max_tokens / self.tokens_per_s)
-            finally:
-                self._release()
         finally:
             self.outstanding_tokens = max(0.0, self.outstanding_tokens - predicted_tokens)
         self.completed += 1
@@ -76,32 +73,13 @@ class PacedEngine:
             "outstanding_tokens": self.outstanding_tokens,
             "tokens_per_s": self.tokens_per_s * self.slots,
             "running": float(self.running),
-            "waiting": float(len(self._waiters)),
+            "waiting": float(self._slots.waiting),
         }
 
-    async def _acquire(self, priority: int) -> None:
-        if self.running < self.slots and not self._waiters:
-            self.running += 1
-            return
-        waiter = (priority, next(self._seq), asyncio.get_running_loop().create_future())
-        heapq.heappush(self._waiters, waiter)
-        try:
-            await waiter[2]  # _release hands its slot over by resolving this future
-        except asyncio.CancelledError:
-            if waiter[2].cancelled():
-                self._waiters.remove(waiter)
-                heapq.heapify(self._waiters)
-            else:
-                self._release()  # the slot came just as we were cancelled: pass it on
-            raise
-
-    def _release(self) -> None:
-        while self._waiters:
-            _, _, future = heapq.heappop(self._waiters)
-            if not future.done():
-                future.set_result(None)  # the slot passes over; running stays the same
-                return
-        self.running -= 1
+    @property
+    def running(self) -> int:
+        """Requests holding a slot now."""
+        return self._slots.running
 
 
 __all__ = ["EngineResult", "PacedEngine"]
