@@ -108,6 +108,36 @@ class StepCost:
         """Seconds of ``joins`` requests joining and ``leaves`` leaving a running batch."""
         return self.join_s * joins + self.leave_s * leaves
 
+    def fused_decode(self, batch_size: int, context_tokens: int) -> tuple[float, float]:
+        """``(a, b)`` such that ``k`` decode steps in a row of an unchanging batch cost
+        ``a * k + b * k**2`` seconds: each step attends to ``batch_size`` more tokens than the one
+        before (``context_tokens``: the first step's context).
+
+        >>> cost = StepCost(name="x", decode_s_base=0.01, decode_s_per_seq=0.0,
+        ...                 decode_s_per_ctx_token=1e-4, prefill_s_base=0.0,
+        ...                 prefill_s_per_token=0.0)
+        >>> a, b = cost.fused_decode(2, 100)
+        >>> steps = sum(cost.step_time(2, 100 + 2 * j) for j in range(3))
+        >>> round(a * 3 + b * 9, 9) == round(steps, 9)
+        True
+        """
+        a = (
+            self.decode_s_base
+            + self.decode_s_per_seq * batch_size
+            + self.decode_s_per_ctx_token * (context_tokens - batch_size / 2)
+        )
+        return a, self.decode_s_per_ctx_token * batch_size / 2
+
+    def fused_decode_steps_within(
+        self, budget_s: float, batch_size: int, context_tokens: int
+    ) -> float:
+        """How many fused decode steps (see :meth:`fused_decode`) fit in ``budget_s`` seconds,
+        as a real number (the caller rounds down)."""
+        a, b = self.fused_decode(batch_size, context_tokens)
+        if b <= 0:
+            return budget_s / a
+        return (-a + math.sqrt(a * a + 4 * b * budget_s)) / (2 * b)
+
     def isolated_service_time(self, prompt_tokens: int, output_tokens: int) -> float:
         """Seconds to serve one request alone: prefill, then ``output_tokens`` decode steps."""
         n = max(1, output_tokens)

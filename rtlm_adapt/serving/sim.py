@@ -182,21 +182,11 @@ class SimulatedExecutor:
 
     def _iterations_within(self, budget: float, batch: int, ctx0: int, prefill_s: float) -> int:
         """Largest k >= 1 whose fused cost fits in ``budget`` seconds."""
-        c = self.cost
-        a = (
-            c.decode_s_base
-            + c.decode_s_per_seq * batch
-            + c.decode_s_per_ctx_token * (ctx0 - batch / 2)
-        )
-        b = c.decode_s_per_ctx_token * batch / 2
+        a, b = self.cost.fused_decode(batch, ctx0)
         rest = budget - prefill_s
         if rest <= a + b:
             return 1
-        if b <= 0:
-            k = rest / a
-        else:
-            k = (-a + math.sqrt(a * a + 4 * b * rest)) / (2 * b)
-        return max(1, int(k))
+        return max(1, int(self.cost.fused_decode_steps_within(rest, batch, ctx0)))
 
     def _complete(self, slot: _Slot, end: float, error: str | None = None) -> Completion:
         r = slot.request

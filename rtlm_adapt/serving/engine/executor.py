@@ -198,14 +198,10 @@ class EngineExecutor:
         limit = min(s.remaining for s in running)
         if limit <= 0 or budget_s <= 0:
             return 0, 0.0
-        c = self.cost
         ctx = sum(s.num_tokens for s in running)  # context of the first fused step
-        # j-th fused step (from 0) costs per_step + per_ctx * (ctx + j * n): sum is a*k + b*k^2
-        a = c.decode_s_base + c.decode_s_per_seq * n + c.decode_s_per_ctx_token * (ctx - n / 2)
-        b = c.decode_s_per_ctx_token * n / 2
+        a, b = self.cost.fused_decode(n, ctx)  # k steps cost a*k + b*k^2
         if budget_s < math.inf:
-            fit = budget_s / a if b <= 0 else (-a + math.sqrt(a * a + 4 * b * budget_s)) / (2 * b)
-            limit = min(limit, int(fit))
+            limit = min(limit, int(self.cost.fused_decode_steps_within(budget_s, n, ctx)))
         steps = self.scheduler.decode_steps_possible(limit) if limit > 0 else 0
         return steps, a * steps + b * steps * steps
 
