@@ -202,7 +202,7 @@ def engine_priority(controller: AdaptiveController) -> Callable[[Request], int]:
 
     def priority(request: Request) -> int:
         entry = controller.entry(request.id)
-        return round(entry.key * 1000) if entry is not None else 0
+        return entry.engine_priority if entry is not None else 0
 
     return priority
 

@@ -122,6 +122,17 @@ class Knobs:
 
 
 @runtime_checkable
+def engine_priority(key: float) -> int:
+    """An engine's integer ``priority`` (vLLM: lower runs first) for a :meth:`Knobs.priority` key:
+    the key in milliseconds. The key is time-invariant for fixed knobs, so aging keeps working
+    inside the engine's own queue.
+
+    >>> engine_priority(12.3456)
+    12346
+    """
+    return round(key * 1000)
+
+
 class Policy(Protocol):
     """What the controller asks of a policy.
 

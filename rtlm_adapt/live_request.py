@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rtlm_adapt.knobs import Policy
+from rtlm_adapt.knobs import Policy, engine_priority
 from rtlm_adapt.predictor import LengthPrediction
 from rtlm_adapt.queue import QueueEntry
 from rtlm_adapt.request import Request
@@ -35,6 +35,11 @@ class LiveRequest(QueueEntry):
     service_s: float
     #: The executor it runs on (None while it waits).
     executor: str | None = None
+
+    @property
+    def engine_priority(self) -> int:
+        """vLLM's ``priority`` for this request (:func:`~rtlm_adapt.knobs.engine_priority`)."""
+        return engine_priority(self.key)
 
     def offloadable(self, threshold: float) -> bool:
         """Eligible for the secondary executor: the length it is ranked by reaches ``threshold``."""

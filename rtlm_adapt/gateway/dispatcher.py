@@ -203,9 +203,7 @@ class Dispatcher:
             rid = batch[0].id
             ticket, slot = self._waiting.pop(rid)
             entry = self.controller.entry(rid)
-            # The key is time-invariant for fixed knobs, so it can serve as vLLM's static
-            # priority: aging keeps working inside vLLM's own queue. Milliseconds, as an int.
-            ticket.priority = round(entry.key * 1000) if entry is not None else 0
+            ticket.priority = entry.engine_priority if entry is not None else 0
             self._occupy(ticket, backend, now)
             slot.set_result(backend)
             return True

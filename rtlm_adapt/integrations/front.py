@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rtlm_adapt.integrations.routing import OFFLOAD_KW, PREDICTED_TOKENS_KW, PRIORITY_KW
-from rtlm_adapt.knobs import Knobs
+from rtlm_adapt.knobs import Knobs, engine_priority
 from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.uncertainty import UncertaintyScorer
 
@@ -81,7 +81,7 @@ class Front:
         return Plan(
             features=features,
             predicted_tokens=predicted,
-            priority=round(key * 1000),
+            priority=engine_priority(key),
             offload=predicted >= self.knobs.offload_threshold,
         )
 
