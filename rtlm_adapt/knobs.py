@@ -121,7 +121,6 @@ class Knobs:
         return asdict(self)
 
 
-@runtime_checkable
 def engine_priority(key: float) -> int:
     """An engine's integer ``priority`` (vLLM: lower runs first) for a :meth:`Knobs.priority` key:
     the key in milliseconds. The key is time-invariant for fixed knobs, so aging keeps working
@@ -133,6 +132,7 @@ def engine_priority(key: float) -> int:
     return round(key * 1000)
 
 
+@runtime_checkable
 class Policy(Protocol):
     """What the controller asks of a policy.
 
