@@ -2,9 +2,11 @@
 
 A policy trained on one prompt set, one trace and one executor learns that deployment, not the
 knobs' effect. :class:`ScenarioSpace` draws, per episode, a prompt set, an arrival process, a load,
-the primary's batch cap (log-uniform, so small caps, where requests queue, are as common as large
-ones) and whether a secondary executor exists. Pure numpy: the evaluation grid uses the same
-:class:`Scenario` records.
+the primary's cost profile (a batch model, or an engine model of vLLM whose step hardly grows
+with the batch: a policy that only ever met the first learns to shrink batches that the second
+runs for free), its batch cap (log-uniform, so small caps, where requests queue, are as common as
+large ones) and whether a secondary executor exists. Pure numpy: the evaluation grid uses the
+same :class:`Scenario` records, and :func:`scenario_cost` turns one into the primary's costs.
 
 >>> import numpy as np
 >>> space = ScenarioSpace(prompts=("sharegpt",), arrivals=("poisson",), batch_caps=(4, 64))
@@ -15,12 +17,15 @@ ones) and whether a secondary executor exists. Pure numpy: the evaluation grid u
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from rtlm_adapt.calibration.step_cost import StepCost
 
 
 @dataclass(frozen=True)
@@ -32,11 +37,15 @@ class Scenario:
     load: float
     max_batch: int
     secondary: bool
+    #: The primary's cost profile (a name or path for ``StepCost.load``); None: the default
+    #: profile of whoever serves the scenario (the environment's ``profile``).
+    profile: str | None = None
 
     def label(self) -> str:
         side = "+secondary" if self.secondary else "alone"
         where = f"{self.prompts} | {self.arrivals} | load {self.load:g}"
-        return f"{where} | cap {self.max_batch} {side}"
+        on = f" | {self.profile}" if self.profile else ""
+        return f"{where} | cap {self.max_batch} {side}{on}"
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ class ScenarioSpace:
         ``(low, high)`` of the primary's maximum batch size.
     secondary_prob
         Probability that the episode has a secondary executor.
+    profiles
+        The primary's cost profiles to draw from; empty: the environment's own profile.
     """
 
     prompts: tuple[str, ...] = ("alpaca:gpt4_1106_preview",)
@@ -62,6 +73,7 @@ class ScenarioSpace:
     loads: tuple[tuple[float, float], ...] = ((0.5, 1.1),)
     batch_caps: tuple[int, int] = (16, 16)
     secondary_prob: float = 1.0
+    profiles: tuple[str, ...] = ()
     _widths: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +82,7 @@ class ScenarioSpace:
         object.__setattr__(self, "arrivals", tuple(self.arrivals))
         object.__setattr__(self, "loads", tuple((float(a), float(b)) for a, b in self.loads))
         object.__setattr__(self, "batch_caps", tuple(int(c) for c in self.batch_caps))
+        object.__setattr__(self, "profiles", tuple(self.profiles))
         if not self.prompts or not self.arrivals or not self.loads:
             raise ValueError("a ScenarioSpace needs at least one prompt set, trace and load range")
         if any(not (0 < a <= b and math.isfinite(b)) for a, b in self.loads):
@@ -90,7 +103,7 @@ class ScenarioSpace:
     def as_options(self) -> dict[str, Any]:
         return {"prompts": list(self.prompts), "arrivals": list(self.arrivals),
                 "loads": [list(r) for r in self.loads], "batch_caps": list(self.batch_caps),
-                "secondary_prob": self.secondary_prob}
+                "secondary_prob": self.secondary_prob, "profiles": list(self.profiles)}
 
     def sample(self, rng: np.random.Generator, load: float | None = None) -> Scenario:
         """One scenario; ``load`` pins the load. Only real choices draw from ``rng``, so a
@@ -110,7 +123,25 @@ class ScenarioSpace:
         cap = round(math.exp(rng.uniform(math.log(low), math.log(high)))) if high > low else low
         secondary = self.secondary_prob >= 1.0 or (
             self.secondary_prob > 0.0 and bool(rng.random() < self.secondary_prob))
-        return Scenario(prompts, arrivals, float(load), int(cap), secondary)
+        profile = pick(self.profiles) if self.profiles else None
+        return Scenario(prompts, arrivals, float(load), int(cap), secondary, profile)
+
+
+@functools.lru_cache(maxsize=32)
+def _load_profile(name: str) -> StepCost:
+    return StepCost.load(name)  # profiles are frozen: one copy per name serves every episode
+
+
+def scenario_cost(scenario: Scenario, default_profile: str) -> StepCost:
+    """The primary's costs in ``scenario``: its profile (``default_profile`` where it names
+    none) at its batch cap.
+
+    >>> sc = Scenario("sharegpt", "poisson", 0.9, 8, False, profile="vllm-cpu-smollm2-135m")
+    >>> cost = scenario_cost(sc, "smollm2-135m-cpu2")
+    >>> cost.name, cost.max_batch_size, cost.engine.max_num_seqs
+    ('vllm-cpu-smollm2-135m', 8, 8)
+    """
+    return _load_profile(scenario.profile or default_profile).with_max_batch(scenario.max_batch)
 
 
 def grid(

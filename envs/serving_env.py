@@ -68,7 +68,7 @@ from rtlm_adapt.serving.loop import ServingLoop
 from rtlm_adapt.serving.simulated import simulated_executor
 
 from .episodes import EpisodeSampler, shared_scorer
-from .scenarios import Scenario, ScenarioSpace
+from .scenarios import Scenario, ScenarioSpace, scenario_cost
 
 EXECUTORS = ("sim", "hf")
 PREDICTOR_TIERS = ("lexical",)
@@ -172,6 +172,7 @@ class ServingEnv(gym.Env):
             raise ValueError(f"unknown batching {batching!r}; expected 'continuous' or 'static'")
         if not (epoch_s > 0 and math.isfinite(epoch_s)):
             raise ValueError(f"epoch_s must be a positive number, got {epoch_s!r}")
+        self.profile = profile
         self.primary_cost = StepCost.load(profile)
         self.secondary_cost = StepCost.load(secondary_profile) if secondary_profile else None
         if scenarios is None:
@@ -214,7 +215,7 @@ class ServingEnv(gym.Env):
         load = (options or {}).get("load")
         self.scenario = sc = self.scenarios.sample(self.np_random, load=load)
         self.sampler = self._sampler_for(sc.prompts, sc.arrivals)
-        self.episode_cost = replace(self.primary_cost, max_batch_size=sc.max_batch)
+        self.episode_cost = scenario_cost(sc, self.profile)
         secondary_cost = self.secondary_cost if sc.secondary else None
         self.workload = wl = self.sampler.sample(self.np_random, load=sc.load,
                                                  cost=self.episode_cost)

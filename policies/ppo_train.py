@@ -15,13 +15,13 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rtlm_adapt.calibration.step_cost import StepCost
+from rtlm_adapt.calibration.step_cost import DEFAULT_PROFILE, StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.experiment import Workload, run_policy
 
@@ -40,6 +40,9 @@ TRAIN_SCENARIOS: dict[str, Any] = {
     "loads": [[0.5, 0.65], [0.75, 0.85], [0.95, 1.1]],
     "batch_caps": [4, 64],
     "secondary_prob": 0.5,
+    # the batch model of the transformers executor, and the engine model of vLLM (a step that
+    # hardly grows with the batch: shrinking the batch there only loses throughput)
+    "profiles": ["smollm2-135m-cpu2", "vllm-cpu-smollm2-135m"],
 }
 HELD_OUT_PROMPTS = ("alpaca:Yi-34B-Chat", "alpaca:phi-2")
 HELD_OUT_ARRIVALS = ("azure-code", "gamma:4")
@@ -139,12 +142,12 @@ def scenario_cases(
     """``windows`` workloads per scenario; trace windows from :data:`EVAL_SLICE` (unseen in
     training), other arrivals with seeds training never draws."""
     from rtlm_adapt.envs.episodes import EpisodeSampler
+    from rtlm_adapt.envs.scenarios import scenario_cost
 
-    base = StepCost.load(env_options.get("profile", "smollm2-135m-cpu2"))
     rng = np.random.default_rng(seed)
     cases = []
     for sc in scenarios:
-        cost = replace(base, max_batch_size=sc.max_batch)
+        cost = scenario_cost(sc, env_options.get("profile", DEFAULT_PROFILE))
         sampler = EpisodeSampler(sc.prompts, arrivals=sc.arrivals, trace_slice=EVAL_SLICE,
                                  cost=cost, n_requests=env_options.get("n_requests", 100),
                                  slo=env_options.get("slo", "0.7:2,0.3:10"))
@@ -167,8 +170,9 @@ def run_case(policy: Any, case: EvalCase, env_options: dict[str, Any]) -> tuple[
     simulated executors as ``rtlm-adapt simulate``). A callable ``policy`` is a factory: each
     episode gets a fresh policy (a guard's judgement does not carry over)."""
     from rtlm_adapt.envs.episodes import shared_scorer
+    from rtlm_adapt.envs.scenarios import scenario_cost
 
-    base = StepCost.load(env_options.get("profile", "smollm2-135m-cpu2"))
+    primary = scenario_cost(case.scenario, env_options.get("profile", DEFAULT_PROFILE))
     second = env_options.get("secondary_profile", "smollm2-135m-cpu2-secondary")
     secondary = StepCost.load(second) if second and case.scenario.secondary else None
     factory = functools.partial(
@@ -177,7 +181,7 @@ def run_case(policy: Any, case: EvalCase, env_options: dict[str, Any]) -> tuple[
     if callable(policy) and not hasattr(policy, "decide"):
         policy = policy()
     run = run_policy(policy, case.workload, batching=env_options.get("batching", "continuous"),
-                     primary_cost=replace(base, max_batch_size=case.scenario.max_batch),
+                     primary_cost=primary,
                      secondary_cost=secondary, controller_factory=factory)
     return run.summary.mean_rt_s, run.summary.deadline_miss_rate
 

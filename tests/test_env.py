@@ -139,6 +139,28 @@ def test_scenarios_vary_the_deployment_per_episode():
     assert len({s.prompts for s in seen}) > 2 and len({s.arrivals for s in seen}) > 1
 
 
+def test_scenarios_can_draw_the_engine_model_of_vllm_as_the_primary():
+    space = {"prompts": ["alpaca:phi-2"], "arrivals": ["poisson"], "loads": [[0.9, 0.9]],
+             "batch_caps": [4, 32], "secondary_prob": 0.0,
+             "profiles": ["smollm2-135m-cpu2", "vllm-cpu-smollm2-135m"]}  # fmt: skip
+    env = ServingEnv(scenarios=space, n_requests=20)
+    kinds = set()
+    for seed in range(10):
+        env.reset(seed=seed)
+        sc, cost = env.scenario, env.episode_cost
+        assert cost.name == sc.profile and cost.max_batch_size == sc.max_batch
+        if sc.profile == "vllm-cpu-smollm2-135m":
+            # the engine's seats follow the drawn cap (simulated_executor serves an engine block
+            # with the engine model)
+            assert cost.engine.max_num_seqs == sc.max_batch
+        else:
+            assert cost.engine is None
+        kinds.add(sc.profile)
+        _, reward, _, _, _ = env.step(np.zeros(6, dtype=np.float32))
+        assert math.isfinite(reward)
+    assert kinds == set(space["profiles"])
+
+
 def test_scale_free_observation_reads_two_scales_alike():
     from dataclasses import replace
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -137,6 +137,18 @@ class StepCost:
         if b <= 0:
             return budget_s / a
         return (-a + math.sqrt(a * a + 4 * b * budget_s)) / (2 * b)
+
+    def with_max_batch(self, max_batch_size: int) -> StepCost:
+        """This profile with another batch cap; an engine block's seats (``max_num_seqs``)
+        follow it, since the engine admits at most that many.
+
+        >>> StepCost.load("vllm-cpu-smollm2-135m").with_max_batch(16).engine.max_num_seqs
+        16
+        """
+        engine = self.engine
+        if engine is not None:
+            engine = replace(engine, max_num_seqs=max_batch_size)
+        return replace(self, max_batch_size=max_batch_size, engine=engine)
 
     def isolated_service_time(self, prompt_tokens: int, output_tokens: int) -> float:
         """Seconds to serve one request alone: prefill, then ``output_tokens`` decode steps."""
