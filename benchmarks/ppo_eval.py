@@ -131,13 +131,21 @@ def main() -> None:
     parser.add_argument("--caps", default="4,16,64", help="primary batch caps")
     parser.add_argument("--windows", type=int, default=4, help="windows per cell")
     parser.add_argument("--requests", type=int, default=100, help="requests per window")
+    parser.add_argument(
+        "--profile", help="the primary's cost profile (default: the training default, the batch "
+        "model; e.g. vllm-cpu-smollm2-135m for the engine model of vLLM)",
+    )
+    parser.add_argument(
+        "--no-secondary", action="store_true", help="cells without the secondary executor"
+    )
     args = parser.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     split = lambda text: [x for x in text.split(",") if x]  # noqa: E731
     scenarios = grid(split(args.prompts), split(args.arrivals),
-                     [float(x) for x in split(args.loads)], [int(x) for x in split(args.caps)])
+                     [float(x) for x in split(args.loads)], [int(x) for x in split(args.caps)],
+                     secondary=not args.no_secondary, profile=args.profile)
     factories = policy_factories(args.model)
     load_avg = os.getloadavg()
     t0 = time.perf_counter()

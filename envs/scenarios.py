@@ -146,8 +146,9 @@ def scenario_cost(scenario: Scenario, default_profile: str) -> StepCost:
 
 def grid(
     prompts: Sequence[str], arrivals: Sequence[str], loads: Sequence[float],
-    caps: Sequence[int], secondary: bool = True,
+    caps: Sequence[int], secondary: bool = True, profile: str | None = None,
 ) -> list[Scenario]:
-    """Every combination, in a stable order (the evaluation grid's cells)."""
-    return [Scenario(p, a, float(x), int(c), secondary)
+    """Every combination, in a stable order (the evaluation grid's cells), on ``profile``
+    (None: the evaluator's default)."""
+    return [Scenario(p, a, float(x), int(c), secondary, profile)
             for p in prompts for a in arrivals for x in loads for c in caps]
