@@ -397,6 +397,21 @@ def test_predictor_learns_from_every_answer(pool: ThreadPoolExecutor) -> None:
         assert latency.step_time(1) < 0.5 * step_before
 
 
+def test_backend_latency_models_start_from_the_configured_profile() -> None:
+    from rtlm_adapt.calibration.step_cost import StepCost
+
+    with paced() as be:
+        for name in ("http-engine-prior", "vllm-cpu-smollm2-135m"):
+            settings = {} if name == "http-engine-prior" else {"profile": name}
+            with gateway(be, **settings) as gw:
+                model, prior = gw.controller.latency[be.name], StepCost.load(name)
+                assert model.n_learned == 0
+                assert model.step_time(4, 400) == pytest.approx(prior.step_time(4, 400))
+    backend = (BackendConfig("http://127.0.0.1:9"),)
+    with pytest.raises(ValueError, match="unknown cost profile 'no-such-profile'"):
+        create_app(GatewayConfig(backends=backend, profile="no-such-profile"))
+
+
 def test_metrics_reflect_lengths_and_ranking() -> None:
     short, long_, n = 4, 40, 32
     with paced(tokens_per_s=20_000.0) as be, gateway(be, policy="sjf") as gw:
@@ -1104,6 +1119,8 @@ def test_cli_flags() -> None:
         "9001",
         "--request-timeout",
         "12.5",
+        "--profile",
+        "vllm-cpu-smollm2-135m",
     )
     assert [(b.url, b.role) for b in cfg.backends] == [
         ("http://10.0.0.1:8000", "primary"),
@@ -1113,8 +1130,10 @@ def test_cli_flags() -> None:
     assert not any(b.send_priority for b in cfg.backends)
     assert (cfg.policy, cfg.max_inflight, cfg.max_queue) == ("sjf", 3, 7)
     assert (cfg.shed, cfg.state, cfg.port, cfg.request_timeout_s) == (True, "s.bin", 9001, 12.5)
+    assert cfg.profile == "vllm-cpu-smollm2-135m"
     defaults = parse("--backend", "http://h:1")
     assert (defaults.policy, defaults.shed, defaults.max_inflight) == ("heuristic", False, 4)
+    assert defaults.profile == "http-engine-prior"
     assert all(
         b.send_priority for b in parse("--backend", "http://h:1", "--send-priority").backends
     )

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.gateway.config import GatewayConfig
 from rtlm_adapt.gateway.dispatcher import (
@@ -415,8 +416,12 @@ def _make_controller(config: GatewayConfig) -> AdaptiveController:
         controller.max_queue = config.max_queue
         logger.info("resumed the learned state from %s", state)
         return controller
+    # Each backend's latency model starts from the configured profile, not the library's
+    # default (the transformers executor's, whose prefill cost the gateway never observes).
+    prior = StepCost.load(config.profile)
     return AdaptiveController(
         config.policy,
+        profiles={backend.name: prior for backend in config.backends},
         max_queue=config.max_queue,
         autosave_path=state,
         autosave_every=config.state_every,

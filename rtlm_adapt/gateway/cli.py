@@ -43,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, help="waiting requests before 429 (default 10000)")
     p.add_argument("--state", help="autosave the learned state here; a restart resumes it")
     p.add_argument(
+        "--profile",
+        help="cost profile (packaged name or JSON path) the backends' latency models start "
+        "from (default http-engine-prior: a generic engine; they learn each backend's pace)",
+    )
+    p.add_argument(
         "--shed",
         action="store_true",
         default=None,

@@ -7,6 +7,7 @@ A TOML file holds the same settings as the flags, plus per-backend options::
     max_queue = 1000
     state = "gateway-state.bin"
     shed = false
+    profile = "http-engine-prior"   # where the backends' latency models start
 
     [[backends]]
     url = "http://127.0.0.1:8000"
@@ -103,6 +104,11 @@ class GatewayConfig:
         Autosave after this many ended requests (and at shutdown).
     shed
         Reject at arrival (503) a request whose deadline the prediction says cannot be met.
+    profile
+        The cost profile (a packaged name or a JSON path) each backend's latency model starts
+        from; it then learns the backend's pace from every request's time per output token.
+        The default, ``http-engine-prior``, is a generic continuous-batching engine that the
+        fit leaves within a few dozen requests; pass a measured profile to start closer.
     request_timeout_s
         Upstream read timeout: no byte for this long counts as a backend failure.
     health_interval_s
@@ -120,6 +126,7 @@ class GatewayConfig:
     state: str | None = None
     state_every: int = 100
     shed: bool = False
+    profile: str = "http-engine-prior"
     request_timeout_s: float = 600.0
     health_interval_s: float = 2.0
     max_body_bytes: int = 4 * 1024 * 1024
@@ -150,6 +157,8 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if not isinstance(self.shed, bool):
             raise TypeError(f"shed must be true or false, got {self.shed!r}")
+        if not isinstance(self.profile, str) or not self.profile:
+            raise ValueError(f"profile must be a profile name or path, got {self.profile!r}")
         if (
             isinstance(self.port, bool)
             or not isinstance(self.port, int)
