@@ -260,3 +260,12 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
         if time.monotonic() > end:
             raise AssertionError("condition not met in time")
         time.sleep(0.1)
+
+
+def test_settings_take_a_yaml_list_of_speed_factors_and_reject_bad_engine_options():
+    settings = ScaleOutSettings.from_args({"replica_speed_factors": [1, 0.5]})
+    assert settings.replica_speed_factors == (1, 0.5)
+    with pytest.raises(ValueError, match="queue_order"):
+        ScaleOutSettings(queue_order="lifo")
+    with pytest.raises(ValueError, match="replica_speed_factors"):
+        ScaleOutSettings(replica_speed_factors=(1.0, 0.0))
