@@ -296,7 +296,29 @@ def slow_share(done: list[Done], args: argparse.Namespace) -> dict[str, float] |
     }
 
 
-# -- phase 3: simulated scaling -------------------------------------------------------------------
+# -- phase 3: simulated replay and scaling --------------------------------------------------------
+def replay_phase(args: argparse.Namespace, jobs: list[Job]) -> dict[str, Any]:
+    """SIMULATED: the very request sequence of the Serve phase (same arrivals, lengths,
+    predictions, replicas and speeds) replayed on ``_routing_sim`` for every arm: how far the
+    simulation's ratios are from the measured ones, before trusting its figures at scale."""
+    common = dict(
+        replicas=args.replicas,
+        slots=args.slots,
+        tokens_per_s=args.tokens_per_s,
+        arrivals=[j.arrival_s for j in jobs],
+        true_tokens=[j.true_tokens for j in jobs],
+        predicted=[j.predicted for j in jobs],
+        speed_factors=speed_factors(args),
+    )
+    out: dict[str, Any] = {}
+    for arm in arms(args):
+        router, queue_order = ARMS[arm]
+        out[arm] = vars(simulate(router, **common, queue_order=queue_order))
+    base = out["power-of-two"]
+    out["mean_rt_ratios"] = {a: out[a]["mean_rt_s"] / base["mean_rt_s"] for a in arms(args)}
+    return out
+
+
 def scaling_phase(args: argparse.Namespace, jobs: list[Job]) -> dict[str, Any]:
     """SIMULATED: the same lengths and predictions, at 4, 16 and 64 replicas."""
     true = [j.true_tokens for j in jobs]
@@ -476,6 +498,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         serve.shutdown()
         ray.shutdown()
+    results["replay_simulated"] = replay_phase(args, jobs)
     results["scaling_simulated"] = scaling_phase(args, jobs)
     results.update(
         workload=workload,
@@ -515,6 +538,9 @@ def print_table(r: dict[str, Any]) -> None:
                 f"  {arm:>13} on the slow replica: {share['requests']:.1%} of requests,"
                 f" {share['tokens']:.1%} of tokens"
             )
+    replay = r["replay_simulated"]["mean_rt_ratios"]
+    print("SIMULATED replay of the same sequence, mean x power-of-two:", end="")
+    print("".join(f" {a} {x:.3f}" for a, x in replay.items()))
     print("\nSIMULATED scaling (same lengths and predictions):")
     print(
         f"{'replicas':>8} {'mean x':>7} {'p99 x':>7} {'+long mean x':>13} {'+long p99 x':>12}"
