@@ -1,7 +1,9 @@
 """A discrete-event simulation of routing among engine replicas (SIMULATED figures only).
 
-Each replica has ``slots`` concurrent generations at ``tokens_per_s`` each and a queue served by
-priority (the predicted length: the ingress's key), like the paced engine behind Ray Serve. The
+Each replica has ``slots`` concurrent generations at ``tokens_per_s`` each (times its
+``speed_factors`` entry, for unequal replicas) and a queue served by priority (the predicted
+length: the ingress's key) or, with ``queue_order="fcfs"``, in arrival order, like the paced
+engine behind Ray Serve. The
 routers decide as Serve's would: ``power-of-two`` samples two replicas and takes the one with
 fewer requests (running + queued; ties at random), ``length-aware`` is the real
 :class:`~rtlm_adapt.integrations.routing.WorkBook` (reserve at routing, release at the end).
@@ -47,20 +49,28 @@ def simulate(
     long_replicas: int = 0,
     offload_threshold: float = float("inf"),
     seed: int = 0,
+    speed_factors: Sequence[float] = (),
+    queue_order: str = "priority",
 ) -> SimResult:
     """Response times of one request sequence under ``router``."""
     rng = random.Random(seed)
     state = [_Replica() for _ in range(replicas)]
     names = [f"r{i:03d}" for i in range(replicas)]
     index = {name: i for i, name in enumerate(names)}
+    speeds = [
+        tokens_per_s * (speed_factors[r] if r < len(speed_factors) else 1.0)
+        for r in range(replicas)
+    ]
     book = WorkBook(clock=lambda: 0.0)
+    for name, speed in zip(names, speeds, strict=True):  # each replica reports its speed
+        book.report(name, {"tokens_per_s": speed * slots}, backlog=False)
     events: list[tuple[float, int, int]] = []  # (finish time, request, replica)
     finish = np.zeros(len(arrivals))
     decision_s = 0.0
 
     def start(r: int, i: int, now: float) -> None:
         state[r].running += 1
-        heapq.heappush(events, (now + true_tokens[i] / tokens_per_s, i, r))
+        heapq.heappush(events, (now + true_tokens[i] / speeds[r], i, r))
 
     def route(i: int) -> int:
         if router == "power-of-two":
@@ -85,7 +95,8 @@ def simulate(
             if state[r].running < slots:
                 start(r, i, now)
             else:
-                heapq.heappush(state[r].queue, (predicted[i], i))
+                key = predicted[i] if queue_order == "priority" else 0.0  # fcfs: arrival
+                heapq.heappush(state[r].queue, (key, i))
             continue
         now, i, r = heapq.heappop(events)
         finish[i] = now

@@ -20,7 +20,11 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from rtlm_adapt.integrations.ray_serve import build_app  # noqa: E402
+from rtlm_adapt.integrations.ray_serve import (  # noqa: E402
+    ScaleOutSettings,
+    build_app,
+    engine_app,
+)
 
 APP = "rtlm"
 
@@ -206,9 +210,62 @@ def test_an_engine_replica_killed_mid_run_loses_no_request(cluster, engine):
     assert outcomes["completed"] >= 1, outcomes
 
 
+def test_fcfs_engines_of_unequal_speed_serve_arrivals_in_order_each_at_its_own_speed(cluster):
+    # The default stack's engines (fcfs) behind Serve's own router, one replica at half speed.
+    settings = ScaleOutSettings(
+        engine_replicas=2,
+        slots=1,
+        tokens_per_s=1000.0,
+        router="power-of-two",
+        queue_order="fcfs",
+        replica_speed_factors=(1.0, 0.5),
+        engine_cpus=0.25,
+    )
+    serve.run(engine_app(settings), name="fcfs", route_prefix=None)
+    handle = serve.get_deployment_handle("Engine", app_name="fcfs")
+
+    async def scenario():
+        done: list[tuple[int, dict]] = []
+
+        async def one(i: int) -> None:
+            # Later arrivals get better (lower) priorities: a priority queue would reverse them.
+            answer = await handle.generate.remote(
+                {"max_tokens": 150}, rtlm_predicted_tokens=150.0, rtlm_priority=100 - i
+            )
+            done.append((i, answer))
+
+        calls = []
+        for i in range(6):
+            calls.append(asyncio.ensure_future(one(i)))
+            await asyncio.sleep(0.05)  # well apart, so they reach the replicas in this order
+        await asyncio.gather(*calls)
+        return done
+
+    try:
+        done = asyncio.run(scenario())
+    finally:
+        serve.delete("fcfs")
+    speeds = {a["replica"]: a["tokens_per_s"] for _, a in done}
+    assert sorted(set(speeds.values())) == [500.0, 1000.0], speeds
+    for _, answer in done:  # each paced at its own replica's speed
+        assert answer["service_s"] == pytest.approx(150 / answer["tokens_per_s"], rel=0.5)
+    for replica in speeds:  # on each replica, finished in the order sent
+        sent = [i for i, a in done if a["replica"] == replica]
+        assert sent == sorted(sent), (replica, sent)
+
+
 def _wait_for(condition, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > end:
             raise AssertionError("condition not met in time")
         time.sleep(0.1)
+
+
+def test_settings_take_a_yaml_list_of_speed_factors_and_reject_bad_engine_options():
+    settings = ScaleOutSettings.from_args({"replica_speed_factors": [1, 0.5]})
+    assert settings.replica_speed_factors == (1, 0.5)
+    with pytest.raises(ValueError, match="queue_order"):
+        ScaleOutSettings(queue_order="lifo")
+    with pytest.raises(ValueError, match="replica_speed_factors"):
+        ScaleOutSettings(replica_speed_factors=(1.0, 0.0))

@@ -10,7 +10,7 @@ import pytest
 
 from rtlm_adapt.integrations.front import Front
 from rtlm_adapt.integrations.learner import SharedLearner
-from rtlm_adapt.integrations.paced_engine import PacedEngine
+from rtlm_adapt.integrations.paced_engine import PacedEngine, speed_for_rank
 from rtlm_adapt.integrations.routing import WorkBook
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.predictor import LengthPredictor
@@ -93,6 +93,48 @@ def test_the_paced_engine_serves_its_queue_by_priority_and_counts_its_backlog():
 
     assert asyncio.run(scenario()) == 80.0
     assert order == [9, 1, 3, 5] and engine.stats()["outstanding_tokens"] == 0
+
+
+def test_under_fcfs_the_paced_engine_serves_its_queue_in_arrival_order_whatever_the_priority():
+    engine = PacedEngine(slots=1, tokens_per_s=2000.0, queue_order="fcfs")
+    order: list[int] = []
+
+    async def one(priority: int) -> None:
+        await engine.generate(20, priority=priority, predicted_tokens=20.0)
+        order.append(priority)
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(one(9))  # takes the slot
+        await asyncio.sleep(0)
+        rest = []
+        for p in (5, 1, 3):  # arrive in this order, each awaited into the queue
+            rest.append(asyncio.ensure_future(one(p)))
+            await asyncio.sleep(0)
+        await asyncio.gather(first, *rest)
+
+    asyncio.run(scenario())
+    assert order == [9, 5, 1, 3]  # the priority order would be [9, 1, 3, 5]
+    assert engine.stats()["outstanding_tokens"] == 0
+    with pytest.raises(ValueError, match="queue_order"):
+        PacedEngine(queue_order="lifo")
+
+
+def test_unequal_replicas_get_their_speed_by_rank_and_report_it():
+    factors = (1.0, 0.5)
+    assert speed_for_rank(1000.0, factors, 0) == 1000.0
+    assert speed_for_rank(1000.0, factors, 1) == 500.0
+    assert speed_for_rank(1000.0, factors, 2) == 1000.0  # beyond the list: the base speed
+    assert speed_for_rank(1000.0, (), 1) == 1000.0
+    with pytest.raises(ValueError):
+        speed_for_rank(1000.0, (1.0, 0.0), 1)
+    slow = PacedEngine(slots=4, tokens_per_s=speed_for_rank(1000.0, factors, 1))
+    assert slow.stats()["tokens_per_s"] == 2000.0  # over all 4 slots: what the book ranks by
+
+    async def paced() -> float:
+        result = await slow.generate(50)
+        return result.service_s
+
+    assert 0.09 <= asyncio.run(paced()) < 0.2  # 50 tokens at 500/s
 
 
 def test_a_cancelled_waiter_leaves_the_queue_and_the_slot_passes_on():

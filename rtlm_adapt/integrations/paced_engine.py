@@ -6,6 +6,10 @@ seconds and "generates" exactly ``max_tokens`` tokens; requests beyond the slots
 predicted tokens it holds and its measured speed, which the replica publishes to the router
 (``record_routing_stats``).
 
+``queue_order="fcfs"`` serves the queue in arrival order instead and ignores ``priority``, as
+vLLM's default ``--scheduling-policy fcfs`` accepts a priority and ignores it: the engine a
+Serve user runs today, for comparison with the key-ordered one.
+
 >>> import asyncio
 >>> engine = PacedEngine(slots=1, tokens_per_s=1000.0)
 >>> async def two():
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rtlm_adapt.gateway.priority_slots import PrioritySlots
@@ -38,15 +43,30 @@ class EngineResult:
     service_s: float
 
 
-class PacedEngine:
-    """``slots`` concurrent generations at ``tokens_per_s`` each; the rest wait by priority."""
+#: How a replica orders its waiting requests: by ``priority`` (vLLM's ``priority`` policy) or
+#: by arrival alone (vLLM's default ``fcfs``).
+QUEUE_ORDERS = ("priority", "fcfs")
 
-    def __init__(self, slots: int = 4, tokens_per_s: float = 200.0, ttft_s: float = 0.0) -> None:
+
+class PacedEngine:
+    """``slots`` concurrent generations at ``tokens_per_s`` each; the rest wait by priority
+    (``queue_order="priority"``) or in arrival order (``"fcfs"``)."""
+
+    def __init__(
+        self,
+        slots: int = 4,
+        tokens_per_s: float = 200.0,
+        ttft_s: float = 0.0,
+        queue_order: str = "priority",
+    ) -> None:
         if slots < 1 or tokens_per_s <= 0 or ttft_s < 0:
             raise ValueError("need slots >= 1, tokens_per_s > 0 and ttft_s >= 0")
+        if queue_order not in QUEUE_ORDERS:
+            raise ValueError(f"queue_order must be one of {QUEUE_ORDERS}, got {queue_order!r}")
         self.slots = slots
         self.tokens_per_s = tokens_per_s
         self.ttft_s = ttft_s
+        self.queue_order = queue_order
         self.completed = 0
         self.outstanding_tokens = 0.0  # predicted tokens of the requests held here
         self._slots = PrioritySlots(slots)
@@ -55,11 +75,14 @@ class PacedEngine:
     async def generate(
         self, max_tokens: int, *, priority: int = 0, predicted_tokens: float = 0.0
     ) -> EngineResult:
-        """Wait for a slot (lowest priority first), then pace ``max_tokens`` tokens."""
+        """Wait for a slot (lowest priority first, or first come under ``fcfs``), then pace
+        ``max_tokens`` tokens."""
         arrived = time.monotonic()
         self.outstanding_tokens += predicted_tokens
+        # Under fcfs every request has the same rank, so the arrival number alone orders them.
+        rank = priority if self.queue_order == "priority" else 0
         try:
-            async with self._slots.hold(priority, next(self._seq)):
+            async with self._slots.hold(rank, next(self._seq)):
                 started = time.monotonic()
                 await asyncio.sleep(self.ttft_s + max_tokens / self.tokens_per_s)
         finally:
@@ -82,4 +105,13 @@ class PacedEngine:
         return self._slots.running
 
 
-__all__ = ["EngineResult", "PacedEngine"]
+def speed_for_rank(tokens_per_s: float, speed_factors: Sequence[float], rank: int) -> float:
+    """One replica's tokens/s per slot in a deployment of unequal replicas: ``tokens_per_s``
+    times ``speed_factors[rank]`` (1 for ranks beyond the list, so ``()`` means all equal)."""
+    factor = float(speed_factors[rank]) if 0 <= rank < len(speed_factors) else 1.0
+    if factor <= 0:
+        raise ValueError(f"speed factors must be > 0, got {factor} for rank {rank}")
+    return tokens_per_s * factor
+
+
+__all__ = ["QUEUE_ORDERS", "EngineResult", "PacedEngine", "speed_for_rank"]

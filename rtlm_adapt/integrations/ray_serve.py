@@ -46,7 +46,7 @@ from rtlm_adapt.gateway.paced_backend import token_text
 from rtlm_adapt.gateway.schemas import ChatCompletionRequest, CompletionRequest, prompt_text
 from rtlm_adapt.integrations.front import Front, openai_answer
 from rtlm_adapt.integrations.learner import SharedLearner
-from rtlm_adapt.integrations.paced_engine import PacedEngine
+from rtlm_adapt.integrations.paced_engine import QUEUE_ORDERS, PacedEngine, speed_for_rank
 from rtlm_adapt.integrations.ray_router import LengthAwareRouter
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.predictor import LengthPredictor
@@ -68,6 +68,13 @@ class ScaleOutSettings:
     engine_replicas, slots, tokens_per_s, ttft_s
         Engine replicas, and each one's concurrent generations, decode speed per generation
         and time to first token (the paced engine).
+    queue_order
+        How each engine orders its waiting requests: ``priority`` (the ingress's key, as vLLM's
+        ``--scheduling-policy priority``) or ``fcfs`` (arrival order, vLLM's default).
+    replica_speed_factors
+        Unequal replicas: the engine of replica rank ``i`` runs at ``tokens_per_s *
+        replica_speed_factors[i]`` (ranks beyond the list at ``tokens_per_s``; empty: all
+        equal). Each replica reports its own speed to the router.
     router
         ``length-aware`` (:class:`LengthAwareRouter`) or ``power-of-two`` (Serve's default).
     long_replicas
@@ -92,6 +99,8 @@ class ScaleOutSettings:
     slots: int = 4
     tokens_per_s: float = 200.0
     ttft_s: float = 0.0
+    queue_order: str = "priority"
+    replica_speed_factors: tuple[float, ...] = ()
     router: str = "length-aware"
     long_replicas: int = 0
     offload_threshold: float = math.inf
@@ -110,6 +119,12 @@ class ScaleOutSettings:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
         if self.engine_replicas < 1 or self.ingress_replicas < 1:
             raise ValueError("need at least one engine and one ingress replica")
+        if self.queue_order not in QUEUE_ORDERS:
+            raise ValueError(f"queue_order must be one of {QUEUE_ORDERS}, got {self.queue_order!r}")
+        # A YAML config gives a list; keep the frozen settings hashable.
+        object.__setattr__(self, "replica_speed_factors", tuple(self.replica_speed_factors))
+        if any(f <= 0 for f in self.replica_speed_factors):
+            raise ValueError("replica_speed_factors must all be > 0")
         self.knobs()  # a bad threshold fails here, at build time, not in every replica
 
     def knobs(self) -> Knobs:
@@ -214,11 +229,21 @@ class LearnerLink:
 # -- the engine ----------------------------------------------------------------------------------
 @serve.deployment(max_ongoing_requests=MAX_ONGOING)
 class Engine:
-    """One engine replica: the paced stand-in with its priority queue."""
+    """One engine replica: the paced stand-in with its queue (by priority or first come)."""
 
-    def __init__(self, slots: int, tokens_per_s: float, ttft_s: float) -> None:
-        self.engine = PacedEngine(slots, tokens_per_s, ttft_s)
-        self.replica = serve.get_replica_context().replica_id.unique_id
+    def __init__(
+        self,
+        slots: int,
+        tokens_per_s: float,
+        ttft_s: float,
+        queue_order: str = "priority",
+        speed_factors: tuple[float, ...] = (),
+    ) -> None:
+        context = serve.get_replica_context()
+        rank = getattr(context.rank, "rank", context.rank)  # a ReplicaRank in Ray 2.60
+        speed = speed_for_rank(tokens_per_s, speed_factors, int(rank))
+        self.engine = PacedEngine(slots, speed, ttft_s, queue_order)
+        self.replica = context.replica_id.unique_id
 
     async def generate(
         self,
@@ -240,6 +265,7 @@ class Engine:
             "queued_s": result.queued_s,
             "service_s": result.service_s,
             "offload": bool(rtlm_offload),
+            "tokens_per_s": self.engine.tokens_per_s,  # per slot: tells unequal replicas apart
         }
 
     def record_routing_stats(self) -> dict[str, float]:
@@ -339,7 +365,13 @@ def engine_app(settings: ScaleOutSettings) -> serve.Application:
         num_replicas=settings.engine_replicas,
         request_router_config=settings.router_config(),
         ray_actor_options={"num_cpus": settings.engine_cpus, "num_gpus": settings.engine_gpus},
-    ).bind(settings.slots, settings.tokens_per_s, settings.ttft_s)
+    ).bind(
+        settings.slots,
+        settings.tokens_per_s,
+        settings.ttft_s,
+        settings.queue_order,
+        settings.replica_speed_factors,
+    )
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
