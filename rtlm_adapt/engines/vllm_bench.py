@@ -501,6 +501,12 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         "gateway_timelines": timelines,
         "engine_preemptions": preemptions,
         "kv_cache": kv_cache,
+        # per policy and repeat, every request's [id, output tokens, arrival, first token,
+        # finish] (seconds on the run's clock): enough to replay or re-compare a run later
+        "completions": {
+            name: [[completion_row(c) for c in run] for run in runs]
+            for name, runs in results.items()
+        },
     }
     if DIRECT in pooled:
         base = pooled[DIRECT]
@@ -551,6 +557,15 @@ def compare_sim(
             file=sys.stderr,
         )
     return figures
+
+
+def completion_row(c: Completion) -> list[Any]:
+    """A request's outcome as a compact JSON row (see ``completions`` in the run's JSON).
+
+    >>> completion_row(Completion("7", 12, 1.0, 1.0, 3.5, "vllm", first_token_time=1.25))
+    ['7', 12, 1.0, 1.25, 3.5]
+    """
+    return [c.request_id, c.output_tokens, c.arrival_time, c.first_token_time, c.finish_time]
 
 
 def kv_cache_figures(cache_info: Mapping[str, str]) -> dict[str, int | None]:
