@@ -130,6 +130,7 @@ def test_compare_sim_replays_on_the_servers_kv_cache_and_preempts_when_it_is_sma
     figures = compare_sim(args, REQUESTS, chosen, {"fcfs": [fake_real(2.0)]}, kv)["fcfs"]
     assert figures["sim_kv_cache_tokens"] == 5 * 64 and figures["sim_block_size"] == 64
     assert figures["sim_preemptions"] > 0
+    assert figures["sim_template_tokens"] == 30  # SmolLM2's chat template holds KV too
 
 
 def test_kv_blocks_is_checked_before_vllm_starts(capsys):

@@ -64,6 +64,26 @@ def engine_profile(
     return dataclasses.replace(cost, engine=engine, max_batch_size=max_num_seqs)
 
 
+def template_in_prompts(cost: StepCost) -> tuple[StepCost, int]:
+    """``cost`` with the chat template's tokens moved into the prompts, and how many there are.
+
+    vLLM computes the template (SmolLM2's system prompt and role tags: 30 tokens) like any prompt
+    token and keeps its KV, which counts when the cache is small. A profile fitted to a run
+    (:mod:`~rtlm_adapt.calibration.engine_fit`) charges those tokens as ``prefill_s_base``
+    (``chat_template_tokens_assumed`` x ``prefill_s_per_token``); that charge moves into the
+    prompt, so a request's prefill time stays the same.
+
+    >>> cost, template = template_in_prompts(StepCost.load("vllm-cpu-smollm2-135m"))
+    >>> template, round(cost.prefill_s_base * 1000, 1)  # ms, the rounding of the profile left
+    (30, 0.0)
+    """
+    template = int(cost.extra.get("chat_template_tokens_assumed", 0))
+    if template <= 0:
+        return cost, 0
+    base = max(0.0, cost.prefill_s_base - template * cost.prefill_s_per_token)
+    return dataclasses.replace(cost, prefill_s_base=base), template
+
+
 def replay_requests(
     ids: Sequence[str],
     prompts: Sequence[str],
@@ -128,6 +148,8 @@ def compare_on_engine(
         kv_blocks=kv_blocks,
         block_size=block_size,
     )
+    cost, template = template_in_prompts(cost)
+    prompt_tokens = [t + template for t in prompt_tokens]
     out = {}
     for policy, runs in results.items():
         sims: list[Completion] = []
@@ -152,6 +174,7 @@ def compare_on_engine(
             "sim_preemptions": preemptions,  # all repeats
             "sim_kv_cache_tokens": cost.engine.kv_cache_tokens,  # type: ignore[union-attr]
             "sim_block_size": cost.engine.block_size,  # type: ignore[union-attr]
+            "sim_template_tokens": template,  # added to every prompt
         }
     return out
 
