@@ -21,11 +21,23 @@ import numpy as np
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.data import TokenCounter, load_prompts
 from rtlm_adapt.engines.vllm_bench import build_requests
-from rtlm_adapt.engines.vllm_replay import engine_profile, replay, replay_requests
+from rtlm_adapt.engines.vllm_replay import (
+    engine_profile,
+    replay,
+    replay_requests,
+    template_in_prompts,
+)
 from rtlm_adapt.request import Completion
 
-#: SmolLM2's chat template around a user prompt (its default system prompt and the role tags).
-TEMPLATE_TOKENS = 30
+
+def paced(cost: StepCost, factor: float) -> StepCost:
+    """``cost`` with every step ``factor`` times slower (a machine shared with others)."""
+    return dataclasses.replace(
+        cost,
+        decode_s_base=cost.decode_s_base * factor,
+        prefill_s_base=cost.prefill_s_base * factor,
+        prefill_s_per_token=cost.prefill_s_per_token * factor,
+    )
 
 
 def main(path: str) -> None:
@@ -49,16 +61,27 @@ def main(path: str) -> None:
     base = engine_profile(StepCost.load("vllm-cpu-smollm2-135m"), max_num_seqs=real["max_num_seqs"],
                           kv_blocks=kv["blocks"], block_size=kv["block_size"])  # fmt: skip
     prompt_tokens = [s.prompt_tokens for s in chosen]
+    with_template, template = template_in_prompts(base)
+    # the run's own probe: a request alone took this many times the profile's time per token
+    slower = capacity["alone_s_per_token"] / base.extra["alone_s_per_token"]
     variants = {
-        "as replayed": (base, prompt_tokens),
-        # the chat template's tokens hold KV too; its prefill time moves from prefill_s_base
-        # into the prompt tokens
-        "+ template tokens in KV": (
-            dataclasses.replace(base, prefill_s_base=0.0),
-            [t + TEMPLATE_TOKENS for t in prompt_tokens],
+        "prompt only in KV": (base, prompt_tokens),
+        # the chat template's tokens hold KV too (what --compare-sim does)
+        "+ template in KV": (with_template, [t + template for t in prompt_tokens]),
+        f"+ template, steps x{slower:.2f} (the run's alone pace)": (
+            paced(with_template, slower),
+            [t + template for t in prompt_tokens],
+        ),
+        # ENGINES.md's 32-prompt batch took about 100 ms a step against 32 ms alone: about
+        # 2.2 ms more per running sequence, which the 4-slot profile (flat step) leaves out
+        f"+ template, steps x{slower:.2f}, + 2.2 ms per running sequence": (
+            dataclasses.replace(paced(with_template, slower), decode_s_per_seq=0.0022),
+            [t + template for t in prompt_tokens],
         ),
     }
-    print(f"real (vLLM): { {p: sum(v) for p, v in real['engine_preemptions'].items()} }")
+    real_rt = {p: round(v["mean_rt_s"], 2) for p, v in real["policies"].items()}
+    print(f"real (vLLM): preemptions { {p: sum(v) for p, v in real['engine_preemptions'].items()} }"
+          f", mean RT s {real_rt}")  # fmt: skip
     for label, (cost, tokens) in variants.items():
         requests = replay_requests([r.id for r in bench], [r.prompt for r in bench], tokens,
                                    [r.arrival_s for r in bench], [r.deadline_s for r in bench],
