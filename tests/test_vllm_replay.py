@@ -100,3 +100,49 @@ def test_vllm_preemption_count_is_nan_when_metrics_do_not_answer():
 
     server = VLLMServer(port=free_port())  # not started: nothing listens there
     assert math.isnan(server.preemptions(timeout=1.0))
+
+
+def test_the_replay_gets_the_real_servers_kv_cache_less_the_null_block():
+    cost = StepCost.load("vllm-cpu-smollm2-135m")
+    small = engine_profile(cost, max_num_seqs=16, kv_blocks=24, block_size=128)
+    assert small.engine.kv_cache_tokens == 23 * 128 and small.engine.block_size == 128
+    assert small.engine.num_blocks == 23
+    # no KV figures: the profile's own cache
+    assert engine_profile(cost, max_num_seqs=16).engine.kv_cache_tokens == 93_184
+    with pytest.raises(ValueError, match="both kv_blocks and block_size"):
+        engine_profile(cost, max_num_seqs=16, kv_blocks=24)
+    with pytest.raises(ValueError, match=">= 2 blocks"):
+        engine_profile(cost, max_num_seqs=16, kv_blocks=1, block_size=128)
+
+
+def test_compare_sim_replays_on_the_servers_kv_cache_and_preempts_when_it_is_small():
+    import argparse
+
+    from rtlm_adapt.data import PromptSample
+    from rtlm_adapt.engines.vllm_bench import compare_sim, kv_cache_figures
+
+    chosen = [
+        PromptSample(r.id, r.prompt, 10, t, "t")
+        for r, t in zip(REQUESTS, PROMPT_TOKENS, strict=True)
+    ]
+    args = argparse.Namespace(profile="auto", max_num_seqs=16)
+    kv = kv_cache_figures({"num_gpu_blocks": "6", "block_size": "64"})
+    figures = compare_sim(args, REQUESTS, chosen, {"fcfs": [fake_real(2.0)]}, kv)["fcfs"]
+    assert figures["sim_kv_cache_tokens"] == 5 * 64 and figures["sim_block_size"] == 64
+    assert figures["sim_preemptions"] > 0
+    assert figures["sim_template_tokens"] == 30  # SmolLM2's chat template holds KV too
+
+
+def test_kv_blocks_is_checked_before_vllm_starts(capsys):
+    from rtlm_adapt.cli import main
+    from rtlm_adapt.engines.vllm_server import VLLMServer
+
+    assert "--num-gpu-blocks-override" in VLLMServer(kv_blocks=20, port=1).command("m")
+    assert "--num-gpu-blocks-override" not in VLLMServer(port=1).command("m")
+    with pytest.raises(ValueError, match="kv_blocks must be an int >= 2"):
+        VLLMServer(kv_blocks=1)
+    with pytest.raises(SystemExit):
+        main(["serve-bench", "--engine", "vllm", "--kv-blocks", "1"])
+    assert "--kv-blocks: expected an integer >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--kv-blocks sizes vLLM's KV cache: it needs --engine"):
+        main(["serve-bench", "--kv-blocks", "20"])

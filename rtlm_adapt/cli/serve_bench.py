@@ -8,6 +8,7 @@ import argparse
 from rtlm_adapt.cli.arguments import (
     add_encoder_arg,
     add_workload_args,
+    int_at_least,
     load_samples,
     non_negative_int,
     positive_float,
@@ -20,6 +21,8 @@ HELP = "compare policies on the REAL executor, wall-clock arrivals"
 
 def run(args: argparse.Namespace) -> int:
     """Load the prompts, serve them under each policy, print and write the figures."""
+    if args.kv_blocks is not None and args.engine != "vllm":
+        raise SystemExit("error: --kv-blocks sizes vLLM's KV cache: it needs --engine vllm")
     if args.engine == "vllm":
         from rtlm_adapt.engines.vllm_bench import cmd_serve_bench_vllm
 
@@ -83,6 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-num-seqs", type=positive_int, default=4, help="vllm: vLLM's batch size"
+    )
+    parser.add_argument(
+        "--kv-blocks",
+        type=int_at_least(2),
+        default=None,
+        help="vllm: a KV cache of exactly N blocks (vLLM's --num-gpu-blocks-override; "
+        "128-token blocks on a CPU; at least one max-model-len request must fit), for "
+        "KV-limited runs; --compare-sim replays on the same capacity. Default: 2 GiB",
     )
     parser.add_argument(
         "--lengths",

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -378,6 +378,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         max_num_seqs=slots,
         max_model_len=max(2048, args.max_tokens + 1024),
         scheduling_policy="priority",
+        kv_blocks=getattr(args, "kv_blocks", None),
     )
     results: dict[str, list[list[Completion]]] = {p: [] for p in policies}
     preemptions: dict[str, list[float]] = {p: [] for p in policies}  # vLLM's, per repeat
@@ -386,6 +387,8 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     with server:
         model = server.model_name
         print(f"vLLM up in {server.startup_seconds:.1f} s at {server.url}", file=sys.stderr)
+        kv_cache = kv_cache_figures(server.cache_config())
+        print(f"vLLM KV cache: {kv_cache}", file=sys.stderr)
         rng = np.random.default_rng(args.seed + 1)
         calibration_samples = [samples[i] for i in rng.permutation(len(samples))]
         capacity = asyncio.run(
@@ -497,6 +500,13 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         "gateway_metrics": {name: _gateway_figures(text) for name, text in gateway_metrics.items()},
         "gateway_timelines": timelines,
         "engine_preemptions": preemptions,
+        "kv_cache": kv_cache,
+        # per policy and repeat, every request's [id, output tokens, arrival, first token,
+        # finish] (seconds on the run's clock): enough to replay or re-compare a run later
+        "completions": {
+            name: [[completion_row(c) for c in run] for run in runs]
+            for name, runs in results.items()
+        },
     }
     if DIRECT in pooled:
         base = pooled[DIRECT]
@@ -509,7 +519,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
             for name, s in pooled.items()
         }
     if getattr(args, "compare_sim", False):
-        out["sim_fidelity"] = compare_sim(args, requests, chosen, results)
+        out["sim_fidelity"] = compare_sim(args, requests, chosen, results, kv_cache)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
@@ -521,15 +531,24 @@ def compare_sim(
     requests: Sequence[BenchRequest],
     chosen: Sequence[PromptSample],
     results: dict[str, list[list[Completion]]],
+    kv_cache: Mapping[str, int | None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``--compare-sim``: every policy's repeats replayed on the simulator's engine model of
-    vLLM (``--profile``, default the measured vLLM-CPU one), with the run's max_num_seqs."""
+    vLLM (``--profile``, default the measured vLLM-CPU one), with the run's max_num_seqs and
+    the server's KV cache (its blocks and block size, from ``kv_cache_figures``)."""
     from rtlm_adapt.engines.vllm_replay import DEFAULT_ENGINE_PROFILE, compare_on_engine
 
     profile = DEFAULT_ENGINE_PROFILE if args.profile == "auto" else args.profile
     prompt_tokens = [s.prompt_tokens for s in chosen]
+    kv_cache = kv_cache or {}
     figures = compare_on_engine(
-        requests, prompt_tokens, results, profile=profile, max_num_seqs=args.max_num_seqs
+        requests,
+        prompt_tokens,
+        results,
+        profile=profile,
+        max_num_seqs=args.max_num_seqs,
+        kv_blocks=kv_cache.get("blocks"),
+        block_size=kv_cache.get("block_size"),
     )
     for name, f in figures.items():
         print(
@@ -538,6 +557,36 @@ def compare_sim(
             file=sys.stderr,
         )
     return figures
+
+
+def completion_row(c: Completion) -> list[Any]:
+    """A request's outcome as a compact JSON row (see ``completions`` in the run's JSON).
+
+    >>> completion_row(Completion("7", 12, 1.0, 1.0, 3.5, "vllm", first_token_time=1.25))
+    ['7', 12, 1.0, 1.25, 3.5]
+    """
+    return [c.request_id, c.output_tokens, c.arrival_time, c.first_token_time, c.finish_time]
+
+
+def kv_cache_figures(cache_info: Mapping[str, str]) -> dict[str, int | None]:
+    """The server's KV cache from its ``vllm:cache_config_info`` labels: blocks, block size and
+    tokens (None where vLLM did not report them; the replay then keeps the profile's).
+
+    >>> kv_cache_figures({"block_size": "128", "num_gpu_blocks": "20", "cache_dtype": "auto"})
+    {'blocks': 20, 'block_size': 128, 'tokens': 2560}
+    >>> kv_cache_figures({})
+    {'blocks': None, 'block_size': None, 'tokens': None}
+    """
+
+    def number(key: str) -> int | None:
+        text = cache_info.get(key, "None")
+        return int(text) if text.isdigit() else None
+
+    blocks, block_size = number("num_gpu_blocks"), number("block_size")
+    if blocks is None or block_size is None:
+        blocks = block_size = None
+    tokens = blocks * block_size if blocks is not None and block_size is not None else None
+    return {"blocks": blocks, "block_size": block_size, "tokens": tokens}
 
 
 def policy_json(runs: Sequence[Sequence[Completion]]) -> dict[str, float]:

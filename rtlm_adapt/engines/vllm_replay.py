@@ -13,6 +13,9 @@ response times request by request.
 >>> cost = engine_profile(StepCost.load("vllm-cpu-smollm2-135m"), max_num_seqs=16)
 >>> cost.engine.max_num_seqs, cost.max_batch_size
 (16, 16)
+>>> small = engine_profile(cost, max_num_seqs=16, kv_blocks=20, block_size=128)
+>>> small.engine.kv_cache_tokens, small.engine.block_size  # 19 usable: 1 is the null block
+(2432, 128)
 """
 
 from __future__ import annotations
@@ -33,12 +36,52 @@ NO_CAP = 1_000_000
 DIRECT = "direct"
 
 
-def engine_profile(cost: StepCost, *, max_num_seqs: int) -> StepCost:
-    """``cost`` with the run's ``max_num_seqs`` (and that in-flight cap, the gateway's)."""
+def engine_profile(
+    cost: StepCost,
+    *,
+    max_num_seqs: int,
+    kv_blocks: int | None = None,
+    block_size: int | None = None,
+) -> StepCost:
+    """``cost`` with the run's ``max_num_seqs`` (and that in-flight cap, the gateway's) and,
+    when given, the real server's KV cache: ``kv_blocks`` blocks of ``block_size`` tokens (as
+    vLLM's ``vllm:cache_config_info`` reports them). vLLM's block pool keeps one block back as
+    its null block, so the model gets ``kv_blocks - 1`` usable blocks."""
     if cost.engine is None:
         raise ValueError(f"profile {cost.name!r} has no engine block: it cannot model vLLM")
     engine = dataclasses.replace(cost.engine, max_num_seqs=max_num_seqs)
+    if (kv_blocks is None) != (block_size is None):
+        raise ValueError("give both kv_blocks and block_size, or neither")
+    if kv_blocks is not None and block_size is not None:
+        if kv_blocks < 2 or block_size < 1:
+            raise ValueError(
+                f"the real KV cache must have >= 2 blocks (one is vLLM's null block) of >= 1 "
+                f"token, got {kv_blocks} blocks of {block_size}"
+            )
+        engine = dataclasses.replace(
+            engine, kv_cache_tokens=(kv_blocks - 1) * block_size, block_size=block_size
+        )
     return dataclasses.replace(cost, engine=engine, max_batch_size=max_num_seqs)
+
+
+def template_in_prompts(cost: StepCost) -> tuple[StepCost, int]:
+    """``cost`` with the chat template's tokens moved into the prompts, and how many there are.
+
+    vLLM computes the template (SmolLM2's system prompt and role tags: 30 tokens) like any prompt
+    token and keeps its KV, which counts when the cache is small. A profile fitted to a run
+    (:mod:`~rtlm_adapt.calibration.engine_fit`) charges those tokens as ``prefill_s_base``
+    (``chat_template_tokens_assumed`` x ``prefill_s_per_token``); that charge moves into the
+    prompt, so a request's prefill time stays the same.
+
+    >>> cost, template = template_in_prompts(StepCost.load("vllm-cpu-smollm2-135m"))
+    >>> template, round(cost.prefill_s_base * 1000, 1)  # ms, the rounding of the profile left
+    (30, 0.0)
+    """
+    template = int(cost.extra.get("chat_template_tokens_assumed", 0))
+    if template <= 0:
+        return cost, 0
+    base = max(0.0, cost.prefill_s_base - template * cost.prefill_s_per_token)
+    return dataclasses.replace(cost, prefill_s_base=base), template
 
 
 def replay_requests(
@@ -93,10 +136,20 @@ def compare_on_engine(
     *,
     profile: str = DEFAULT_ENGINE_PROFILE,
     max_num_seqs: int,
+    kv_blocks: int | None = None,
+    block_size: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per policy, sim/real fidelity over its repeats (each repeat replayed on its own lengths;
-    ids prefixed by the repeat, so the repeats pool into one comparison)."""
-    cost = engine_profile(StepCost.load(profile), max_num_seqs=max_num_seqs)
+    ids prefixed by the repeat, so the repeats pool into one comparison). ``kv_blocks`` and
+    ``block_size``: the real server's KV cache (default: the profile's)."""
+    cost = engine_profile(
+        StepCost.load(profile),
+        max_num_seqs=max_num_seqs,
+        kv_blocks=kv_blocks,
+        block_size=block_size,
+    )
+    cost, template = template_in_prompts(cost)
+    prompt_tokens = [t + template for t in prompt_tokens]
     out = {}
     for policy, runs in results.items():
         sims: list[Completion] = []
@@ -119,6 +172,9 @@ def compare_on_engine(
             **fidelity(sims, reals),
             "profile": cost.name,
             "sim_preemptions": preemptions,  # all repeats
+            "sim_kv_cache_tokens": cost.engine.kv_cache_tokens,  # type: ignore[union-attr]
+            "sim_block_size": cost.engine.block_size,  # type: ignore[union-attr]
+            "sim_template_tokens": template,  # added to every prompt
         }
     return out
 

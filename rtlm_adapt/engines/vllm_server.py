@@ -21,6 +21,7 @@ import argparse
 import atexit
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -62,6 +63,21 @@ def counter_total(metrics_text: str, name: str) -> float:
         if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def info_labels(metrics_text: str, name: str) -> dict[str, str]:
+    """The labels of a Prometheus info gauge (a sample whose labels carry the data), e.g.
+    vLLM's ``vllm:cache_config_info``; empty when there is no such sample.
+
+    >>> text = 'vllm:cache_config_info{block_size="128",num_gpu_blocks="20"} 1.0\\n'
+    >>> info_labels(text, "vllm:cache_config_info")
+    {'block_size': '128', 'num_gpu_blocks': '20'}
+    """
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "{"):
+            body = line[len(name) + 1 : line.rindex("}")]
+            return dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', body))
+    return {}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -107,6 +123,11 @@ class VLLMServer:
     kv_cache_gib
         ``VLLM_CPU_KVCACHE_SPACE``: GiB of KV cache on a CPU (ignored on a GPU). vLLM reads an
         integer.
+    kv_blocks
+        A KV cache of exactly this many blocks (vLLM's ``--num-gpu-blocks-override``, which
+        vLLM 0.32 honours on the CPU too; 128-token blocks there). For KV-limited runs: a whole
+        GiB is about 46,000 SmolLM2 tokens. vLLM refuses to start unless the blocks hold one
+        request of ``max_model_len`` tokens plus its null block. None: sized by ``kv_cache_gib``.
     extra_args
         More command-line arguments for the server, passed as they are.
     env
@@ -144,6 +165,7 @@ class VLLMServer:
         max_num_batched_tokens: int | None = None,
         dtype: str = "bfloat16",
         kv_cache_gib: int = 2,
+        kv_blocks: int | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         log_path: str | os.PathLike[str] | None = None,
@@ -159,6 +181,10 @@ class VLLMServer:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         if kv_cache_gib < 1 or int(kv_cache_gib) != kv_cache_gib:
             raise ValueError(f"kv_cache_gib must be a whole number >= 1, got {kv_cache_gib}")
+        if kv_blocks is not None and (
+            isinstance(kv_blocks, bool) or not isinstance(kv_blocks, int) or kv_blocks < 2
+        ):
+            raise ValueError(f"kv_blocks must be an int >= 2 (or None), got {kv_blocks!r}")
         self.model = model
         self.model_name = served_model_name or model
         self.host = host
@@ -169,6 +195,7 @@ class VLLMServer:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.dtype = dtype
         self.kv_cache_gib = int(kv_cache_gib)
+        self.kv_blocks = kv_blocks
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
         self.startup_timeout = startup_timeout
@@ -203,6 +230,8 @@ class VLLMServer:
         ]  # fmt: skip
         if self.max_num_batched_tokens is not None:
             cmd += ["--max-num-batched-tokens", str(self.max_num_batched_tokens)]
+        if self.kv_blocks is not None:
+            cmd += ["--num-gpu-blocks-override", str(self.kv_blocks)]
         # vLLM 0.32 has no --disable-log-requests: request logging is off unless
         # --enable-log-requests is given.
         return cmd + self.extra_args
@@ -310,6 +339,16 @@ class VLLMServer:
                 return counter_total(response.read().decode(), "vllm:num_preemptions_total")
         except (urllib.error.URLError, OSError, ValueError):
             return float("nan")
+
+    def cache_config(self, timeout: float = 5.0) -> dict[str, str]:
+        """vLLM's resolved cache settings, the labels of ``vllm:cache_config_info`` on
+        ``/metrics`` (``block_size``, ``num_gpu_blocks``, ...): what the engine really uses, not
+        what was asked for. Empty when ``/metrics`` does not answer."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/metrics", timeout=timeout) as response:
+                return info_labels(response.read().decode(), "vllm:cache_config_info")
+        except (urllib.error.URLError, OSError, ValueError):
+            return {}
 
     def _failure(self, what: str) -> str:
         tail = self.log_tail()
@@ -427,6 +466,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (CPU only)"
     )
+    parser.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=None,
+        help="a KV cache of exactly N blocks (--num-gpu-blocks-override; overrides --kv-cache-gib)",
+    )
     parser.add_argument("--log-file", default=None, help="default: a temporary file")
     parser.add_argument("--startup-timeout", type=float, default=240.0, help="seconds")
     parser.add_argument(
@@ -450,6 +495,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         dtype=args.dtype,
         kv_cache_gib=args.kv_cache_gib,
+        kv_blocks=args.kv_blocks,
         extra_args=shlex.split(args.vllm_args),
         log_path=args.log_file,
         startup_timeout=args.startup_timeout,

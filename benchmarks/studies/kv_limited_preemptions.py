@@ -1,0 +1,97 @@
+"""Study: a KV-limited ``serve-bench --engine vllm --kv-blocks N --compare-sim`` run's requests
+rebuilt and replayed on the engine model, to see what moves the simulated preemption count
+against vLLM's (``engine_preemptions``).
+
+The workload is rebuilt as serve-bench built it (same seed, prompts, dataset lengths, arrivals;
+checked against the recorded mean length and arrival rate); each variant replays every policy
+on the server's KV cache (``kv_cache`` in the JSON, less vLLM's null block).
+
+    python benchmarks/studies/kv_limited_preemptions.py benchmarks/results/RUN.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from rtlm_adapt.calibration.step_cost import StepCost
+from rtlm_adapt.data import TokenCounter, load_prompts
+from rtlm_adapt.engines.vllm_bench import build_requests
+from rtlm_adapt.engines.vllm_replay import (
+    engine_profile,
+    replay,
+    replay_requests,
+    template_in_prompts,
+)
+from rtlm_adapt.request import Completion
+
+
+def paced(cost: StepCost, factor: float) -> StepCost:
+    """``cost`` with every step ``factor`` times slower (a machine shared with others)."""
+    return dataclasses.replace(
+        cost,
+        decode_s_base=cost.decode_s_base * factor,
+        prefill_s_base=cost.prefill_s_base * factor,
+        prefill_s_per_token=cost.prefill_s_per_token * factor,
+    )
+
+
+def main(path: str) -> None:
+    real = json.loads(Path(path).read_text())
+    samples = load_prompts(real["prompts"], tokenizer=TokenCounter.resolve("smollm2"), seed=0)
+    n = real["requests"]
+    idx = np.random.default_rng(real["seed"]).choice(len(samples), size=n, replace=n > len(samples))
+    chosen = [samples[i] for i in idx]
+    lengths = [max(1, min(s.response_tokens, real["max_tokens"])) for s in chosen]
+    capacity = real["capacity"]
+    mean_len = float(np.mean(lengths))
+    rate = real["load"] * capacity["tokens_per_s"] / mean_len
+    assert abs(mean_len - real["mean_true_tokens"]) < 1e-6, "not the run's requests"
+    assert abs(rate - real["arrival_rate_rps"]) < 1e-9, "not the run's arrival rate"
+    bench = build_requests(chosen, lengths, rate=rate, arrivals=real["arrivals"],
+                           seed=real["seed"], slo="0.7:2,0.3:10",
+                           mean_service_s=mean_len * capacity["alone_s_per_token"],
+                           max_tokens=real["max_tokens"], dataset_lengths=True)  # fmt: skip
+    made = [Completion(r.id, k, 0.0, 0.0, 1.0, "vllm") for r, k in zip(bench, lengths, strict=True)]
+    kv = real["kv_cache"]
+    base = engine_profile(StepCost.load("vllm-cpu-smollm2-135m"), max_num_seqs=real["max_num_seqs"],
+                          kv_blocks=kv["blocks"], block_size=kv["block_size"])  # fmt: skip
+    prompt_tokens = [s.prompt_tokens for s in chosen]
+    with_template, template = template_in_prompts(base)
+    # the run's own probe: a request alone took this many times the profile's time per token
+    slower = capacity["alone_s_per_token"] / base.extra["alone_s_per_token"]
+    variants = {
+        "prompt only in KV": (base, prompt_tokens),
+        # the chat template's tokens hold KV too (what --compare-sim does)
+        "+ template in KV": (with_template, [t + template for t in prompt_tokens]),
+        f"+ template, steps x{slower:.2f} (the run's alone pace)": (
+            paced(with_template, slower),
+            [t + template for t in prompt_tokens],
+        ),
+        # ENGINES.md's 32-prompt batch took about 100 ms a step against 32 ms alone: about
+        # 2.2 ms more per running sequence, which the 4-slot profile (flat step) leaves out
+        f"+ template, steps x{slower:.2f}, + 2.2 ms per running sequence": (
+            dataclasses.replace(paced(with_template, slower), decode_s_per_seq=0.0022),
+            [t + template for t in prompt_tokens],
+        ),
+    }
+    real_rt = {p: round(v["mean_rt_s"], 2) for p, v in real["policies"].items()}
+    print(f"real (vLLM): preemptions { {p: sum(v) for p, v in real['engine_preemptions'].items()} }"
+          f", mean RT s {real_rt}")  # fmt: skip
+    for label, (cost, tokens) in variants.items():
+        requests = replay_requests([r.id for r in bench], [r.prompt for r in bench], tokens,
+                                   [r.arrival_s for r in bench], [r.deadline_s for r in bench],
+                                   made)  # fmt: skip
+        counts = {}
+        for policy in real["engine_preemptions"]:
+            run = replay(policy, requests, cost)
+            counts[policy] = (run.preemptions, round(run.summary.mean_rt_s, 2))
+        print(f"{label}: (preemptions, mean RT s) {counts}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
