@@ -73,7 +73,9 @@ async def replay(
     timeout_s: float = 1800.0,
 ) -> list[Completion]:
     """Send ``requests`` at their arrival offsets (streamed) and time each one."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    # Idle connections expire on the client before uvicorn's and vLLM's 5 s keep-alive closes
+    # them on the server: a request sent on a connection the server is closing fails at once.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         start = time.perf_counter()
 
@@ -502,7 +504,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         "engine_preemptions": preemptions,
         "kv_cache": kv_cache,
         # per policy and repeat, every request's [id, output tokens, arrival, first token,
-        # finish] (seconds on the run's clock): enough to replay or re-compare a run later
+        # finish, error] (seconds on the run's clock): enough to replay or re-compare a run later
         "completions": {
             name: [[completion_row(c) for c in run] for run in runs]
             for name, runs in results.items()
@@ -560,12 +562,20 @@ def compare_sim(
 
 
 def completion_row(c: Completion) -> list[Any]:
-    """A request's outcome as a compact JSON row (see ``completions`` in the run's JSON).
+    """A request's outcome as a compact JSON row (see ``completions`` in the run's JSON): id,
+    output tokens, arrival, first token, finish, and the error (None when it completed).
 
     >>> completion_row(Completion("7", 12, 1.0, 1.0, 3.5, "vllm", first_token_time=1.25))
-    ['7', 12, 1.0, 1.25, 3.5]
+    ['7', 12, 1.0, 1.25, 3.5, None]
     """
-    return [c.request_id, c.output_tokens, c.arrival_time, c.first_token_time, c.finish_time]
+    return [
+        c.request_id,
+        c.output_tokens,
+        c.arrival_time,
+        c.first_token_time,
+        c.finish_time,
+        c.error,
+    ]
 
 
 def kv_cache_figures(cache_info: Mapping[str, str]) -> dict[str, int | None]:
