@@ -10,10 +10,12 @@ import pytest
 pytest.importorskip("fastapi")
 
 from rtlm_adapt.data import PromptSample  # noqa: E402
+from rtlm_adapt.engines.gateway_process import (  # noqa: E402
+    MetricsTimeline,
+    gateway_figures,
+)
 from rtlm_adapt.engines.vllm_bench import (  # noqa: E402
     BenchRequest,
-    MetricsTimeline,
-    _gateway_figures,
     build_requests,
     measure_capacity,
     policy_json,
@@ -84,7 +86,7 @@ def test_replay_direct_and_through_the_gateway():
     assert 0.45 <= shape["decode_ms_per_token"] < 200
     one = policy_json([direct])["throughput_rps"]
     assert shape["throughput_rps"] < 2 * one  # repeats are averaged, not pooled
-    figures = _gateway_figures(metrics)
+    figures = gateway_figures(metrics)
     assert figures["requests"]['outcome="completed",reason=""'] == len(requests)
     assert figures["knobs"]["length_weight"] == 1.0
     assert capacity["requests"] == 8 and capacity["tokens_per_s"] > 0

@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
+from _vllm_run import rebuild_run
 
 from rtlm_adapt.calibration.step_cost import StepCost
-from rtlm_adapt.data import TokenCounter, load_prompts
-from rtlm_adapt.engines.vllm_bench import build_requests
 from rtlm_adapt.engines.vllm_replay import engine_profile, replay, replay_requests
 from rtlm_adapt.request import Completion
 
@@ -29,19 +27,7 @@ RUN = Path(__file__).resolve().parents[1] / "results" / "gateway_vllm_load0.9.js
 
 def main() -> None:
     real = json.loads(RUN.read_text())
-    samples = load_prompts("alpaca:phi-2", tokenizer=TokenCounter.resolve("smollm2"), seed=0)
-    idx = np.random.default_rng(0).choice(len(samples), size=real["requests"], replace=False)
-    chosen = [samples[i] for i in idx]
-    lengths = [max(1, min(s.response_tokens, real["max_tokens"])) for s in chosen]
-    capacity = real["capacity"]
-    mean_len = float(np.mean(lengths))
-    rate = real["load"] * capacity["tokens_per_s"] / mean_len
-    assert abs(mean_len - real["mean_true_tokens"]) < 1e-6, "not the run's requests"
-    assert abs(rate - real["arrival_rate_rps"]) < 1e-9, "not the run's arrival rate"
-    mean_service_s = mean_len * capacity["alone_s_per_token"]
-    bench = build_requests(chosen, lengths, rate=rate, arrivals=real["arrivals"], seed=0,
-                           slo="0.7:2,0.3:10", mean_service_s=mean_service_s,
-                           max_tokens=real["max_tokens"], dataset_lengths=True)  # fmt: skip
+    chosen, lengths, bench = rebuild_run(real)
     # with ignore_eos, the real engine generated exactly each request's max_tokens
     made = [Completion(r.id, n, 0.0, 0.0, 1.0, "vllm") for r, n in zip(bench, lengths, strict=True)]
     requests = replay_requests([r.id for r in bench], [r.prompt for r in bench],

@@ -33,10 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _servers import ServerProcess  # noqa: E402
 
 from rtlm_adapt.data import TokenCounter, load_prompts  # noqa: E402
+from rtlm_adapt.engines.gateway_process import GatewayProcess, gateway_figures  # noqa: E402
 from rtlm_adapt.engines.vllm_bench import (  # noqa: E402
     DIRECT,
-    GatewayProcess,
-    _gateway_figures,
     build_requests,
     policy_json,
     replay,
@@ -96,7 +95,7 @@ def main() -> None:
                         done = asyncio.run(
                             replay(gateway.url, "smollm2", requests, ignore_eos=True, oracle=oracle)
                         )
-                        tau = _gateway_figures(gateway.metrics_text()).get("kendall_tau", 0.0)
+                        tau = gateway_figures(gateway.metrics_text()).get("kendall_tau", 0.0)
                 figures = policy_json([done]) | {"kendall_tau": tau}
                 runs[name].append(figures)
                 mean, p99 = figures["mean_rt_s"], figures["p99_rt_s"]

@@ -16,11 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
+from _vllm_run import rebuild_run
 
 from rtlm_adapt.calibration.step_cost import StepCost
-from rtlm_adapt.data import TokenCounter, load_prompts
-from rtlm_adapt.engines.vllm_bench import build_requests
 from rtlm_adapt.engines.vllm_replay import (
     engine_profile,
     replay,
@@ -42,20 +40,8 @@ def paced(cost: StepCost, factor: float) -> StepCost:
 
 def main(path: str) -> None:
     real = json.loads(Path(path).read_text())
-    samples = load_prompts(real["prompts"], tokenizer=TokenCounter.resolve("smollm2"), seed=0)
-    n = real["requests"]
-    idx = np.random.default_rng(real["seed"]).choice(len(samples), size=n, replace=n > len(samples))
-    chosen = [samples[i] for i in idx]
-    lengths = [max(1, min(s.response_tokens, real["max_tokens"])) for s in chosen]
+    chosen, lengths, bench = rebuild_run(real)
     capacity = real["capacity"]
-    mean_len = float(np.mean(lengths))
-    rate = real["load"] * capacity["tokens_per_s"] / mean_len
-    assert abs(mean_len - real["mean_true_tokens"]) < 1e-6, "not the run's requests"
-    assert abs(rate - real["arrival_rate_rps"]) < 1e-9, "not the run's arrival rate"
-    bench = build_requests(chosen, lengths, rate=rate, arrivals=real["arrivals"],
-                           seed=real["seed"], slo="0.7:2,0.3:10",
-                           mean_service_s=mean_len * capacity["alone_s_per_token"],
-                           max_tokens=real["max_tokens"], dataset_lengths=True)  # fmt: skip
     made = [Completion(r.id, k, 0.0, 0.0, 1.0, "vllm") for r, k in zip(bench, lengths, strict=True)]
     kv = real["kv_cache"]
     base = engine_profile(StepCost.load("vllm-cpu-smollm2-135m"), max_num_seqs=real["max_num_seqs"],

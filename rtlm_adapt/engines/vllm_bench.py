@@ -29,13 +29,10 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
-import os
 import signal
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,7 @@ import httpx
 import numpy as np
 
 from rtlm_adapt.data import PromptSample, assign_deadlines, make_arrivals
+from rtlm_adapt.engines.gateway_process import GatewayProcess, gateway_figures
 from rtlm_adapt.metrics import format_table, summarize, summary_json
 from rtlm_adapt.request import Completion
 
@@ -195,95 +193,6 @@ async def measure_capacity(
         "requests_per_s": (last - first) / window_s,
         "alone_s_per_token": alone_s / alone_len,
     }
-
-
-class GatewayProcess:
-    """``rtlm-adapt serve`` in a subprocess (its own interpreter, like a deployment)."""
-
-    def __init__(self, backend_url: str, *, policy: str, max_inflight: int, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        command = [
-            sys.executable, "-m", "rtlm_adapt.cli", "serve",
-            "--backend", backend_url, "--send-priority",
-            "--policy", policy, "--max-inflight", str(max_inflight),
-            "--port", str(port), "--log-level", "warning",
-        ]  # fmt: skip
-        self._proc = subprocess.Popen(command, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"the gateway exited with {self._proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("the gateway did not answer /health within 120 s")
-
-    def metrics_text(self) -> str:
-        return httpx.get(self.url + "/metrics", timeout=5.0).text
-
-    def sample_every(self, interval_s: float) -> MetricsTimeline:
-        """Start sampling the gateway's queue and knobs (a thread; stop it with ``.stop()``)."""
-        return MetricsTimeline(self.metrics_text, interval_s)
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
-
-    def __enter__(self) -> GatewayProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class MetricsTimeline:
-    """The gateway's queue length and batch cap, sampled through a run (to explain a result:
-    the knobs at the end alone cannot show a cap that dropped for a while)."""
-
-    def __init__(self, read: Callable[[], str], interval_s: float) -> None:
-        self.queue_length: list[float] = []
-        self.max_batch_size: list[float] = []
-        self._read = read
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="metrics-timeline", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                text = self._read()
-            except httpx.HTTPError:
-                continue
-            for line in text.splitlines():
-                if line.startswith("rtlm_queue_length "):
-                    self.queue_length.append(float(line.split()[1]))
-                elif line.startswith('rtlm_knob{name="max_batch_size"}'):
-                    self.max_batch_size.append(float(line.rsplit(" ", 1)[1]))
-
-    def stop(self) -> dict[str, Any]:
-        """Stop sampling; the samples and their summary."""
-        self._stop.set()
-        self._thread.join()
-        caps, queue = self.max_batch_size, self.queue_length
-        return {
-            "interval_s": self._interval_s,
-            "queue_length_mean": float(np.mean(queue)) if queue else 0.0,
-            "queue_length_max": max(queue, default=0.0),
-            "max_batch_size_min": min(caps, default=0.0),
-            "max_batch_size_mean": float(np.mean(caps)) if caps else 0.0,
-            "queue_length": queue,
-            "max_batch_size": caps,
-        }
 
 
 def build_requests(
@@ -499,7 +408,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         "per_repeat": {
             name: [policy_json([run]) for run in runs] for name, runs in results.items()
         },
-        "gateway_metrics": {name: _gateway_figures(text) for name, text in gateway_metrics.items()},
+        "gateway_metrics": {name: gateway_figures(text) for name, text in gateway_metrics.items()},
         "gateway_timelines": timelines,
         "engine_preemptions": preemptions,
         "kv_cache": kv_cache,
@@ -618,19 +527,4 @@ def policy_json(runs: Sequence[Sequence[Completion]]) -> dict[str, float]:
         if c.ok and c.first_token_time is not None and c.output_tokens >= 2
     ]
     figures["decode_ms_per_token"] = 1000 * float(np.mean(decode)) if decode else float("nan")
-    return figures
-
-
-def _gateway_figures(metrics_text: str) -> dict[str, Any]:
-    """The gateway's own view at the end of a run: prediction tau, knobs, request counts."""
-    figures: dict[str, Any] = {"knobs": {}, "requests": {}}
-    for line in metrics_text.splitlines():
-        if line.startswith("rtlm_prediction_kendall_tau "):
-            figures["kendall_tau"] = float(line.split()[1])
-        elif line.startswith("rtlm_knob{"):
-            name = line.split('name="', 1)[1].split('"', 1)[0]
-            figures["knobs"][name] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("rtlm_requests_total{"):
-            labels = line[line.index("{") + 1 : line.index("}")]
-            figures["requests"][labels] = float(line.rsplit(" ", 1)[1])
     return figures

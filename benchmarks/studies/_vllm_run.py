@@ -1,0 +1,39 @@
+"""A ``serve-bench --engine vllm`` run's requests rebuilt from its JSON, for the studies that
+replay a real run on the engine model.
+
+The workload is rebuilt as serve-bench built it (same prompts, seed, dataset lengths capped at
+``max_tokens``, arrivals at ``load`` of the measured capacity) and checked against the mean
+length and arrival rate the run recorded, so a study cannot silently replay other requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from rtlm_adapt.data import PromptSample, TokenCounter, load_prompts
+from rtlm_adapt.engines.vllm_bench import BenchRequest, build_requests
+
+
+def rebuild_run(
+    real: Mapping[str, Any],
+) -> tuple[list[PromptSample], list[int], list[BenchRequest]]:
+    """The run's prompt samples, their lengths (what each request generated: ``max_tokens`` with
+    ``ignore_eos``) and its requests."""
+    samples = load_prompts(real["prompts"], tokenizer=TokenCounter.resolve("smollm2"), seed=0)
+    n, seed = real["requests"], real.get("seed", 0)  # runs before session 9 kept no seed: 0
+    idx = np.random.default_rng(seed).choice(len(samples), size=n, replace=n > len(samples))
+    chosen = [samples[i] for i in idx]
+    lengths = [max(1, min(s.response_tokens, real["max_tokens"])) for s in chosen]
+    capacity = real["capacity"]
+    mean_len = float(np.mean(lengths))
+    rate = real["load"] * capacity["tokens_per_s"] / mean_len
+    assert abs(mean_len - real["mean_true_tokens"]) < 1e-6, "not the run's requests"
+    assert abs(rate - real["arrival_rate_rps"]) < 1e-9, "not the run's arrival rate"
+    requests = build_requests(chosen, lengths, rate=rate, arrivals=real["arrivals"], seed=seed,
+                              slo="0.7:2,0.3:10",
+                              mean_service_s=mean_len * capacity["alone_s_per_token"],
+                              max_tokens=real["max_tokens"], dataset_lengths=True)  # fmt: skip
+    return chosen, lengths, requests
