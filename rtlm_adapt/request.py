@@ -219,6 +219,43 @@ class Completion:
             )
 
     @classmethod
+    def of(
+        cls,
+        request: Request,
+        *,
+        output_tokens: int,
+        start_time: float,
+        finish_time: float,
+        executor: str,
+        prompt_tokens: int = 0,
+        first_token_time: float | None = None,
+        text: str | None = None,
+        error: str | None = None,
+        failure: FailureReason | None = None,
+    ) -> Completion:
+        """The completion of ``request``: its id, arrival time and deadline come from it.
+
+        >>> r = Request("a", "Hi there.", arrival_time=1.0, deadline=4.0)
+        >>> c = Completion.of(r, output_tokens=5, start_time=1.5, finish_time=3.0, executor="gpu")
+        >>> c.request_id, c.arrival_time, c.deadline, c.response_time
+        ('a', 1.0, 4.0, 2.0)
+        """
+        return cls(
+            request_id=request.id,
+            output_tokens=output_tokens,
+            arrival_time=request.arrival_time,
+            start_time=start_time,
+            finish_time=finish_time,
+            executor=executor,
+            prompt_tokens=prompt_tokens,
+            first_token_time=first_token_time,
+            deadline=request.deadline,
+            text=text,
+            error=error,
+            failure=failure,
+        )
+
+    @classmethod
     def failed(
         cls, request: Request, reason: FailureReason, detail: str, now: float, executor: str = ""
     ) -> Completion:
@@ -230,14 +267,12 @@ class Completion:
         'shutdown: loop shut down'
         """
         t = max(now, request.arrival_time)
-        return cls(
-            request_id=request.id,
+        return cls.of(
+            request,
             output_tokens=0,
-            arrival_time=request.arrival_time,
             start_time=t,
             finish_time=t,
             executor=executor,
-            deadline=request.deadline,
             error=reason.error(detail),
             failure=reason,
         )

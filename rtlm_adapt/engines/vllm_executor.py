@@ -275,16 +275,14 @@ class VLLMExecutor:
             self.engine.abort_request(request_ids)
 
     def _completion(self, live: _Running, end: float, error: str | None) -> Completion:
-        return Completion(
-            request_id=live.request.id,
+        return Completion.of(
+            live.request,
             output_tokens=live.output_tokens,
-            arrival_time=live.request.arrival_time,
             start_time=live.admitted_at,
             finish_time=max(end, live.admitted_at),
             executor=self.name,
             prompt_tokens=live.prompt_tokens,
             first_token_time=live.first_token_time,
-            deadline=live.request.deadline,
             text=live.text,
             error=error,
         )

@@ -264,16 +264,14 @@ class Dispatcher:
         backend = ticket.backend
         now = self.clock()
         request = ticket.request
-        completion = Completion(
-            request_id=request.id,
+        completion = Completion.of(
+            request,
             output_tokens=max(0, int(output_tokens)),
-            arrival_time=request.arrival_time,
             start_time=ticket.start_time if ticket.start_time is not None else now,
             finish_time=now,
             executor=backend.name if backend is not None else "",
             prompt_tokens=request.prompt_tokens or 0,
             first_token_time=ticket.first_token_time,
-            deadline=request.deadline,
             error=None if reason is None else reason.error(detail),
             failure=reason,
         )
@@ -310,22 +308,7 @@ class Dispatcher:
         # A request that left the queue without running: the controller counted it already.
         if self.on_end is None:
             return
-        now = self.clock()
-        request = ticket.request
-        self.on_end(
-            ticket,
-            Completion(
-                request_id=request.id,
-                output_tokens=0,
-                arrival_time=request.arrival_time,
-                start_time=now,
-                finish_time=now,
-                executor="",
-                deadline=request.deadline,
-                error=reason.error(detail),
-                failure=reason,
-            ),
-        )
+        self.on_end(ticket, Completion.failed(ticket.request, reason, detail, self.clock()))
 
     def withdraw(self, ticket: Ticket, reason: FailureReason, detail: str) -> None:
         """Take a queued request out as failed with ``reason``; ``detail`` says what happened."""

@@ -189,16 +189,13 @@ class SimulatedExecutor:
         return max(1, int(self.cost.fused_decode_steps_within(rest, batch, ctx0)))
 
     def _complete(self, slot: _Slot, end: float, error: str | None = None) -> Completion:
-        r = slot.request
-        return Completion(
-            request_id=r.id,
+        return Completion.of(
+            slot.request,
             output_tokens=slot.generated,
-            arrival_time=r.arrival_time,
             start_time=slot.start_time,
             finish_time=end,
             executor=self.name,
             prompt_tokens=slot.prompt_tokens,
             first_token_time=slot.first_token_time,
-            deadline=r.deadline,
             error=error,
         )

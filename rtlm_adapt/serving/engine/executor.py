@@ -206,16 +206,13 @@ class EngineExecutor:
         return steps, a * steps + b * steps * steps
 
     def _complete(self, seq: EngineSequence, end: float, error: str | None = None) -> Completion:
-        r = seq.request
-        return Completion(
-            request_id=r.id,
+        return Completion.of(
+            seq.request,
             output_tokens=seq.generated,
-            arrival_time=r.arrival_time,
             start_time=seq.start_time,
             finish_time=end,
             executor=self.name,
             prompt_tokens=seq.prompt_tokens,
             first_token_time=seq.first_token_time,
-            deadline=r.deadline,
             error=error,
         )

@@ -486,16 +486,14 @@ class HFExecutor(ProfilingHooks):
 
     def _completion(self, seq: _Sequence, end: float, error: str | None) -> Completion:
         start = seq.start_time if seq.start_time is not None else end
-        return Completion(
-            request_id=seq.id,
+        return Completion.of(
+            seq.request,
             output_tokens=len(seq.output_ids),
-            arrival_time=seq.request.arrival_time,
             start_time=start,
             finish_time=max(end, start),
             executor=self.name,
             prompt_tokens=len(seq.prompt_ids),
             first_token_time=seq.first_token_time,
-            deadline=seq.request.deadline,
             text=self.tokenizer.decode(seq.output_ids, skip_special_tokens=True),
             error=error,
         )
