@@ -49,7 +49,8 @@ def engine_profile(
     its null block, so the model gets ``kv_blocks - 1`` usable blocks."""
     if cost.engine is None:
         raise ValueError(f"profile {cost.name!r} has no engine block: it cannot model vLLM")
-    engine = dataclasses.replace(cost.engine, max_num_seqs=max_num_seqs)
+    cost = cost.with_max_batch(max_num_seqs)
+    engine = cost.engine
     if (kv_blocks is None) != (block_size is None):
         raise ValueError("give both kv_blocks and block_size, or neither")
     if kv_blocks is not None and block_size is not None:
@@ -61,7 +62,7 @@ def engine_profile(
         engine = dataclasses.replace(
             engine, kv_cache_tokens=(kv_blocks - 1) * block_size, block_size=block_size
         )
-    return dataclasses.replace(cost, engine=engine, max_batch_size=max_num_seqs)
+    return dataclasses.replace(cost, engine=engine)
 
 
 def template_in_prompts(cost: StepCost) -> tuple[StepCost, int]:

@@ -174,11 +174,8 @@ class SimulatedExecutor:
 
     # -- internals -----------------------------------------------------------------------------
     def _fused_cost(self, k: int, batch: int, ctx0: int, prefill_s: float) -> float:
-        # sum over j < k of base + per_seq*batch + per_ctx*(ctx0 + j*batch), plus the prefill once
-        c = self.cost
-        per_iter = c.decode_s_base + c.decode_s_per_seq * batch
-        ctx = c.decode_s_per_ctx_token * (k * ctx0 + batch * k * (k - 1) / 2)
-        return k * per_iter + ctx + prefill_s
+        a, b = self.cost.fused_decode(batch, ctx0)  # k decode steps cost a*k + b*k^2
+        return a * k + b * k * k + prefill_s
 
     def _iterations_within(self, budget: float, batch: int, ctx0: int, prefill_s: float) -> int:
         """Largest k >= 1 whose fused cost fits in ``budget`` seconds."""
