@@ -51,7 +51,7 @@ from gymnasium import spaces
 
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController
-from rtlm_adapt.experiment import Workload, engine_priority
+from rtlm_adapt.experiment import Workload, engine_priorities
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
 from rtlm_adapt.policies.action_space import (
@@ -241,7 +241,7 @@ class ServingEnv(gym.Env):
             )
         else:
             # a profile with an engine block gets the engine model of vLLM's scheduler
-            priority_of = engine_priority(self.controller)
+            priority_of = engine_priorities(self.controller)
             primary = simulated_executor(
                 "primary", self.episode_cost, batching=self.batching, priority_of=priority_of
             )

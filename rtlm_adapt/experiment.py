@@ -169,7 +169,7 @@ def run_policy(
             predictor=predictor,
             features=workload_features(workload, tier),
         )
-    priority_of = engine_priority(controller)
+    priority_of = engine_priorities(controller)
     secondary = None
     if secondary_cost is not None:
         secondary = simulated_executor(
@@ -195,10 +195,10 @@ def run_policy(
     )
 
 
-def engine_priority(controller: AdaptiveController) -> Callable[[Request], int]:
-    """vLLM's ``priority`` for an admitted request, as the gateway sends it: the controller's
-    key in milliseconds (time-invariant for fixed knobs, so aging holds in the engine's queue).
-    """
+def engine_priorities(controller: AdaptiveController) -> Callable[[Request], int]:
+    """A simulated engine's lookup of vLLM's ``priority`` for each admitted request, as the
+    gateway sends it (:attr:`~rtlm_adapt.live_request.LiveRequest.engine_priority`: the
+    controller's key in milliseconds)."""
 
     def priority(request: Request) -> int:
         entry = controller.entry(request.id)
