@@ -81,9 +81,10 @@ def test_replay_direct_and_through_the_gateway():
     for key in ("mean_rt_s", "p50_rt_s", "p99_rt_s", "ttft_p50_s", "ttft_p99_s"):
         assert shape[key] > 0
     assert shape["completed"] == 2 * len(requests) and shape["failed"] == 0
-    # paced at 2,000 tokens/s: 0.5 ms per token at best (in ms, not s); a loaded machine's
-    # scheduling jitter can add tens of ms to a 6-token answer
-    assert 0.45 <= shape["decode_ms_per_token"] < 200
+    # paced at 2,000 tokens/s: 0.5 ms per token (in ms, not s: seconds would read 0.0005). On
+    # a loaded machine the client can see the first token late and the rest in a burst, which
+    # shortens the measured span (0.43 and 0.449 in two CI runs), or add tens of ms to it.
+    assert 0.25 <= shape["decode_ms_per_token"] < 200
     one = policy_json([direct])["throughput_rps"]
     assert shape["throughput_rps"] < 2 * one  # repeats are averaged, not pooled
     figures = gateway_figures(metrics)
