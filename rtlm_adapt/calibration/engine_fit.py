@@ -127,3 +127,71 @@ def fit_engine_profile(
         },
         engine=dataclasses.replace(base.engine, max_num_seqs=probe.slots),
     )
+
+
+def fit_measured_steps(
+    decodes: Sequence[Any],
+    prefills: Sequence[Any],
+    base: StepCost,
+    *,
+    name: str,
+    source: str,
+    slots: int,
+    template_tokens: int = 30,
+) -> StepCost:
+    """An engine profile from a step probe (:mod:`rtlm_adapt.engines.step_probe`).
+
+    ``decodes`` (``batch``, ``context_tokens``, ``step_s``) fit ``decode_s_base +
+    decode_s_per_seq * batch + decode_s_per_ctx_token * context`` (non-negative least squares,
+    slow outliers dropped: a shared machine only makes points slower). ``prefills``
+    (``prompt_tokens``, ``ttft_s``) fit the prefill's cost per prompt token (the slope); the
+    chat template's ``template_tokens`` are charged as ``prefill_s_base``, as
+    :func:`fit_engine_profile` does. The intercept beyond one step (the API server's own time per
+    request) is kept in ``extra``, not charged.
+
+    >>> from types import SimpleNamespace as S
+    >>> decodes = [S(batch=b, context_tokens=b * c, step_s=0.03 + 0.002 * b + 1e-6 * b * c)
+    ...            for b in (1, 4, 16) for c in (100, 1000)]
+    >>> prefills = [S(prompt_tokens=p, ttft_s=0.04 + 0.0003 * p) for p in (60, 500, 1400)]
+    >>> cost = fit_measured_steps(decodes, prefills, StepCost.load("vllm-cpu-smollm2-135m"),
+    ...                           name="x", source="doc", slots=16)
+    >>> round(cost.decode_s_per_seq * 1000, 3), round(cost.prefill_s_per_token * 1e6)
+    (2.0, 300)
+    >>> cost.engine.max_num_seqs, cost.max_batch_size
+    (16, 16)
+    """
+    from rtlm_adapt.calibration.profiler import robust_fit
+
+    if base.engine is None:
+        raise ValueError(f"--base {base.name!r} has no engine block to take the KV cache from")
+    if len({d.batch for d in decodes}) < 2 or len({p.prompt_tokens for p in prefills}) < 2:
+        raise ValueError("the probe needs at least two batch sizes and two prompt lengths")
+    features = np.array([[1.0, d.batch, d.context_tokens] for d in decodes])
+    steps = np.array([d.step_s for d in decodes])
+    (step_base, per_seq, per_ctx), kept = robust_fit(features, steps)
+    if step_base + per_seq <= 0:
+        raise ValueError("the probe does not fit a positive decode step")
+    tokens = np.array([[1.0, p.prompt_tokens] for p in prefills])
+    ttft = np.array([p.ttft_s for p in prefills])
+    (intercept, per_token), _ = robust_fit(tokens, ttft)
+    fitted = features @ np.array([step_base, per_seq, per_ctx])
+    return StepCost(
+        name=name,
+        decode_s_base=float(step_base),
+        decode_s_per_seq=float(per_seq),
+        decode_s_per_ctx_token=float(per_ctx),
+        prefill_s_base=template_tokens * float(per_token),
+        prefill_s_per_token=float(per_token),
+        max_batch_size=slots,
+        source=source,
+        extra={
+            "chat_template_tokens_assumed": template_tokens,
+            "decode_points": len(decodes),
+            "decode_points_dropped": int((~kept).sum()),
+            "decode_fit_max_abs_rel_error": float(np.max(np.abs(fitted - steps) / steps)),
+            "prefill_intercept_s": float(intercept),
+            "decode_samples": [[d.batch, d.context_tokens, d.step_s] for d in decodes],
+            "prefill_samples": [[p.prompt_tokens, p.ttft_s] for p in prefills],
+        },
+        engine=dataclasses.replace(base.engine, max_num_seqs=slots),
+    )

@@ -36,6 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "cache and block size, default vllm-cpu-smollm2-135m)",
     )
     parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="with --engine vllm: start a vLLM server with --max-batch-size seqs and measure "
+        "its decode step against --batch-sizes and --prompt-lengths (approximate prompt "
+        "tokens), and its prefill, through the API",
+    )
+    parser.add_argument(
+        "--decode-tokens",
+        type=positive_int,
+        default=128,
+        help="with --engine vllm --measure: tokens each probe stream generates",
+    )
+    parser.add_argument(
         "--from-run",
         metavar="RUN.json",
         help="fit to the steps recorded in this serve-bench --json instead of measuring",
