@@ -485,11 +485,20 @@ def test_saturated_backend_admits_in_key_order(policy: str, pool: ThreadPoolExec
             assert len(be.log) == 1  # only the held request reached the backend
         responses = [f.result() for f in futures]
         prompt_of = {r.headers["x-request-id"]: p for r, p in zip(responses, arrival, strict=True)}
+        by_id = {r.headers["x-request-id"]: r for r in responses}
         priority_of = {
             r.headers["x-request-id"]: int(r.headers["x-rtlm-priority"]) for r in responses
         }
         started = sorted(be.log[1:], key=lambda e: e["started_at"])
         order = [prompt_of[e["headers"]["x-request-id"]] for e in started]
+        # x-rtlm-queue-ms: each queued behind the held request; reversing the arrival order, a
+        # length-aware policy starts last one of the first to arrive: it waited the longest
+        waited = [
+            float(by_id[e["headers"]["x-request-id"]].headers["x-rtlm-queue-ms"]) for e in started
+        ]
+        assert min(waited) > 0
+        if policy != "fcfs":
+            assert waited[-1] == max(waited) > waited[0]
         received = [e["priority"] for e in started]
         # The backend got the controller's priority, and they arrive in non-decreasing order.
         assert received == [priority_of[e["headers"]["x-request-id"]] for e in started]

@@ -42,6 +42,7 @@ import numpy as np
 
 from rtlm_adapt.data import PromptSample, assign_deadlines, make_arrivals
 from rtlm_adapt.engines.gateway_process import GatewayProcess, gateway_figures
+from rtlm_adapt.gateway.headers import QUEUE_HEADER
 from rtlm_adapt.metrics import format_table, summarize, summary_json
 from rtlm_adapt.request import Completion
 
@@ -96,6 +97,7 @@ async def replay(
             first = None
             tokens = 0
             error = None
+            admitted = sent
             try:
                 async with client.stream(
                     "POST", url + "/v1/chat/completions", json=body, headers=headers
@@ -104,6 +106,8 @@ async def replay(
                         error = f"executor_failure: HTTP {response.status_code}"
                         await response.aread()
                     else:
+                        # through the gateway: when a backend took the request (direct: sent)
+                        admitted += float(response.headers.get(QUEUE_HEADER, 0.0)) / 1000
                         async for line in response.aiter_lines():
                             if not line.startswith("data:") or line.endswith("[DONE]"):
                                 continue
@@ -122,7 +126,7 @@ async def replay(
                 request_id=r.id,
                 output_tokens=tokens,
                 arrival_time=sent,
-                start_time=sent,
+                start_time=admitted,
                 finish_time=end,
                 executor="vllm",
                 first_token_time=first,
@@ -413,7 +417,8 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         "engine_preemptions": preemptions,
         "kv_cache": kv_cache,
         # per policy and repeat, every request's [id, output tokens, arrival, first token,
-        # finish, error] (seconds on the run's clock): enough to replay or re-compare a run later
+        # finish, error, start] (seconds on the run's clock): enough to replay or re-compare a run
+        # later
         "completions": {
             name: [[completion_row(c) for c in run] for run in runs]
             for name, runs in results.items()
@@ -472,10 +477,11 @@ def compare_sim(
 
 def completion_row(c: Completion) -> list[Any]:
     """A request's outcome as a compact JSON row (see ``completions`` in the run's JSON): id,
-    output tokens, arrival, first token, finish, and the error (None when it completed).
+    output tokens, arrival, first token, finish, the error (None when it completed) and the
+    start (when the gateway admitted it to vLLM; ``direct``: when it was sent).
 
-    >>> completion_row(Completion("7", 12, 1.0, 1.0, 3.5, "vllm", first_token_time=1.25))
-    ['7', 12, 1.0, 1.25, 3.5, None]
+    >>> completion_row(Completion("7", 12, 1.0, 1.5, 3.5, "vllm", first_token_time=1.75))
+    ['7', 12, 1.0, 1.75, 3.5, None, 1.5]
     """
     return [
         c.request_id,
@@ -484,6 +490,7 @@ def completion_row(c: Completion) -> list[Any]:
         c.first_token_time,
         c.finish_time,
         c.error,
+        c.start_time,
     ]
 
 

@@ -9,7 +9,9 @@ policy replays through the controller with the run's in-flight cap and vLLM prio
 queue, as the clients sent it). :func:`~rtlm_adapt.sim_fidelity.fidelity` then compares the
 response times request by request.
 
->>> from rtlm_adapt.calibration.step_cost import StepCost
+>>> import numpy as np
+
+from rtlm_adapt.calibration.step_cost import StepCost
 >>> cost = engine_profile(StepCost.load("vllm-cpu-smollm2-135m"), max_num_seqs=16)
 >>> cost.engine.max_num_seqs, cost.max_batch_size
 (16, 16)
@@ -23,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Protocol
+
+import numpy as np
 
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.experiment import PolicyRun, Workload, run_policy
@@ -171,6 +175,10 @@ def compare_on_engine(
             reals += _tagged(real, k)
         out[policy] = {
             **fidelity(sims, reals),
+            # the wait in the gateway's queue, arrival to admission (direct: none, both sides):
+            # where a policy's replay and its real run part, this says whether the ordering did
+            "real_mean_queue_s": _mean_queue_s(reals),
+            "sim_mean_queue_s": _mean_queue_s(sims),
             "profile": cost.name,
             "sim_preemptions": preemptions,  # all repeats
             "sim_kv_cache_tokens": cost.engine.kv_cache_tokens,  # type: ignore[union-attr]
@@ -178,6 +186,11 @@ def compare_on_engine(
             "sim_template_tokens": template,  # added to every prompt
         }
     return out
+
+
+def _mean_queue_s(completions: Sequence[Completion]) -> float:
+    waits = [c.start_time - c.arrival_time for c in completions if c.error is None]
+    return float(np.mean(waits)) if waits else float("nan")
 
 
 def _tagged(completions: Sequence[Completion], repeat: int) -> list[Completion]:

@@ -2,7 +2,8 @@
 
 Read: ``x-rtlm-deadline-ms`` (a deadline, relative to arrival) and, for benchmarks only,
 ``x-rtlm-oracle-tokens`` (the true length that ``oracle`` policies rank by). Written on every
-answer: the request id, the backend, the predicted tokens and the priority sent upstream.
+answer: the request id, the backend, the predicted tokens, the priority sent upstream and how long
+the request waited in the gateway's queue (``x-rtlm-queue-ms``, arrival to admission).
 
 >>> deadline_from_header("1500", now=10.0)
 11.5
@@ -22,6 +23,8 @@ from rtlm_adapt.request import TRUE_LENGTH_KEY
 DEADLINE_HEADER = "x-rtlm-deadline-ms"
 #: Benchmarks only: the request's true output length, which ``oracle`` policies rank by.
 ORACLE_HEADER = "x-rtlm-oracle-tokens"
+#: Written: milliseconds the request waited in the gateway's queue before a backend took it.
+QUEUE_HEADER = "x-rtlm-queue-ms"
 
 
 def deadline_from_header(header: str | None, now: float) -> float | None:
@@ -70,9 +73,13 @@ def forwarded_headers(http: Request, ticket: Ticket) -> dict[str, str]:
 
 def ticket_headers(ticket: Ticket) -> dict[str, str]:
     backend = ticket.backend
-    return {
+    headers = {
         "x-request-id": ticket.request.id,
         "x-rtlm-backend": backend.name if backend is not None else "",
         "x-rtlm-predicted-tokens": f"{ticket.predicted_tokens:.0f}",
         "x-rtlm-priority": str(ticket.priority),
     }
+    if ticket.start_time is not None:
+        waited_ms = (ticket.start_time - ticket.request.arrival_time) * 1000
+        headers[QUEUE_HEADER] = f"{waited_ms:.1f}"
+    return headers
