@@ -172,12 +172,14 @@ def measure_vllm(args: Any) -> StepCost:
         base,
         name=args.name or _stem(args.out),
         slots=slots,
+        min_batch=args.fit_min_batch,
         source=f"measured by rtlm-adapt profile --engine vllm --measure ({started} UTC, load "
         f"average {load_before} before): vLLM server, {model}, --max-num-seqs {slots}, "
         f"--enforce-eager; decode steps of batches {batch_sizes} at prompts of "
         f"{sorted({d.prompt_tokens for d in decodes})} tokens, {args.decode_tokens} tokens "
-        f"each, x{args.repeats}; prefill alone at the same prompts; engine block from "
-        f"{base.name}. {args.note}".strip(),
+        f"each, x{args.repeats}, the step fitted on batches >= {args.fit_min_batch} (extra's "
+        f"decode_fit_ratio_by_batch: fitted / measured per batch); prefill alone at the same "
+        f"prompts; engine block from {base.name}. {args.note}".strip(),
     )
 
 

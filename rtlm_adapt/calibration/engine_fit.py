@@ -138,14 +138,17 @@ def fit_measured_steps(
     source: str,
     slots: int,
     template_tokens: int = 30,
+    min_batch: int = 1,
 ) -> StepCost:
     """An engine profile from a step probe (:mod:`rtlm_adapt.engines.step_probe`).
 
-    ``decodes`` (``batch``, ``context_tokens``, ``step_s``) fit ``decode_s_base +
-    decode_s_per_seq * batch + decode_s_per_ctx_token * context`` (non-negative least squares,
-    slow outliers dropped: a shared machine only makes points slower). ``prefills``
-    (``prompt_tokens``, ``ttft_s``) fit the prefill's cost per prompt token (the slope); the
-    chat template's ``template_tokens`` are charged as ``prefill_s_base``, as
+    ``decodes`` (``batch``, ``context_tokens``, ``step_s``) of batches >= ``min_batch`` fit
+    ``decode_s_base + decode_s_per_seq * batch + decode_s_per_ctx_token * context`` (non-negative
+    least squares, slow outliers dropped: a shared machine only makes points slower). On a CPU
+    the step is flat up to a few sequences (a pass over the weights) and grows after: a line
+    through every point misses both ends, so fit the batches a loaded engine runs and say so.
+    ``prefills`` (``prompt_tokens``, ``ttft_s``) fit the prefill's cost per prompt token (the
+    slope); the chat template's ``template_tokens`` are charged as ``prefill_s_base``, as
     :func:`fit_engine_profile` does. The intercept beyond one step (the API server's own time per
     request) is kept in ``extra``, not charged.
 
@@ -164,17 +167,25 @@ def fit_measured_steps(
 
     if base.engine is None:
         raise ValueError(f"--base {base.name!r} has no engine block to take the KV cache from")
-    if len({d.batch for d in decodes}) < 2 or len({p.prompt_tokens for p in prefills}) < 2:
-        raise ValueError("the probe needs at least two batch sizes and two prompt lengths")
-    features = np.array([[1.0, d.batch, d.context_tokens] for d in decodes])
-    steps = np.array([d.step_s for d in decodes])
+    fitted_decodes = [d for d in decodes if d.batch >= min_batch]
+    if len({d.batch for d in fitted_decodes}) < 2 or len({p.prompt_tokens for p in prefills}) < 2:
+        raise ValueError(
+            f"the probe needs at least two batch sizes >= {min_batch} and two prompt lengths"
+        )
+    features = np.array([[1.0, d.batch, d.context_tokens] for d in fitted_decodes])
+    steps = np.array([d.step_s for d in fitted_decodes])
     (step_base, per_seq, per_ctx), kept = robust_fit(features, steps)
     if step_base + per_seq <= 0:
         raise ValueError("the probe does not fit a positive decode step")
     tokens = np.array([[1.0, p.prompt_tokens] for p in prefills])
     ttft = np.array([p.ttft_s for p in prefills])
     (intercept, per_token), _ = robust_fit(tokens, ttft)
-    fitted = features @ np.array([step_base, per_seq, per_ctx])
+    coef = np.array([step_base, per_seq, per_ctx])
+    every = np.array([[1.0, d.batch, d.context_tokens] for d in decodes])
+    ratio = (every @ coef) / np.array([d.step_s for d in decodes])
+    by_batch = {
+        b: float(np.mean(ratio[every[:, 1] == b])) for b in sorted({d.batch for d in decodes})
+    }
     return StepCost(
         name=name,
         decode_s_base=float(step_base),
@@ -186,9 +197,11 @@ def fit_measured_steps(
         source=source,
         extra={
             "chat_template_tokens_assumed": template_tokens,
-            "decode_points": len(decodes),
+            "decode_fit_min_batch": min_batch,
+            "decode_points_fitted": len(fitted_decodes),
             "decode_points_dropped": int((~kept).sum()),
-            "decode_fit_max_abs_rel_error": float(np.max(np.abs(fitted - steps) / steps)),
+            # fitted / measured step, mean per batch size (every point, fitted or not)
+            "decode_fit_ratio_by_batch": {str(b): round(r, 3) for b, r in by_batch.items()},
             "prefill_intercept_s": float(intercept),
             "decode_samples": [[d.batch, d.context_tokens, d.step_s] for d in decodes],
             "prefill_samples": [[p.prompt_tokens, p.ttft_s] for p in prefills],

@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --engine vllm --measure: tokens each probe stream generates",
     )
     parser.add_argument(
+        "--fit-min-batch",
+        type=positive_int,
+        default=1,
+        help="with --engine vllm --measure: fit the decode step on batches of at least this "
+        "many (a CPU's step is flat over the first few; every point is kept in the profile)",
+    )
+    parser.add_argument(
         "--from-run",
         metavar="RUN.json",
         help="fit to the steps recorded in this serve-bench --json instead of measuring",
