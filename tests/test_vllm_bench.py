@@ -68,7 +68,12 @@ def test_replay_direct_and_through_the_gateway():
         direct = asyncio.run(replay(backend.url, "paced", requests, ignore_eos=True, oracle=False))
         config = GatewayConfig(backends=(BackendConfig(backend.url, send_priority=True),))
         with ServerThread(create_app(config)) as gateway:
-            via = asyncio.run(replay(gateway.url, "paced", requests, ignore_eos=True, oracle=True))
+            answers: dict[str, tuple[float, int, float]] = {}
+            via = asyncio.run(
+                replay(
+                    gateway.url, "paced", requests, ignore_eos=True, oracle=True, answers=answers
+                )
+            )
             metrics = asyncio.run(_get(gateway.url + "/metrics"))
         capacity = asyncio.run(
             measure_capacity(backend.url, "paced", samples(8), slots=2, n=8, max_tokens=64)
@@ -91,6 +96,12 @@ def test_replay_direct_and_through_the_gateway():
     assert figures["requests"]['outcome="completed",reason=""'] == len(requests)
     assert figures["knobs"]["length_weight"] == 1.0
     assert capacity["requests"] == 8 and capacity["tokens_per_s"] > 0
+    # the gateway's decisions, read from its answers: every request's, the admission time with it
+    assert sorted(answers, key=int) == [r.id for r in requests]
+    assert all(predicted > 0 and queue_ms >= 0 for predicted, _, queue_ms in answers.values())
+    for c in via:
+        assert c.start_time == pytest.approx(c.arrival_time + answers[c.request_id][2] / 1000)
+    assert all(c.start_time == c.arrival_time for c in direct)  # no gateway, no queue header
 
 
 def test_capacity_counts_the_saturated_stretch_not_the_drain():

@@ -70,8 +70,11 @@ async def replay(
     ignore_eos: bool,
     oracle: bool,
     timeout_s: float = 1800.0,
+    answers: dict[str, tuple[float, int, float]] | None = None,
 ) -> list[Completion]:
-    """Send ``requests`` at their arrival offsets (streamed) and time each one."""
+    """Send ``requests`` at their arrival offsets (streamed) and time each one. Through the
+    gateway, ``answers`` (when given) gets each request's ``(predicted tokens, priority, queue
+    ms)`` from the answer's headers: what the gateway decided, for comparing with a replay."""
     # Idle connections expire on the client before uvicorn's and vLLM's 5 s keep-alive closes
     # them on the server: a request sent on a connection the server is closing fails at once.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0)
@@ -107,7 +110,14 @@ async def replay(
                         await response.aread()
                     else:
                         # through the gateway: when a backend took the request (direct: sent)
-                        admitted += float(response.headers.get(QUEUE_HEADER, 0.0)) / 1000
+                        queue_ms = float(response.headers.get(QUEUE_HEADER, 0.0))
+                        admitted += queue_ms / 1000
+                        if answers is not None and QUEUE_HEADER in response.headers:
+                            answers[r.id] = (
+                                float(response.headers["x-rtlm-predicted-tokens"]),
+                                int(response.headers["x-rtlm-priority"]),
+                                queue_ms,
+                            )
                         async for line in response.aiter_lines():
                             if not line.startswith("data:") or line.endswith("[DONE]"):
                                 continue
@@ -299,6 +309,8 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     preemptions: dict[str, list[float]] = {p: [] for p in policies}  # vLLM's, per repeat
     gateway_metrics: dict[str, str] = {}
     timelines: dict[str, list[dict[str, Any]]] = {}  # per policy, one per repeat
+    # per gateway policy and repeat: [id, predicted tokens, priority, queue ms] per request
+    answers: dict[str, list[list[list[Any]]]] = {}
     with server:
         model = server.model_name
         print(f"vLLM up in {server.startup_seconds:.1f} s at {server.url}", file=sys.stderr)
@@ -369,6 +381,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
                         server.url, policy=name, max_inflight=slots, port=free_port()
                     ) as gateway:
                         timeline = gateway.sample_every(1.0)
+                        decided: dict[str, tuple[float, int, float]] = {}
                         done = asyncio.run(
                             replay(
                                 gateway.url,
@@ -376,7 +389,11 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
                                 requests,
                                 ignore_eos=dataset_lengths,
                                 oracle=oracle,
+                                answers=decided,
                             )
+                        )
+                        answers.setdefault(name, []).append(
+                            [[r.id, *decided[r.id]] for r in requests if r.id in decided]
                         )
                         gateway_metrics[name] = gateway.metrics_text()
                         timelines.setdefault(name, []).append(timeline.stop())
@@ -414,6 +431,9 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         },
         "gateway_metrics": {name: gateway_figures(text) for name, text in gateway_metrics.items()},
         "gateway_timelines": timelines,
+        # per gateway policy and repeat: every answer's [id, predicted tokens, priority sent to
+        # vLLM, ms in the gateway's queue], from its x-rtlm-* headers
+        "gateway_answers": answers,
         "engine_preemptions": preemptions,
         "kv_cache": kv_cache,
         # per policy and repeat, every request's [id, output tokens, arrival, first token,
