@@ -19,6 +19,8 @@ Rows:
 
     python benchmarks/studies/engine_model_policies.py --load 0.9 \
         --json benchmarks/results/engine_model_policies_load0.9.json
+    python benchmarks/studies/engine_model_policies.py --load 0.9 --max-num-seqs 16 \
+        --profile vllm-cpu-smollm2-135m-16     # 16 seats, the measured 16-seat step
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ def main() -> None:
     parser.add_argument("--load", type=float, default=0.9)
     parser.add_argument("--seeds", type=int, default=12)
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument(
+        "--profile", default="vllm-cpu-smollm2-135m", help="engine profile (name or path)"
+    )
+    parser.add_argument("--max-num-seqs", type=int, default=4, help="vLLM's seats")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -97,7 +103,7 @@ def main() -> None:
         dataclasses.replace(s, response_tokens=max(1, min(s.response_tokens, 512)))
         for s in load_prompts("alpaca:phi-2", tokenizer=counter, seed=0)
     ]
-    cost = engine_profile(StepCost.load("vllm-cpu-smollm2-135m"), max_num_seqs=4)
+    cost = engine_profile(StepCost.load(args.profile), max_num_seqs=args.max_num_seqs)
     # (policy, predictor start) -> per seed (mean, p99, miss rate)
     runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for seed in range(args.seeds):
