@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     """Load the prompts, serve them under each policy, print and write the figures."""
     if args.kv_blocks is not None and args.engine != "vllm":
         raise SystemExit("error: --kv-blocks sizes vLLM's KV cache: it needs --engine vllm")
+    if args.max_inflight is not None and args.engine != "vllm":
+        raise SystemExit("error: --max-inflight is the gateway's cap: it needs --engine vllm")
     if args.engine == "vllm":
         from rtlm_adapt.engines.vllm_bench import cmd_serve_bench_vllm
 
@@ -86,6 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-num-seqs", type=positive_int, default=4, help="vllm: vLLM's batch size"
+    )
+    parser.add_argument(
+        "--max-inflight",
+        type=positive_int,
+        default=None,
+        help="vllm: the gateway's in-flight cap on vLLM (default: --max-num-seqs). Above it, "
+        "vLLM's own priority queue holds the extra requests, ordered by the priority the "
+        "gateway sends, so a freed seat is filled without a round trip through the gateway",
     )
     parser.add_argument(
         "--kv-blocks",

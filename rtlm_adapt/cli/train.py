@@ -38,14 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-envs", type=positive_int, default=2, help="parallel environments")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--prompts", help="comma-separated prompt sets (default: ShareGPT and five AlpacaEval "
+        "--prompts",
+        help="comma-separated prompt sets (default: ShareGPT and five AlpacaEval "
         "models' lengths, drawn per episode; see ppo_train.TRAIN_SCENARIOS)",
     )
     parser.add_argument(
         "--arrivals", help="comma-separated arrival specs (default: azure-conv, poisson, gamma:2)"
     )
     parser.add_argument(
-        "--load", help="training load range LOW,HIGH (default: 0.5-1.1 without the bands around "
+        "--load",
+        help="training load range LOW,HIGH (default: 0.5-1.1 without the bands around "
         "0.7 and 0.9, held out for evaluation)",
     )
     parser.add_argument("--batch-caps", help="primary batch caps LOW,HIGH (default 4,64)")

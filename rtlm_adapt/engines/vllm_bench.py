@@ -7,7 +7,8 @@ serves every policy of the run:
   have today: the baseline);
 - any controller policy (``fcfs``, ``sjf``, ``heuristic``, ...) through a gateway started for
   that policy alone (a fresh process: every policy starts from the same pretrained predictor),
-  with an in-flight cap of K and vLLM's ``priority`` set from the controller's key;
+  with an in-flight cap of K (``--max-inflight``, default K) and vLLM's ``priority`` set from
+  the controller's key;
 - ``oracle-sjf`` (or ``NAME+oracle``) ranks by the true lengths, which the client passes in a
   header only these policies read.
 
@@ -297,6 +298,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     dataset_lengths = args.lengths == "dataset"
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     slots = args.max_num_seqs
+    inflight = getattr(args, "max_inflight", None) or slots  # the gateway's cap on vLLM
     server = VLLMServer(
         str(prepare_model(args.model)) if args.model == "smollm2" else args.model,
         served_model_name="smollm2" if args.model == "smollm2" else None,
@@ -378,7 +380,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
                     )
                 else:
                     with GatewayProcess(
-                        server.url, policy=name, max_inflight=slots, port=free_port()
+                        server.url, policy=name, max_inflight=inflight, port=free_port()
                     ) as gateway:
                         timeline = gateway.sample_every(1.0)
                         decided: dict[str, tuple[float, int, float]] = {}
@@ -413,6 +415,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         "started_at": started_at,
         "command": " ".join(sys.argv),
         "max_num_seqs": slots,
+        "max_inflight": inflight,
         "lengths": args.lengths,
         "max_tokens": args.max_tokens,
         "load": args.load,
@@ -483,6 +486,7 @@ def compare_sim(
         results,
         profile=profile,
         max_num_seqs=args.max_num_seqs,
+        max_inflight=getattr(args, "max_inflight", None),
         kv_blocks=kv_cache.get("blocks"),
         block_size=kv_cache.get("block_size"),
     )

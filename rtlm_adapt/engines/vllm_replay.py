@@ -46,14 +46,26 @@ def engine_profile(
     max_num_seqs: int,
     kv_blocks: int | None = None,
     block_size: int | None = None,
+    max_inflight: int | None = None,
 ) -> StepCost:
-    """``cost`` with the run's ``max_num_seqs`` (and that in-flight cap, the gateway's) and,
-    when given, the real server's KV cache: ``kv_blocks`` blocks of ``block_size`` tokens (as
-    vLLM's ``vllm:cache_config_info`` reports them). vLLM's block pool keeps one block back as
-    its null block, so the model gets ``kv_blocks - 1`` usable blocks."""
+    """``cost`` with the run's ``max_num_seqs`` and in-flight cap (the gateway's; default
+    ``max_num_seqs``; above it the engine's own queue holds the rest) and, when given, the real
+    server's KV cache: ``kv_blocks`` blocks of ``block_size`` tokens (as vLLM's
+    ``vllm:cache_config_info`` reports them). vLLM's block pool keeps one block back as its null
+    block, so the model gets ``kv_blocks - 1`` usable blocks.
+
+    >>> cost = engine_profile(StepCost.load("vllm-cpu-smollm2-135m"), max_num_seqs=4,
+    ...                       max_inflight=6)
+    >>> cost.max_batch_size, cost.engine.max_num_seqs
+    (6, 4)
+    """
     if cost.engine is None:
         raise ValueError(f"profile {cost.name!r} has no engine block: it cannot model vLLM")
     cost = cost.with_max_batch(max_num_seqs)
+    if max_inflight is not None:
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+        cost = dataclasses.replace(cost, max_batch_size=max_inflight)
     engine = cost.engine
     if (kv_blocks is None) != (block_size is None):
         raise ValueError("give both kv_blocks and block_size, or neither")
@@ -143,6 +155,7 @@ def compare_on_engine(
     max_num_seqs: int,
     kv_blocks: int | None = None,
     block_size: int | None = None,
+    max_inflight: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per policy, sim/real fidelity over its repeats (each repeat replayed on its own lengths;
     ids prefixed by the repeat, so the repeats pool into one comparison). ``kv_blocks`` and
@@ -152,6 +165,7 @@ def compare_on_engine(
         max_num_seqs=max_num_seqs,
         kv_blocks=kv_blocks,
         block_size=block_size,
+        max_inflight=max_inflight,
     )
     cost, template = template_in_prompts(cost)
     prompt_tokens = [t + template for t in prompt_tokens]
