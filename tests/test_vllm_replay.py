@@ -146,3 +146,29 @@ def test_kv_blocks_is_checked_before_vllm_starts(capsys):
     assert "--kv-blocks: expected an integer >= 2" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--kv-blocks sizes vLLM's KV cache: it needs --engine"):
         main(["serve-bench", "--kv-blocks", "20"])
+
+
+def test_an_inflight_cap_above_the_seats_moves_the_wait_into_the_engine():
+    # 40 requests 0.4 s apart of up to 200 tokens at ~32 ms a step: 4 seats queue them
+    fake = [[Completion(c.request_id, c.output_tokens, c.arrival_time, c.arrival_time,
+                        c.finish_time, "vllm") for c in fake_real(1.0)]]  # fmt: skip
+    figures = {
+        cap: compare_on_engine(
+            REQUESTS, PROMPT_TOKENS, {"fcfs": fake}, max_num_seqs=4, max_inflight=cap
+        )["fcfs"]
+        for cap in (4, 8)
+    }
+    # the gateway's queue shrinks, and the replay's real side (start = arrival here) is 0
+    assert figures[8]["sim_mean_queue_s"] < figures[4]["sim_mean_queue_s"]
+    assert figures[4]["real_mean_queue_s"] == 0.0
+    # FCFS in both queues: the same order, the same response times
+    assert figures[8]["sim_mean_rt_s"] == pytest.approx(figures[4]["sim_mean_rt_s"], rel=0.02)
+    with pytest.raises(ValueError, match="max_inflight must be >= 1"):
+        engine_profile(StepCost.load("vllm-cpu-smollm2-135m"), max_num_seqs=4, max_inflight=0)
+
+
+def test_max_inflight_is_checked_before_vllm_starts():
+    from rtlm_adapt.cli import main
+
+    with pytest.raises(SystemExit, match="--max-inflight is the gateway's cap: it needs --engine"):
+        main(["serve-bench", "--max-inflight", "6"])
