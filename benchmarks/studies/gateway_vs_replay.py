@@ -14,7 +14,10 @@ request's real length, and prints:
    (``key = (1 + 0.5 u) x service_s + 0.05 x arrival``), ``key - 0.05 x arrival`` against the
    emulated ``(1 + 0.5 u) x service_s``, per half of the run. A slope far from 1 says the live
    latency model's service times are on another scale than the replay's, which shifts the
-   balance between length and aging.
+   balance between length and aging;
+4. the time from the gateway's admission to the first token, real and replayed: beyond the
+   prefill step, the real one holds the gateway-to-vLLM round trip, during which the seat that
+   freed stays empty unless vLLM's own queue holds a request (``--max-inflight`` above the seats).
 
     python benchmarks/studies/gateway_vs_replay.py benchmarks/results/RUN.json heuristic
 """
@@ -80,7 +83,8 @@ def main() -> None:
     prompts = {r.id: r.prompt for r in requests}
     kv = real.get("kv_cache") or {}
     cost = engine_profile(StepCost.load("vllm-cpu-smollm2-135m"),
-                          max_num_seqs=real["max_num_seqs"], kv_blocks=kv.get("blocks"),
+                          max_num_seqs=real["max_num_seqs"], max_inflight=real.get("max_inflight"),
+                          kv_blocks=kv.get("blocks"),
                           block_size=kv.get("block_size"))  # fmt: skip
     cost, template = template_in_prompts(cost)
     reals = [c for c in completions(real["completions"][policy][0]) if c.error is None]
@@ -145,6 +149,14 @@ def main() -> None:
             f"   {name}: slope {slope:.3f}, Spearman {spearmanr(x, y)[0]:.3f},"
             f" emulated service_s median {service:.2f} s"
         )
+    handoff = [c.first_token_time - c.start_time for c in reals]
+    sim_handoff = [sim[c.request_id].first_token_time - sim[c.request_id].start_time for c in reals]
+    ms = {name: np.quantile(values, [0.5, 0.9]) * 1000
+          for name, values in (("real", handoff), ("replayed", sim_handoff))}  # fmt: skip
+    print(
+        f"4. admission to first token (ms, median / p90): real {ms['real'][0]:.0f} /"
+        f" {ms['real'][1]:.0f}, replayed {ms['replayed'][0]:.0f} / {ms['replayed'][1]:.0f}"
+    )
     queue = np.array([decided[i][2] / 1000 for i in ids])
     print(
         f"   gateway queue wait: mean {queue.mean():.2f} s real,"
