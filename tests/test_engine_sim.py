@@ -20,7 +20,12 @@ from rtlm_adapt.serving.engine.waiting_queue import create_waiting_queue
 from rtlm_adapt.serving.sim import SimulatedExecutor
 from rtlm_adapt.serving.simulated import simulated_executor
 
-VLLM_PROFILES = ["vllm-cpu-smollm2-135m", "vllm-a100-llama3-8b", "vllm-h100-llama3-8b"]
+VLLM_PROFILES = [
+    "vllm-cpu-smollm2-135m",
+    "vllm-cpu-smollm2-135m-16",
+    "vllm-a100-llama3-8b",
+    "vllm-h100-llama3-8b",
+]
 
 
 def cost_with(engine: EngineSpec, max_batch_size: int = 64) -> StepCost:
@@ -308,6 +313,26 @@ def test_cpu_profile_reproduces_its_two_measurements():
 
 
 # -- the same policies on the engine model -----------------------------------------------------
+def test_16_seat_cpu_profile_reproduces_the_steps_it_was_fitted_to():
+    """The measured 16-seat profile (``profile --engine vllm --measure``) gives back its own
+    decode steps at the batches it was fitted on, and says how far it is below them."""
+    cost = StepCost.load("vllm-cpu-smollm2-135m-16")
+    assert cost.engine is not None and cost.engine.max_num_seqs == cost.max_batch_size == 16
+    fitted_from = cost.extra["decode_fit_min_batch"]
+    ratios: dict[int, list[float]] = {}
+    for batch, context, step_s in cost.extra["decode_samples"]:
+        ratios.setdefault(int(batch), []).append(cost.step_time(int(batch), int(context)) / step_s)
+    for batch, values in ratios.items():
+        if batch >= fitted_from:  # each point within 10%, each batch's mean within 3%
+            assert all(0.9 < r < 1.1 for r in values), (batch, values)
+            assert np.mean(values) == pytest.approx(1.0, abs=0.03)
+            assert np.mean(values) == pytest.approx(
+                cost.extra["decode_fit_ratio_by_batch"][str(batch)], abs=1e-3
+            )
+    # the step grows with the batch: 16 sequences cost more than 4, which cost about 1
+    assert cost.step_time(16, 16 * 150) > 1.5 * cost.step_time(4, 4 * 150)
+
+
 def test_policies_and_the_environment_run_on_the_engine_model():
     from rtlm_adapt.data import PromptSample
     from rtlm_adapt.experiment import build_workload, run_policy
