@@ -5,7 +5,8 @@ Each replica has ``slots`` concurrent generations at ``tokens_per_s`` each (time
 length: the ingress's key) or, with ``queue_order="fcfs"``, in arrival order, like the paced
 engine behind Ray Serve. The
 routers decide as Serve's would: ``power-of-two`` samples two replicas and takes the one with
-fewer requests (running + queued; ties at random), ``length-aware`` is the real
+fewer requests (running + queued; ties at random), ``least-requests`` takes the one with the
+fewest of all replicas (lengths unseen), ``length-aware`` is the real
 :class:`~rtlm_adapt.integrations.routing.WorkBook` (reserve at routing, release at the end).
 ``clairvoyant`` is no real router: it sees every replica's exact state and every request's true
 length and sends each request where it will itself finish first (given the requests already
@@ -111,6 +112,9 @@ def simulate(
             na = state[a].running + len(state[a].queue)
             nb = state[b].running + len(state[b].queue)
             return a if na < nb or (na == nb and rng.random() < 0.5) else b
+        if router == "least-requests":  # every replica's count, not two sampled
+            count = [s.running + len(s.queue) for s in state]
+            return min(range(replicas), key=lambda r: (count[r], rng.random()))
         if router.startswith("clairvoyant"):
             return min(range(replicas), key=lambda r: (exact_cost(r, i, now), rng.random()))
         offload = predicted[i] >= offload_threshold

@@ -10,7 +10,9 @@ several sequences (seeds). Every arm of a cell runs the same sequences on ``_rou
 (the real ``WorkBook``). The arms:
 
 - ``pow2`` / ``pow2-fcfs``: Serve's power-of-two in front of key-ordered / FCFS replicas
-  (``pow2-fcfs`` is the default stack of BENCHMARKS 10.1);
+  (``pow2-fcfs`` is the default stack of BENCHMARKS 10.1); ``least-requests``: the replica
+  with the fewest requests of all (no lengths), to tell what at scale is only "look at every
+  replica" from what is length-aware;
 - ``work``: the library's ``WorkBook`` (least predicted backlog first, as ``LengthAwareRouter``),
   ``finish``: :class:`FinishTimeBook` (the request's own earliest predicted finish first), both
   with the predictor's lengths, ``-fcfs`` in front of FCFS replicas;
@@ -68,6 +70,7 @@ MAX_TOKENS = 2048
 ARMS: dict[str, tuple[str, str, str, str]] = {
     "pow2": ("power-of-two", "priority", "predicted", "work"),
     "pow2-fcfs": ("power-of-two", "fcfs", "predicted", "work"),
+    "least-requests": ("least-requests", "priority", "predicted", "work"),
     "work": ("length-aware", "priority", "predicted", "work"),
     "finish": ("length-aware", "priority", "predicted", "finish"),
     "work-fcfs": ("length-aware", "fcfs", "predicted", "work"),
