@@ -16,6 +16,7 @@ from rtlm_adapt.engines.gateway_process import (  # noqa: E402
 )
 from rtlm_adapt.engines.vllm_bench import (  # noqa: E402
     BenchRequest,
+    GatewayAnswer,
     build_requests,
     measure_capacity,
     policy_json,
@@ -68,7 +69,7 @@ def test_replay_direct_and_through_the_gateway():
         direct = asyncio.run(replay(backend.url, "paced", requests, ignore_eos=True, oracle=False))
         config = GatewayConfig(backends=(BackendConfig(backend.url, send_priority=True),))
         with ServerThread(create_app(config)) as gateway:
-            answers: dict[str, tuple[float, int, float]] = {}
+            answers: dict[str, GatewayAnswer] = {}
             via = asyncio.run(
                 replay(
                     gateway.url, "paced", requests, ignore_eos=True, oracle=True, answers=answers
@@ -98,9 +99,9 @@ def test_replay_direct_and_through_the_gateway():
     assert capacity["requests"] == 8 and capacity["tokens_per_s"] > 0
     # the gateway's decisions, read from its answers: every request's, the admission time with it
     assert sorted(answers, key=int) == [r.id for r in requests]
-    assert all(predicted > 0 and queue_ms >= 0 for predicted, _, queue_ms in answers.values())
+    assert all(a.predicted_tokens > 0 and a.queue_ms >= 0 for a in answers.values())
     for c in via:
-        assert c.start_time == pytest.approx(c.arrival_time + answers[c.request_id][2] / 1000)
+        assert c.start_time == pytest.approx(c.arrival_time + answers[c.request_id].queue_ms / 1000)
     assert all(c.start_time == c.arrival_time for c in direct)  # no gateway, no queue header
 
 

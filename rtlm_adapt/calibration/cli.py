@@ -131,7 +131,7 @@ def measure_vllm(args: Any) -> StepCost:
 
     from rtlm_adapt.calibration.engine_fit import fit_measured_steps
     from rtlm_adapt.calibration.profiler import machine_load
-    from rtlm_adapt.engines.models import SMOLLM2, prepare_model
+    from rtlm_adapt.engines.models import SMOLLM2
     from rtlm_adapt.engines.step_probe import FILLER_TOKENS, probe_steps
     from rtlm_adapt.engines.vllm_server import VLLMServer
 
@@ -149,12 +149,7 @@ def measure_vllm(args: Any) -> StepCost:
     base = StepCost.load(args.base or "vllm-cpu-smollm2-135m")
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")
     load_before = machine_load()
-    server = VLLMServer(
-        str(prepare_model(model)) if model == SMOLLM2 else model,
-        served_model_name="smollm2" if model == SMOLLM2 else None,
-        max_num_seqs=slots,
-        scheduling_policy="priority",
-    )
+    server = VLLMServer(model, max_num_seqs=slots, scheduling_policy="priority")
     with server:
         decodes, prefills = asyncio.run(
             probe_steps(

@@ -36,18 +36,26 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import numpy as np
 
 from rtlm_adapt.data import PromptSample, assign_deadlines, make_arrivals
 from rtlm_adapt.engines.gateway_process import GatewayProcess, gateway_figures
-from rtlm_adapt.gateway.headers import QUEUE_HEADER
+from rtlm_adapt.gateway.headers import PREDICTED_HEADER, PRIORITY_HEADER, QUEUE_HEADER
 from rtlm_adapt.metrics import format_table, summarize, summary_json
 from rtlm_adapt.request import Completion
 
 DIRECT = "direct"
+
+
+class GatewayAnswer(NamedTuple):
+    """What the gateway decided for one request, read from its answer's headers."""
+
+    predicted_tokens: float
+    priority: int  # sent to vLLM
+    queue_ms: float  # in the gateway's queue, arrival to admission
 
 
 @dataclass(frozen=True)
@@ -71,11 +79,11 @@ async def replay(
     ignore_eos: bool,
     oracle: bool,
     timeout_s: float = 1800.0,
-    answers: dict[str, tuple[float, int, float]] | None = None,
+    answers: dict[str, GatewayAnswer] | None = None,
 ) -> list[Completion]:
     """Send ``requests`` at their arrival offsets (streamed) and time each one. Through the
-    gateway, ``answers`` (when given) gets each request's ``(predicted tokens, priority, queue
-    ms)`` from the answer's headers: what the gateway decided, for comparing with a replay."""
+    gateway, ``answers`` (when given) gets each request's :class:`GatewayAnswer`, for comparing
+    what the gateway decided with a replay."""
     # Idle connections expire on the client before uvicorn's and vLLM's 5 s keep-alive closes
     # them on the server: a request sent on a connection the server is closing fails at once.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0)
@@ -114,9 +122,9 @@ async def replay(
                         queue_ms = float(response.headers.get(QUEUE_HEADER, 0.0))
                         admitted += queue_ms / 1000
                         if answers is not None and QUEUE_HEADER in response.headers:
-                            answers[r.id] = (
-                                float(response.headers["x-rtlm-predicted-tokens"]),
-                                int(response.headers["x-rtlm-priority"]),
+                            answers[r.id] = GatewayAnswer(
+                                float(response.headers[PREDICTED_HEADER]),
+                                int(response.headers[PRIORITY_HEADER]),
                                 queue_ms,
                             )
                         async for line in response.aiter_lines():
@@ -279,7 +287,6 @@ def record_lengths(
 
 def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     """Run the policies on vLLM (see the module docstring); print a table, write ``--json``."""
-    from rtlm_adapt.engines.models import prepare_model
     from rtlm_adapt.engines.vllm_server import VLLMServer, free_port
     from rtlm_adapt.policies import make_policy
     from rtlm_adapt.serve_bench import prepare_json_folder
@@ -300,8 +307,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     slots = args.max_num_seqs
     inflight = getattr(args, "max_inflight", None) or slots  # the gateway's cap on vLLM
     server = VLLMServer(
-        str(prepare_model(args.model)) if args.model == "smollm2" else args.model,
-        served_model_name="smollm2" if args.model == "smollm2" else None,
+        args.model,  # "smollm2": the packaged model, prepared (and served by that name) at start
         max_num_seqs=slots,
         max_model_len=max(2048, args.max_tokens + 1024),
         scheduling_policy="priority",
@@ -383,7 +389,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
                         server.url, policy=name, max_inflight=inflight, port=free_port()
                     ) as gateway:
                         timeline = gateway.sample_every(1.0)
-                        decided: dict[str, tuple[float, int, float]] = {}
+                        decided: dict[str, GatewayAnswer] = {}
                         done = asyncio.run(
                             replay(
                                 gateway.url,

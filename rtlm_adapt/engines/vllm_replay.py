@@ -9,9 +9,7 @@ policy replays through the controller with the run's in-flight cap and vLLM prio
 queue, as the clients sent it). :func:`~rtlm_adapt.sim_fidelity.fidelity` then compares the
 response times request by request.
 
->>> import numpy as np
-
-from rtlm_adapt.calibration.step_cost import StepCost
+>>> from rtlm_adapt.calibration.step_cost import StepCost
 >>> cost = engine_profile(StepCost.load("vllm-cpu-smollm2-135m"), max_num_seqs=16)
 >>> cost.engine.max_num_seqs, cost.max_batch_size
 (16, 16)

@@ -23,7 +23,10 @@ from rtlm_adapt.request import TRUE_LENGTH_KEY
 DEADLINE_HEADER = "x-rtlm-deadline-ms"
 #: Benchmarks only: the request's true output length, which ``oracle`` policies rank by.
 ORACLE_HEADER = "x-rtlm-oracle-tokens"
-#: Written: milliseconds the request waited in the gateway's queue before a backend took it.
+#: Written on every answer: the output tokens predicted at arrival, the priority sent upstream,
+#: and the milliseconds the request waited in the gateway's queue before a backend took it.
+PREDICTED_HEADER = "x-rtlm-predicted-tokens"
+PRIORITY_HEADER = "x-rtlm-priority"
 QUEUE_HEADER = "x-rtlm-queue-ms"
 
 
@@ -76,8 +79,8 @@ def ticket_headers(ticket: Ticket) -> dict[str, str]:
     headers = {
         "x-request-id": ticket.request.id,
         "x-rtlm-backend": backend.name if backend is not None else "",
-        "x-rtlm-predicted-tokens": f"{ticket.predicted_tokens:.0f}",
-        "x-rtlm-priority": str(ticket.priority),
+        PREDICTED_HEADER: f"{ticket.predicted_tokens:.0f}",
+        PRIORITY_HEADER: str(ticket.priority),
     }
     if ticket.start_time is not None:
         waited_ms = (ticket.start_time - ticket.request.arrival_time) * 1000
