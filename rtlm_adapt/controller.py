@@ -241,14 +241,16 @@ class AdaptiveController(Checkpointed):
         with self._lock:
             if not isinstance(result, StepResult):
                 raise TypeError(f"on_step() takes a StepResult, got {type(result).__name__}")
+            if result.iterations <= 0:  # the executor computed nothing (it waited): no timing
+                return
             self._executors.latency_for(executor).learn_step(
                 result.batch_size,
                 result.context_tokens,
                 result.prefill_tokens,
                 result.duration_s,
-                iterations=max(1, result.iterations),
+                iterations=result.iterations,
             )
-            if executor == self._executors.primary and result.iterations > 0:
+            if executor == self._executors.primary:
                 self._signals.record_step(result.duration_s / result.iterations)
 
     def on_finish(self, completion: Completion) -> None:

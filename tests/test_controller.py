@@ -7,7 +7,7 @@ from rtlm_adapt import Completion, Knobs, Request
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.policies import FixedPolicy
 from rtlm_adapt.request import QueueFullError
-from rtlm_adapt.serving.base import ExecutorState
+from rtlm_adapt.serving.base import ExecutorState, StepResult
 
 
 def state(now, running=0, cap=8, role="primary", name=None):
@@ -256,3 +256,14 @@ def test_entry_and_work_ahead_follow_the_queue_order():
     assert ctl.entry(first.id) is entries["r1"]  # running requests are still visible
     finish(ctl, first, 1.0)
     assert ctl.entry("r1") is None and ctl.work_ahead("r1") == 0.0
+
+
+def test_a_step_that_computed_nothing_teaches_no_timing(caplog):
+    # An engine waiting for a request on its way in reports a step of 0 iterations.
+    ctl = AdaptiveController("fcfs")
+    ctl.register_executor(state(0.0))
+    ctl.on_step("primary", StepResult(duration_s=0.05, iterations=0, batch_size=0))
+    assert ctl.latency["primary"].n_learned == 0
+    assert "rejected step" not in caplog.text
+    ctl.on_step("primary", StepResult(duration_s=0.05, iterations=2, batch_size=1))
+    assert ctl.latency["primary"].n_learned == 1

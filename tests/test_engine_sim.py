@@ -268,6 +268,86 @@ def test_abort_frees_blocks_and_too_long_requests_are_refused():
     assert aborted.error == "aborted" and ex.running() == 0 and ex.scheduler.kv.free_blocks == 4
 
 
+# -- the API server's hand-off -----------------------------------------------------------------
+def test_a_request_reaches_the_scheduler_a_handoff_after_admission():
+    engine = EngineSpec(max_num_seqs=4, kv_cache_tokens=4096, handoff_s=0.05)
+    ex = EngineExecutor("p", cost_with(engine))
+    ex.admit([make_request("a", 0, 3, prompt_tokens=10)], 0.0)
+    assert ex.running() == 1  # in flight from the submitter's side already
+    wait = ex.step(0.0)
+    assert (wait.iterations, wait.batch_size, wait.duration_s) == (0, 0, pytest.approx(0.05))
+    now, finished = 0.05, []
+    while ex.running():
+        r = ex.step(now)
+        now += r.duration_s
+        finished += r.finished
+    (a,) = finished
+    assert a.start_time == 0.0  # admission, as the gateway records it
+    assert a.first_token_time == pytest.approx(0.05 + 0.02 + 0.01 + 10e-4)  # hand-off + prefill
+
+
+def test_a_request_already_in_the_engine_takes_the_seat_before_a_better_one_on_the_way():
+    # One seat; "long" waits inside the engine behind "run". "short" (better priority) is
+    # admitted the moment "run" ends: with no hand-off it overtakes "long", with one it cannot.
+    order = {}
+    for handoff in (0.0, 0.05):
+        engine = EngineSpec(max_num_seqs=1, kv_cache_tokens=4096, handoff_s=handoff)
+        ex = EngineExecutor("p", cost_with(engine), priority_of=lambda r: {"short": 0}.get(r.id, 5))
+        ex.admit([make_request("run", 0, 2), make_request("long", 0, 20)], 0.0)
+        now, done = 0.0, []
+        while "run" not in done:  # one step at a time, so nothing is fused past its end
+            r = ex.step(now, until=now)
+            now += r.duration_s
+            done += [c.request_id for c in r.finished]
+        ex.admit([make_request("short", now, 2)], now)
+        while ex.running():
+            r = ex.step(now)
+            now += r.duration_s
+            done += [c.request_id for c in r.finished]
+        order[handoff] = done
+    assert order[0.0] == ["run", "short", "long"]
+    assert order[0.05] == ["run", "long", "short"]
+
+
+def test_fused_decodes_stop_when_a_request_comes_in():
+    engine = EngineSpec(max_num_seqs=4, kv_cache_tokens=4096, handoff_s=0.05)
+    ex = EngineExecutor("p", cost_with(engine))
+    ex.admit([make_request("long", 0, 200)], 0.0)
+    now = 0.0
+    while now < 0.2:
+        now += ex.step(now, until=0.2).duration_s
+    ex.admit([make_request("next", now, 2)], now)
+    r = ex.step(now)  # decodes of "long" alone: fused only up to when "next" comes in
+    joined = now + r.duration_s
+    assert now + 0.05 - 0.02 <= joined <= now + 0.05  # the last step end before it comes in
+    finished, t = {}, joined
+    while ex.running():
+        r = ex.step(t)
+        t += r.duration_s
+        finished.update({c.request_id: c for c in r.finished})
+    assert finished["next"].first_token_time < joined + 0.06  # prefilled within two steps
+    assert finished["next"].finish_time < finished["long"].finish_time
+
+
+def test_aborting_a_request_on_the_way_in_means_the_engine_never_runs_it():
+    engine = EngineSpec(max_num_seqs=4, kv_cache_tokens=4096, handoff_s=0.05)
+    ex = EngineExecutor("p", cost_with(engine))
+    ex.admit([make_request("a", 0, 3), make_request("b", 0, 3)], 0.0)
+    assert ex.abort("a", 0.01).error == "aborted"
+    now, finished = 0.01, []
+    while ex.running():
+        r = ex.step(now)
+        now += r.duration_s
+        finished += [c.request_id for c in r.finished]
+    assert finished == ["b"] and ex.scheduler.kv.free_blocks == ex.scheduler.kv.num_blocks
+
+
+@pytest.mark.parametrize("bad", [-0.01, float("nan"), 60.0, True, "0.05"])
+def test_engine_handoff_is_checked(bad):
+    with pytest.raises(ValueError, match="handoff_s"):
+        EngineSpec(max_num_seqs=4, kv_cache_tokens=4096, handoff_s=bad)
+
+
 # -- profiles and selection --------------------------------------------------------------------
 @pytest.mark.parametrize("name", VLLM_PROFILES)
 def test_packaged_vllm_profiles_load_round_trip_and_select_the_engine(name):

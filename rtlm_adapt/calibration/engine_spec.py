@@ -43,6 +43,12 @@ class EngineSpec:
         Admit a waiting request only when its whole prompt (plus tokens already generated, for a
         preempted one) fits in the free blocks, not just its first chunk (vLLM's
         ``scheduler_reserve_full_isl``, on by default in the vLLM this was read from, 0.32).
+    handoff_s
+        Seconds between a seat freeing and the next submitted request reaching the scheduler
+        when nothing waits inside the engine: the end travelling back to the submitter and the
+        next request travelling in, through vLLM's OpenAI server (tokenising, detokeniser
+        set-up, messages between processes). The model delays each submission by it (0: an
+        in-process engine).
     """
 
     max_num_seqs: int
@@ -51,6 +57,7 @@ class EngineSpec:
     block_size: int = 16
     scheduling_policy: str = "priority"
     reserve_full_prompt: bool = True
+    handoff_s: float = 0.0
     kind: str = "vllm-v1"
 
     def __post_init__(self) -> None:
@@ -70,6 +77,11 @@ class EngineSpec:
             )
         if self.kind not in ENGINE_KINDS:
             raise ValueError(f"EngineSpec.kind must be one of {ENGINE_KINDS}, got {self.kind!r}")
+        handoff = self.handoff_s
+        if isinstance(handoff, bool) or not isinstance(handoff, int | float):
+            raise ValueError(f"EngineSpec.handoff_s must be a number, got {handoff!r}")
+        if not 0 <= handoff < 60:
+            raise ValueError(f"EngineSpec.handoff_s must be seconds in [0, 60), got {handoff!r}")
         if not isinstance(self.reserve_full_prompt, bool):
             raise ValueError(
                 f"EngineSpec.reserve_full_prompt must be a bool, got {self.reserve_full_prompt!r}"

@@ -45,12 +45,14 @@ def engine_profile(
     kv_blocks: int | None = None,
     block_size: int | None = None,
     max_inflight: int | None = None,
+    handoff_s: float | None = None,
 ) -> StepCost:
     """``cost`` with the run's ``max_num_seqs`` and in-flight cap (the gateway's; default
     ``max_num_seqs``; above it the engine's own queue holds the rest) and, when given, the real
     server's KV cache: ``kv_blocks`` blocks of ``block_size`` tokens (as vLLM's
     ``vllm:cache_config_info`` reports them). vLLM's block pool keeps one block back as its null
-    block, so the model gets ``kv_blocks - 1`` usable blocks.
+    block, so the model gets ``kv_blocks - 1`` usable blocks. ``handoff_s`` replaces the
+    profile's hand-off (:class:`~rtlm_adapt.calibration.engine_spec.EngineSpec`).
 
     >>> cost = engine_profile(StepCost.load("vllm-cpu-smollm2-135m"), max_num_seqs=4,
     ...                       max_inflight=6)
@@ -76,6 +78,8 @@ def engine_profile(
         engine = dataclasses.replace(
             engine, kv_cache_tokens=(kv_blocks - 1) * block_size, block_size=block_size
         )
+    if handoff_s is not None:
+        engine = dataclasses.replace(engine, handoff_s=handoff_s)
     return dataclasses.replace(cost, engine=engine)
 
 
@@ -154,16 +158,19 @@ def compare_on_engine(
     kv_blocks: int | None = None,
     block_size: int | None = None,
     max_inflight: int | None = None,
+    handoff_s: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per policy, sim/real fidelity over its repeats (each repeat replayed on its own lengths;
     ids prefixed by the repeat, so the repeats pool into one comparison). ``kv_blocks`` and
-    ``block_size``: the real server's KV cache (default: the profile's)."""
+    ``block_size``: the real server's KV cache; ``handoff_s``: the API server's hand-off
+    (defaults: the profile's)."""
     cost = engine_profile(
         StepCost.load(profile),
         max_num_seqs=max_num_seqs,
         kv_blocks=kv_blocks,
         block_size=block_size,
         max_inflight=max_inflight,
+        handoff_s=handoff_s,
     )
     cost, template = template_in_prompts(cost)
     prompt_tokens = [t + template for t in prompt_tokens]
@@ -196,6 +203,7 @@ def compare_on_engine(
             "sim_kv_cache_tokens": cost.engine.kv_cache_tokens,  # type: ignore[union-attr]
             "sim_block_size": cost.engine.block_size,  # type: ignore[union-attr]
             "sim_template_tokens": template,  # added to every prompt
+            "sim_handoff_s": cost.engine.handoff_s,  # type: ignore[union-attr]
         }
     return out
 

@@ -12,7 +12,9 @@ plus ``prefill_s_base + prefill_s_per_token * prefill_tokens`` when it computes 
 Each request generates exactly its true length (``metadata[TRUE_LENGTH_KEY]``, capped by
 ``max_tokens``); its first token comes with its last prefill chunk, as in vLLM. Steps in which
 only decodes run, nobody ends, nobody can join and no block runs out are all alike: one ``step``
-call fuses them and prices them in closed form.
+call fuses them and prices them in closed form. With a ``handoff_s`` in the engine block, an
+admitted request reaches the scheduler that much later (vLLM's API server between them), and a
+step with nothing to run but such a request just waits for it.
 
 >>> from rtlm_adapt.calibration.engine_spec import EngineSpec
 >>> from rtlm_adapt.request import Request, TRUE_LENGTH_KEY
@@ -31,6 +33,7 @@ call fuses them and prices them in closed form.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from rtlm_adapt.calibration.step_cost import StepCost
@@ -66,6 +69,8 @@ class EngineExecutor:
         self.default_prompt_tokens = default_prompt_tokens
         self.scheduler = EngineScheduler(cost.engine)
         self._seqs: dict[str, EngineSequence] = {}  # in flight, by request id
+        # admitted but still on the way in (handoff_s): (when the scheduler sees it, sequence)
+        self._incoming: deque[tuple[float, EngineSequence]] = deque()
         self._refused: list[Completion] = []  # too long for the whole cache; ended next step
         self._arrivals = 0
 
@@ -110,7 +115,8 @@ class EngineExecutor:
                 )
                 continue
             self._seqs[request.id] = seq
-            self.scheduler.add(seq)
+            self._incoming.append((now + self.cost.engine.handoff_s, seq))
+        self._receive(now)
 
     def step(self, now: float, until: float = math.inf) -> StepResult:
         finished, self._refused = self._refused, []
@@ -118,7 +124,13 @@ class EngineExecutor:
             if not finished:
                 raise RuntimeError(f"{self.name}: step() with nothing in flight")
             return StepResult(duration_s=0.0, iterations=0, batch_size=0, finished=finished)
+        self._receive(now)
         sched = self.scheduler
+        if not sched.running and not sched.waiting:  # only requests on the way in: wait
+            ready = self._incoming[0][0]
+            return StepResult(duration_s=ready - now, iterations=0, batch_size=0, finished=finished)
+        if self._incoming:  # fused steps stop when the next request comes in
+            until = min(until, self._incoming[0][0])
         plan = self._next_plan()
         first_s = self._step_s(plan)
         end = now + first_s
@@ -157,10 +169,19 @@ class EngineExecutor:
                 if refused.request_id == request_id:
                     return self._refused.pop(i)
             return None
-        self.scheduler.remove(seq)
+        incoming = [entry for entry in self._incoming if entry[1] is not seq]
+        if len(incoming) < len(self._incoming):
+            self._incoming = deque(incoming)
+        else:
+            self.scheduler.remove(seq)
         return self._complete(seq, max(now, seq.start_time), error="aborted")
 
     # -- internals -----------------------------------------------------------------------------
+    def _receive(self, now: float) -> None:
+        """Hand the scheduler the requests that have come in by ``now``, in submission order."""
+        while self._incoming and self._incoming[0][0] <= now:
+            self.scheduler.add(self._incoming.popleft()[1])
+
     def _next_plan(self) -> StepPlan:
         """The next step with work in it. A step can come out empty when the first running
         request needed a block and was itself the one to preempt (vLLM then runs nothing); each
