@@ -88,10 +88,27 @@ def knee_batch(
     model: LatencyModel, max_batch: int, context_per_seq: float, share: float = 0.95
 ) -> int:
     """Smallest batch whose decode throughput is ``share`` of the throughput at ``max_batch``,
-    per the latency model (sequences of ``context_per_seq`` tokens each)."""
+    per the latency model (sequences of ``context_per_seq`` tokens each).
+
+    The model's step time is affine in the batch with non-negative coefficients, so throughput
+    never falls as the batch grows and a bisection finds the knee (an in-flight cap of a million,
+    "no cap", costs 20 probes instead of a scan).
+
+    >>> from rtlm_adapt.calibration.step_cost import StepCost
+    >>> model = LatencyModel(StepCost("toy", 0.02, 0.001, 0.0, 0.0, 0.0))
+    >>> knee_batch(model, 64, 100.0), knee_batch(model, 1_000_000, 100.0)
+    (53, 380)
+    """
 
     def throughput(b: int) -> float:
         return b / max(1e-12, model.step_time(b, int(b * context_per_seq)))
 
-    peak = throughput(max_batch)
-    return next(b for b in range(1, max_batch + 1) if throughput(b) >= share * peak)
+    target = share * throughput(max_batch)
+    low, high = 1, max_batch  # throughput(high) >= target; find the smallest such batch
+    while low < high:
+        mid = (low + high) // 2
+        if throughput(mid) >= target:
+            high = mid
+        else:
+            low = mid + 1
+    return low
