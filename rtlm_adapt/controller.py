@@ -164,15 +164,7 @@ class AdaptiveController(Checkpointed):
                     f"queue is full ({self.max_queue} waiting); request {rid!r} rejected"
                 )
             if features is None:
-                features = self.scorer.features(request.prompt)
-                # score first: the predictor's features() then sees the complete set
-                features["uncertainty"] = self.scorer.score(features)
-                extend = getattr(self.predictor, "features", None)
-                if callable(extend):
-                    # The predictor's own features on top: hashed words and, on the
-                    # encoder tier, the prompt embedding (batch 1 here; batch upstream and pass
-                    # ``features`` to avoid that cost).
-                    features = extend(request.prompt, base=features)
+                features = self.prompt_features(request.prompt)
             uncertainty = features.get("uncertainty")
             if uncertainty is None:  # not precomputed upstream along with the features
                 uncertainty = features["uncertainty"] = self.scorer.score(features)
@@ -203,6 +195,14 @@ class AdaptiveController(Checkpointed):
                 latency.service_time(prompt_tokens, prediction.length),
                 first=self._counts.submitted == 1,
             )
+
+    def prompt_features(self, prompt: str) -> Mapping[Any, float]:
+        """The features :meth:`submit` computes when given none. It touches no queue state, so
+        a front end may run it on another thread (the encoder tier's embedding takes ms)."""
+        features = self.scorer.features(prompt)
+        features["uncertainty"] = self.scorer.score(features)  # first: predictor reads it
+        extend = getattr(self.predictor, "features", None)  # hashed words, embedding
+        return extend(prompt, base=features) if callable(extend) else features
 
     def next_batch(self, state: ExecutorState, *, limit: int | None = None) -> list[Request]:
         """The requests that should join ``state``'s executor now (possibly none).

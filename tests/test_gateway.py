@@ -42,6 +42,7 @@ from rtlm_adapt.gateway.paced_backend import create_app as paced_app  # noqa: E4
 from rtlm_adapt.gateway.paced_backend import token_text  # noqa: E402
 from rtlm_adapt.gateway.server_thread import ServerThread  # noqa: E402
 from rtlm_adapt.knobs import Knobs  # noqa: E402
+from rtlm_adapt.predictor import LengthPredictor  # noqa: E402
 from rtlm_adapt.request import FAILURE_REASONS, FailureReason, Request  # noqa: E402
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -1100,6 +1101,38 @@ def test_learned_state_survives_a_restart(tmp_path: Any) -> None:
             assert gw.controller.stats().balanced
 
 
+def test_a_state_learned_on_another_tier_is_refused_by_name(tmp_path: Any) -> None:
+    state = tmp_path / "s.bin"
+    with paced(tokens_per_s=5000.0) as be:
+        with gateway(be, state=str(state)) as gw:
+            chat(gw.oai, "hello", max_tokens=2)
+        assert state.exists()
+        with pytest.raises(ValueError, match="learned with the lexical tier, not encoder"):
+            create_app(GatewayConfig(backends=(be.config(),), state=str(state), tier="encoder"))
+
+
+def test_the_encoder_tier_predicts_from_the_prompt_embedding() -> None:
+    pytest.importorskip("torch")
+    prompts = ["Write a 2000-word essay on the history of Rome.", "Say yes or no: is 7 prime?"]
+    expected = {}
+    for tier in ("lexical", "encoder"):
+        fresh = AdaptiveController("heuristic", predictor=LengthPredictor.pretrained(tier))
+        for i, prompt in enumerate(prompts):
+            fresh.submit(Request(f"{tier}{i}", prompt, arrival_time=0.0))
+            expected[tier, prompt] = fresh.entry(f"{tier}{i}").prediction.length
+    assert all(abs(expected["lexical", p] - expected["encoder", p]) > 1.0 for p in prompts)
+    with paced(tokens_per_s=5000.0) as be, gateway(be, tier="encoder") as gw:
+        # the first request meets the untouched encoder-tier prior
+        got = float(chat(gw.oai, prompts[0], max_tokens=2).headers["x-rtlm-predicted-tokens"])
+        assert got == pytest.approx(expected["encoder", prompts[0]], abs=0.5)
+        stream = gw.oai.chat.completions.create(
+            model="m", messages=user(prompts[1]), max_tokens=3, stream=True
+        )
+        assert sum(1 for _ in stream) >= 3  # streamed through while embedding on a thread
+        assert gw.controller.predictor.tier == "encoder"
+        assert assert_accounting(gw).finished == 2
+
+
 # == 11. command line ==============================================================================
 def parse(*argv: str) -> GatewayConfig:
     parser = argparse.ArgumentParser()
@@ -1130,6 +1163,8 @@ def test_cli_flags() -> None:
         "12.5",
         "--profile",
         "vllm-cpu-smollm2-135m",
+        "--tier",
+        "encoder:smollm2-l16",
     )
     assert [(b.url, b.role) for b in cfg.backends] == [
         ("http://10.0.0.1:8000", "primary"),
@@ -1139,10 +1174,14 @@ def test_cli_flags() -> None:
     assert not any(b.send_priority for b in cfg.backends)
     assert (cfg.policy, cfg.max_inflight, cfg.max_queue) == ("sjf", 3, 7)
     assert (cfg.shed, cfg.state, cfg.port, cfg.request_timeout_s) == (True, "s.bin", 9001, 12.5)
-    assert cfg.profile == "vllm-cpu-smollm2-135m"
+    assert (cfg.profile, cfg.tier) == ("vllm-cpu-smollm2-135m", "encoder:smollm2-l16")
+    with pytest.raises(ValueError, match="tier must be lexical, encoder or encoder:NAME"):
+        parse("--backend", "http://h:1", "--tier", "bert")
+    with pytest.raises(ValueError, match="unknown encoder 'bert'"):
+        parse("--backend", "http://h:1", "--tier", "encoder:bert")
     defaults = parse("--backend", "http://h:1")
     assert (defaults.policy, defaults.shed, defaults.max_inflight) == ("heuristic", False, 4)
-    assert defaults.profile == "http-engine-prior"
+    assert (defaults.profile, defaults.tier) == ("http-engine-prior", "lexical")
     assert all(
         b.send_priority for b in parse("--backend", "http://h:1", "--send-priority").backends
     )

@@ -21,12 +21,14 @@ import numpy as np
 class GatewayProcess:
     """``rtlm-adapt serve`` in a subprocess (its own interpreter, like a deployment)."""
 
-    def __init__(self, backend_url: str, *, policy: str, max_inflight: int, port: int) -> None:
+    def __init__(
+        self, backend_url: str, *, policy: str, max_inflight: int, port: int, tier: str = "lexical"
+    ) -> None:
         self.url = f"http://127.0.0.1:{port}"
         command = [
             sys.executable, "-m", "rtlm_adapt.cli", "serve",
             "--backend", backend_url, "--send-priority",
-            "--policy", policy, "--max-inflight", str(max_inflight),
+            "--policy", policy, "--max-inflight", str(max_inflight), "--tier", tier,
             "--port", str(port), "--log-level", "warning",
         ]  # fmt: skip
         self._proc = subprocess.Popen(command, start_new_session=True)

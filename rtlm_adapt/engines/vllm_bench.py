@@ -386,7 +386,11 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
                     )
                 else:
                     with GatewayProcess(
-                        server.url, policy=name, max_inflight=inflight, port=free_port()
+                        server.url,
+                        policy=name,
+                        max_inflight=inflight,
+                        port=free_port(),
+                        tier=getattr(args, "tier", "lexical"),
                     ) as gateway:
                         timeline = gateway.sample_every(1.0)
                         decided: dict[str, GatewayAnswer] = {}
@@ -422,6 +426,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         "command": " ".join(sys.argv),
         "max_num_seqs": slots,
         "max_inflight": inflight,
+        "tier": getattr(args, "tier", "lexical"),
         "lengths": args.lengths,
         "max_tokens": args.max_tokens,
         "load": args.load,
@@ -495,6 +500,7 @@ def compare_sim(
         max_inflight=getattr(args, "max_inflight", None),
         kv_blocks=kv_cache.get("blocks"),
         block_size=kv_cache.get("block_size"),
+        tier=getattr(args, "tier", "lexical"),
     )
     for name, f in figures.items():
         print(

@@ -129,14 +129,17 @@ def replay_requests(
     ]
 
 
-def replay(policy: str, requests: Sequence[Request], cost: StepCost) -> PolicyRun:
-    """``requests`` under ``policy`` on the engine model (``direct``: no gateway)."""
+def replay(
+    policy: str, requests: Sequence[Request], cost: StepCost, tier: str = "lexical"
+) -> PolicyRun:
+    """``requests`` under ``policy`` on the engine model (``direct``: no gateway), the
+    controller predicting with ``tier`` as the gateway did."""
     workload = Workload(list(requests), 1.0, 1.0, 1.0, 1.0, "vLLM replay")
     if policy == DIRECT:
         return run_policy(
             "fcfs", workload, primary_cost=dataclasses.replace(cost, max_batch_size=NO_CAP)
         )
-    return run_policy(policy, workload, primary_cost=cost)
+    return run_policy(policy, workload, primary_cost=cost, tier=tier)
 
 
 class BenchedRequest(Protocol):
@@ -159,11 +162,12 @@ def compare_on_engine(
     block_size: int | None = None,
     max_inflight: int | None = None,
     handoff_s: float | None = None,
+    tier: str = "lexical",
 ) -> dict[str, dict[str, float]]:
     """Per policy, sim/real fidelity over its repeats (each repeat replayed on its own lengths;
     ids prefixed by the repeat, so the repeats pool into one comparison). ``kv_blocks`` and
     ``block_size``: the real server's KV cache; ``handoff_s``: the API server's hand-off
-    (defaults: the profile's)."""
+    (defaults: the profile's); ``tier``: the gateway's predictor."""
     cost = engine_profile(
         StepCost.load(profile),
         max_num_seqs=max_num_seqs,
@@ -188,7 +192,7 @@ def compare_on_engine(
                 [r.deadline_s for r in requests],
                 real,
             )
-            run = replay(policy, replayed, cost)
+            run = replay(policy, replayed, cost, tier)
             preemptions += run.preemptions
             sims += _tagged(run.completions, k)
             reals += _tagged(real, k)

@@ -1,8 +1,10 @@
 """The gateway's ASGI app: an OpenAI-compatible API in front of OpenAI-compatible backends.
 
-Per request: score and predict at arrival (no model call), queue in the controller, wait for a
-backend slot (the dispatcher), send upstream with vLLM's ``priority`` set from the controller's
-key, relay the answer, and teach the predictor the true length from ``usage``.
+Per request: score and predict at arrival (no model call on the default lexical tier; on the
+encoder tier the prompt embedding is computed on a worker thread, one at a time, so the event
+loop keeps relaying), queue in the controller, wait for a backend slot (the dispatcher), send
+upstream with vLLM's ``priority`` set from the controller's key, relay the answer, and teach the
+predictor the true length from ``usage``.
 
 >>> from rtlm_adapt.gateway.config import BackendConfig, GatewayConfig
 >>> app = create_app(GatewayConfig(backends=(BackendConfig("http://127.0.0.1:9"),)))
@@ -13,14 +15,14 @@ key, relay the answer, and teach the predictor the true length from ``usage``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,9 +32,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.gateway.config import GatewayConfig
+from rtlm_adapt.gateway.controller_setup import make_controller
 from rtlm_adapt.gateway.dispatcher import (
     CLIENT_LEFT,
     Backend,
@@ -125,7 +127,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig, controller: AdaptiveController | None = None) -> None:
         self.config = config
         self.clock = monotonic_clock()
-        self.controller = controller if controller is not None else _make_controller(config)
+        self.controller = controller if controller is not None else make_controller(config)
         self.metrics = GatewayMetrics()
         self.backends = [Backend(b, config.inflight_cap(b)) for b in config.backends]
         self.dispatcher = Dispatcher(
@@ -137,6 +139,13 @@ class Gateway:
         self._prefix = uuid.uuid4().hex[:8]
         self._health_task: asyncio.Task[None] | None = None
         self._ended_at_save = 0
+        # The encoder tier embeds each prompt (milliseconds of CPU): on one worker thread, so
+        # the event loop keeps relaying and the encoder is never run twice at once.
+        self._encoding = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rtlm-encode")
+            if self.controller.predictor.tier == "encoder"
+            else None
+        )
         self._wire_gauges()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -156,6 +165,8 @@ class Gateway:
         self.controller.close()
         self.dispatcher.shutdown()
         self.save_state()
+        if self._encoding is not None:
+            self._encoding.shutdown(wait=False, cancel_futures=True)
         if self.session is not None:
             await self.session.close()
 
@@ -203,7 +214,14 @@ class Gateway:
         self, http: Request, body: ChatCompletionRequest | CompletionRequest, path: str
     ) -> Response:
         """Serve one completion request (streamed or not), from arrival to its end."""
-        ticket = self._submit(http, body)
+        features = None
+        if self._encoding is not None:
+            loop = asyncio.get_running_loop()
+            prompt = _predictor_prompt(body)
+            features = await loop.run_in_executor(
+                self._encoding, self.controller.prompt_features, prompt
+            )
+        ticket = self._submit(http, body, features)
         payload = body.model_dump(exclude_unset=True)
         headers = forwarded_headers(http, ticket)
         relaying = False
@@ -228,11 +246,15 @@ class Gateway:
                 # The work may have been cancelled before it ever ran (the client left at once).
                 self.dispatcher.abandon(ticket)
 
-    def _submit(self, http: Request, body: ChatCompletionRequest | CompletionRequest) -> Ticket:
+    def _submit(
+        self,
+        http: Request,
+        body: ChatCompletionRequest | CompletionRequest,
+        features: Mapping[Any, float] | None = None,
+    ) -> Ticket:
         now = self.clock()
         deadline = deadline_from_header(http.headers.get(DEADLINE_HEADER), now)
-        # An image-only turn has no text: the predictor then sees a neutral one-word prompt.
-        text = prompt_text(body).strip() or "?"
+        text = _predictor_prompt(body)
         max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
         request = ServingRequest(
             f"{self._prefix}-{next(self._ids)}",
@@ -243,7 +265,7 @@ class Gateway:
             **({"max_tokens": max_tokens} if max_tokens else {}),
         )
         try:
-            self.controller.submit(request)
+            self.controller.submit(request, features)
         except QueueFullError as exc:
             self.metrics.requests.labels("failed", exc.reason).inc()
             raise APIError(
@@ -390,6 +412,12 @@ class _RelayResponse(StreamingResponse):
             await self._cleanup()
 
 
+def _predictor_prompt(body: ChatCompletionRequest | CompletionRequest) -> str:
+    """The text the predictor reads. An image-only turn has none: it then sees a neutral
+    one-word prompt."""
+    return prompt_text(body).strip() or "?"
+
+
 def _knob_value(controller: AdaptiveController, name: str) -> float:
     value = getattr(controller.knobs, name)
     return math.inf if value is None else float(value)
@@ -398,34 +426,6 @@ def _knob_value(controller: AdaptiveController, name: str) -> float:
 def _guard_figure(controller: AdaptiveController, figure: str) -> float:
     guard = getattr(controller.policy, "guard", None)
     return guard.metrics()[figure] if guard is not None else math.nan
-
-
-def _make_controller(config: GatewayConfig) -> AdaptiveController:
-    state = config.state
-    if state is not None and Path(state).exists():
-        controller = AdaptiveController.load(
-            state, autosave_path=state, autosave_every=config.state_every
-        )
-        if controller.policy.name != config.policy:
-            from rtlm_adapt.policies import make_policy
-
-            logger.info(
-                "state %s had policy %s; using %s", state, controller.policy.name, config.policy
-            )
-            controller.policy = make_policy(config.policy)
-        controller.max_queue = config.max_queue
-        logger.info("resumed the learned state from %s", state)
-        return controller
-    # Each backend's latency model starts from the configured profile, not the library's
-    # default (the transformers executor's, whose prefill cost the gateway never observes).
-    prior = StepCost.load(config.profile)
-    return AdaptiveController(
-        config.policy,
-        profiles={backend.name: prior for backend in config.backends},
-        max_queue=config.max_queue,
-        autosave_path=state,
-        autosave_every=config.state_every,
-    )
 
 
 async def _until_disconnect(http: Request, work: Awaitable[Response | Any]) -> Any:

@@ -48,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "from (default http-engine-prior: a generic engine; they learn each backend's pace)",
     )
     p.add_argument(
+        "--tier",
+        help="length predictor: lexical (default; microseconds) or encoder[:minilm|smollm2-l16] "
+        "(a prompt embedding per request, ~20 ms of CPU with MiniLM: a better ranking)",
+    )
+    p.add_argument(
         "--shed",
         action="store_true",
         default=None,
