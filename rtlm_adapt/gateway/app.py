@@ -140,9 +140,12 @@ class Gateway:
         self._health_task: asyncio.Task[None] | None = None
         self._ended_at_save = 0
         # The encoder tier embeds each prompt (milliseconds of CPU): on one worker thread, so
-        # the event loop keeps relaying and the encoder is never run twice at once.
+        # the event loop keeps relaying and the encoder is never run twice at once, and with one
+        # torch thread, so it leaves the other cores to the engine beside it.
         self._encoding = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rtlm-encode")
+            concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="rtlm-encode", initializer=_one_torch_thread
+            )
             if self.controller.predictor.tier == "encoder"
             else None
         )
@@ -410,6 +413,12 @@ class _RelayResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._cleanup()
+
+
+def _one_torch_thread() -> None:
+    import torch  # the encoder tier's dependency: imported only when that tier is served
+
+    torch.set_num_threads(1)
 
 
 def _predictor_prompt(body: ChatCompletionRequest | CompletionRequest) -> str:
