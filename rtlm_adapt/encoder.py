@@ -273,7 +273,8 @@ class HiddenStateEncoder:
             if getattr(tok, "chat_template", None):
                 sentinel = "\x00SENTINEL\x00"
                 text = tok.apply_chat_template(
-                    [{"role": "user", "content": sentinel}], tokenize=False,
+                    [{"role": "user", "content": sentinel}],
+                    tokenize=False,
                     add_generation_prompt=True,
                 )
                 pre, post = text.split(sentinel)
@@ -425,8 +426,10 @@ def cached_encode(
 
     from rtlm_adapt.data import cache_dir
 
-    key = encoder.cache_key() if hasattr(encoder, "cache_key") else (
-        f"minilm|{encoder.model_path}|{encoder.max_tokens}"
+    key = (
+        encoder.cache_key()
+        if hasattr(encoder, "cache_key")
+        else (f"minilm|{encoder.model_path}|{encoder.max_tokens}")
     )
     h = hashlib.sha1(key.encode())
     for p in prompts:
@@ -435,8 +438,10 @@ def cached_encode(
     path = cache_dir() / "embeddings" / f"{h.hexdigest()}.npy"
     if cache and path.is_file():
         arr = np.load(path)
-        if arr.ndim == 2 and arr.shape[0] == len(prompts) and (
-            not isinstance(encoder, PromptEncoder) or arr.shape[1] == PromptEncoder.DIM
+        if (
+            arr.ndim == 2
+            and arr.shape[0] == len(prompts)
+            and (not isinstance(encoder, PromptEncoder) or arr.shape[1] == PromptEncoder.DIM)
         ):
             return arr
     arr = encoder.encode(prompts, batch_size=batch_size)

@@ -133,9 +133,7 @@ def write_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     write_bytes_atomic(path, encode_state(state))
 
 
-def read_state(
-    path: str | os.PathLike[str], *, kind: str | None = None, rebuild: str = ""
-) -> dict:
+def read_state(path: str | os.PathLike[str], *, kind: str | None = None, rebuild: str = "") -> dict:
     """Read a file written by :func:`write_state`; ValueError if it is damaged or foreign
     (``rebuild`` as in :func:`decode_state`)."""
     data = Path(path).read_bytes()

@@ -170,9 +170,7 @@ class LengthPrior:
         self.bias = float(bias)
         # A Python list: indexing it is ~3x faster than a numpy array from pure-Python loops.
         self.hash_weights: list[float] = hw.tolist() if hw.size else [0.0] * (1 << HASH_BITS)
-        self.dense = tuple(
-            (str(k), float(m), float(s), float(w)) for k, (m, s, w) in dense.items()
-        )
+        self.dense = tuple((str(k), float(m), float(s), float(w)) for k, (m, s, w) in dense.items())
         self.emb_weights = None if emb_weights is None else np.asarray(emb_weights, np.float32)
         self.emb_pca = None if emb_pca is None else np.asarray(emb_pca, np.float32)
         self.emb_mean = self.emb_std = self._inv_std = None
@@ -267,9 +265,7 @@ class LengthPrior:
                 if int(z["hash_bits"]) != HASH_BITS:
                     raise ValueError(f"hashed with {int(z['hash_bits'])} bits, need {HASH_BITS}")
                 params = z["dense_params"].reshape(-1, 3)
-                dense = {
-                    str(n): tuple(p) for n, p in zip(z["dense_names"], params, strict=True)
-                }
+                dense = {str(n): tuple(p) for n, p in zip(z["dense_names"], params, strict=True)}
                 return cls(
                     bias=float(z["bias"]),
                     hash_weights=z["hash_weights"],

@@ -164,3 +164,25 @@ def test_unwritable_json_fails_before_vllm_starts(monkeypatch, tmp_path, capsys)
     args = ["serve-bench", "--engine", "vllm", "--prompts", str(prompts), "--tokenizer", "words"]
     assert main([*args, "--json", str(out)]) == 2
     assert f"--json {out}: cannot create its folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "policies, message",
+    [("direct,heuristic@bert", "tier must be lexical, encoder"), ("nosuch@encoder", "nosuch")],
+)
+def test_a_bad_policy_or_tier_fails_before_vllm_starts(
+    monkeypatch, tmp_path, capsys, policies, message
+):
+    from rtlm_adapt.cli import main
+    from rtlm_adapt.engines import vllm_server
+
+    def never_starts(*_args, **_kwargs):
+        raise AssertionError("vLLM was started before the policies were checked")
+
+    monkeypatch.setattr(vllm_server.VLLMServer, "__init__", never_starts)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "Say hi.", "output": "Hi there."}\n')
+    args = ["serve-bench", "--engine", "vllm", "--prompts", str(prompts), "--tokenizer", "words"]
+    assert main([*args, "--policies", policies]) == 2
+    assert message in capsys.readouterr().err
+

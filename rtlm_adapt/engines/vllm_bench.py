@@ -10,7 +10,9 @@ serves every policy of the run:
   with an in-flight cap of K (``--max-inflight``, default K) and vLLM's ``priority`` set from
   the controller's key;
 - ``oracle-sjf`` (or ``NAME+oracle``) ranks by the true lengths, which the client passes in a
-  header only these policies read.
+  header only these policies read;
+- ``NAME@TIER`` runs policy NAME with a gateway that predicts with TIER (``heuristic@encoder``
+  beside ``heuristic`` compares the predictors in one run); a bare name uses ``--tier``.
 
 The workload: real prompts with real arrivals (``--arrivals``), at ``--load`` of the engine's
 capacity, measured before the run (the steady stretch of a closed loop that keeps the engine
@@ -287,7 +289,9 @@ def record_lengths(
 
 def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     """Run the policies on vLLM (see the module docstring); print a table, write ``--json``."""
+    from rtlm_adapt.engines.vllm_replay import policy_and_tier
     from rtlm_adapt.engines.vllm_server import VLLMServer, free_port
+    from rtlm_adapt.gateway.config import check_tier
     from rtlm_adapt.policies import make_policy
     from rtlm_adapt.serve_bench import prepare_json_folder
     from rtlm_adapt.serving.hf import cache_dir
@@ -298,8 +302,10 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     # SIGTERM unwinds like Ctrl-C, so the servers' context managers stop them by PID.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     for name in policies:
-        if name != DIRECT:
-            make_policy(name)  # an unknown name fails before vLLM starts
+        if name != DIRECT:  # an unknown name or tier fails before vLLM starts
+            policy, tier = policy_and_tier(name, getattr(args, "tier", "lexical"))
+            make_policy(policy)
+            check_tier(tier)
     if args.json:
         prepare_json_folder(args.json)  # not after an hour of benchmark
     dataset_lengths = args.lengths == "dataset"
@@ -377,7 +383,8 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
             for name in order:
                 t0 = time.perf_counter()
                 preempted_before = server.preemptions()
-                oracle = name != DIRECT and make_policy(name).length_source == "oracle"
+                policy, tier = policy_and_tier(name, getattr(args, "tier", "lexical"))
+                oracle = name != DIRECT and make_policy(policy).length_source == "oracle"
                 if name == DIRECT:
                     done = asyncio.run(
                         replay(
@@ -387,10 +394,10 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
                 else:
                     with GatewayProcess(
                         server.url,
-                        policy=name,
+                        policy=policy,
                         max_inflight=inflight,
                         port=free_port(),
-                        tier=getattr(args, "tier", "lexical"),
+                        tier=tier,
                     ) as gateway:
                         timeline = gateway.sample_every(1.0)
                         decided: dict[str, GatewayAnswer] = {}

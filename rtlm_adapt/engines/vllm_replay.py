@@ -38,6 +38,17 @@ NO_CAP = 1_000_000
 DIRECT = "direct"
 
 
+def policy_and_tier(spelling: str, tier: str) -> tuple[str, str]:
+    """A serve-bench policy spelling as (policy, the gateway's predictor tier): ``NAME@TIER``
+    runs policy NAME with that tier, so one run can compare tiers; a bare NAME keeps ``tier``.
+
+    >>> policy_and_tier("heuristic@encoder", "lexical"), policy_and_tier("fcfs", "lexical")
+    (('heuristic', 'encoder'), ('fcfs', 'lexical'))
+    """
+    name, _, own = spelling.partition("@")
+    return name, own or tier
+
+
 def engine_profile(
     cost: StepCost,
     *,
@@ -192,7 +203,8 @@ def compare_on_engine(
                 [r.deadline_s for r in requests],
                 real,
             )
-            run = replay(policy, replayed, cost, tier)
+            name, name_tier = policy_and_tier(policy, tier)
+            run = replay(name, replayed, cost, name_tier)
             preemptions += run.preemptions
             sims += _tagged(run.completions, k)
             reals += _tagged(real, k)
