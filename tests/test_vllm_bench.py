@@ -185,4 +185,3 @@ def test_a_bad_policy_or_tier_fails_before_vllm_starts(
     args = ["serve-bench", "--engine", "vllm", "--prompts", str(prompts), "--tokenizer", "words"]
     assert main([*args, "--policies", policies]) == 2
     assert message in capsys.readouterr().err
-
