@@ -159,6 +159,9 @@ class Gateway:
             self.dispatcher,
             on_retry=lambda name: self.metrics.retries.labels(name).inc(),
         )
+        if self._encoding is not None:  # load the encoder now, not on the first request
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._encoding, self.controller.prompt_features, "Hi.")
         await self.check_health()
         self._health_task = asyncio.create_task(self._health_loop())
 
