@@ -1122,6 +1122,7 @@ def test_the_encoder_tier_predicts_from_the_prompt_embedding() -> None:
             expected[tier, prompt] = fresh.entry(f"{tier}{i}").prediction.length
     assert all(abs(expected["lexical", p] - expected["encoder", p]) > 1.0 for p in prompts)
     with paced(tokens_per_s=5000.0) as be, gateway(be, tier="encoder") as gw:
+        assert gw.controller.predictor.featurizer.encoder is not None  # loaded at start-up
         # the first request meets the untouched encoder-tier prior
         got = float(chat(gw.oai, prompts[0], max_tokens=2).headers["x-rtlm-predicted-tokens"])
         assert got == pytest.approx(expected["encoder", prompts[0]], abs=0.5)
