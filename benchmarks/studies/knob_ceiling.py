@@ -35,13 +35,16 @@ References per cell: the heuristic ranking by true lengths (``heuristic+oracle``
     python benchmarks/studies/knob_ceiling.py --family fixed,action \
         --json benchmarks/results/knob_ceiling.json
 
-``--resume`` keeps the (cell, setting) results already in the JSON file and runs only the rest;
+Writes the summary to ``--json`` and every setting's per-window results beside it
+(``knob_ceiling_windows.json.gz``). ``--resume`` keeps the (cell, setting) results already
+there and runs only the rest (with nothing left to run it only re-summarizes);
 ``--max-minutes`` stops between cells and writes what it has (``"complete": false``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import os
@@ -80,14 +83,14 @@ RT_BAR, MISS_BAR, MEAN_BAR = 1.02, 0.01, 0.95  # issue 17's bar
 UNCERTAINTY_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 WAIT_WEIGHTS = (0.0, 0.01, 0.05, 0.2)
 BATCH_FRACTIONS = (Fraction(1, 8), Fraction(1, 4), Fraction(1, 2), Fraction(3, 4), Fraction(1))
-OFFLOAD_TOKENS = (64.0, 128.0, 256.0, 512.0, 1024.0, float("inf"))
+OFFLOAD_TOKENS = (16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, float("inf"))
 # The action family (entries of PPO's action in [-1, 1]; see RelativeKnobsActionMap): the batch
 # cap is the knee x 2 ** (2 a) (0 = the knee, the heuristic's choice), the offload threshold the
 # queue's median x 2 ** (3 a) (0 = the median; a >= 0.9 turns offloading off).
 ACTION_UNCERTAINTY = (-1.0, -0.5, 0.0, 1.0)  # uncertainty weight 0, 0.5, 1, 2
 ACTION_WAIT = (-1.0, -0.33, 0.13, 0.6)  # aging ~0.001, 0.01, 0.05, 0.25
 ACTION_BATCH = (-1.0, -0.5, 0.0, 0.5)  # knee / 4, knee / 2, knee, 2 x knee (within the cap)
-ACTION_OFFLOAD = (-2 / 3, -1 / 3, 0.0, 1 / 3, 2 / 3, 1.0)  # median x 1/4, 1/2, 1, 2, 4, off
+ACTION_OFFLOAD = (-1.0, -2 / 3, -1 / 3, 0.0, 1 / 3, 2 / 3, 1.0)  # median x 1/8 .. 4, off
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Setting:
     family: str
     make: Callable[[int], Any]  # the cell's batch cap -> a policy (or a policy factory)
     key: Callable[[int], str]  # the cell's batch cap -> what it runs as there (deduplication)
+    params: dict[str, str]  # the grid values, for the breakdowns by knob
 
 
 class ConstantAction:
@@ -139,6 +143,8 @@ def fixed_settings() -> list[Setting]:
             name, "fixed",
             make=lambda cap, k=knobs: FixedPolicy("fixed", k(cap), consolidate=True),
             key=lambda cap, k=knobs: repr(k(cap)),
+            params={"uncertainty": f"{unc:g}", "wait": f"{wait:g}", "batch": str(frac),
+                    "offload": f"{off:g}", "order": "length" if length else "arrival"},
         ))
     return settings
 
@@ -155,6 +161,8 @@ def action_settings() -> list[Setting]:
             name, "action",
             make=lambda cap, a=action: lambda: ConstantAction(a),
             key=lambda cap, n=name: n,
+            params={"uncertainty": f"{unc:+.2f}", "wait": f"{wait:+.2f}",
+                    "batch": f"{batch:+.2f}", "offload": f"{off:+.2f}"},
         ))
     return settings
 
@@ -167,8 +175,9 @@ def cells(caps: Sequence[int]) -> list[tuple[int, Scenario]]:
 
 
 def run_windows(policy: Any, cases: list[Any]) -> list[list[float]]:
-    """[mean response time, miss rate] of each window."""
-    return [list(run_case(policy, case, {})) for case in cases]
+    """[mean response time (s), miss rate] of each window, rounded as stored (ms, 0.01%)."""
+    return [[round(rt, 3), round(miss, 4)] for rt, miss in
+            (run_case(policy, case, {}) for case in cases)]
 
 
 def evaluate_cell(sc: Scenario, index: int, settings: list[Setting],
@@ -260,6 +269,22 @@ def single_setting(results: dict[str, Any], names: list[str], choose: Sequence[i
     return out
 
 
+def breakdown(results: dict[str, Any], settings: list[Setting]) -> dict[str, Any]:
+    """For each value of each knob of a family: the best single setting with that value
+    (hindsight mean ratio over cells), which says which knob the gain comes from."""
+    def mean_ratio(n: str) -> float:
+        return float(np.mean([ratio(cell, n, range(4)) for cell in results.values()]))
+
+    scores = {s.name: mean_ratio(s.name) for s in settings}
+    out: dict[str, Any] = {}
+    for s in settings:
+        for knob, value in s.params.items():
+            slot = out.setdefault(s.family, {}).setdefault(knob, {})
+            if value not in slot or scores[s.name] < slot[value]["mean_rt_ratio"]:
+                slot[value] = {"mean_rt_ratio": scores[s.name], "setting": s.name}
+    return out
+
+
 def summarize(results: dict[str, Any], settings: list[Setting],
               ppo_eval: dict[str, Any]) -> dict[str, Any]:
     """The ceilings per family (and both together) over the cells that ran every setting."""
@@ -280,6 +305,7 @@ def summarize(results: dict[str, Any], settings: list[Setting],
             "single_hindsight": single_setting(full, names, everything, everything),
             "single_held_out": single_setting(full, names, CHOOSE, SCORE),
         }
+    summary["by_knob"] = breakdown(full, settings)
     summary["references"] = references(full, ppo_eval)
     return summary
 
@@ -313,17 +339,19 @@ def short(cell: str) -> str:
 def table(summary: dict[str, Any]) -> str:
     """Per cell: the references and each family's ceilings (ratios to the heuristic)."""
     groups = [g for g in ("fixed", "action", "all") if g in summary]
+    families = [g for g in groups if g != "all"]  # "all" adds columns that say little more
     head = ["cell", "heur. RT s", "heur+oracle", "oracle-sjf", "ppo"]
-    for g in groups:
-        head += [f"{g} hindsight", f"{g} held out"]
+    for g in families:
+        head += [f"{g}: per cell, hindsight", "per cell, held out", "one setting"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     refs = summary["references"]
     for c, ref in refs.items():
         row = [short(c), f"{ref['heuristic_rt_s']:.1f}", f"{ref['heuristic+oracle']:.3f}",
                f"{ref.get('oracle-sjf', float('nan')):.3f}", f"{ref.get('ppo', float('nan')):.3f}"]
-        for g in groups:
+        for g in families:
             row += [f"{summary[g]['hindsight']['ratios'][c]:.3f}",
-                    f"{summary[g]['held_out']['ratios'][c]:.3f}"]
+                    f"{summary[g]['held_out']['ratios'][c]:.3f}",
+                    f"{summary[g]['single_hindsight']['best']['ratios'][c]:.3f}"]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "| family | choice | mean ratio | worst cell | best cell | miss diff mean / "
               "worst | cells past bar | meets bar |", "|---|---|---|---|---|---|---|---|"]
@@ -349,6 +377,11 @@ def table(summary: dict[str, Any]) -> str:
         for label in ("single_hindsight", "single_held_out"):
             if s[label]["best"]:
                 lines.append(f"\n{g}, {label}: `{s[label]['best']['setting']}`")
+    lines.append("\nBest single setting (hindsight mean ratio) with each value of a knob:")
+    for family, knobs in summary.get("by_knob", {}).items():
+        for knob, values in knobs.items():
+            lines.append(f"- {family} {knob}: " + ", ".join(
+                f"{v} {r['mean_rt_ratio']:.3f}" for v, r in values.items()))
     return "\n".join(lines)
 
 
@@ -367,32 +400,37 @@ def main() -> None:
     settings = [s for f in args.family.split(",") for s in makers[f]()]
     settings = settings[: args.limit_settings] if args.limit_settings else settings
     out = Path(args.json)
+    # the per-window results (large) go to a gzip beside the JSON, which keeps the summary
+    raw = out.with_name(out.stem + "_windows.json.gz")
     previous = json.loads(out.read_text()) if args.resume and out.is_file() else {}
-    results: dict[str, Any] = previous.get("results", {})
+    results: dict[str, Any] = (json.loads(gzip.decompress(raw.read_bytes()))
+                               if args.resume and raw.is_file() else {})
     ppo_eval_file = Path(args.ppo_eval)
     ppo_eval = json.loads(ppo_eval_file.read_text()) if ppo_eval_file.is_file() else {}
-    command = shlex.join(["python", *sys.argv])
-    load_avg = os.getloadavg()
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    run = {"command": shlex.join(["python", *sys.argv]),
+           "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
+                      f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} at the "
+                      "start"}
+    runs = [*previous.get("runs", []), run]  # a resumed study keeps the earlier runs' record
     t0 = time.perf_counter()
     todo = cells([int(c) for c in args.caps.split(",")])
 
-    def payload(complete: bool) -> dict[str, Any]:
-        return {
-            "complete": complete, "command": command, "started": started,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
-                       f"load average {', '.join(f'{x:.2f}' for x in load_avg)} at the start",
-            "elapsed_s": time.perf_counter() - t0 + previous.get("elapsed_s", 0.0),
-            "windows": "4 x 100 requests per cell, ppo_eval.py's seeds; per window "
-                       "[mean response time s, miss rate]",
+    def save(complete: bool, summary: dict[str, Any] | None = None) -> None:
+        run["elapsed_s"] = round(time.perf_counter() - t0, 1)
+        raw.write_bytes(gzip.compress(json.dumps(results).encode(), mtime=0))
+        out.write_text(json.dumps({
+            "complete": complete, "runs": runs,
+            "windows": f"4 x 100 requests per cell, ppo_eval.py's seeds; per window [mean "
+                       f"response time s, miss rate] of every setting in {raw.name}",
             "grid": {"uncertainty_weights": UNCERTAINTY_WEIGHTS, "wait_weights": WAIT_WEIGHTS,
                      "batch_fractions": [str(f) for f in BATCH_FRACTIONS],
                      "offload_tokens": [str(x) for x in OFFLOAD_TOKENS],
                      "action_uncertainty": ACTION_UNCERTAINTY, "action_wait": ACTION_WAIT,
                      "action_batch": ACTION_BATCH, "action_offload": ACTION_OFFLOAD},
             "settings": [{"name": s.name, "family": s.family} for s in settings],
-            "results": results,
-        }
+            "summary": summary,
+        }, indent=1) + "\n")
 
     complete = True
     for n, (index, sc) in enumerate(todo):
@@ -403,12 +441,12 @@ def main() -> None:
         label = sc.label()
         results[label] = evaluate_cell(sc, index, settings, results.get(label, {}))
         print(f"[{time.perf_counter() - t0:.0f}s] {label}", flush=True)
-        out.write_text(json.dumps(payload(False)) + "\n")  # after every cell: a stop keeps it
-    final = payload(complete)
-    final["summary"] = summarize(results, settings, ppo_eval)
-    out.write_text(json.dumps(final) + "\n")
-    print(table(final["summary"]))
-    print(f"({final['elapsed_s']:.0f}s; wrote {out})")
+        save(False)  # after every cell: a stop keeps the work
+    summary = summarize(results, settings, ppo_eval)
+    save(complete, summary)
+    print(table(summary))
+    print(f"({sum(r.get('elapsed_s', 0) for r in runs):.0f}s in all; wrote {out}, {raw})")
+
 
 if __name__ == "__main__":
     main()
