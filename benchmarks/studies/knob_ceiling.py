@@ -27,13 +27,14 @@ as the ratio of mean response time to the heuristic's (as ``ppo_eval.py`` does):
   heuristic on windows 2-3 (what a tuned-per-cell setting would really deliver);
 - the same with the choice restricted to settings whose miss rate is at most the heuristic's
   + 1 point on the choosing windows;
-- the best *single* setting for all cells (chosen on the mean ratio over cells).
+- the best *single* setting for all cells (chosen on the mean ratio over cells), in hindsight
+  and chosen on windows 0-1 / scored on windows 2-3.
 
 References per cell: the heuristic ranking by true lengths (``heuristic+oracle``) and, from
 ``benchmarks/results/ppo_eval.json``, oracle SJF (true lengths, full batches, no offloading).
 
     python benchmarks/studies/knob_ceiling.py --family fixed,action \
-        --json benchmarks/results/knob_ceiling.json
+        --json benchmarks/results/knob_ceiling.json   # about 50 minutes on 2 shared cores
 
 Writes the summary to ``--json`` and every setting's per-window results beside it
 (``knob_ceiling_windows.json.gz``). ``--resume`` keeps the (cell, setting) results already
