@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -511,6 +512,47 @@ def test_saturated_backend_admits_in_key_order(policy: str, pool: ThreadPoolExec
             assert order == sorted(prompts, key=lambda p: ranked[p])
             assert order != arrival
         assert max_overlap(started) <= 1
+
+
+@pytest.mark.parametrize("max_wait_s", [0.3, math.inf])
+def test_a_request_overdue_inside_the_backend_is_not_passed_again(
+    max_wait_s: float, pool: ThreadPoolExecutor
+) -> None:
+    # One seat, an in-flight cap of 3: two requests wait in the backend's own priority queue.
+    # A long request sent early is passed there by every shorter one sent after it, unless the
+    # gateway stops sending once it is overdue (waited past the hard aging bound, not started).
+    long_prompt, short_prompt = LONG[0], SHORT[1]
+    keys = scratch_keys((long_prompt, short_prompt))
+    assert keys[long_prompt] > keys[short_prompt]  # the long one has the worse priority
+    controller = AdaptiveController("sjf")
+    knobs = Knobs(length_weight=1.0, wait_weight=0.0, max_wait_s=max_wait_s)
+    controller.set_knobs(knobs, hold=True)
+
+    def stream(prompt: str) -> int:
+        chunks = gw.oai.chat.completions.create(
+            model="m", messages=user(prompt), max_tokens=20, stream=True
+        )
+        return sum(1 for _ in chunks)
+
+    with (
+        paced(tokens_per_s=200.0, max_concurrency=1) as be,
+        gateway(be.config(send_priority=True), controller=controller, max_inflight=3) as gw,
+    ):
+        with held(gw.oai):
+            futures = [pool.submit(stream, long_prompt)]
+            wait_for(lambda: len(be.log) == 2, what="the long request sent")
+            futures += [pool.submit(stream, short_prompt) for _ in range(5)]
+            wait_for(lambda: len(gw.controller) == 4, what="4 short requests queued")
+            time.sleep(2 * 0.3)  # the long request, waiting in the backend, is now overdue
+        assert all(f.result() >= 1 for f in futures)
+        started = sorted(be.log[1:], key=lambda e: e["started_at"])
+        long_id = be.log[1]["headers"]["x-request-id"]
+        place = [e["headers"]["x-request-id"] for e in started].index(long_id)
+        assert_accounting(gw)
+    if max_wait_s < math.inf:
+        assert place == 1  # right after the short request that was already in the backend
+    else:
+        assert place == 5  # passed by all five
 
 
 # == 4. consolidation ==============================================================================

@@ -284,7 +284,9 @@ class Gateway:
             self.metrics.requests.labels("failed", exc.reason).inc()
             raise APIError(503, str(exc), kind="service_unavailable") from None
         entry = self.controller.entry(request.id)
-        ticket = Ticket(request, entry.prediction.length, entry.service_s)
+        ticket = Ticket(
+            request, entry.prediction.length, entry.service_s, streamed=bool(body.stream)
+        )
         self.dispatcher.enqueue(ticket)  # before any await: a pump may admit it at once
         self.metrics.predicted_tokens.observe(ticket.predicted_tokens)
         if self.config.shed and deadline is not None:

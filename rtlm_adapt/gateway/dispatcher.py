@@ -9,6 +9,12 @@ given requests the policy marks offloadable. The waiting coroutine then wakes wi
 The controller sees each backend as an executor: ``running`` is its in-flight count and
 ``max_batch_size`` its in-flight cap, so the policy's batch cap (consolidation) becomes the
 in-flight cap per primary backend.
+
+With a cap above the engine's seats, the extra requests wait in the engine's own queue, ordered
+there by the static priority they were sent with, where the controller's hard aging bound cannot
+reach them: everything better sent later passes them. So a backend holding a streamed request
+that has waited past the bound without its first token is sent nothing more until that request
+starts (only a stream shows when a request starts; a non-streamed one is never held for).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class Backend:
     inflight: int = 0
     #: Predicted seconds of work of the requests in flight here (routing picks the least).
     outstanding_s: float = 0.0
+    #: The requests in flight here (the tickets holding a slot).
+    holders: set[Ticket] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -53,6 +61,15 @@ class Backend:
     def has_room(self) -> bool:
         return self.healthy and self.inflight < self.max_inflight
 
+    def holds_overdue(self, now: float, max_wait_s: float) -> bool:
+        """Whether a streamed request here has waited ``max_wait_s`` since its arrival and not
+        started (no first token yet): it waits in the engine's queue, where newer requests with
+        better priorities would keep passing it."""
+        return any(
+            t.streamed and t.first_token_time is None and now - t.request.arrival_time >= max_wait_s
+            for t in self.holders
+        )
+
 
 @dataclass(eq=False)
 class Ticket:
@@ -65,6 +82,8 @@ class Ticket:
     #: The controller's priority key at admission, as an int for vLLM (lower runs first).
     priority: int = 0
     backend: Backend | None = None
+    #: Whether the answer is streamed (then the first token says when the engine started it).
+    streamed: bool = False
     #: Gateway-clock times: admitted to a backend, first token seen.
     start_time: float | None = None
     first_token_time: float | None = None
@@ -191,11 +210,10 @@ class Dispatcher:
     def _assign_one(self, now: float) -> bool:
         # Primaries by least predicted outstanding work, then the secondaries (the controller
         # only gives them offloadable requests).
-        primaries = sorted(
-            (b for b in self.backends if b.role == "primary" and b.has_room),
-            key=lambda b: b.outstanding_s,
-        )
-        secondaries = [b for b in self.backends if b.role == "secondary" and b.has_room]
+        max_wait = self.controller.knobs.max_wait_s
+        open_ = [b for b in self.backends if b.has_room and not b.holds_overdue(now, max_wait)]
+        primaries = sorted((b for b in open_ if b.role == "primary"), key=lambda b: b.outstanding_s)
+        secondaries = [b for b in open_ if b.role == "secondary"]
         for backend in primaries + secondaries:
             batch = self.controller.next_batch(self._state_of(backend, now), limit=1)
             if not batch:
@@ -235,6 +253,7 @@ class Dispatcher:
             ticket.start_time = now
         backend.inflight += 1
         backend.outstanding_s += ticket.service_s
+        backend.holders.add(ticket)
 
     def _leave(self, ticket: Ticket) -> None:
         backend = ticket.backend
@@ -242,6 +261,16 @@ class Dispatcher:
             ticket.holding = False
             backend.inflight -= 1
             backend.outstanding_s = max(0.0, backend.outstanding_s - ticket.service_s)
+            backend.holders.discard(ticket)
+
+    def first_token(self, ticket: Ticket) -> None:
+        """``ticket``'s first token arrived: the engine started it. If it was overdue, its
+        backend may take requests again."""
+        if ticket.first_token_time is not None:
+            return
+        now = ticket.first_token_time = self.clock()
+        if now - ticket.request.arrival_time >= self.controller.knobs.max_wait_s:
+            self.pump()
 
     # -- ends ------------------------------------------------------------------------------------
     def finish(

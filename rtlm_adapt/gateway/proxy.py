@@ -161,7 +161,6 @@ class Upstream:
         ask for it gets the stream without it, as the backend would have sent it.
         """
         backend = reply.backend
-        clock = self.dispatcher.clock
         completion_tokens: int | None = None
         content_chunks = 0
         # why the request ends if the stream stops before its end: the client left, or a failure
@@ -189,8 +188,7 @@ class Upstream:
                         completion_tokens = int(usage["completion_tokens"])
                     if chunk.get("choices"):
                         content_chunks += 1
-                        if ticket.first_token_time is None:
-                            ticket.first_token_time = clock()
+                        self.dispatcher.first_token(ticket)
                     elif usage is not None and not client_wants_usage:
                         continue  # the usage-only chunk the client did not ask for
                     if not client_wants_usage and "usage" in chunk:
