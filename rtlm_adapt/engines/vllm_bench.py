@@ -301,9 +301,10 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         raise ValueError("--policies is empty")
     # SIGTERM unwinds like Ctrl-C, so the servers' context managers stop them by PID.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    default_tier = getattr(args, "tier", "lexical")  # NAME@TIER overrides it per policy
     for name in policies:
         if name != DIRECT:  # an unknown name or tier fails before vLLM starts
-            policy, tier = policy_and_tier(name, getattr(args, "tier", "lexical"))
+            policy, tier = policy_and_tier(name, default_tier)
             make_policy(policy)
             check_tier(tier)
     if args.json:
@@ -383,7 +384,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
             for name in order:
                 t0 = time.perf_counter()
                 preempted_before = server.preemptions()
-                policy, tier = policy_and_tier(name, getattr(args, "tier", "lexical"))
+                policy, tier = policy_and_tier(name, default_tier)
                 oracle = name != DIRECT and make_policy(policy).length_source == "oracle"
                 if name == DIRECT:
                     done = asyncio.run(
@@ -433,7 +434,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         "command": " ".join(sys.argv),
         "max_num_seqs": slots,
         "max_inflight": inflight,
-        "tier": getattr(args, "tier", "lexical"),
+        "tier": default_tier,
         "lengths": args.lengths,
         "max_tokens": args.max_tokens,
         "load": args.load,

@@ -220,14 +220,14 @@ class Gateway:
         self, http: Request, body: ChatCompletionRequest | CompletionRequest, path: str
     ) -> Response:
         """Serve one completion request (streamed or not), from arrival to its end."""
+        text = _predictor_prompt(body)
         features = None
         if self._encoding is not None:
             loop = asyncio.get_running_loop()
-            prompt = _predictor_prompt(body)
             features = await loop.run_in_executor(
-                self._encoding, self.controller.prompt_features, prompt
+                self._encoding, self.controller.prompt_features, text
             )
-        ticket = self._submit(http, body, features)
+        ticket = self._submit(http, body, text, features)
         payload = body.model_dump(exclude_unset=True)
         headers = forwarded_headers(http, ticket)
         relaying = False
@@ -256,11 +256,12 @@ class Gateway:
         self,
         http: Request,
         body: ChatCompletionRequest | CompletionRequest,
+        text: str,
         features: Mapping[Any, float] | None = None,
     ) -> Ticket:
+        """Queue the request (``text``: what the predictor reads; ``features``: precomputed)."""
         now = self.clock()
         deadline = deadline_from_header(http.headers.get(DEADLINE_HEADER), now)
-        text = _predictor_prompt(body)
         max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None)
         request = ServingRequest(
             f"{self._prefix}-{next(self._ids)}",
