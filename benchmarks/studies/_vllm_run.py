@@ -15,6 +15,8 @@ import numpy as np
 
 from rtlm_adapt.data import PromptSample, TokenCounter, load_prompts
 from rtlm_adapt.engines.vllm_bench import BenchRequest, build_requests
+from rtlm_adapt.engines.vllm_replay import compare_on_engine
+from rtlm_adapt.request import Completion
 
 
 def rebuild_run(
@@ -40,3 +42,28 @@ def rebuild_run(
                               mean_service_s=mean_len * capacity["alone_s_per_token"],
                               max_tokens=real["max_tokens"], dataset_lengths=True)  # fmt: skip
     return chosen, lengths, requests
+
+
+def replay_recorded(
+    real: Mapping[str, Any],
+    chosen: list[PromptSample],
+    requests: list[BenchRequest],
+    results: Mapping[str, list[list[Completion]]],
+    *,
+    profile: str,
+    handoff_s: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """``compare_on_engine`` on a rebuilt run, with the run's seats, in-flight cap and KV cache:
+    per policy, the sim/real figures."""
+    kv = real.get("kv_cache") or {}
+    return compare_on_engine(
+        requests,
+        [s.prompt_tokens for s in chosen],
+        results,
+        profile=profile,
+        max_num_seqs=real["max_num_seqs"],
+        max_inflight=real.get("max_inflight"),
+        kv_blocks=kv.get("blocks"),
+        block_size=kv.get("block_size"),
+        handoff_s=handoff_s,
+    )

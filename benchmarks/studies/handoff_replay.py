@@ -23,10 +23,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _vllm_run import rebuild_run
+from _vllm_run import rebuild_run, replay_recorded
 from gateway_vs_replay import completions
 
-from rtlm_adapt.engines.vllm_replay import DEFAULT_ENGINE_PROFILE, DIRECT, compare_on_engine
+from rtlm_adapt.engines.vllm_replay import DEFAULT_ENGINE_PROFILE, DIRECT
 
 
 def replay_run(path: str, handoffs_s: list[float], profile: str) -> dict[float, Any]:
@@ -39,18 +39,7 @@ def replay_run(path: str, handoffs_s: list[float], profile: str) -> dict[float, 
 
 
 def replay_at(real, chosen, requests, results, handoff_s: float, profile: str) -> dict[str, Any]:
-    kv = real.get("kv_cache") or {}
-    figures = compare_on_engine(
-        requests,
-        [s.prompt_tokens for s in chosen],
-        results,
-        profile=profile,
-        max_num_seqs=real["max_num_seqs"],
-        max_inflight=real.get("max_inflight"),
-        kv_blocks=kv.get("blocks"),
-        block_size=kv.get("block_size"),
-        handoff_s=handoff_s,
-    )
+    figures = replay_recorded(real, chosen, requests, results, profile=profile, handoff_s=handoff_s)
     return {
         name: {"real_s": f["real_mean_rt_s"], "sim_s": f["sim_mean_rt_s"],
                "spearman": f["spearman"]}
@@ -67,13 +56,17 @@ def main() -> None:
     args = parser.parse_args()
     handoffs = [float(x) / 1000 for x in args.handoffs_ms.split(",")]
     out: dict[str, Any] = {"profile": args.profile, "runs": {}}
-    print("run (cap)                                  policy       real s  | per hand-off ms:"
-          " sim s (sim/real), mean/direct real -> sim")
+    print(
+        "run (cap)                                  policy       real s  | per hand-off ms:"
+        " sim s (sim/real), mean/direct real -> sim"
+    )
     for path in args.runs:
         per_handoff = replay_run(path, handoffs, args.profile)
         cap = json.loads(Path(path).read_text()).get("max_inflight")
-        out["runs"][path] = {"max_inflight": cap,
-                             "by_handoff_ms": {round(h * 1000): f for h, f in per_handoff.items()}}
+        out["runs"][path] = {
+            "max_inflight": cap,
+            "by_handoff_ms": {round(h * 1000): f for h, f in per_handoff.items()},
+        }
         first = per_handoff[handoffs[0]]
         for name in first:
             cells = []

@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _vllm_run import rebuild_run
+from _vllm_run import rebuild_run, replay_recorded
 from gateway_vs_replay import completions
 
 from rtlm_adapt.calibration.cli import fit_vllm_run
 from rtlm_adapt.calibration.step_cost import StepCost
-from rtlm_adapt.engines.vllm_replay import DEFAULT_ENGINE_PROFILE, compare_on_engine
+from rtlm_adapt.engines.vllm_replay import DEFAULT_ENGINE_PROFILE
 
 STEP_COSTS = ("packaged", "probe", "pace")
 
@@ -78,7 +78,6 @@ def replay_run(path: str, folder: Path, profile: str) -> dict[str, Any]:
     context = np.mean([s.prompt_tokens for s in chosen]) + template + np.mean(lengths) / 2
     results = {name: [completions(rows) for rows in repeats]
                for name, repeats in real["completions"].items()}  # fmt: skip
-    kv = real.get("kv_cache") or {}
     files = step_costs(path, real, folder, profile, float(context))
     out: dict[str, Any] = {
         "max_inflight": real.get("max_inflight") or real["max_num_seqs"],
@@ -86,16 +85,7 @@ def replay_run(path: str, folder: Path, profile: str) -> dict[str, Any]:
         "policies": {},
     }
     for cost_name, file in files.items():
-        figures = compare_on_engine(
-            requests,
-            [s.prompt_tokens for s in chosen],
-            results,
-            profile=file,
-            max_num_seqs=real["max_num_seqs"],
-            max_inflight=real.get("max_inflight"),
-            kv_blocks=kv.get("blocks"),
-            block_size=kv.get("block_size"),
-        )
+        figures = replay_recorded(real, chosen, requests, results, profile=file)
         for policy, f in figures.items():
             cell = out["policies"].setdefault(policy, {"real_s": f["real_mean_rt_s"]})
             cell[cost_name] = {"sim_over_real": f["mean_rt_ratio_sim_over_real"],
