@@ -172,3 +172,32 @@ def test_max_inflight_is_checked_before_vllm_starts():
 
     with pytest.raises(SystemExit, match="--max-inflight is the gateway's cap: it needs --engine"):
         main(["serve-bench", "--max-inflight", "6"])
+
+
+def test_compare_sim_replays_on_a_profile_fitted_to_the_runs_own_probe():
+    import argparse
+
+    from rtlm_adapt.data import PromptSample
+    from rtlm_adapt.engines.vllm_bench import compare_sim, probe_fitted_profile
+
+    chosen = [
+        PromptSample(r.id, r.prompt, 10, t, "t")
+        for r, t in zip(REQUESTS, PROMPT_TOKENS, strict=True)
+    ]
+    args = argparse.Namespace(profile="auto", max_num_seqs=4)
+
+    def probe(tokens_per_s: float, alone_s_per_token: float = 0.032) -> dict:
+        capacity = {"alone_s_per_token": alone_s_per_token, "tokens_per_s": tokens_per_s}
+        return {"max_num_seqs": 4, "max_tokens": 512, "capacity": capacity}
+
+    fast = probe_fitted_profile(probe(120.0), chosen, args)
+    slow = probe_fitted_profile(probe(60.0), chosen, args)
+    assert fast.name == slow.name == "probe-fit" and fast.engine.max_num_seqs == 4
+    runs = {"fcfs": [fake_real(2.0)]}
+    on_fast = compare_sim(args, REQUESTS, chosen, runs, profile=fast)["fcfs"]
+    on_slow = compare_sim(args, REQUESTS, chosen, runs, profile=slow)["fcfs"]
+    assert on_fast["profile"] == "probe-fit"
+    # a probe that measured half the rate makes a slower engine, so the replay waits longer
+    assert on_slow["sim_mean_rt_s"] > 1.1 * on_fast["sim_mean_rt_s"]
+    # a request alone far slower than the saturated rate allows: no positive costs solve it
+    assert probe_fitted_profile(probe(120.0, alone_s_per_token=0.1), chosen, args) is None

