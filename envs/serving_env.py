@@ -9,12 +9,14 @@ the controller's policy: it sets the Knobs once per scheduling epoch.
 
 Spaces
 ------
-- **Action**: ``Box(-1, 1, (6,), float32)``, mapped to Knobs by
-  :class:`rtlm_adapt.policies.action_space.RelativeKnobsActionMap` (format 2: length,
-  uncertainty, aging and slack weights; the batch cap relative to the primary's knee and the
-  offload threshold relative to the waiting requests' median predicted length, both in octaves).
+- **Action**: ``Box(-1, 1, (6,), float32)``, mapped to Knobs by the action map of the model
+  format (``model_format``, default
+  :class:`rtlm_adapt.policies.action_space.LogKnobsActionMap`, format 3: length, uncertainty,
+  aging and slack weights; the batch cap on a log scale up to the primary's maximum and the
+  offload threshold on a log scale of predicted tokens; format 2 scales the last two by the
+  knee and the waiting requests' median predicted length).
 - **Observation**: ``Box(-1, 2, (14,), float32)``, :meth:`Observation.scale_free_vector`
-  (observation format 2: queue per batch slot, executor utilisations, whether a secondary
+  (observation formats 2 and 3: queue per batch slot, executor utilisations, whether a secondary
   exists and its share of the slots, the knee over the batch cap, predicted-length quantiles
   over their mean, mean uncertainty, oldest wait and smallest slack over the service time,
   offered load, recent response time over the service time and miss rate). Only ratios, so
@@ -126,6 +128,10 @@ class ServingEnv(gym.Env):
         secondary is ``secondary_profile`` when drawn).
     max_episode_steps
         Truncation bound.
+    model_format
+        The observation and action map a policy trained here reads and uses
+        (:data:`~rtlm_adapt.policies.action_space.ACTION_MAPS`; default
+        :data:`~rtlm_adapt.policies.action_space.OBSERVATION_FORMAT`).
     render_mode
         Only None: there is nothing to render (the info dict carries the figures).
     """
@@ -153,6 +159,7 @@ class ServingEnv(gym.Env):
         render_mode: str | None = None,
         model: str = "smollm2",
         hf_max_tokens: int = 256,
+        model_format: int = OBSERVATION_FORMAT,
     ) -> None:
         super().__init__()
         if render_mode is not None:
@@ -195,9 +202,14 @@ class ServingEnv(gym.Env):
         self.batching = batching
         self.miss_penalty = float(miss_penalty)
         self.max_episode_steps = int(max_episode_steps)
-        self.action_map = ACTION_MAPS[OBSERVATION_FORMAT]()
+        if model_format not in ACTION_MAPS:
+            raise ValueError(
+                f"unknown model_format {model_format!r}; expected one of {sorted(ACTION_MAPS)}"
+            )
+        self.model_format = int(model_format)
+        self.action_map = ACTION_MAPS[self.model_format]()
         self.action_space = spaces.Box(-1.0, 1.0, (KnobsActionMap.size,), dtype=np.float32)
-        n_obs = len(OBSERVATION_FORMATS[OBSERVATION_FORMAT][1])
+        n_obs = len(OBSERVATION_FORMATS[self.model_format][1])
         self.observation_space = spaces.Box(OBS_LOW, OBS_HIGH, (n_obs,), dtype=np.float32)
         self.workload: Workload | None = None
         self.controller: AdaptiveController | None = None
@@ -311,7 +323,7 @@ class ServingEnv(gym.Env):
 
     def _obs(self) -> np.ndarray:
         self._seen = self.observation()
-        return observation_array(self._seen)
+        return observation_array(self._seen, self.model_format)
 
     def _real_executors(self) -> tuple[Any, Any]:
         """The real primary (and a secondary sharing its weights), loaded on first use.

@@ -20,7 +20,10 @@ index  knob                    mapping of ``a`` in [-1, 1]
 =====  ======================  =====================================================
 
 Log scales where a knob spans orders of magnitude (aging, token thresholds); the batch cap is a
-fraction so one policy fits executors of any size.
+fraction so one policy fits executors of any size. That is format 1 (:class:`KnobsActionMap`);
+format 2 (:class:`RelativeKnobsActionMap`) scales the last two entries by the knee batch and the
+queue's median predicted length; format 3 (:class:`LogKnobsActionMap`, what new models use) maps
+them on log scales that reach the full batch cap and 8 predicted tokens, whatever the queue.
 
 >>> amap = KnobsActionMap()
 >>> knobs = amap.to_knobs([1, 0, -1, -1, 1, 1], primary_max_batch=16)
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -55,19 +59,21 @@ ACTION_FIELDS = (
 OBS_LOW, OBS_HIGH = -1.0, 2.0
 
 
-#: Observation formats a learned policy may read, by number: the vector and its field names.
-#: 2 (scale-free) is what the environment produces now; 1 is kept so older models still run.
+#: Model formats, by number: the observation vector a learned policy reads and its field names
+#: (the action map of each is :data:`ACTION_MAPS`). Format 3 reads format 2's scale-free vector
+#: and differs in its action map only; 1 and 2 are kept so older models still run.
 OBSERVATION_FORMATS: dict[int, tuple[Callable[[Observation], list[float]], tuple[str, ...]]] = {
     1: (Observation.as_vector, Observation.VECTOR_FIELDS),
     2: (Observation.scale_free_vector, Observation.SCALE_FREE_FIELDS),
+    3: (Observation.scale_free_vector, Observation.SCALE_FREE_FIELDS),
 }
 #: The format the environment (and so every newly trained model) uses.
-OBSERVATION_FORMAT = 2
+OBSERVATION_FORMAT = 3
 
 
 def observation_format_for_size(size: int) -> int:
-    """The format whose vector has ``size`` entries (how a model file without the number is
-    read); a ValueError naming the sizes known otherwise."""
+    """The oldest format whose vector has ``size`` entries (how a model file without the number
+    is read: such files predate format 3); a ValueError naming the sizes known otherwise."""
     for number, (_, names) in OBSERVATION_FORMATS.items():
         if len(names) == size:
             return number
@@ -226,5 +232,105 @@ class RelativeKnobsActionMap(KnobsActionMap):
         )
 
 
+class LogKnobsActionMap(KnobsActionMap):
+    """Action format 3: the weights as in format 1; the batch cap and the offload threshold on
+    log scales that need nothing from the queue, so an empty queue changes neither.
+
+    - batch cap: the primary's maximum times ``2 ** (batch_octaves * (a - full_above) /
+      (1 + full_above))`` for ``a < full_above``, the maximum itself for ``a >= full_above``
+      (a plateau: a noisy actor still gets the full cap); defaults: ``a = -1`` is 1/16 of it,
+      ``a = 0`` 0.57 of it, ``a >= 0.25`` all of it;
+    - offload threshold: ``min_offload * 2 ** (offload_octaves * (a + 1) / 2)`` predicted
+      tokens; defaults: 8 tokens at ``a = -1``, 32 at -0.5, 128 at 0, 1024 at 0.75; offloading
+      off for ``a >= off_above`` and without a secondary.
+
+    A token count belongs to the prompts and the model's tokenizer, not to the executor, so the
+    threshold means the same on a CPU and a GPU; the observation stays format 2's scale-free
+    vector.
+
+    >>> from rtlm_adapt.observation import Observation
+    >>> empty = Observation(now=0.0, queue_length=0, primary_running=4, primary_max_batch=64,
+    ...     secondary_running=0, secondary_max_batch=4, pred_len_mean=0.0, pred_len_p90=0.0,
+    ...     uncertainty_mean=0.0, oldest_wait_s=0.0, min_slack_s=float("inf"), arrival_rate=1.0,
+    ...     service_time_s=10.0, load=0.9, recent_response_s=20.0, recent_miss_rate=0.0,
+    ...     step_time_s=0.1, primary_knee_batch=16)
+    >>> amap = LogKnobsActionMap()
+    >>> k = amap.knobs([1, 0, 0, -1, 0.5, -0.5], empty)  # the queue is empty: still offloads
+    >>> k.max_batch_size, k.offload_threshold
+    (64, 32.0)
+    >>> k = amap.knobs([1, 0, 0, -1, -1, 1], empty)
+    >>> k.max_batch_size, k.offload_threshold
+    (4, inf)
+    >>> [round(float(x), 3) for x in amap.to_action(amap.to_knobs([1, 0, 0, -1, 0, 0], 64), 64)]
+    [1.0, 0.0, 0.0, -1.0, 0.003, 0.0]
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_octaves: float = 4.0,
+        full_above: float = 0.25,
+        min_offload: float = 8.0,
+        offload_octaves: float = 8.0,
+        off_above: float = 0.9,
+        **kwargs: float,
+    ) -> None:
+        super().__init__(**kwargs)
+        if batch_octaves <= 0 or offload_octaves <= 0 or min_offload <= 0:
+            raise ValueError("batch_octaves, offload_octaves and min_offload must be positive")
+        if not -1 < full_above <= 1 or not -1 < off_above:
+            raise ValueError("full_above must be in (-1, 1] and off_above above -1")
+        self.batch_octaves = float(batch_octaves)
+        self.full_above = float(full_above)
+        self.min_offload = float(min_offload)
+        self.offload_octaves = float(offload_octaves)
+        self.off_above = float(off_above)
+
+    def to_knobs(self, action: Sequence[float] | np.ndarray, primary_max_batch: int) -> Knobs:
+        base = super().to_knobs(action, primary_max_batch)  # the weights; the rest below
+        a_batch = min(1.0, max(-1.0, float(action[4])))
+        a_offload = min(1.0, max(-1.0, float(action[5])))
+        cap = max(1, primary_max_batch)
+        octaves = self.batch_octaves * (min(a_batch, self.full_above) - self.full_above)
+        batch = max(1, min(cap, round(cap * 2.0 ** (octaves / (1.0 + self.full_above)))))
+        threshold = math.inf
+        if a_offload < self.off_above:
+            threshold = self.min_offload * 2.0 ** (self.offload_octaves * (a_offload + 1) / 2)
+        return Knobs(
+            length_weight=base.length_weight,
+            uncertainty_weight=base.uncertainty_weight,
+            wait_weight=base.wait_weight,
+            slack_weight=base.slack_weight,
+            max_batch_size=int(batch),
+            offload_threshold=threshold,
+        )
+
+    def to_action(self, knobs: Knobs, primary_max_batch: int) -> np.ndarray:
+        action = super().to_action(knobs, primary_max_batch)  # the weights; the rest below
+        cap = max(1, primary_max_batch)
+        frac = min(1.0, (knobs.max_batch_size or cap) / cap)
+        below = math.log2(frac) * (1.0 + self.full_above) / self.batch_octaves  # <= 0
+        action[4] = min(self.full_above, max(-1.0, self.full_above + below))
+        threshold = knobs.offload_threshold
+        if math.isfinite(threshold):
+            octaves = math.log2(max(threshold, self.min_offload) / self.min_offload)
+            action[5] = min(self.off_above, 2.0 * octaves / self.offload_octaves - 1.0)
+        else:
+            action[5] = 1.0
+        return action
+
+    def knobs(self, action: Sequence[float] | np.ndarray, obs: Observation) -> Knobs:
+        """Knobs for ``action`` taken at ``obs``: the primary's maximum sets the batch cap's
+        scale; without a secondary nothing is offloaded."""
+        knobs = self.to_knobs(action, max(1, obs.primary_max_batch))
+        if obs.secondary_max_batch <= 0 and math.isfinite(knobs.offload_threshold):
+            knobs = replace(knobs, offload_threshold=math.inf)
+        return knobs
+
+
 #: The action map of each model format (the same numbers as the observation formats).
-ACTION_MAPS: dict[int, type[KnobsActionMap]] = {1: KnobsActionMap, 2: RelativeKnobsActionMap}
+ACTION_MAPS: dict[int, type[KnobsActionMap]] = {
+    1: KnobsActionMap,
+    2: RelativeKnobsActionMap,
+    3: LogKnobsActionMap,
+}

@@ -15,9 +15,11 @@ learning from the live loop (see :class:`~rtlm_adapt.policies.ppo_online.OnlineP
 
 Model files: :meth:`PPOPolicy.save` writes the actor as ``.npz`` (numpy only, the format the
 packaged model uses, :data:`PACKAGED_MODEL`); :meth:`PPOPolicy.load` reads those and SB3
-``model.zip`` files. Both record the observation format the actor reads (format 1 models, from
-before the scale-free observation, still run on it); a file this version cannot read raises a
-ValueError naming the problem.
+``model.zip`` files. Both record the model format: the observation the actor reads and the
+action map it was trained with (an ``.npz`` in its metadata, a ``model.zip`` in its training's
+``config.json``; format 1 and 2 models, from before the scale-free observation and the log-scale
+action map, still run on theirs); a file this version cannot read raises a ValueError naming
+the problem.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -73,6 +75,21 @@ def _activation_from_data(data: dict[str, Any]) -> str:
         if name.encode() in blob:
             return name
     raise ValueError(f"unsupported activation_fn in the saved model: {fn!r:.80}")
+
+
+def _model_format(model_path: Path) -> int | None:
+    """The model format a training run recorded in its config.json (beside the model, or one
+    folder up for ``checkpoints/``); None where there is none (runs before format 3 did not
+    record it: their format follows from the actor's input size)."""
+    for folder in (model_path.parent, model_path.parent.parent):
+        config = folder / "config.json"
+        if config.is_file():
+            try:
+                fmt = json.loads(config.read_text()).get("model_format")
+            except (json.JSONDecodeError, AttributeError):
+                return None
+            return int(fmt) if fmt is not None else None
+    return None
 
 
 def _trained_with_secondary(model_path: Path) -> bool:
@@ -140,6 +157,11 @@ class PPOPolicy:
         self.actor = actor
         self.name = name
         fmt = observation_format or observation_format_for_size(actor.obs_size)
+        if fmt not in ACTION_MAPS:
+            raise ValueError(
+                f"model format {fmt}, which this rtlm-adapt does not know "
+                f"(known: {sorted(ACTION_MAPS)}); upgrade rtlm-adapt or retrain the model"
+            )
         self.action_map = action_map or ACTION_MAPS[fmt]()
         if actor.action_size != self.action_map.size:
             raise ValueError(
@@ -178,6 +200,7 @@ class PPOPolicy:
                 raise ValueError(f"{path}: online learning needs the SB3 model.zip, not an .npz")
             return cls._load_npz(path, **kwargs)
         kwargs.setdefault("trained_with_secondary", _trained_with_secondary(path))
+        kwargs.setdefault("observation_format", _model_format(path))
         if online:
             from .ppo_online import OnlinePPO
 

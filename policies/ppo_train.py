@@ -24,6 +24,7 @@ import numpy as np
 from rtlm_adapt.calibration.step_cost import DEFAULT_PROFILE, StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.experiment import Workload, run_policy
+from rtlm_adapt.policies.action_space import OBSERVATION_FORMAT
 
 #: Trace fractions: training windows start in the first, evaluation windows in the second.
 TRAIN_SLICE = (0.0, 0.8)
@@ -56,6 +57,9 @@ class TrainConfig:
     ``max_minutes`` stops training early (wall clock, evaluations included); the model is saved
     as usual. ``env`` holds ServingEnv options (``prompts``, ``arrivals``, ``load``, ``n_requests``,
     ``epoch_s``, ``batching``, ...); ``trace_slice`` is forced to :data:`TRAIN_SLICE`.
+    ``model_format`` is the observation and action map the policy learns with
+    (:data:`~rtlm_adapt.policies.action_space.ACTION_MAPS`; loading the model reads it back from
+    ``config.json``).
     """
 
     timesteps: int = 300_000
@@ -80,6 +84,7 @@ class TrainConfig:
     vec_env: str = "subproc"
     progress_bar: bool = True
     max_minutes: float | None = None
+    model_format: int = OBSERVATION_FORMAT
 
     @classmethod
     def quick(cls, **overrides: Any) -> TrainConfig:
@@ -222,7 +227,10 @@ def _make_callbacks(config: TrainConfig, out: Path) -> list[Any]:
 
         def _evaluate(self) -> None:
             actor = PPOPolicy.from_model(self.model).actor
-            ppo = evaluate(lambda: PPOPolicy(actor, guard=None), self.workloads, config.env)
+            ppo = evaluate(
+                lambda: PPOPolicy(actor, guard=None, observation_format=config.model_format),
+                self.workloads, config.env,
+            )
             heur = self.baselines["heuristic"]
             row = {"timesteps": int(self.num_timesteps), "time_s": time.time() - started,
                    "ppo": ppo, **self.baselines}
@@ -266,7 +274,8 @@ def train(config: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
     # render_mode=None: SB3 otherwise asks for "rgb_array", which ServingEnv does not render
-    env_kwargs = {**config.env, "trace_slice": TRAIN_SLICE, "render_mode": None}
+    env_kwargs = {**config.env, "trace_slice": TRAIN_SLICE, "render_mode": None,
+                  "model_format": config.model_format}
     vec_cls = SubprocVecEnv if config.vec_env == "subproc" and config.n_envs > 1 else DummyVecEnv
     # "module:id" makes gymnasium import rtlm_adapt.envs (the registration) in each subprocess
     venv = make_vec_env("rtlm_adapt.envs:rtlm_adapt/Serving-v0", n_envs=config.n_envs,
@@ -347,8 +356,10 @@ def validate_checkpoints(
                                                            run / "model.zip"]
     ranked = []
     for file in (f for f in files if f.is_file()):
-        actor = PPOPolicy.load(file, guard=None).actor
+        loaded = PPOPolicy.load(file, guard=None)
+        actor, fmt = loaded.actor, loaded.observation_format
         # the actor alone (guard=None): the guard's judgement would blur the comparison
-        rts = [run_case(PPOPolicy(actor, guard=None), case, config.env)[0] for case in cases]
+        rts = [run_case(PPOPolicy(actor, guard=None, observation_format=fmt), case,
+                        config.env)[0] for case in cases]
         ranked.append((str(file.relative_to(run)), float(np.mean(np.divide(rts, heuristic)))))
     return sorted(ranked, key=lambda item: item[1])

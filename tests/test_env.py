@@ -94,6 +94,85 @@ def test_action_mapping_round_trips_and_stays_in_bounds():
     assert extreme.max_batch_size == 16 and extreme.offload_threshold == pytest.approx(32.0)
 
 
+def _observation(**changes):
+    from dataclasses import replace
+
+    from rtlm_adapt.observation import Observation
+
+    obs = Observation(now=0.0, queue_length=0, primary_running=4, primary_max_batch=64,
+                      secondary_running=0, secondary_max_batch=4, pred_len_mean=0.0,
+                      pred_len_p90=0.0, uncertainty_mean=0.0, oldest_wait_s=0.0,
+                      min_slack_s=math.inf, arrival_rate=1.0, service_time_s=10.0, load=0.9,
+                      recent_response_s=20.0, recent_miss_rate=0.0, step_time_s=0.1,
+                      primary_knee_batch=16)
+    return replace(obs, **changes)
+
+
+def test_format_3_round_trips_and_stays_in_bounds():
+    from rtlm_adapt.policies.action_space import LogKnobsActionMap
+
+    amap = LogKnobsActionMap()
+    rng = np.random.default_rng(0)
+    for cap in (4, 16, 64):
+        for action in rng.uniform(-1.0, 1.0, size=(200, amap.size)):
+            knobs = amap.to_knobs(action, primary_max_batch=cap)
+            assert 1 <= knobs.max_batch_size <= cap
+            assert knobs.offload_threshold >= 8.0 - 1e-9
+            assert (knobs.offload_threshold == math.inf) == (action[5] >= 0.9)
+            back = amap.to_action(knobs, primary_max_batch=cap)
+            np.testing.assert_allclose(back[:4], action[:4], atol=1e-5)
+            if action[5] < 0.9:  # the threshold is continuous
+                assert back[5] == pytest.approx(action[5], abs=1e-5)
+            # the batch cap: the plateau reads back as its start, the rest within a slot
+            assert amap.to_knobs(back, cap).max_batch_size == knobs.max_batch_size
+    # the plateau: the primary's full cap from a = 0.25 up, at every cap
+    for cap in (4, 16, 64):
+        assert {amap.to_knobs([0, 0, 0, 0, a, 0], cap).max_batch_size
+                for a in (0.25, 0.5, 1.0, 3.0)} == {cap}
+        assert amap.to_knobs([0, 0, 0, 0, -1, 0], cap).max_batch_size == max(1, cap // 16)
+    # the threshold grows one octave per quarter of the range, from 8 tokens
+    assert [amap.to_knobs([0, 0, 0, 0, 0, a], 16).offload_threshold
+            for a in (-1, -0.75, -0.5, 0, 0.75)] == pytest.approx([8, 16, 32, 128, 1024])
+
+
+def test_format_3_needs_nothing_from_the_queue():
+    from rtlm_adapt.policies.action_space import LogKnobsActionMap, RelativeKnobsActionMap
+
+    action = [1.0, 0.0, 0.0, -1.0, 1.0, -0.5]
+    empty, busy = _observation(), _observation(queue_length=40, pred_len_mean=300.0,
+                                               pred_len_p90=900.0, pred_len_p50=200.0)
+    log = LogKnobsActionMap()
+    assert log.knobs(action, empty) == log.knobs(action, busy)
+    assert log.knobs(action, empty).offload_threshold == pytest.approx(32.0)
+    assert log.knobs(action, empty).max_batch_size == 64
+    # format 2 turns offloading off with an empty queue, and its top cap depends on the knee
+    assert RelativeKnobsActionMap().knobs(action, empty).offload_threshold == math.inf
+    # no secondary: nothing to offload to
+    assert log.knobs(action, _observation(secondary_max_batch=0)).offload_threshold == math.inf
+
+
+def test_env_uses_format_3_and_still_trains_format_2():
+    from rtlm_adapt.policies.action_space import (
+        ACTION_MAPS,
+        OBSERVATION_FORMAT,
+        LogKnobsActionMap,
+        RelativeKnobsActionMap,
+        observation_format_for_size,
+    )
+
+    assert OBSERVATION_FORMAT == 3 and set(ACTION_MAPS) == {1, 2, 3}
+    assert observation_format_for_size(14) == 2  # a file without the number predates format 3
+    env = ServingEnv(**SMALL)
+    assert env.model_format == 3 and isinstance(env.action_map, LogKnobsActionMap)
+    old = ServingEnv(**SMALL, model_format=2)
+    assert isinstance(old.action_map, RelativeKnobsActionMap)
+    obs, _ = env.reset(seed=0)
+    obs2, _ = old.reset(seed=0)
+    np.testing.assert_array_equal(obs, obs2)  # the same observation
+    with pytest.raises(ValueError, match="model_format"):
+        ServingEnv(**SMALL, model_format=9)
+
+
 def test_hf_executor_runs_the_real_model_on_the_wall_clock_loop():
     pytest.importorskip("transformers")
     # a tiny random model; a high load packs the arrivals into about a second of wall time

@@ -185,6 +185,30 @@ def test_npz_round_trip_and_format_errors(tiny_model, tmp_path):
             PPOPolicy.load(tmp_path / "bad.npz")
 
 
+def test_a_run_records_its_model_format(tiny_model, tmp_path):
+    import shutil
+
+    from rtlm_adapt.policies.action_space import LogKnobsActionMap, RelativeKnobsActionMap
+
+    path, _ = tiny_model
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(path, run / "model.zip")
+    shutil.copy(path, run / "checkpoints" / "ppo_256_steps.zip")
+    # a run from before format 3 recorded no format: the size says format 2
+    (run / "config.json").write_text(json.dumps({"env": {}}))
+    assert PPOPolicy.load(run / "model.zip", guard=None).observation_format == 2
+    (run / "config.json").write_text(json.dumps({"env": {}, "model_format": 3}))
+    for file in (run / "model.zip", run / "checkpoints" / "ppo_256_steps.zip"):
+        policy = PPOPolicy.load(file, guard=None)
+        assert policy.observation_format == 3
+        assert isinstance(policy.action_map, LogKnobsActionMap)
+    again = PPOPolicy.load(policy.save(tmp_path / "m.npz"), guard=None)
+    assert again.observation_format == 3 and isinstance(again.action_map, LogKnobsActionMap)
+    assert isinstance(PPOPolicy(again.actor, observation_format=2).action_map,
+                      RelativeKnobsActionMap)
+
+
 def test_models_on_the_older_observation_still_run():
     from pathlib import Path
 

@@ -16,6 +16,10 @@ Two families of constant policies are tried (``--family``):
   ``RelativeKnobsActionMap``): the batch cap relative to the primary's knee, the offload
   threshold relative to the waiting requests' median predicted length. What a PPO actor that
   always outputs one action does.
+- ``action3``: the same through action format 3 (``LogKnobsActionMap``): the batch cap on a log
+  scale up to the cell's cap (a plateau at the cap from a = 0.25), the offload threshold on a log
+  scale of predicted tokens (8 tokens at a = -1, one octave per quarter, off from a = 0.9),
+  whatever the queue holds. A smaller grid than ``action``'s (162 settings).
 
 Every setting serves the very same requests as ``ppo_eval.py`` (its cells, its seeds
 ``BENCH_SEED + cell index``, 4 windows x 100 requests, ``ppo_train.run_case``). Reported per cell,
@@ -35,6 +39,8 @@ References per cell: the heuristic ranking by true lengths (``heuristic+oracle``
 
     python benchmarks/studies/knob_ceiling.py --family fixed,action \
         --json benchmarks/results/knob_ceiling.json   # about 50 minutes on 2 shared cores
+    python benchmarks/studies/knob_ceiling.py --family action3 \
+        --json benchmarks/results/knob_ceiling_format3.json
 
 Writes the summary to ``--json`` and every setting's per-window results beside it
 (``knob_ceiling_windows.json.gz``). ``--resume`` keeps the (cell, setting) results already
@@ -66,7 +72,11 @@ from rtlm_adapt.envs.scenarios import Scenario, grid
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
 from rtlm_adapt.policies import FixedPolicy
-from rtlm_adapt.policies.action_space import RelativeKnobsActionMap
+from rtlm_adapt.policies.action_space import (
+    KnobsActionMap,
+    LogKnobsActionMap,
+    RelativeKnobsActionMap,
+)
 from rtlm_adapt.policies.ppo_train import (
     HELD_OUT_ARRIVALS,
     HELD_OUT_LOADS,
@@ -92,6 +102,13 @@ ACTION_UNCERTAINTY = (-1.0, -0.5, 0.0, 1.0)  # uncertainty weight 0, 0.5, 1, 2
 ACTION_WAIT = (-1.0, -0.33, 0.13, 0.6)  # aging ~0.001, 0.01, 0.05, 0.25
 ACTION_BATCH = (-1.0, -0.5, 0.0, 0.5)  # knee / 4, knee / 2, knee, 2 x knee (within the cap)
 ACTION_OFFLOAD = (-1.0, -2 / 3, -1 / 3, 0.0, 1 / 3, 2 / 3, 1.0)  # median x 1/8 .. 4, off
+# The action3 family (format 3, LogKnobsActionMap): the batch cap is the cell's cap x
+# 2 ** (4 (a - 0.25) / 1.25) up to a = 0.25 and the cap above; the threshold 8 x 2 ** (4 (a + 1))
+# predicted tokens, off from a = 0.9.
+ACTION3_UNCERTAINTY = (-0.5, 0.0, 1.0)  # uncertainty weight 0.5, 1, 2
+ACTION3_WAIT = (-0.33, 0.13, 0.6)  # aging ~0.01, 0.05, 0.25
+ACTION3_BATCH = (-0.5, 0.0, 0.25)  # cap x 0.19, cap x 0.57, the cap
+ACTION3_OFFLOAD = (-1.0, -0.75, -0.5, -0.25, 0.0, 1.0)  # 8, 16, 32, 64, 128 tokens, off
 
 
 @dataclass(frozen=True)
@@ -106,15 +123,16 @@ class Setting:
 
 
 class ConstantAction:
-    """A policy that outputs the same PPO action every epoch (mapped as PPO's format 2 is)."""
+    """A policy that outputs the same PPO action every epoch, through ``amap`` (default PPO's
+    format 2 map)."""
 
     length_source = "predicted"
     consolidate = True
 
-    def __init__(self, action: Sequence[float]) -> None:
+    def __init__(self, action: Sequence[float], amap: KnobsActionMap | None = None) -> None:
         self.name = "action"
         self.action = list(action)
-        self.amap = RelativeKnobsActionMap()
+        self.amap = amap or RelativeKnobsActionMap()
 
     def decide(self, observation: Observation) -> Knobs:
         return self.amap.knobs(self.action, observation)
@@ -165,6 +183,34 @@ def action_settings() -> list[Setting]:
             params={"uncertainty": f"{unc:+.2f}", "wait": f"{wait:+.2f}",
                     "batch": f"{batch:+.2f}", "offload": f"{off:+.2f}"},
         ))
+    return settings
+
+
+def action3_settings() -> list[Setting]:
+    """Constant PPO actions through action format 3: length weight 1, no slack, the rest over
+    the action3 grid. The knobs depend on the cell's cap only (and on the secondary, which every
+    cell has), so settings that come to the same knobs in a cell run once."""
+    amap = LogKnobsActionMap()
+    settings = []
+    for unc, wait, batch, off in itertools.product(
+        ACTION3_UNCERTAINTY, ACTION3_WAIT, ACTION3_BATCH, ACTION3_OFFLOAD
+    ):
+        action = (1.0, unc, wait, -1.0, batch, off)
+        name = "action3 " + " ".join(f"{a:+.2f}" for a in action)
+        settings.append(
+            Setting(
+                name,
+                "action3",
+                make=lambda cap, a=action: lambda: ConstantAction(a, amap),
+                key=lambda cap, a=action: repr(amap.to_knobs(a, cap)),
+                params={
+                    "uncertainty": f"{unc:+.2f}",
+                    "wait": f"{wait:+.2f}",
+                    "batch": f"{batch:+.2f}",
+                    "offload": f"{off:+.2f}",
+                },
+            )
+        )
     return settings
 
 
@@ -340,7 +386,7 @@ def short(cell: str) -> str:
 
 def table(summary: dict[str, Any]) -> str:
     """Per cell: the references and each family's ceilings (ratios to the heuristic)."""
-    groups = [g for g in ("fixed", "action", "all") if g in summary]
+    groups = [g for g in ("fixed", "action", "action3", "all") if g in summary]
     families = [g for g in groups if g != "all"]  # "all" adds columns that say little more
     head = ["cell", "heur. RT s", "heur+oracle", "oracle-sjf", "ppo"]
     for g in families:
@@ -389,7 +435,8 @@ def table(summary: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", default="fixed,action", help="fixed, action or both")
+    parser.add_argument("--family", default="fixed,action",
+                        help="comma-separated: fixed, action (format 2), action3 (format 3)")
     parser.add_argument("--caps", default="4,16,64", help="which cells, by primary batch cap")
     parser.add_argument("--json", default="benchmarks/results/knob_ceiling.json")
     parser.add_argument("--ppo-eval", default="benchmarks/results/ppo_eval.json")
@@ -398,7 +445,7 @@ def main() -> None:
     parser.add_argument("--limit-settings", type=int, help="first N settings only (a smoke test)")
     args = parser.parse_args()
 
-    makers = {"fixed": fixed_settings, "action": action_settings}
+    makers = {"fixed": fixed_settings, "action": action_settings, "action3": action3_settings}
     settings = [s for f in args.family.split(",") for s in makers[f]()]
     settings = settings[: args.limit_settings] if args.limit_settings else settings
     out = Path(args.json)
@@ -429,7 +476,9 @@ def main() -> None:
                      "batch_fractions": [str(f) for f in BATCH_FRACTIONS],
                      "offload_tokens": [str(x) for x in OFFLOAD_TOKENS],
                      "action_uncertainty": ACTION_UNCERTAINTY, "action_wait": ACTION_WAIT,
-                     "action_batch": ACTION_BATCH, "action_offload": ACTION_OFFLOAD},
+                     "action_batch": ACTION_BATCH, "action_offload": ACTION_OFFLOAD,
+                     "action3_uncertainty": ACTION3_UNCERTAINTY, "action3_wait": ACTION3_WAIT,
+                     "action3_batch": ACTION3_BATCH, "action3_offload": ACTION3_OFFLOAD},
             "settings": [{"name": s.name, "family": s.family} for s in settings],
             "summary": summary,
         }, indent=1) + "\n")
