@@ -222,14 +222,7 @@ class RelativeKnobsActionMap(KnobsActionMap):
         threshold = math.inf
         if a_offload < self.off_above and median > 0 and obs.secondary_max_batch > 0:
             threshold = median * 2.0 ** (self.offload_octaves * a_offload)
-        return Knobs(
-            length_weight=base.length_weight,
-            uncertainty_weight=base.uncertainty_weight,
-            wait_weight=base.wait_weight,
-            slack_weight=base.slack_weight,
-            max_batch_size=int(batch),
-            offload_threshold=threshold,
-        )
+        return base.replace(max_batch_size=int(batch), offload_threshold=threshold)
 
 
 class LogKnobsActionMap(KnobsActionMap):
@@ -296,14 +289,7 @@ class LogKnobsActionMap(KnobsActionMap):
         threshold = math.inf
         if a_offload < self.off_above:
             threshold = self.min_offload * 2.0 ** (self.offload_octaves * (a_offload + 1) / 2)
-        return Knobs(
-            length_weight=base.length_weight,
-            uncertainty_weight=base.uncertainty_weight,
-            wait_weight=base.wait_weight,
-            slack_weight=base.slack_weight,
-            max_batch_size=int(batch),
-            offload_threshold=threshold,
-        )
+        return base.replace(max_batch_size=int(batch), offload_threshold=threshold)
 
     def to_action(self, knobs: Knobs, primary_max_batch: int) -> np.ndarray:
         action = super().to_action(knobs, primary_max_batch)  # the weights; the rest below
