@@ -77,30 +77,32 @@ def _activation_from_data(data: dict[str, Any]) -> str:
     raise ValueError(f"unsupported activation_fn in the saved model: {fn!r:.80}")
 
 
-def _model_format(model_path: Path) -> int | None:
-    """The model format a training run recorded in its config.json (beside the model, or one
-    folder up for ``checkpoints/``); None where there is none (runs before format 3 did not
-    record it: their format follows from the actor's input size)."""
+def _training_config(model_path: Path) -> dict[str, Any] | None:
+    """The config.json ppo_train wrote for the run a model comes from (beside the model, or one
+    folder up for ``checkpoints/``); None where there is none or it does not parse."""
     for folder in (model_path.parent, model_path.parent.parent):
-        config = folder / "config.json"
-        if config.is_file():
+        file = folder / "config.json"
+        if file.is_file():
             try:
-                fmt = json.loads(config.read_text()).get("model_format")
-            except (json.JSONDecodeError, AttributeError):
+                config = json.loads(file.read_text())
+            except json.JSONDecodeError:
                 return None
-            return int(fmt) if fmt is not None else None
+            return config if isinstance(config, dict) else None
     return None
 
 
-def _trained_with_secondary(model_path: Path) -> bool:
-    """Whether the model only ever saw a secondary executor, from the training's config.json
-    beside it (ppo_train writes it); True without one (the older models were)."""
-    config = model_path.parent / "config.json"
-    if not config.is_file():
-        return True
-    try:
-        env = json.loads(config.read_text()).get("env", {})
-    except (json.JSONDecodeError, AttributeError):
+def _model_format(config: dict[str, Any] | None) -> int | None:
+    """The model format the training recorded; None where it did not (runs before format 3:
+    their format follows from the actor's input size)."""
+    fmt = (config or {}).get("model_format")
+    return int(fmt) if fmt is not None else None
+
+
+def _trained_with_secondary(config: dict[str, Any] | None) -> bool:
+    """Whether the model only ever saw a secondary executor; True without a config (the older
+    models were)."""
+    env = (config or {}).get("env", {})
+    if not isinstance(env, dict):
         return True
     if env.get("secondary_profile", "default") is None:
         return False
@@ -199,8 +201,9 @@ class PPOPolicy:
             if online:
                 raise ValueError(f"{path}: online learning needs the SB3 model.zip, not an .npz")
             return cls._load_npz(path, **kwargs)
-        kwargs.setdefault("trained_with_secondary", _trained_with_secondary(path))
-        kwargs.setdefault("observation_format", _model_format(path))
+        config = _training_config(path)  # read once for both
+        kwargs.setdefault("trained_with_secondary", _trained_with_secondary(config))
+        kwargs.setdefault("observation_format", _model_format(config))
         if online:
             from .ppo_online import OnlinePPO
 
