@@ -153,6 +153,27 @@ def test_the_step_probe_measures_decode_and_prefill(server: VLLMServer) -> None:
         assert 0.5 < cost.step_time(d.batch, int(d.context_tokens)) / d.step_s < 2.0
 
 
+def test_the_admission_probe_sends_requests_into_a_running_batch(server: VLLMServer) -> None:
+    import asyncio
+
+    from rtlm_adapt.engines.step_probe import admission_sample, filler_prompt
+
+    sample = asyncio.run(
+        admission_sample(server.url, server.model_name, batch=2, prompt=filler_prompt(1),
+                         tokens=48, arrivals=4, arrival_prompt=filler_prompt(8))  # fmt: skip
+    )
+    # the arrivals' own prompt (usage's count), every one answered inside the decoders' span
+    # (admission_sample raises otherwise)
+    assert (sample.batch, sample.tokens, sample.arrivals) == (2, 48, 4)
+    assert sample.prompt_tokens > 8 * 10
+    assert 0.002 < sample.quiet_step_s < 2.0 and 0.002 < sample.step_s < 2.0
+    expected = (sample.step_s - sample.quiet_step_s) * 47 / 4
+    assert sample.per_request_s == pytest.approx(expected)
+    with pytest.raises(ValueError, match="arrivals"):
+        asyncio.run(admission_sample(server.url, server.model_name, batch=1, prompt="hi",
+                                     tokens=16, arrivals=0, arrival_prompt="hi"))  # fmt: skip
+
+
 def test_stop_ends_every_process(server: VLLMServer) -> None:
     assert server.pid is not None and _alive(server.pid) and server.healthy()
     server.stop()

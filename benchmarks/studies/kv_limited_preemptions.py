@@ -11,6 +11,7 @@ on the server's KV cache (``kv_cache`` in the JSON, less vLLM's null block).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from _vllm_run import rebuild_run
 
+from rtlm_adapt.calibration.cli import fit_vllm_run
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.engines.vllm_replay import (
     engine_profile,
@@ -65,8 +67,46 @@ def main(path: str) -> None:
             [t + template for t in prompt_tokens],
         ),
     }
+    # the profile fitted to the run's own capacity probe (what --compare-sim writes as
+    # sim_fidelity_probe_fit), on the server's KV cache: at 16 seats it charges the pace a full
+    # engine really keeps (BENCHMARKS.md 9.5)
+    fit_args = argparse.Namespace(from_run=path, base="vllm-cpu-smollm2-135m", name="probe-fit",
+                                  out="probe-fit", note="")  # fmt: skip
+    try:
+        fitted = engine_profile(fit_vllm_run(fit_args), max_num_seqs=real["max_num_seqs"],
+                                kv_blocks=kv["blocks"], block_size=kv["block_size"])  # fmt: skip
+        fitted_template, _ = template_in_prompts(fitted)
+        variants["+ template, fitted to the run's probe"] = (
+            fitted_template, [t + template for t in prompt_tokens])
+    except ValueError as exc:
+        print(f"no probe fit: {exc}")
+    # the step measured at 16 seats (BENCHMARKS.md 9.3: it grows with the batch and the context)
+    measured = engine_profile(StepCost.load("vllm-cpu-smollm2-135m-16"),
+                              max_num_seqs=real["max_num_seqs"], kv_blocks=kv["blocks"],
+                              block_size=kv["block_size"])  # fmt: skip
+    measured_template, _ = template_in_prompts(measured)
+    variants["+ template, the measured 16-seat step"] = (
+        measured_template, [t + template for t in prompt_tokens])
+    variants[f"+ template, the measured 16-seat step x{slower:.2f}"] = (
+        paced(measured_template, slower), [t + template for t in prompt_tokens])
+    # ... with the API server's own time per request (the step probe's prefill intercept) charged
+    # to the step that prefills it
+    intercept = dataclasses.replace(
+        measured_template,
+        prefill_s_base=measured_template.prefill_s_base + measured.extra["prefill_intercept_s"])
+    variants["+ template, the measured 16-seat step, + the API server's time per request"] = (
+        intercept, [t + template for t in prompt_tokens])
+    # ... with the admission cost measured into a running batch (admission_cost.py), instead
+    admission = json.loads((Path(__file__).parents[1] / "results/admission_cost.json").read_text())
+    fit = admission["fit"]
+    admitted = dataclasses.replace(measured_template, prefill_s_base=fit["intercept_s"],
+                                   prefill_s_per_token=fit["per_prompt_token_s"])  # fmt: skip
+    variants["+ template, the measured 16-seat step, + the measured admission cost"] = (
+        admitted, [t + template for t in prompt_tokens])
     real_rt = {p: round(v["mean_rt_s"], 2) for p, v in real["policies"].items()}
-    print(f"real (vLLM): preemptions { {p: sum(v) for p, v in real['engine_preemptions'].items()} }"
+    # per repeat: every repeat serves the same requests, and the replay serves them once
+    per_repeat = {p: sum(v) / len(v) for p, v in real["engine_preemptions"].items()}
+    print(f"real (vLLM): preemptions per repeat {per_repeat}"
           f", mean RT s {real_rt}")  # fmt: skip
     for label, (cost, tokens) in variants.items():
         requests = replay_requests([r.id for r in bench], [r.prompt for r in bench], tokens,

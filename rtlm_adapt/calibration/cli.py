@@ -7,9 +7,12 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rtlm_adapt.calibration.step_cost import StepCost
+
+if TYPE_CHECKING:
+    from rtlm_adapt.calibration.engine_fit import CapacityProbe
 
 #: ``--model`` labels written into a measured profile.
 MODEL_LABELS = {
@@ -86,20 +89,17 @@ def fit_from_run(args: Any) -> StepCost:
     return cost
 
 
-def fit_vllm_run(args: Any) -> StepCost:
-    """An engine profile from a ``serve-bench --engine vllm`` run's capacity probe (see
-    :mod:`~rtlm_adapt.calibration.engine_fit`); ``--base`` gives the engine block (KV cache,
-    block size, token budget), default the packaged vLLM-CPU profile."""
+def probe_of_run(path: str | Path) -> CapacityProbe:
+    """The capacity probe a ``serve-bench --engine vllm`` run measured before its policies ran,
+    on the prompts it drew for it."""
     import numpy as np
 
-    from rtlm_adapt.calibration.engine_fit import fit_engine_profile, probe_from_run
+    from rtlm_adapt.calibration.engine_fit import probe_from_run
     from rtlm_adapt.data import TokenCounter, load_prompts
 
-    if not args.from_run:
-        raise ValueError("--engine vllm fits a serve-bench --engine vllm run: give --from-run")
-    payload = json.loads(Path(args.from_run).read_text())
+    payload = json.loads(Path(path).read_text())
     if payload.get("engine") != "vllm" or "capacity" not in payload:
-        raise ValueError(f"{args.from_run} is not a serve-bench --engine vllm run")
+        raise ValueError(f"{path} is not a serve-bench --engine vllm run")
     # the probe's prompts, as serve-bench drew them (runs before 2026-12-05 noon kept no seed
     # or tokenizer: they used 0 and smollm2)
     seed, tokenizer = payload.get("seed", 0), payload.get("tokenizer", "smollm2")
@@ -108,7 +108,19 @@ def fit_vllm_run(args: Any) -> StepCost:
         payload["prompts"], tokenizer=TokenCounter.resolve(tokenizer), limit=limit, seed=seed
     )
     calibration = [samples[i] for i in np.random.default_rng(seed + 1).permutation(len(samples))]
-    probe = probe_from_run(payload, calibration)
+    return probe_from_run(payload, calibration)
+
+
+def fit_vllm_run(args: Any) -> StepCost:
+    """An engine profile from a ``serve-bench --engine vllm`` run's capacity probe (see
+    :mod:`~rtlm_adapt.calibration.engine_fit`); ``--base`` gives the engine block (KV cache,
+    block size, token budget), default the packaged vLLM-CPU profile."""
+    from rtlm_adapt.calibration.engine_fit import fit_engine_profile
+
+    if not args.from_run:
+        raise ValueError("--engine vllm fits a serve-bench --engine vllm run: give --from-run")
+    probe = probe_of_run(args.from_run)
+    payload = json.loads(Path(args.from_run).read_text())
     base = StepCost.load(args.base or "vllm-cpu-smollm2-135m")
     return fit_engine_profile(
         probe,

@@ -14,6 +14,11 @@ flat in the batch up to 4 slots but not for 16, where the step grows with the ba
   carries several tokens does not matter).
 - **Prefill:** a request alone with ``max_tokens=1``: its time to first token is one prefill
   step of its whole prompt (chat template included: ``usage.prompt_tokens``).
+- **Admission:** what admitting a request costs the batch already running
+  (:func:`admission_sample`): the same decode measurement twice, once quiet and once with
+  one-token requests sent among the streams. The decoders' extra time, per request, is the
+  engine time a request takes from everyone else: its prefill inside a mixed step, and on a
+  machine the API server shares with the engine, the server's own work on it.
 """
 
 from __future__ import annotations
@@ -52,6 +57,24 @@ class PrefillSample:
 
     prompt_tokens: int
     ttft_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionSample:
+    """``batch`` streams of ``tokens`` decoding, quiet and with ``arrivals`` one-token requests
+    of ``prompt_tokens`` (chat template included) sent among them."""
+
+    batch: int
+    tokens: int
+    arrivals: int
+    prompt_tokens: int
+    quiet_step_s: float
+    step_s: float  # with the arrivals
+
+    @property
+    def per_request_s(self) -> float:
+        """The decoders' extra time per arriving request."""
+        return (self.step_s - self.quiet_step_s) * (self.tokens - 1) / self.arrivals
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +156,54 @@ async def decode_sample(
         tokens=tokens,
         context_tokens=batch * (prompt_tokens + tokens / 2),
         step_s=step_s,
+    )
+
+
+async def admission_sample(
+    url: str,
+    model: str,
+    *,
+    batch: int,
+    prompt: str,
+    tokens: int,
+    arrivals: int,
+    arrival_prompt: str,
+) -> AdmissionSample:
+    """One admission measurement (module doc): ``batch`` decoders quiet, then again with
+    ``arrivals`` one-token requests spread over the middle 80% of their span. The server needs
+    ``batch + 1`` seats, or the arrivals queue instead of joining."""
+    if arrivals < 1:
+        raise ValueError(f"need arrivals >= 1, got {arrivals}")
+    quiet = await decode_sample(url, model, batch=batch, prompt=prompt, tokens=tokens)
+    span_s = quiet.step_s * (tokens - 1)
+    gap_s = 0.8 * span_s / arrivals
+
+    async def arrive(client: httpx.AsyncClient) -> list[_Stream]:
+        await asyncio.sleep(0.1 * span_s + 0.2)  # past the decoders' prefill (and the hand-off)
+        sent = []
+        for _ in range(arrivals):
+            sent.append(asyncio.create_task(_stream(client, url, model, arrival_prompt, 1)))
+            await asyncio.sleep(gap_s)
+        return list(await asyncio.gather(*sent))
+
+    async with httpx.AsyncClient(timeout=600.0) as client:
+        decoders, arrived = await asyncio.gather(
+            asyncio.gather(*(_stream(client, url, model, prompt, tokens) for _ in range(batch))),
+            arrive(client),
+        )
+    start, end = max(s.first for s in decoders), min(s.last for s in decoders)
+    late = [round(a.first - end, 3) for a in arrived if not start <= a.first <= end]
+    if late:
+        raise RuntimeError(
+            f"arrivals answered outside the decoders' span (s after its end: {late})"
+        )
+    return AdmissionSample(
+        batch=batch,
+        tokens=tokens,
+        arrivals=arrivals,
+        prompt_tokens=arrived[0].prompt_tokens,
+        quiet_step_s=quiet.step_s,
+        step_s=statistics.median((s.last - s.first) / (tokens - 1) for s in decoders),
     )
 
 
