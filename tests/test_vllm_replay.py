@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -202,3 +203,35 @@ def test_compare_sim_replays_on_a_profile_fitted_to_the_runs_own_probe():
     assert on_slow["sim_mean_rt_s"] > 1.1 * on_fast["sim_mean_rt_s"]
     # a request alone far slower than the saturated rate allows: no positive costs solve it
     assert probe_fitted_profile(probe(120.0, alone_s_per_token=0.1), chosen, args) is None
+
+
+def test_compare_sim_at_the_runs_pace_slows_the_profile_until_the_replay_keeps_it():
+    import argparse
+
+    from rtlm_adapt.data import PromptSample
+    from rtlm_adapt.engines.vllm_replay import compare_sim
+
+    chosen = [
+        PromptSample(r.id, r.prompt, 10, t, "t")
+        for r, t in zip(REQUESTS, PROMPT_TOKENS, strict=True)
+    ]
+    args = argparse.Namespace(profile="auto", max_num_seqs=4)
+
+    def paced_real(s_per_token: float) -> list[Completion]:
+        return [
+            dataclasses.replace(
+                c, first_token_time=c.finish_time - s_per_token * (c.output_tokens - 1))
+            for c in fake_real(20.0)
+        ]  # fmt: skip
+
+    at_profile = compare_sim(args, REQUESTS, chosen, {"fcfs": [paced_real(0.064)]})["fcfs"]
+    matched = compare_sim(args, REQUESTS, chosen, {"fcfs": [paced_real(0.064)]},
+                          match_pace=True)["fcfs"]  # fmt: skip
+    assert at_profile["real_decode_s_per_token"] == pytest.approx(0.064)
+    # the packaged profile runs about 32 ms a token; matched, the replay runs the real pace
+    assert at_profile["sim_decode_s_per_token"] < 0.045
+    assert matched["sim_decode_s_per_token"] == pytest.approx(0.064, rel=0.03)
+    assert matched["profile"] == "vllm-cpu-smollm2-135m at the run's pace"
+    assert matched["sim_mean_rt_s"] > 1.5 * at_profile["sim_mean_rt_s"]
+    with pytest.raises(ValueError, match="pace is unknown"):  # no first-token times
+        compare_sim(args, REQUESTS, chosen, {"fcfs": [fake_real(2.0)]}, match_pace=True)

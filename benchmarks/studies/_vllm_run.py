@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.data import PromptSample, TokenCounter, load_prompts
 from rtlm_adapt.engines.vllm_bench import BenchRequest, build_requests
 from rtlm_adapt.engines.vllm_replay import compare_on_engine
@@ -50,7 +51,7 @@ def replay_recorded(
     requests: list[BenchRequest],
     results: Mapping[str, list[list[Completion]]],
     *,
-    profile: str,
+    profile: str | StepCost,
     handoff_s: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """``compare_on_engine`` on a rebuilt run, with the run's seats, in-flight cap and KV cache:

@@ -15,7 +15,10 @@ of pace moves the waits by tens of percent. This replays recorded runs with thes
   (its prefill intercept, ``extra``) charged to the step that prefills it;
 - ``pace``: the packaged profile with its decode step scaled to the time per token the run's
   requests actually took (all its policies pooled; the step with every seat full, each
-  sequence halfway through a mean answer): the scheduler model alone, given the pace.
+  sequence halfway through a mean answer): the scheduler model alone, given the pace;
+- ``matched``: the packaged profile slowed until the replay's own time per token equals the
+  run's (``vllm_replay.matched_pace``, what ``--compare-sim`` writes as
+  ``sim_fidelity_run_pace``): as ``pace``, but at the batches the replay actually runs.
 
 and prints each policy's sim/real mean response time under each. Runs with ``--lengths
 dataset`` and per-request records only (the rebuild needs the dataset's lengths). ``--profile``
@@ -41,9 +44,14 @@ from gateway_vs_replay import completions
 from rtlm_adapt.calibration.cli import fit_vllm_run, probe_of_run
 from rtlm_adapt.calibration.engine_fit import CapacityProbe, fit_engine_profile
 from rtlm_adapt.calibration.step_cost import StepCost
-from rtlm_adapt.engines.vllm_replay import DEFAULT_ENGINE_PROFILE
+from rtlm_adapt.engines.vllm_replay import (
+    DEFAULT_ENGINE_PROFILE,
+    decode_s_per_token,
+    matched_pace,
+    pooled_sim_pace,
+)
 
-STEP_COSTS = ("packaged", "probe", "probe+slope", "scaled", "+intercept", "pace")
+STEP_COSTS = ("packaged", "probe", "probe+slope", "scaled", "+intercept", "pace", "matched")
 
 
 def scale_to_probe(cost: StepCost, probe: CapacityProbe) -> StepCost:
@@ -118,6 +126,15 @@ def replay_run(path: str, folder: Path, profile: str) -> dict[str, Any]:
     results = {name: [completions(rows) for rows in repeats]
                for name, repeats in real["completions"].items()}  # fmt: skip
     files = step_costs(path, real, folder, profile, float(context))
+    # the packaged profile slowed until the replay's own decode pace is the run's (what
+    # --compare-sim writes as sim_fidelity_run_pace)
+    real_pace = decode_s_per_token([c for runs in results.values() for r in runs for c in r])
+    def pace_of(cost: StepCost) -> float:
+        return pooled_sim_pace(replay_recorded(real, chosen, requests, results, profile=cost))
+
+    matched = matched_pace(StepCost.load(profile), pace_of, real_pace)
+    files["matched"] = str(folder / f"{Path(path).stem}-matched.json")
+    matched.save(files["matched"])
     out: dict[str, Any] = {
         "max_inflight": real.get("max_inflight") or real["max_num_seqs"],
         "decode_s": {k: StepCost.load(f).decode_s_base for k, f in files.items()},

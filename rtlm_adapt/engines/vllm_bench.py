@@ -47,6 +47,7 @@ from rtlm_adapt.data import PromptSample, assign_deadlines, make_arrivals
 from rtlm_adapt.engines.gateway_process import GatewayProcess, gateway_figures
 from rtlm_adapt.engines.vllm_replay import (
     compare_sim,
+    decode_s_per_token,
     gateway_inflight,
     policy_and_tier,
     probe_fitted_profile,
@@ -488,6 +489,13 @@ def cmd_serve_bench_vllm(args: Any, samples: Sequence[PromptSample]) -> int:
             out["sim_fidelity_probe_fit"] = compare_sim(
                 args, requests, chosen, results, kv_cache, profile=fitted
             )
+        # the scheduler model given the engine's speed during the run (known only after it)
+        try:
+            out["sim_fidelity_run_pace"] = compare_sim(
+                args, requests, chosen, results, kv_cache, match_pace=True
+            )
+        except ValueError as exc:
+            print(f"no replay at the run's pace: {exc}", file=sys.stderr)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
@@ -545,12 +553,5 @@ def policy_json(runs: Sequence[Sequence[Completion]]) -> dict[str, float]:
     ttft = [c.first_token_time - c.arrival_time for c in pooled if c.ok and c.first_token_time]
     figures["ttft_p50_s"] = float(np.percentile(ttft, 50)) if ttft else float("nan")
     figures["ttft_p99_s"] = float(np.percentile(ttft, 99)) if ttft else float("nan")
-    # the engine's pace as each request saw it once it ran: tells a slower engine apart from a
-    # longer wait when two policies differ
-    decode = [
-        (c.finish_time - c.first_token_time) / (c.output_tokens - 1)
-        for c in pooled
-        if c.ok and c.first_token_time is not None and c.output_tokens >= 2
-    ]
-    figures["decode_ms_per_token"] = 1000 * float(np.mean(decode)) if decode else float("nan")
+    figures["decode_ms_per_token"] = 1000 * decode_s_per_token(pooled)
     return figures

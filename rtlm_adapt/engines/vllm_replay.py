@@ -223,8 +223,59 @@ def compare_on_engine(
             "sim_block_size": cost.engine.block_size,  # type: ignore[union-attr]
             "sim_template_tokens": template,  # added to every prompt
             "sim_handoff_s": cost.engine.handoff_s,  # type: ignore[union-attr]
+            "real_decode_s_per_token": decode_s_per_token(reals),
+            "sim_decode_s_per_token": decode_s_per_token(sims),
         }
     return out
+
+
+def decode_s_per_token(completions: Sequence[Completion]) -> float:
+    """The engine's pace as each request saw it once it ran: the mean time per token after the
+    first (requests of 2 tokens or more). It tells a slower engine apart from a longer wait.
+
+    >>> c = Completion("a", 11, arrival_time=0.0, start_time=1.0, finish_time=3.0,
+    ...                executor="vllm", first_token_time=2.0)
+    >>> decode_s_per_token([c])
+    0.1
+    """
+    paces = [
+        (c.finish_time - c.first_token_time) / (c.output_tokens - 1)
+        for c in completions
+        if c.ok and c.first_token_time is not None and c.output_tokens >= 2
+    ]
+    return float(np.mean(paces)) if paces else float("nan")
+
+
+def slowed(cost: StepCost, factor: float) -> StepCost:
+    """``cost`` with every step and prefill term ``factor`` times longer: the same engine,
+    slower (a shared or smaller machine)."""
+    return dataclasses.replace(
+        cost,
+        decode_s_base=cost.decode_s_base * factor,
+        decode_s_per_seq=cost.decode_s_per_seq * factor,
+        decode_s_per_ctx_token=cost.decode_s_per_ctx_token * factor,
+        prefill_s_base=cost.prefill_s_base * factor,
+        prefill_s_per_token=cost.prefill_s_per_token * factor,
+        extra={**cost.extra, "slowed_by": cost.extra.get("slowed_by", 1.0) * factor},
+    )
+
+
+def matched_pace(
+    cost: StepCost, pace_of: Any, real_s_per_token: float, iterations: int = 4
+) -> StepCost:
+    """``cost`` slowed (:func:`slowed`) until ``pace_of(profile)``, the replay's decode time
+    per token, is the real run's ``real_s_per_token``. A fixed-point iteration: the pace is
+    nearly proportional to the factor, except that a slower engine runs fuller batches.
+
+    >>> toy = lambda c: 0.01 + 2.0 * c.decode_s_base  # a pace that grows with the step
+    >>> fitted = matched_pace(StepCost.load("vllm-cpu-smollm2-135m"), toy, 0.09)
+    >>> round(toy(fitted), 4)
+    0.09
+    """
+    factor = 1.0
+    for _ in range(iterations):
+        factor *= real_s_per_token / pace_of(slowed(cost, factor))
+    return dataclasses.replace(slowed(cost, factor), name=f"{cost.name} at the run's pace")
 
 
 def _mean_queue_s(completions: Sequence[Completion]) -> float:
@@ -261,26 +312,42 @@ def compare_sim(
     kv_cache: Mapping[str, int | None] | None = None,
     *,
     profile: StepCost | None = None,
+    match_pace: bool = False,
 ) -> dict[str, dict[str, float]]:
     """``--compare-sim``: every policy's repeats replayed on the simulator's engine model of
     vLLM (``profile``, default ``--profile``, default the measured vLLM-CPU one), with the run's
     max_num_seqs and the server's KV cache (its blocks and block size, from
-    ``kv_cache_figures``)."""
+    ``kv_cache_figures``).
+
+    ``match_pace``: first slow the profile (:func:`matched_pace`) until the replay's decode time
+    per token, over every policy's requests, is the run's own. That tests the scheduler model
+    given the engine's speed, which on a shared machine drifts between the capacity probe and
+    the run (BENCHMARKS.md 9.5, 9.7); it is not a prediction made before the run."""
     if profile is None:
         profile = StepCost.load(_packaged_profile(args))
     prompt_tokens = [s.prompt_tokens for s in chosen]
     kv_cache = kv_cache or {}
-    figures = compare_on_engine(
-        requests,
-        prompt_tokens,
-        results,
-        profile=profile,
-        max_num_seqs=args.max_num_seqs,
-        max_inflight=gateway_inflight(args.max_num_seqs, getattr(args, "max_inflight", None)),
-        kv_blocks=kv_cache.get("blocks"),
-        block_size=kv_cache.get("block_size"),
-        tier=getattr(args, "tier", "lexical"),
-    )
+
+    def compare(cost: StepCost) -> dict[str, dict[str, float]]:
+        return compare_on_engine(
+            requests,
+            prompt_tokens,
+            results,
+            profile=cost,
+            max_num_seqs=args.max_num_seqs,
+            max_inflight=gateway_inflight(args.max_num_seqs, getattr(args, "max_inflight", None)),
+            kv_blocks=kv_cache.get("blocks"),
+            block_size=kv_cache.get("block_size"),
+            tier=getattr(args, "tier", "lexical"),
+        )
+
+    if match_pace:
+        real_pace = decode_s_per_token([c for runs in results.values() for r in runs for c in r])
+        if not np.isfinite(real_pace):
+            raise ValueError("the run's pace is unknown: no request of 2 tokens or more has a "
+                             "first-token time")  # fmt: skip
+        profile = matched_pace(profile, lambda cost: pooled_sim_pace(compare(cost)), real_pace)
+    figures = compare(profile)
     for name, f in figures.items():
         print(
             f"fidelity {name} (engine profile {f['profile']}): mean RT sim/real "
@@ -288,6 +355,12 @@ def compare_sim(
             file=sys.stderr,
         )
     return figures
+
+
+def pooled_sim_pace(figures: Mapping[str, Mapping[str, float]]) -> float:
+    """The replay's decode time per token over every policy, weighted by its requests."""
+    n = sum(f["n"] for f in figures.values())
+    return sum(f["sim_decode_s_per_token"] * f["n"] for f in figures.values()) / n
 
 
 def _packaged_profile(args: Any) -> str:
