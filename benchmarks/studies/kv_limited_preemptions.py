@@ -17,12 +17,16 @@ import json
 import sys
 from pathlib import Path
 
-from _vllm_run import rebuild_run
+from _vllm_run import rebuild_run, replay_recorded
+from gateway_vs_replay import completions
 
 from rtlm_adapt.calibration.cli import fit_vllm_run
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.engines.vllm_replay import (
+    decode_s_per_token,
     engine_profile,
+    matched_pace,
+    pooled_sim_pace,
     replay,
     replay_requests,
     template_in_prompts,
@@ -52,6 +56,7 @@ def main(path: str) -> None:
     with_template, template = template_in_prompts(base)
     # the run's own probe: a request alone took this many times the profile's time per token
     slower = capacity["alone_s_per_token"] / base.extra["alone_s_per_token"]
+    per_repeat = {p: sum(v) / len(v) for p, v in real["engine_preemptions"].items()}
     variants = {
         "prompt only in KV": (base, prompt_tokens),
         # the chat template's tokens hold KV too (what --compare-sim does)
@@ -105,7 +110,6 @@ def main(path: str) -> None:
         admitted, [t + template for t in prompt_tokens])
     real_rt = {p: round(v["mean_rt_s"], 2) for p, v in real["policies"].items()}
     # per repeat: every repeat serves the same requests, and the replay serves them once
-    per_repeat = {p: sum(v) / len(v) for p, v in real["engine_preemptions"].items()}
     print(f"real (vLLM): preemptions per repeat {per_repeat}"
           f", mean RT s {real_rt}")  # fmt: skip
     for label, (cost, tokens) in variants.items():
@@ -117,6 +121,31 @@ def main(path: str) -> None:
             run = replay(policy, requests, cost)
             counts[policy] = (run.preemptions, round(run.summary.mean_rt_s, 2))
         print(f"{label}: (preemptions, mean RT s) {counts}")
+
+    if "completions" in real:
+        at_run_pace(real, chosen, bench, per_repeat)
+
+
+def at_run_pace(real: dict, chosen: list, bench: list, real_per_repeat: dict[str, float]) -> None:
+    """The replay ``--compare-sim`` writes as ``sim_fidelity_run_pace``: each profile slowed
+    until the replay's decode time per token is the run's own, on the run's own requests."""
+    results = {name: [completions(rows) for rows in repeats]
+               for name, repeats in real["completions"].items()}  # fmt: skip
+    real_pace = decode_s_per_token([c for runs in results.values() for r in runs for c in r])
+    for profile in ("vllm-cpu-smollm2-135m", "vllm-cpu-smollm2-135m-16"):
+        def pace_of(cost: StepCost) -> float:
+            return pooled_sim_pace(replay_recorded(real, chosen, bench, results, profile=cost))
+
+        matched = matched_pace(StepCost.load(profile), pace_of, real_pace)
+        figures = replay_recorded(real, chosen, bench, results, profile=matched)
+        cells = {
+            policy: (round(f["mean_rt_ratio_sim_over_real"], 3), round(f["spearman"], 3),
+                     f["sim_preemptions"] / len(real["completions"][policy]),
+                     real_per_repeat[policy])
+            for policy, f in figures.items()
+        }  # fmt: skip
+        print(f"{profile} at the run's pace (x{matched.extra['slowed_by']:.2f}): (sim/real mean RT,"
+              f" Spearman, sim preemptions, real preemptions, per repeat) {cells}")
 
 
 if __name__ == "__main__":
