@@ -158,9 +158,10 @@ def test_bare_ppo_loads_the_packaged_model():
 
     policy = make_policy("ppo")
     assert isinstance(policy, PPOPolicy) and PACKAGED_MODEL.is_file()
-    assert policy.observation_format == 2 and policy.guard is not None
+    assert policy.observation_format == 3 and policy.guard is not None
     assert not policy.trained_with_secondary  # trained with and without a secondary
-    assert policy.metadata.get("training", {}).get("timesteps", 0) > 0
+    # validation may choose the warm start (step 0) over what training made of it
+    assert policy.metadata.get("training", {}).get("trained_timesteps", 0) > 0
     knobs = policy.decide(_obs(10, 5.0))
     assert 1 <= knobs.max_batch_size <= 16
 
