@@ -59,7 +59,9 @@ class TrainConfig:
     ``epoch_s``, ``batching``, ...); ``trace_slice`` is forced to :data:`TRAIN_SLICE`.
     ``model_format`` is the observation and action map the policy learns with
     (:data:`~rtlm_adapt.policies.action_space.ACTION_MAPS`; loading the model reads it back from
-    ``config.json``).
+    ``config.json``). ``initial_action`` starts the actor at that action (a warm start, e.g.
+    from :func:`best_constant_action`); such a run also saves the untrained model as
+    ``checkpoints/ppo_0_steps.zip``, so :func:`validate_checkpoints` can choose "no change".
     """
 
     timesteps: int = 300_000
@@ -85,6 +87,9 @@ class TrainConfig:
     progress_bar: bool = True
     max_minutes: float | None = None
     model_format: int = OBSERVATION_FORMAT
+    #: Warm start: the actor's mean action before training, whatever the observation (see
+    #: :func:`start_at_action`); None: SB3's random initialisation.
+    initial_action: list[float] | None = None
 
     @classmethod
     def quick(cls, **overrides: Any) -> TrainConfig:
@@ -262,10 +267,51 @@ def _make_callbacks(config: TrainConfig, out: Path) -> list[Any]:
     ]
 
 
+def build_model(config: TrainConfig, env: Any, tensorboard_log: str | None = None) -> Any:
+    """SB3's PPO on ``env`` with ``config``'s settings, started at ``config.initial_action``
+    where one is given."""
+    from stable_baselines3 import PPO
+
+    model = PPO(
+        "MlpPolicy", env, n_steps=config.n_steps, batch_size=config.batch_size,
+        n_epochs=config.n_epochs, learning_rate=config.learning_rate, gamma=config.gamma,
+        gae_lambda=config.gae_lambda, ent_coef=config.ent_coef, seed=config.seed,
+        policy_kwargs={"log_std_init": config.log_std_init}, tensorboard_log=tensorboard_log,
+        device="cpu", verbose=0,
+    )
+    if config.initial_action is not None:
+        start_at_action(model, config.initial_action)
+    return model
+
+
+def start_at_action(model: Any, action: list[float]) -> None:
+    """Make ``model``'s deterministic action ``action`` whatever the observation: the actor's
+    last layer (``action_net``, the Gaussian's mean) gets zero weights and ``action`` as its
+    bias. Its gradients still reach the hidden layers once the weights move off zero."""
+    import torch
+
+    net = model.policy.action_net
+    if len(action) != net.out_features:
+        raise ValueError(f"initial action has {len(action)} numbers, the actor {net.out_features}")
+    with torch.no_grad():
+        net.weight.zero_()
+        net.bias.copy_(torch.as_tensor(action, dtype=net.bias.dtype))
+
+
+def best_constant_action(spec: str) -> list[float]:
+    """An initial action from ``spec``: comma-separated numbers, or a
+    ``benchmarks/studies/knob_ceiling.py --family action3`` JSON, whose best single action in
+    hindsight (``summary.action3.single_hindsight.best``) it reads."""
+    path = Path(spec)
+    if not path.is_file():
+        return [float(x) for x in spec.split(",")]
+    setting = json.loads(path.read_text())["summary"]["action3"]["single_hindsight"]["best"]
+    return [float(x) for x in setting["setting"].split()[1:]]  # "action3 +1.00 +0.00 ..."
+
+
 def train(config: TrainConfig) -> Path:
     """Train PPO as ``config`` says; returns the path of the saved ``model.zip``."""
     import torch
-    from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
@@ -283,13 +329,10 @@ def train(config: TrainConfig) -> Path:
     # Returns run to hundreds; normalising rewards (not observations: those are already scaled,
     # and the deployed actor must see the raw vector) keeps the value targets near unit scale.
     venv = VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=config.gamma)
-    model = PPO(
-        "MlpPolicy", venv, n_steps=config.n_steps, batch_size=config.batch_size,
-        n_epochs=config.n_epochs, learning_rate=config.learning_rate, gamma=config.gamma,
-        gae_lambda=config.gae_lambda, ent_coef=config.ent_coef, seed=config.seed,
-        policy_kwargs={"log_std_init": config.log_std_init}, tensorboard_log=str(out / "tb"),
-        device="cpu", verbose=0,
-    )
+    model = build_model(config, venv, tensorboard_log=str(out / "tb"))
+    if config.initial_action is not None:  # the start point, for validation to compare with
+        (out / "checkpoints").mkdir(exist_ok=True)
+        model.save(out / "checkpoints" / "ppo_0_steps.zip")
     try:
         model.learn(config.timesteps, callback=_make_callbacks(config, out),
                     progress_bar=config.progress_bar, tb_log_name="ppo")

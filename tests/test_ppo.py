@@ -158,9 +158,10 @@ def test_bare_ppo_loads_the_packaged_model():
 
     policy = make_policy("ppo")
     assert isinstance(policy, PPOPolicy) and PACKAGED_MODEL.is_file()
-    assert policy.observation_format == 2 and policy.guard is not None
+    assert policy.observation_format == 3 and policy.guard is not None
     assert not policy.trained_with_secondary  # trained with and without a secondary
-    assert policy.metadata.get("training", {}).get("timesteps", 0) > 0
+    # validation may choose the warm start (step 0) over what training made of it
+    assert policy.metadata.get("training", {}).get("trained_timesteps", 0) > 0
     knobs = policy.decide(_obs(10, 5.0))
     assert 1 <= knobs.max_batch_size <= 16
 
@@ -257,3 +258,40 @@ def test_heuristic_aging_bound_grows_with_the_queue():
     overloaded = replace(_obs(10, 5.0), recent_response_s=200.0)
     assert RTLMHeuristic().decide(calm).max_wait_s == pytest.approx(280.0)
     assert RTLMHeuristic().decide(overloaded).max_wait_s == pytest.approx(600.0)
+
+
+def test_a_warm_start_begins_at_the_initial_action_whatever_the_observation():
+    from pathlib import Path
+
+    from stable_baselines3 import PPO
+
+    from rtlm_adapt.envs import ServingEnv
+    from rtlm_adapt.policies.action_space import OBS_HIGH, OBS_LOW, LogKnobsActionMap
+    from rtlm_adapt.policies.ppo_train import TrainConfig, best_constant_action, build_model
+
+    ceiling = Path(__file__).parents[1] / "benchmarks" / "results" / "knob_ceiling_format3.json"
+    start = best_constant_action(str(ceiling))  # full batch cap, offload above 32 tokens
+    assert start == [1.0, 0.0, 0.13, -1.0, 0.25, -0.5]
+    assert best_constant_action("1,0,0.13,-1,0.25,-0.5") == start
+    env = ServingEnv(n_requests=20, load=0.9)
+    model = build_model(TrainConfig(initial_action=start, log_std_init=-1.5), env)
+    observations = np.random.default_rng(0).uniform(
+        OBS_LOW, OBS_HIGH, size=(8, env.observation_space.shape[0])).astype(np.float32)
+    for obs in observations:
+        np.testing.assert_allclose(model.predict(obs, deterministic=True)[0], start, atol=1e-6)
+    policy = PPOPolicy.from_model(model, guard=None, observation_format=3)
+    as_stored = np.asarray(start, dtype=np.float32).tolist()  # the actor's float32 bias
+    for obs in (_obs(0, 0.0), _obs(40, 300.0)):
+        assert policy.decide(obs) == LogKnobsActionMap().knobs(as_stored, obs)
+
+    # without one, the model is the one SB3 builds with the same settings (seeded alike)
+    config = TrainConfig()
+    plain = build_model(config, env)
+    same = PPO("MlpPolicy", env, n_steps=config.n_steps, batch_size=config.batch_size,
+               n_epochs=config.n_epochs, learning_rate=config.learning_rate, gamma=config.gamma,
+               gae_lambda=config.gae_lambda, seed=config.seed, device="cpu",
+               policy_kwargs={"log_std_init": config.log_std_init})
+    for key, value in plain.policy.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), same.policy.state_dict()[key].numpy())
+    actions = [plain.predict(obs, deterministic=True)[0] for obs in observations[:2]]
+    assert not np.allclose(*actions)

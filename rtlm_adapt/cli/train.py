@@ -11,7 +11,13 @@ HELP = "train the PPO knob policy on ServingEnvs (needs [rl])"
 
 def run(args: argparse.Namespace) -> int:
     """Train the PPO knob policy (the same run as examples/train_ppo.py)."""
-    from rtlm_adapt.policies.ppo_train import make_config, train
+    from rtlm_adapt.policies.ppo_train import best_constant_action, make_config, train
+
+    warm: dict[str, object] = {}
+    if args.initial_action:
+        warm["initial_action"] = best_constant_action(args.initial_action)
+    if args.log_std_init is not None:
+        warm["log_std_init"] = args.log_std_init
 
     config = make_config(
         out=args.out,
@@ -26,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         progress_bar=not args.no_progress,
         max_minutes=args.max_minutes,
         learning_rate=args.learning_rate,
+        **warm,
     )
     print(f"saved {train(config)}")
     return 0
@@ -55,4 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--max-minutes", type=positive_float, help="stop (and save) after this long"
+    )
+    parser.add_argument(
+        "--initial-action",
+        help="start the actor at this action (a warm start): comma-separated numbers, or a "
+        "knob_ceiling.py --family action3 JSON (its best single action)",
+    )
+    parser.add_argument(
+        "--log-std-init", type=float,
+        help="the exploration noise's initial log standard deviation (default -0.5)",
     )
