@@ -29,19 +29,10 @@ from rtlm_adapt.engines.vllm_replay import (
     pooled_sim_pace,
     replay,
     replay_requests,
+    slowed,
     template_in_prompts,
 )
 from rtlm_adapt.request import Completion
-
-
-def paced(cost: StepCost, factor: float) -> StepCost:
-    """``cost`` with every step ``factor`` times slower (a machine shared with others)."""
-    return dataclasses.replace(
-        cost,
-        decode_s_base=cost.decode_s_base * factor,
-        prefill_s_base=cost.prefill_s_base * factor,
-        prefill_s_per_token=cost.prefill_s_per_token * factor,
-    )
 
 
 def main(path: str) -> None:
@@ -62,13 +53,13 @@ def main(path: str) -> None:
         # the chat template's tokens hold KV too (what --compare-sim does)
         "+ template in KV": (with_template, [t + template for t in prompt_tokens]),
         f"+ template, steps x{slower:.2f} (the run's alone pace)": (
-            paced(with_template, slower),
+            slowed(with_template, slower),
             [t + template for t in prompt_tokens],
         ),
         # ENGINES.md's 32-prompt batch took about 100 ms a step against 32 ms alone: about
         # 2.2 ms more per running sequence, which the 4-slot profile (flat step) leaves out
         f"+ template, steps x{slower:.2f}, + 2.2 ms per running sequence": (
-            dataclasses.replace(paced(with_template, slower), decode_s_per_seq=0.0022),
+            dataclasses.replace(slowed(with_template, slower), decode_s_per_seq=0.0022),
             [t + template for t in prompt_tokens],
         ),
     }
@@ -93,7 +84,7 @@ def main(path: str) -> None:
     variants["+ template, the measured 16-seat step"] = (
         measured_template, [t + template for t in prompt_tokens])
     variants[f"+ template, the measured 16-seat step x{slower:.2f}"] = (
-        paced(measured_template, slower), [t + template for t in prompt_tokens])
+        slowed(measured_template, slower), [t + template for t in prompt_tokens])
     # ... with the API server's own time per request (the step probe's prefill intercept) charged
     # to the step that prefills it
     intercept = dataclasses.replace(

@@ -49,6 +49,7 @@ from rtlm_adapt.engines.vllm_replay import (
     decode_s_per_token,
     matched_pace,
     pooled_sim_pace,
+    slowed,
 )
 
 STEP_COSTS = ("packaged", "probe", "probe+slope", "scaled", "+intercept", "pace", "matched")
@@ -65,14 +66,7 @@ def scale_to_probe(cost: StepCost, probe: CapacityProbe) -> StepCost:
     prefill_s = cost.prefill_s_base + cost.prefill_s_per_token * probe.prompt_tokens_mean
     per_token_s = step_s / probe.slots + prefill_s / probe.answer_tokens_mean
     factor = 1 / (probe.saturated_tokens_per_s * per_token_s)
-    return dataclasses.replace(
-        cost, name="scaled",
-        decode_s_base=cost.decode_s_base * factor,
-        decode_s_per_seq=cost.decode_s_per_seq * factor,
-        decode_s_per_ctx_token=cost.decode_s_per_ctx_token * factor,
-        prefill_s_base=cost.prefill_s_base * factor,
-        prefill_s_per_token=cost.prefill_s_per_token * factor,
-    )  # fmt: skip
+    return dataclasses.replace(slowed(cost, factor), name="scaled")
 
 
 def step_costs(
@@ -99,7 +93,7 @@ def step_costs(
         costs["probe"] = fit_vllm_run(args)
     except ValueError as exc:
         print(f"{Path(path).stem}: no probe fit ({exc})")
-    probe = probe_of_run(path)
+    probe = probe_of_run(real, path)
     if "prefill_intercept_s" in packaged.extra:  # a measured profile: charge the API server's time
         costs["+intercept"] = dataclasses.replace(
             packaged, name="+intercept",

@@ -89,17 +89,16 @@ def fit_from_run(args: Any) -> StepCost:
     return cost
 
 
-def probe_of_run(path: str | Path) -> CapacityProbe:
-    """The capacity probe a ``serve-bench --engine vllm`` run measured before its policies ran,
-    on the prompts it drew for it."""
+def probe_of_run(payload: dict[str, Any], label: str = "the run") -> CapacityProbe:
+    """The capacity probe a ``serve-bench --engine vllm`` run (its JSON, ``payload``) measured
+    before its policies ran, on the prompts it drew for it."""
     import numpy as np
 
     from rtlm_adapt.calibration.engine_fit import probe_from_run
     from rtlm_adapt.data import TokenCounter, load_prompts
 
-    payload = json.loads(Path(path).read_text())
     if payload.get("engine") != "vllm" or "capacity" not in payload:
-        raise ValueError(f"{path} is not a serve-bench --engine vllm run")
+        raise ValueError(f"{label} is not a serve-bench --engine vllm run")
     # the probe's prompts, as serve-bench drew them (runs before 2026-12-05 noon kept no seed
     # or tokenizer: they used 0 and smollm2)
     seed, tokenizer = payload.get("seed", 0), payload.get("tokenizer", "smollm2")
@@ -119,8 +118,8 @@ def fit_vllm_run(args: Any) -> StepCost:
 
     if not args.from_run:
         raise ValueError("--engine vllm fits a serve-bench --engine vllm run: give --from-run")
-    probe = probe_of_run(args.from_run)
     payload = json.loads(Path(args.from_run).read_text())
+    probe = probe_of_run(payload, args.from_run)
     base = StepCost.load(args.base or "vllm-cpu-smollm2-135m")
     return fit_engine_profile(
         probe,

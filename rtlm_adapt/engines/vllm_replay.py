@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -261,7 +261,10 @@ def slowed(cost: StepCost, factor: float) -> StepCost:
 
 
 def matched_pace(
-    cost: StepCost, pace_of: Any, real_s_per_token: float, iterations: int = 4
+    cost: StepCost,
+    pace_of: Callable[[StepCost], float],
+    real_s_per_token: float,
+    iterations: int = 4,
 ) -> StepCost:
     """``cost`` slowed (:func:`slowed`) until ``pace_of(profile)``, the replay's decode time
     per token, is the real run's ``real_s_per_token``. A fixed-point iteration: the pace is
