@@ -24,6 +24,7 @@ import numpy as np
 from rtlm_adapt.calibration.step_cost import DEFAULT_PROFILE, StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.experiment import Workload, run_policy
+from rtlm_adapt.observation import Observation
 from rtlm_adapt.policies.action_space import OBSERVATION_FORMAT
 
 #: Trace fractions: training windows start in the first, evaluation windows in the second.
@@ -88,8 +89,9 @@ class TrainConfig:
     max_minutes: float | None = None
     model_format: int = OBSERVATION_FORMAT
     #: Warm start: the actor's mean action before training, whatever the observation (see
-    #: :func:`start_at_action`); None: SB3's random initialisation.
-    initial_action: list[float] | None = None
+    #: :func:`start_at_action`), or one per regime, ``{"with_secondary": [...],
+    #: "without_secondary": [...]}``; None: SB3's random initialisation.
+    initial_action: list[float] | dict[str, list[float]] | None = None
 
     @classmethod
     def quick(cls, **overrides: Any) -> TrainConfig:
@@ -284,28 +286,65 @@ def build_model(config: TrainConfig, env: Any, tensorboard_log: str | None = Non
     return model
 
 
-def start_at_action(model: Any, action: list[float]) -> None:
+#: The regimes a warm start may give their own action, by whether a secondary executor exists.
+REGIMES = ("with_secondary", "without_secondary")
+
+
+def start_at_action(model: Any, action: list[float] | dict[str, list[float]]) -> None:
     """Make ``model``'s deterministic action ``action`` whatever the observation: the actor's
     last layer (``action_net``, the Gaussian's mean) gets zero weights and ``action`` as its
-    bias. Its gradients still reach the hidden layers once the weights move off zero."""
+    bias. Its gradients still reach the hidden layers once the weights move off zero.
+
+    Given one action per regime (:data:`REGIMES`), the actor reads the observation's
+    ``has_secondary`` (0 or 1) through the first unit of each hidden layer (every other input
+    weight of those two units zero) and the last layer turns that unit into the difference
+    between the two actions: exactly one action per regime, whatever else the observation says.
+    """
     import torch
 
     net = model.policy.action_net
-    if len(action) != net.out_features:
-        raise ValueError(f"initial action has {len(action)} numbers, the actor {net.out_features}")
+    per_regime = action if isinstance(action, dict) else dict.fromkeys(REGIMES, action)
+    if sorted(per_regime) != sorted(REGIMES):
+        raise ValueError(f"initial action per regime needs exactly {REGIMES}, got "
+                         f"{sorted(per_regime)}")
+    with_s, without = (torch.as_tensor(per_regime[r], dtype=net.bias.dtype) for r in REGIMES)
+    if len(with_s) != net.out_features or len(without) != net.out_features:
+        raise ValueError(f"initial action has {len(with_s)} and {len(without)} numbers, "
+                         f"the actor {net.out_features}")
     with torch.no_grad():
         net.weight.zero_()
-        net.bias.copy_(torch.as_tensor(action, dtype=net.bias.dtype))
+        net.bias.copy_(without)
+        if torch.equal(with_s, without):
+            return
+        hidden = [layer for layer in model.policy.mlp_extractor.policy_net
+                  if isinstance(layer, torch.nn.Linear)]
+        if not issubclass(model.policy.activation_fn, torch.nn.Tanh) or (
+            hidden[0].in_features != len(Observation.SCALE_FREE_FIELDS)
+        ):
+            raise ValueError("a per-regime start needs Tanh hidden layers reading the "
+                             "scale-free observation (model format 2 or 3)")
+        column = Observation.SCALE_FREE_FIELDS.index("has_secondary")
+        unit = torch.tensor(1.0)  # the carrier's value with a secondary, layer by layer
+        for i, layer in enumerate(hidden):
+            layer.weight[0].zero_()
+            layer.bias[0] = 0.0
+            layer.weight[0, column if i == 0 else 0] = 2.0
+            unit = torch.tanh(2.0 * unit)
+        net.weight[:, 0] = (with_s - without) / unit
 
 
-def best_constant_action(spec: str) -> list[float]:
-    """An initial action from ``spec``: comma-separated numbers, or a
+def best_constant_action(spec: str) -> list[float] | dict[str, list[float]]:
+    """An initial action from ``spec``: comma-separated numbers; a
+    ``benchmarks/studies/start_action.py`` JSON, whose chosen action per regime it reads; or a
     ``benchmarks/studies/knob_ceiling.py --family action3`` JSON, whose best single action in
     hindsight (``summary.action3.single_hindsight.best``) it reads."""
     path = Path(spec)
     if not path.is_file():
         return [float(x) for x in spec.split(",")]
-    setting = json.loads(path.read_text())["summary"]["action3"]["single_hindsight"]["best"]
+    study = json.loads(path.read_text())
+    if "regimes" in study:
+        return {r: [float(x) for x in study["regimes"][r]["best"]["action"]] for r in REGIMES}
+    setting = study["summary"]["action3"]["single_hindsight"]["best"]
     return [float(x) for x in setting["setting"].split()[1:]]  # "action3 +1.00 +0.00 ..."
 
 

@@ -295,3 +295,29 @@ def test_a_warm_start_begins_at_the_initial_action_whatever_the_observation():
         np.testing.assert_array_equal(value.numpy(), same.policy.state_dict()[key].numpy())
     actions = [plain.predict(obs, deterministic=True)[0] for obs in observations[:2]]
     assert not np.allclose(*actions)
+
+
+def test_a_warm_start_per_regime_gives_each_regime_its_own_action():
+    from rtlm_adapt.envs import ServingEnv
+    from rtlm_adapt.observation import Observation
+    from rtlm_adapt.policies.action_space import OBS_HIGH, OBS_LOW
+    from rtlm_adapt.policies.ppo_train import TrainConfig, build_model
+
+    start = {"with_secondary": [1.0, 0.0, 0.13, -1.0, 0.25, -0.5],
+             "without_secondary": [1.0, -0.5, 0.6, -1.0, 0.0, 1.0]}
+    env = ServingEnv(n_requests=20, load=0.9)
+    model = build_model(TrainConfig(initial_action=start), env)
+    column = Observation.SCALE_FREE_FIELDS.index("has_secondary")
+    observations = np.random.default_rng(1).uniform(
+        OBS_LOW, OBS_HIGH, size=(16, env.observation_space.shape[0])).astype(np.float32)
+    for k, obs in enumerate(observations):
+        obs[column] = k % 2  # the environment writes 0 or 1 there
+        regime = "with_secondary" if k % 2 else "without_secondary"
+        np.testing.assert_allclose(model.predict(obs, deterministic=True)[0], start[regime],
+                                   atol=1e-5)
+    # the deployed numpy actor agrees with the torch one
+    actor = PPOPolicy.from_model(model, guard=None, observation_format=3).actor
+    np.testing.assert_allclose(actor.mean(observations[1].tolist()), start["with_secondary"],
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="per regime"):
+        build_model(TrainConfig(initial_action={"with_secondary": start["with_secondary"]}), env)

@@ -65,8 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--initial-action",
-        help="start the actor at this action (a warm start): comma-separated numbers, or a "
-        "knob_ceiling.py --family action3 JSON (its best single action)",
+        help="start the actor at this action (a warm start): comma-separated numbers, a "
+        "benchmarks/studies/start_action.py JSON (its chosen action per regime, with and "
+        "without a secondary executor), or a knob_ceiling.py --family action3 JSON (its best "
+        "single action)",
     )
     parser.add_argument(
         "--log-std-init", type=float,
