@@ -29,6 +29,10 @@ Spaces
   where ``S`` is the episode's mean isolated service time. The integral summed over an episode is
   the total response time of its requests, so the undiscounted return is
   ``-(n / S) * mean response time - miss_penalty * misses``: the real-time goals, per step.
+  With ``reference="heuristic"`` each epoch's reward is that minus the same figure for the
+  heuristic serving the same requests (:class:`~rtlm_adapt.envs.reference.ReferenceRun`, run
+  once per episode): the return becomes the agent's gain over the heuristic, and the part of
+  it that the episode's input alone decides no longer reaches PPO's advantages.
 - **Episode end**: ``terminated`` once every request of the window has finished;
   ``truncated`` after ``max_episode_steps`` epochs (a safety net).
 
@@ -70,6 +74,7 @@ from rtlm_adapt.serving.loop import ServingLoop
 from rtlm_adapt.serving.simulated import simulated_executor
 
 from .episodes import EpisodeSampler, shared_scorer
+from .reference import REFERENCES, ReferenceRun
 from .scenarios import Scenario, ScenarioSpace, scenario_cost
 
 EXECUTORS = ("sim", "hf")
@@ -128,6 +133,9 @@ class ServingEnv(gym.Env):
         secondary is ``secondary_profile`` when drawn).
     max_episode_steps
         Truncation bound.
+    reference
+        ``"heuristic"``: rewards relative to the heuristic on the same episode (see the
+        module docstring); None (default): absolute rewards. Simulated executors only.
     model_format
         The observation and action map a policy trained here reads and uses
         (:data:`~rtlm_adapt.policies.action_space.ACTION_MAPS`; default
@@ -160,6 +168,7 @@ class ServingEnv(gym.Env):
         model: str = "smollm2",
         hf_max_tokens: int = 256,
         model_format: int = OBSERVATION_FORMAT,
+        reference: str | None = None,
     ) -> None:
         super().__init__()
         if render_mode is not None:
@@ -207,6 +216,11 @@ class ServingEnv(gym.Env):
                 f"unknown model_format {model_format!r}; expected one of {sorted(ACTION_MAPS)}"
             )
         self.model_format = int(model_format)
+        if reference is not None and (reference not in REFERENCES or executor != "sim"):
+            raise ValueError(f"reference must be None or one of {REFERENCES}, with "
+                             f"executor='sim'; got {reference!r} with executor={executor!r}")
+        self.reference = reference
+        self._reference_run: ReferenceRun | None = None
         self.action_map = ACTION_MAPS[self.model_format]()
         self.action_space = spaces.Box(-1.0, 1.0, (KnobsActionMap.size,), dtype=np.float32)
         n_obs = len(OBSERVATION_FORMATS[self.model_format][1])
@@ -267,6 +281,10 @@ class ServingEnv(gym.Env):
                 on_completion=self._on_completion,
             )
         self.loop.add_requests(requests)
+        if self.reference is not None:
+            self._reference_run = ReferenceRun.serve(
+                self.reference, wl, primary_cost=self.episode_cost,
+                secondary_cost=secondary_cost, epoch_s=self.epoch_s, batching=self.batching)
         # prefix sums of arrival times, in arrival order, for the O(1) accrued-work formula
         self._arrival_cumsum = [0.0]
         for t in sorted(r.arrival_time for r in wl.requests):
@@ -290,10 +308,16 @@ class ServingEnv(gym.Env):
         knobs = self.knobs_for(action)
         self.controller.set_knobs(knobs, hold=True)
         self._epoch_misses = 0
-        done = self.loop.advance(self.loop.now + self.epoch_s)
+        started = self.loop.now
+        done = self.loop.advance(started + self.epoch_s)
         self._steps += 1
         work = self._accrued(self.loop.now)
-        reward = -(work - self._work) / self._service_s - self.miss_penalty * self._epoch_misses
+        rise, misses = work - self._work, self._epoch_misses
+        if self._reference_run is not None:
+            ref = self._reference_run
+            rise -= ref.work(self.loop.now) - ref.work(started)
+            misses -= ref.misses(started, self.loop.now)
+        reward = -rise / self._service_s - self.miss_penalty * misses
         self._work = work
         truncated = not done and self._steps >= self.max_episode_steps
         info: dict[str, Any] = {"time": self.loop.now, "completed": self._n_done}

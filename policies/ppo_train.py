@@ -117,11 +117,13 @@ def make_config(
     arrivals: str | None = None,
     load: str | tuple[float, float] | None = None,
     batch_caps: str | None = None,
+    reference: str | None = None,
     **overrides: Any,
 ) -> TrainConfig:
     """The config that the command-line front ends build: the training space
     :data:`TRAIN_SCENARIOS`, with comma-separated ``prompts`` / ``arrivals``, a ``load``
-    "LOW,HIGH" and ``batch_caps`` "LOW,HIGH" replacing its fields where given."""
+    "LOW,HIGH" and ``batch_caps`` "LOW,HIGH" replacing its fields where given; ``reference``
+    the environment's reward reference (``ServingEnv(reference=...)``)."""
     overrides["out"] = out
     if timesteps:
         overrides["timesteps"] = timesteps
@@ -137,6 +139,8 @@ def make_config(
     if batch_caps:
         low, _, high = batch_caps.partition(",")
         space["batch_caps"] = [int(low), int(high or low)]
+    if reference:
+        config.env["reference"] = reference
     return config
 
 

@@ -258,3 +258,45 @@ def test_scale_free_observation_reads_two_scales_alike():
                   recent_response_s=2.5, step_time_s=0.005, primary_knee_batch=32)
     assert small.scale_free_vector() == pytest.approx(big.scale_free_vector())
     assert small.as_vector() != pytest.approx(big.as_vector())  # format 1 was not
+
+
+def _episode_rewards(env: ServingEnv, seed: int, act) -> list[float]:
+    env.reset(seed=seed)
+    rewards = []
+    while True:
+        _, reward, terminated, truncated, _ = env.step(act(env))
+        rewards.append(reward)
+        if terminated or truncated:
+            return rewards
+
+
+def test_a_reference_reward_is_the_gain_over_the_heuristic_on_the_same_requests():
+    from rtlm_adapt.policies.action_space import LogKnobsActionMap
+    from rtlm_adapt.policies.heuristic import RTLMHeuristic
+
+    # no secondary: the action map can express the heuristic's knobs exactly here
+    options = dict(SMALL, secondary_profile=None, profile="vllm-cpu-smollm2-135m", load=0.95)
+    heuristic = RTLMHeuristic()
+
+    def plays_heuristic(env: ServingEnv) -> np.ndarray:
+        obs = env.observation()
+        return LogKnobsActionMap().to_action(heuristic.decide(obs), obs.primary_max_batch)
+
+    env = ServingEnv(**options, reference="heuristic")
+    rewards = _episode_rewards(env, 0, plays_heuristic)
+    assert len(rewards) > 10 and max(abs(r) for r in rewards) < 1e-9  # the same schedule
+
+    # a bad policy (a batch cap of one request) loses to it, and the per-epoch difference adds
+    # up to the absolute return minus the heuristic's
+    def one_at_a_time(env: ServingEnv) -> np.ndarray:
+        return np.array([1, 0, 0, -1, -1, 1], dtype=np.float32)
+
+    relative = _episode_rewards(env, 1, one_at_a_time)
+    ref = env._reference_run
+    absolute = _episode_rewards(ServingEnv(**options), 1, one_at_a_time)
+    heuristic_return = -ref.work(math.inf) / env.workload.mean_service_s - (
+        env.miss_penalty * ref.misses(-math.inf, math.inf))
+    assert sum(relative) < -1.0
+    assert sum(relative) == pytest.approx(sum(absolute) - heuristic_return, rel=1e-6)
+    with pytest.raises(ValueError, match="reference"):
+        ServingEnv(**SMALL, reference="fcfs")

@@ -19,6 +19,8 @@ def run(args: argparse.Namespace) -> int:
     if args.log_std_init is not None:
         warm["log_std_init"] = args.log_std_init
 
+    if args.reference:
+        warm["reference"] = args.reference
     config = make_config(
         out=args.out,
         timesteps=args.timesteps,
@@ -69,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "benchmarks/studies/start_action.py JSON (its chosen action per regime, with and "
         "without a secondary executor), or a knob_ceiling.py --family action3 JSON (its best "
         "single action)",
+    )
+    parser.add_argument(
+        "--reference", choices=("heuristic",),
+        help="reward each epoch relative to this policy serving the same requests (an "
+        "input-dependent baseline: less variance in PPO's advantages); default absolute rewards",
     )
     parser.add_argument(
         "--log-std-init", type=float,
