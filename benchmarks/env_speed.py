@@ -2,6 +2,7 @@
 
     python benchmarks/env_speed.py --model ppo
     python benchmarks/env_speed.py --profile vllm-cpu-smollm2-135m --secondary-profile none
+    python benchmarks/env_speed.py --scenarios --reference heuristic   # as training with it
 
 Steps: one env (no vectorisation, no wrappers), random actions, episodes reset as they end;
 the best of ``--repeats`` timed blocks (the machine is shared); with ``--scenarios`` each episode
@@ -71,8 +72,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", help="primary cost profile (default: the env's)")
     parser.add_argument("--secondary-profile", help="secondary profile, or 'none'")
+    parser.add_argument("--reference", choices=("heuristic",),
+                        help="rewards relative to this policy (each reset also serves the "
+                        "episode with it, as training with --reference does)")
     args = parser.parse_args()
-    env_kwargs = {}
+    env_kwargs: dict[str, object] = {"reference": args.reference}
     if args.profile:
         env_kwargs["profile"] = args.profile
     if args.secondary_profile:

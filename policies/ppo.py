@@ -35,6 +35,7 @@ import base64
 import io
 import json
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -98,15 +99,27 @@ def _model_format(config: dict[str, Any] | None) -> int | None:
     return int(fmt) if fmt is not None else None
 
 
-def _trained_with_secondary(config: dict[str, Any] | None) -> bool:
-    """Whether the model only ever saw a secondary executor; True without a config (the older
-    models were)."""
+#: The deployments a learned policy tells apart, by whether a secondary executor exists (the
+#: observation's ``has_secondary``): offloading is most of what the knobs can do with one, and
+#: nothing without.
+REGIMES = ("with_secondary", "without_secondary")
+
+
+def regime_of(observation: Observation) -> str:
+    """The regime (:data:`REGIMES`) ``observation`` belongs to."""
+    return REGIMES[0] if observation.secondary_max_batch > 0 else REGIMES[1]
+
+
+def untrained_regimes(config: dict[str, Any] | None) -> list[str]:
+    """The regimes a training run never saw: ``without_secondary`` where every episode had a
+    secondary executor, and without a config (the older models were trained so)."""
     env = (config or {}).get("env", {})
     if not isinstance(env, dict):
-        return True
+        return ["without_secondary"]
     if env.get("secondary_profile", "default") is None:
-        return False
-    return float(env.get("scenarios", {}).get("secondary_prob", 1.0)) >= 1.0
+        return []
+    only_with = float(env.get("scenarios", {}).get("secondary_prob", 1.0)) >= 1.0
+    return ["without_secondary"] if only_with else []
 
 
 class PPOPolicy:
@@ -130,11 +143,13 @@ class PPOPolicy:
     online
         Optional :class:`~rtlm_adapt.policies.ppo_online.OnlinePPO` learner: ``decide`` then
         samples exploratory actions from it and it updates the actor periodically.
-    trained_with_secondary
-        Whether every training episode had a secondary executor. A policy trained only with one
-        leans on offloading (and caps the primary's batch accordingly); where the controller has
-        no secondary that is outside what it learned, so ``decide`` defers to ``fallback``.
-        :meth:`load` reads it from the model file or the training's ``config.json``.
+    heuristic_regimes
+        The regimes (:data:`REGIMES`) where ``decide`` defers to ``fallback``: those the model
+        never trained in (a model trained only with a secondary executor leans on offloading,
+        which is outside what it learned without one), and those where its validation found it
+        no better than the heuristic (:func:`~rtlm_adapt.policies.ppo_train.export_model`), so
+        that a deployment gets the learned knobs only where they were shown to help.
+        :meth:`load` reads them from the model file or the training's ``config.json``.
     observation_format
         The model format: the observation the actor reads and the action map it was trained
         with (see :data:`~rtlm_adapt.policies.action_space.OBSERVATION_FORMATS`); default: the
@@ -153,7 +168,7 @@ class PPOPolicy:
         guard: Any = _DEFAULT,
         fallback: Any = None,
         online: Any = None,
-        trained_with_secondary: bool = False,
+        heuristic_regimes: Collection[str] = (),
         observation_format: int | None = None,
     ) -> None:
         self.actor = actor
@@ -173,7 +188,10 @@ class PPOPolicy:
         self.guard: PerformanceGuard | None = PerformanceGuard() if guard is _DEFAULT else guard
         self.fallback = fallback if fallback is not None else RTLMHeuristic()
         self.online = online
-        self.trained_with_secondary = trained_with_secondary
+        unknown = set(heuristic_regimes) - set(REGIMES)
+        if unknown:
+            raise ValueError(f"unknown regimes {sorted(unknown)}; known: {REGIMES}")
+        self.heuristic_regimes = frozenset(heuristic_regimes)
         if len(OBSERVATION_FORMATS[fmt][1]) != actor.obs_size:
             raise ValueError(
                 f"the actor reads {actor.obs_size} numbers, observation format {fmt} has "
@@ -202,7 +220,7 @@ class PPOPolicy:
                 raise ValueError(f"{path}: online learning needs the SB3 model.zip, not an .npz")
             return cls._load_npz(path, **kwargs)
         config = _training_config(path)  # read once for both
-        kwargs.setdefault("trained_with_secondary", _trained_with_secondary(config))
+        kwargs.setdefault("heuristic_regimes", untrained_regimes(config))
         kwargs.setdefault("observation_format", _model_format(config))
         if online:
             from .ppo_online import OnlinePPO
@@ -241,7 +259,9 @@ class PPOPolicy:
                     "or retrain the model"
                 )
             layers = [(z[f"w{i}"], z[f"b{i}"]) for i in range(int(meta["layers"]))]
-        kwargs.setdefault("trained_with_secondary", bool(meta.get("trained_with_secondary")))
+        # files before regimes were named say only whether training always had a secondary
+        old = ["without_secondary"] if meta.get("trained_with_secondary") else []
+        kwargs.setdefault("heuristic_regimes", meta.get("heuristic_regimes", old))
         policy = cls(MLPActor(layers, meta.get("activation", "Tanh")), observation_format=fmt,
                      **kwargs)
         policy.metadata = meta
@@ -249,11 +269,11 @@ class PPOPolicy:
 
     def save(self, path: str | Path, **metadata: Any) -> Path:
         """The actor as ``.npz`` (weights and a JSON ``meta``: file version, observation
-        format, activation, ``trained_with_secondary`` and any ``metadata`` given)."""
+        format, activation, ``heuristic_regimes`` and any ``metadata`` given)."""
         meta = {**metadata, "file_version": MODEL_FILE_VERSION,
                 "observation_format": self.observation_format,
                 "activation": self.actor.activation, "layers": len(self.actor.layers),
-                "trained_with_secondary": self.trained_with_secondary}
+                "heuristic_regimes": sorted(self.heuristic_regimes)}
         arrays: dict[str, Any] = {"meta": np.array(json.dumps(meta))}
         for i, (w, b) in enumerate(self.actor.layers):
             arrays[f"w{i}"], arrays[f"b{i}"] = w, b
@@ -273,7 +293,7 @@ class PPOPolicy:
     # -- Policy protocol -----------------------------------------------------------------------
     def decide(self, observation: Observation) -> Knobs:
         """Knobs for the next epoch: the learned actor's, or the fallback's if the guard says so."""
-        if self.trained_with_secondary and observation.secondary_max_batch == 0:
+        if self.heuristic_regimes and regime_of(observation) in self.heuristic_regimes:
             self._last_source = "fallback"
             return self.fallback.decide(observation)
         if self.online is not None and self._last_obs is not None:

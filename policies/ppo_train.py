@@ -26,6 +26,7 @@ from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.experiment import Workload, run_policy
 from rtlm_adapt.observation import Observation
 from rtlm_adapt.policies.action_space import OBSERVATION_FORMAT
+from rtlm_adapt.policies.ppo import REGIMES, untrained_regimes
 
 #: Trace fractions: training windows start in the first, evaluation windows in the second.
 TRAIN_SLICE = (0.0, 0.8)
@@ -290,10 +291,6 @@ def build_model(config: TrainConfig, env: Any, tensorboard_log: str | None = Non
     return model
 
 
-#: The regimes a warm start may give their own action, by whether a secondary executor exists.
-REGIMES = ("with_secondary", "without_secondary")
-
-
 def start_at_action(model: Any, action: list[float] | dict[str, list[float]]) -> None:
     """Make ``model``'s deterministic action ``action`` whatever the observation: the actor's
     last layer (``action_net``, the Gaussian's mean) gets zero weights and ``action`` as its
@@ -389,14 +386,22 @@ def train(config: TrainConfig) -> Path:
 def export_model(
     run: str | Path, dest: str | Path, model: str = "best_model.zip",
     validation: list[tuple[str, float]] | None = None,
+    by_regime: dict[str, float] | None = None,
+    min_gain: float = 0.01,
 ) -> Path:
     """Write a training run's model (a file in the run folder) as the numpy ``.npz`` that
     :meth:`PPOPolicy.load` reads without torch, with the run's config and learning curve in its
     metadata and as ``DEST.json`` beside it, with ``validation`` (from
-    :func:`validate_checkpoints`) if given. How the packaged model is made::
+    :func:`validate_checkpoints`) if given.
 
-        ranked = validate_checkpoints("runs/ppo17")
-        export_model("runs/ppo17", "policies/models/ppo.npz", ranked[0][0], ranked)
+    ``by_regime`` (from :func:`validate_by_regime`) is the model's mean response time over the
+    heuristic's per regime: where it is above ``1 - min_gain`` (less than 1% better, by
+    default), and in any regime training never drew, the exported policy leaves the knobs to
+    the heuristic (``PPOPolicy.heuristic_regimes``). How the packaged model is made::
+
+        ranked = validate_checkpoints("runs/ppo21")
+        regimes = validate_by_regime("runs/ppo21", ranked[0][0])
+        export_model("runs/ppo21", "policies/models/ppo.npz", ranked[0][0], ranked, regimes)
     """
     from .ppo import PPOPolicy
 
@@ -404,10 +409,9 @@ def export_model(
     config = json.loads((run / "config.json").read_text())
     curve_file = run / "evaluations.json"
     curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
-    env = config.get("env", {})
-    only_with_secondary = env.get("secondary_profile", "default") is not None and float(
-        env.get("scenarios", {}).get("secondary_prob", 1.0)) >= 1.0
-    policy = PPOPolicy.load(run / model, guard=None, trained_with_secondary=only_with_secondary)
+    heuristic_regimes = set(untrained_regimes(config))
+    heuristic_regimes |= {r for r, ratio in (by_regime or {}).items() if ratio > 1.0 - min_gain}
+    policy = PPOPolicy.load(run / model, guard=None, heuristic_regimes=heuristic_regimes)
     # best_model.zip is the evaluation with the lowest mean response time (the callback's rule)
     best = min(curve, key=lambda row: row["ppo"]["mean_rt_s"]) if curve else {}
     chosen = best if model == "best_model.zip" else (curve[-1] if curve else {})
@@ -417,7 +421,9 @@ def export_model(
     training = {"run": str(run), "model": model, "config": config, "timesteps": steps,
                 "trained_timesteps": curve[-1]["timesteps"] if curve else None}
     policy.save(dest, training={k: v for k, v in training.items() if k != "config"})
-    extra = {"validation_rt_over_heuristic": validation} if validation else {}
+    extra: dict[str, Any] = {"validation_rt_over_heuristic": validation} if validation else {}
+    if by_regime:
+        extra["validation_by_regime"] = {"rt_over_heuristic": by_regime, "min_gain": min_gain}
     dest.with_suffix(".json").write_text(
         json.dumps({**training, **extra, "learning_curve": curve}, indent=1) + "\n"
     )
@@ -449,3 +455,24 @@ def validate_checkpoints(
                         config.env)[0] for case in cases]
         ranked.append((str(file.relative_to(run)), float(np.mean(np.divide(rts, heuristic)))))
     return sorted(ranked, key=lambda item: item[1])
+
+
+def validate_by_regime(
+    run: str | Path, model: str, episodes: int = 96, seed: int = 30_000
+) -> dict[str, float]:
+    """A run's ``model``'s (the actor alone) mean response time over the heuristic's, per
+    regime (:data:`~rtlm_adapt.policies.ppo.REGIMES`), over ``episodes`` validation episodes
+    drawn from the training space (the first of them are :func:`validate_checkpoints`')."""
+    from .ppo import PPOPolicy
+
+    run = Path(run)
+    config = TrainConfig(**{**json.loads((run / "config.json").read_text()),
+                            "eval_episodes": episodes})
+    loaded = PPOPolicy.load(run / model, guard=None)
+    ratios: dict[str, list[float]] = {}
+    for case in training_eval_cases(config, seed=seed):
+        policy = PPOPolicy(loaded.actor, guard=None, observation_format=loaded.observation_format)
+        regime = REGIMES[0] if case.scenario.secondary else REGIMES[1]
+        rt = run_case(policy, case, config.env)[0]
+        ratios.setdefault(regime, []).append(rt / run_case("heuristic", case, config.env)[0])
+    return {regime: float(np.mean(r)) for regime, r in ratios.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 
@@ -159,7 +160,8 @@ def test_bare_ppo_loads_the_packaged_model():
     policy = make_policy("ppo")
     assert isinstance(policy, PPOPolicy) and PACKAGED_MODEL.is_file()
     assert policy.observation_format == 3 and policy.guard is not None
-    assert not policy.trained_with_secondary  # trained with and without a secondary
+    # trained with and without a secondary; without one, validation decides who sets the knobs
+    assert policy.heuristic_regimes <= {"without_secondary"}
     # validation may choose the warm start (step 0) over what training made of it
     assert policy.metadata.get("training", {}).get("trained_timesteps", 0) > 0
     knobs = policy.decide(_obs(10, 5.0))
@@ -237,16 +239,16 @@ def test_no_secondary_defers_to_the_fallback(tiny_model):
     path, _ = tiny_model
     # no config.json beside it: assumed trained with a secondary; guard off to compare knobs
     policy = PPOPolicy.load(path, guard=None)
-    assert policy.trained_with_secondary
+    assert policy.heuristic_regimes == {"without_secondary"}
     alone = replace(_obs(10, 5.0), secondary_max_batch=0)
     assert policy.decide(alone) == RTLMHeuristic().decide(alone)
     assert policy.decide(_obs(10, 5.0)) != RTLMHeuristic().decide(_obs(10, 5.0))
     (path.parent / "config.json").write_text(json.dumps({"env": {"secondary_profile": None}}))
     try:
-        assert not PPOPolicy.load(path, guard=None).trained_with_secondary
+        assert not PPOPolicy.load(path, guard=None).heuristic_regimes
         mixed = {"env": {"scenarios": {"secondary_prob": 0.5}}}
         (path.parent / "config.json").write_text(json.dumps(mixed))
-        assert not PPOPolicy.load(path, guard=None).trained_with_secondary
+        assert not PPOPolicy.load(path, guard=None).heuristic_regimes
     finally:
         (path.parent / "config.json").unlink()
 
@@ -321,3 +323,40 @@ def test_a_warm_start_per_regime_gives_each_regime_its_own_action():
                                atol=1e-5)
     with pytest.raises(ValueError, match="per regime"):
         build_model(TrainConfig(initial_action={"with_secondary": start["with_secondary"]}), env)
+
+
+def test_export_leaves_a_regime_to_the_heuristic_where_validation_found_no_gain(tmp_path):
+    from rtlm_adapt.envs import ServingEnv
+    from rtlm_adapt.policies.ppo_train import (
+        TrainConfig,
+        build_model,
+        export_model,
+        validate_by_regime,
+    )
+
+    # a run folder holding one untrained warm start: a different action per regime
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    start = {"with_secondary": [1.0, 0.0, 0.13, -1.0, 0.25, -0.5],
+             "without_secondary": [0.0, 0.0, 1.0, -1.0, -1.0, 1.0]}  # arrival order, cap 1/16
+    config = TrainConfig(initial_action=start, env={"scenarios": {"batch_caps": [8, 8],
+                                                                  "secondary_prob": 0.5}})
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    build_model(config, ServingEnv(n_requests=20)).save(run / "checkpoints" / "ppo_0_steps.zip")
+
+    regimes = validate_by_regime(run, "checkpoints/ppo_0_steps.zip", episodes=8)
+    assert set(regimes) == {"with_secondary", "without_secondary"}
+    assert regimes["without_secondary"] > 1.0  # a batch of 1 in arrival order loses
+    dest = export_model(run, tmp_path / "m.npz", "checkpoints/ppo_0_steps.zip",
+                        by_regime=regimes)
+    policy = PPOPolicy.load(dest, guard=None)
+    assert "without_secondary" in policy.heuristic_regimes
+    alone = replace(_obs(10, 5.0), secondary_max_batch=0)
+    assert policy.decide(alone) == RTLMHeuristic().decide(alone)
+    saved = json.loads(dest.with_suffix(".json").read_text())["validation_by_regime"]
+    assert saved["rt_over_heuristic"] == regimes
+    # with no validation by regime, a model trained in both regimes keeps both
+    kept = export_model(run, tmp_path / "k.npz", "checkpoints/ppo_0_steps.zip")
+    assert not PPOPolicy.load(kept, guard=None).heuristic_regimes
+    with pytest.raises(ValueError, match="unknown regimes"):
+        PPOPolicy(policy.actor, heuristic_regimes=["gpu"])
