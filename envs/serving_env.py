@@ -15,12 +15,13 @@ Spaces
   aging and slack weights; the batch cap on a log scale up to the primary's maximum and the
   offload threshold on a log scale of predicted tokens; format 2 scales the last two by the
   knee and the waiting requests' median predicted length).
-- **Observation**: ``Box(-1, 2, (14,), float32)``, :meth:`Observation.scale_free_vector`
-  (observation formats 2 and 3: queue per batch slot, executor utilisations, whether a secondary
+- **Observation**: ``Box(-1, 2, (15,), float32)``, :meth:`Observation.scale_free_speed_vector`
+  (observation formats 2-4: queue per batch slot, executor utilisations, whether a secondary
   exists and its share of the slots, the knee over the batch cap, predicted-length quantiles
   over their mean, mean uncertainty, oldest wait and smallest slack over the service time,
-  offered load, recent response time over the service time and miss rate). Only ratios, so
-  one policy reads any executor and prompt mix.
+  offered load, recent response time over the service time and miss rate; format 4, the
+  default, adds how many times slower the secondary serves a request than the primary). Only
+  ratios, so one policy reads any executor and prompt mix.
 - **Reward** per epoch ``[t0, t1)``::
 
       r = -( integral over [t0, t1) of (requests waiting or running) dt ) / S
@@ -39,7 +40,7 @@ Spaces
 >>> env = ServingEnv(n_requests=20, load=0.9)
 >>> obs, info = env.reset(seed=0)
 >>> obs.shape, env.action_space.shape
-((14,), (6,))
+((15,), (6,))
 >>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
 >>> bool(reward <= 0.0)
 True

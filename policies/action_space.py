@@ -61,14 +61,16 @@ OBS_LOW, OBS_HIGH = -1.0, 2.0
 
 #: Model formats, by number: the observation vector a learned policy reads and its field names
 #: (the action map of each is :data:`ACTION_MAPS`). Format 3 reads format 2's scale-free vector
-#: and differs in its action map only; 1 and 2 are kept so older models still run.
+#: and differs in its action map only; format 4 adds the secondary's slowdown to the vector and
+#: keeps format 3's map; 1-3 are kept so older models still run.
 OBSERVATION_FORMATS: dict[int, tuple[Callable[[Observation], list[float]], tuple[str, ...]]] = {
     1: (Observation.as_vector, Observation.VECTOR_FIELDS),
     2: (Observation.scale_free_vector, Observation.SCALE_FREE_FIELDS),
     3: (Observation.scale_free_vector, Observation.SCALE_FREE_FIELDS),
+    4: (Observation.scale_free_speed_vector, Observation.SCALE_FREE_SPEED_FIELDS),
 }
 #: The format the environment (and so every newly trained model) uses.
-OBSERVATION_FORMAT = 3
+OBSERVATION_FORMAT = 4
 
 
 def observation_format_for_size(size: int) -> int:
@@ -319,4 +321,5 @@ ACTION_MAPS: dict[int, type[KnobsActionMap]] = {
     1: KnobsActionMap,
     2: RelativeKnobsActionMap,
     3: LogKnobsActionMap,
+    4: LogKnobsActionMap,
 }

@@ -320,10 +320,10 @@ def start_at_action(model: Any, action: list[float] | dict[str, list[float]]) ->
         hidden = [layer for layer in model.policy.mlp_extractor.policy_net
                   if isinstance(layer, torch.nn.Linear)]
         if not issubclass(model.policy.activation_fn, torch.nn.Tanh) or (
-            hidden[0].in_features != len(Observation.SCALE_FREE_FIELDS)
+            hidden[0].in_features < len(Observation.SCALE_FREE_FIELDS)
         ):
             raise ValueError("a per-regime start needs Tanh hidden layers reading the "
-                             "scale-free observation (model format 2 or 3)")
+                             "scale-free observation (model format 2, 3 or 4)")
         column = Observation.SCALE_FREE_FIELDS.index("has_secondary")
         unit = torch.tensor(1.0)  # the carrier's value with a secondary, layer by layer
         for i, layer in enumerate(hidden):

@@ -7,6 +7,9 @@ read it for a learned policy:
   ratios (queue per batch slot, waits and slack over the service time, length quantiles over
   their mean, the knee over the batch cap), the load, and rates; no seconds, no tokens, no batch
   sizes. One policy then reads a small CPU model and a large GPU one alike.
+- ``scale_free_speed_vector`` (format 4, ``SCALE_FREE_SPEED_FIELDS``): the same and the
+  secondary's slowdown over the primary, so a policy can tell a secondary worth offloading to
+  from one that only slows requests down.
 - ``as_vector`` (format 1, ``VECTOR_FIELDS``), kept so models trained on it still load: it has
   queue lengths and predicted lengths in absolute units.
 """
@@ -51,6 +54,11 @@ class Observation:
     primary_knee_batch: int = 0
     #: Median predicted output length of waiting requests (tokens). Not part of ``as_vector``.
     pred_len_p50: float = 0.0
+    #: How many times longer a typical request takes on the secondary than on the primary, each
+    #: at its full batch, per the learned latency models (0 without a secondary). Offloading to a
+    #: secondary pays when it is not much slower; a CPU secondary beside a fast engine loses.
+    #: Only in the format-4 vector.
+    secondary_slowdown: float = 0.0
 
     VECTOR_FIELDS = (
         "queue_length",
@@ -108,6 +116,15 @@ class Observation:
             math.log1p(self.recent_response_s / svc) / 5.0,
             self.recent_miss_rate,
         ]
+
+    #: Format 4: format 2's fields and the secondary's slowdown.
+    SCALE_FREE_SPEED_FIELDS = (*SCALE_FREE_FIELDS, "secondary_slowdown")
+
+    def scale_free_speed_vector(self) -> list[float]:
+        """Format 4: :meth:`scale_free_vector` and the secondary's slowdown over the primary,
+        on a log scale (1x: 0.25, 15x: 1; 0 without a secondary)."""
+        slowdown = max(0.0, self.secondary_slowdown)
+        return [*self.scale_free_vector(), math.log2(1.0 + slowdown) / 4.0]
 
     def as_vector(self) -> list[float]:
         """Format 1: fixed-size features, squashed to about [0, 1] (log scales for unbounded

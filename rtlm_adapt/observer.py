@@ -61,6 +61,11 @@ def observe(
     mean_len = sum(lengths) / n if n else predictor.predict_one({}).length
     per_request = latency.service_time(_TYPICAL_PROMPT_TOKENS, mean_len, batch_size=batch)
     capacity = batch / max(1e-9, per_request)
+    slowdown = 0.0
+    if secondary is not None and secondary.max_batch_size > 0:
+        on_secondary = executors.latency_for(secondary.name).service_time(
+            _TYPICAL_PROMPT_TOKENS, mean_len, batch_size=secondary.max_batch_size)
+        slowdown = on_secondary / max(1e-9, per_request)
     return Observation(
         now=now,
         queue_length=len(queue),
@@ -81,6 +86,7 @@ def observe(
         step_time_s=signals.step_ewma,
         primary_knee_batch=knee_batch(latency, batch, _TYPICAL_PROMPT_TOKENS + mean_len / 2),
         pred_len_p50=lengths[n // 2] if n else 0.0,
+        secondary_slowdown=slowdown,
     )
 
 

@@ -151,7 +151,7 @@ def test_format_3_needs_nothing_from_the_queue():
     assert log.knobs(action, _observation(secondary_max_batch=0)).offload_threshold == math.inf
 
 
-def test_env_uses_format_3_and_still_trains_format_2():
+def test_env_uses_format_4_and_still_trains_formats_2_and_3():
     from rtlm_adapt.policies.action_space import (
         ACTION_MAPS,
         OBSERVATION_FORMAT,
@@ -160,17 +160,40 @@ def test_env_uses_format_3_and_still_trains_format_2():
         observation_format_for_size,
     )
 
-    assert OBSERVATION_FORMAT == 3 and set(ACTION_MAPS) == {1, 2, 3}
+    assert OBSERVATION_FORMAT == 4 and set(ACTION_MAPS) == {1, 2, 3, 4}
     assert observation_format_for_size(14) == 2  # a file without the number predates format 3
+    assert observation_format_for_size(15) == 4
     env = ServingEnv(**SMALL)
-    assert env.model_format == 3 and isinstance(env.action_map, LogKnobsActionMap)
+    assert env.model_format == 4 and isinstance(env.action_map, LogKnobsActionMap)
     old = ServingEnv(**SMALL, model_format=2)
     assert isinstance(old.action_map, RelativeKnobsActionMap)
+    three = ServingEnv(**SMALL, model_format=3)
+    assert isinstance(three.action_map, LogKnobsActionMap)
     obs, _ = env.reset(seed=0)
     obs2, _ = old.reset(seed=0)
-    np.testing.assert_array_equal(obs, obs2)  # the same observation
+    obs3, _ = three.reset(seed=0)
+    np.testing.assert_array_equal(obs2, obs3)  # formats 2 and 3: the same observation
+    np.testing.assert_array_equal(obs[:-1], obs3)  # format 4: that and the slowdown
+    assert obs.shape == (15,)
     with pytest.raises(ValueError, match="model_format"):
         ServingEnv(**SMALL, model_format=9)
+
+
+def test_the_slowdown_tells_a_cpu_secondary_beside_a_fast_engine_from_a_peer():
+    def slowdown(profile: str) -> float:
+        env = ServingEnv(**SMALL, profile=profile)
+        env.reset(seed=0)
+        for _ in range(5):
+            env.step(np.zeros(6, dtype=np.float32))
+        return env.observation().secondary_slowdown
+
+    # the packaged CPU secondary beside the transformers executor's primary (2 threads vs 1),
+    # and beside the engine model of vLLM: several times slower than that primary
+    peer, engine = slowdown("smollm2-135m-cpu2"), slowdown("vllm-cpu-smollm2-135m")
+    assert 0.3 < peer < 2.0 and engine > 3.0
+    alone = ServingEnv(**SMALL, secondary_profile=None)
+    obs, _ = alone.reset(seed=0)
+    assert alone.observation().secondary_slowdown == 0.0 and obs[-1] == 0.0
 
 
 def test_hf_executor_runs_the_real_model_on_the_wall_clock_loop():

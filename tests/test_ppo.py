@@ -53,7 +53,8 @@ def test_load_matches_sb3_predict(tiny_model):
     policy = make_policy(f"ppo:{path}")
     assert isinstance(policy, PPOPolicy)
     rng = np.random.default_rng(0)
-    for obs in rng.uniform(0.0, 1.0, size=(20, 14)).astype(np.float32):
+    size = model.observation_space.shape[0]
+    for obs in rng.uniform(0.0, 1.0, size=(20, size)).astype(np.float32):
         expected, _ = model.predict(obs, deterministic=True)
         np.testing.assert_allclose(policy.actor(obs), expected, atol=1e-5)
     knobs = policy.decide(_obs(10, 5.0))
@@ -174,7 +175,7 @@ def test_npz_round_trip_and_format_errors(tiny_model, tmp_path):
     saved = policy.save(tmp_path / "m.npz", note="test")
     again = PPOPolicy.load(saved, guard=None)
     assert again.metadata["note"] == "test"
-    x = np.random.default_rng(1).uniform(0, 1, 14)
+    x = np.random.default_rng(1).uniform(0, 1, policy.actor.obs_size)
     np.testing.assert_allclose(again.actor(x), policy.actor(x))
     # a file from a future version names the problem
     with np.load(saved) as z:
@@ -198,18 +199,20 @@ def test_a_run_records_its_model_format(tiny_model, tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(path, run / "model.zip")
     shutil.copy(path, run / "checkpoints" / "ppo_256_steps.zip")
-    # a run from before format 3 recorded no format: the size says format 2
+    # a run that recorded no format: the actor's input size says which (15 numbers: format 4)
     (run / "config.json").write_text(json.dumps({"env": {}}))
-    assert PPOPolicy.load(run / "model.zip", guard=None).observation_format == 2
-    (run / "config.json").write_text(json.dumps({"env": {}, "model_format": 3}))
+    assert PPOPolicy.load(run / "model.zip", guard=None).observation_format == 4
+    (run / "config.json").write_text(json.dumps({"env": {}, "model_format": 4}))
     for file in (run / "model.zip", run / "checkpoints" / "ppo_256_steps.zip"):
         policy = PPOPolicy.load(file, guard=None)
-        assert policy.observation_format == 3
+        assert policy.observation_format == 4
         assert isinstance(policy.action_map, LogKnobsActionMap)
     again = PPOPolicy.load(policy.save(tmp_path / "m.npz"), guard=None)
-    assert again.observation_format == 3 and isinstance(again.action_map, LogKnobsActionMap)
-    assert isinstance(PPOPolicy(again.actor, observation_format=2).action_map,
-                      RelativeKnobsActionMap)
+    assert again.observation_format == 4 and isinstance(again.action_map, LogKnobsActionMap)
+    with pytest.raises(ValueError, match="observation format 3 has 14"):
+        PPOPolicy(again.actor, observation_format=3)
+    assert isinstance(PPOPolicy(MLPActor([(np.zeros((6, 14)), np.zeros(6))]),
+                                observation_format=2).action_map, RelativeKnobsActionMap)
 
 
 def test_models_on_the_older_observation_still_run():
@@ -281,7 +284,7 @@ def test_a_warm_start_begins_at_the_initial_action_whatever_the_observation():
         OBS_LOW, OBS_HIGH, size=(8, env.observation_space.shape[0])).astype(np.float32)
     for obs in observations:
         np.testing.assert_allclose(model.predict(obs, deterministic=True)[0], start, atol=1e-6)
-    policy = PPOPolicy.from_model(model, guard=None, observation_format=3)
+    policy = PPOPolicy.from_model(model, guard=None, observation_format=4)
     as_stored = np.asarray(start, dtype=np.float32).tolist()  # the actor's float32 bias
     for obs in (_obs(0, 0.0), _obs(40, 300.0)):
         assert policy.decide(obs) == LogKnobsActionMap().knobs(as_stored, obs)
@@ -318,7 +321,7 @@ def test_a_warm_start_per_regime_gives_each_regime_its_own_action():
         np.testing.assert_allclose(model.predict(obs, deterministic=True)[0], start[regime],
                                    atol=1e-5)
     # the deployed numpy actor agrees with the torch one
-    actor = PPOPolicy.from_model(model, guard=None, observation_format=3).actor
+    actor = PPOPolicy.from_model(model, guard=None, observation_format=4).actor
     np.testing.assert_allclose(actor.mean(observations[1].tolist()), start["with_secondary"],
                                atol=1e-5)
     with pytest.raises(ValueError, match="per regime"):
