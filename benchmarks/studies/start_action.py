@@ -20,7 +20,9 @@ at most the heuristic's + 1 point (issue 17's tolerance).
         --json benchmarks/results/start_action.json     # about 15 minutes on one core
 
 ``ppo_train.best_constant_action`` reads the ``--json`` (``best`` per regime) for
-``examples/train_ppo.py --initial-action``.
+``examples/train_ppo.py --initial-action``. ``--offload-sweep`` then runs the chosen
+with-secondary action with each offload entry, per primary cost profile: where offloading
+everything pays and where it loses (a CPU secondary beside the fast engine model of vLLM).
 """
 
 from __future__ import annotations
@@ -93,14 +95,40 @@ def run_regime(cases: list[Any], actions: list[tuple[float, ...]]) -> dict[str, 
             "heuristic_mean_rt_s": float(np.mean([rt for rt, _ in heuristic]))}
 
 
+def offload_sweep(cases: list[Any], action: list[float]) -> dict[str, dict[str, float]]:
+    """``action`` with each offload entry: mean RT over the heuristic's per primary profile."""
+    out: dict[str, dict[str, float]] = {}
+    for profile in sorted({c.scenario.profile for c in cases}):
+        mine = [c for c in cases if c.scenario.profile == profile]
+        heuristic = [run_case("heuristic", c, {})[0] for c in mine]
+        row = out[f"{profile} ({len(mine)} episodes)"] = {}
+        for entry in (-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0):
+            a = (*action[:5], entry)
+            rts = [run_case(lambda a=a: ConstantAction(a, LogKnobsActionMap()), c, {})[0]
+                   for c in mine]
+            row[f"{entry:+.2f}"] = float(np.mean(np.divide(rts, heuristic)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--episodes", type=int, default=200,
                         help="training-space episodes drawn (both regimes together)")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--offload-sweep", action="store_true",
+                        help="with --json's results already there: only the offload sweep")
     args = parser.parse_args()
     started = time.time()
     cases = training_eval_cases(TrainConfig(eval_episodes=args.episodes), seed=CHOICE_SEED)
+    if args.offload_sweep:
+        out = json.loads(Path(args.json).read_text())
+        chosen = out["regimes"]["with_secondary"]["best"]["action"]
+        sweep = out["offload_sweep"] = offload_sweep([c for c in cases if c.scenario.secondary],
+                                                     chosen)
+        for profile, row in sweep.items():
+            print(profile, " ".join(f"{k}: {v:.3f}" for k, v in row.items()))
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        return
     out: dict[str, Any] = {"command": " ".join(sys.argv), "seed": CHOICE_SEED,
                            "episodes": args.episodes, "regimes": {}}
     for regime, secondary in REGIMES.items():
