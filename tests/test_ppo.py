@@ -160,7 +160,7 @@ def test_bare_ppo_loads_the_packaged_model():
 
     policy = make_policy("ppo")
     assert isinstance(policy, PPOPolicy) and PACKAGED_MODEL.is_file()
-    assert policy.observation_format == 3 and policy.guard is not None
+    assert policy.observation_format == 4 and policy.guard is not None
     # trained with and without a secondary; without one, validation decides who sets the knobs
     assert policy.heuristic_regimes <= {"without_secondary"}
     # validation may choose the warm start (step 0) over what training made of it
