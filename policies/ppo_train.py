@@ -399,9 +399,9 @@ def export_model(
     default), and in any regime training never drew, the exported policy leaves the knobs to
     the heuristic (``PPOPolicy.heuristic_regimes``). How the packaged model is made::
 
-        ranked = validate_checkpoints("runs/ppo21")
-        regimes = validate_by_regime("runs/ppo21", ranked[0][0])
-        export_model("runs/ppo21", "policies/models/ppo.npz", ranked[0][0], ranked, regimes)
+        ranked = validate_checkpoints("runs/ppo24")
+        regimes = validate_by_regime("runs/ppo24", ranked[0][0])
+        export_model("runs/ppo24", "policies/models/ppo.npz", ranked[0][0], ranked, regimes)
     """
     from .ppo import PPOPolicy
 
