@@ -222,6 +222,7 @@ class ServingEnv(gym.Env):
                              f"executor='sim'; got {reference!r} with executor={executor!r}")
         self.reference = reference
         self._reference_run: ReferenceRun | None = None
+        self._reference_work = 0.0  # W(now) of the reference run, as _work is the agent's
         self.action_map = ACTION_MAPS[self.model_format]()
         self.action_space = spaces.Box(-1.0, 1.0, (KnobsActionMap.size,), dtype=np.float32)
         n_obs = len(OBSERVATION_FORMATS[self.model_format][1])
@@ -299,6 +300,8 @@ class ServingEnv(gym.Env):
         self._steps = 0
         self._work = 0.0  # W(now): response time accrued so far, over all requests
         self.loop.advance(0.0)
+        if self._reference_run is not None:  # what the reference accrued by now, like _work
+            self._reference_work = self._reference_run.work(self.loop.now)
         info = {"load": wl.load, "rate_rps": wl.rate_rps, "workload": wl.description,
                 "scenario": sc.label()}
         return self._obs(), info
@@ -315,9 +318,10 @@ class ServingEnv(gym.Env):
         work = self._accrued(self.loop.now)
         rise, misses = work - self._work, self._epoch_misses
         if self._reference_run is not None:
-            ref = self._reference_run
-            rise -= ref.work(self.loop.now) - ref.work(started)
-            misses -= ref.misses(started, self.loop.now)
+            reference_work = self._reference_run.work(self.loop.now)
+            rise -= reference_work - self._reference_work
+            misses -= self._reference_run.misses(started, self.loop.now)
+            self._reference_work = reference_work
         reward = -rise / self._service_s - self.miss_penalty * misses
         self._work = work
         truncated = not done and self._steps >= self.max_episode_steps

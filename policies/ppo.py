@@ -105,21 +105,27 @@ def _model_format(config: dict[str, Any] | None) -> int | None:
 REGIMES = ("with_secondary", "without_secondary")
 
 
+def regime_for(has_secondary: bool) -> str:
+    """The regime (:data:`REGIMES`) of a deployment with or without a secondary executor."""
+    return REGIMES[0] if has_secondary else REGIMES[1]
+
+
 def regime_of(observation: Observation) -> str:
-    """The regime (:data:`REGIMES`) ``observation`` belongs to."""
-    return REGIMES[0] if observation.secondary_max_batch > 0 else REGIMES[1]
+    """The regime ``observation`` belongs to."""
+    return regime_for(observation.secondary_max_batch > 0)
 
 
 def untrained_regimes(config: dict[str, Any] | None) -> list[str]:
     """The regimes a training run never saw: ``without_secondary`` where every episode had a
     secondary executor, and without a config (the older models were trained so)."""
+    without = [regime_for(False)]
     env = (config or {}).get("env", {})
     if not isinstance(env, dict):
-        return ["without_secondary"]
+        return without
     if env.get("secondary_profile", "default") is None:
         return []
     only_with = float(env.get("scenarios", {}).get("secondary_prob", 1.0)) >= 1.0
-    return ["without_secondary"] if only_with else []
+    return without if only_with else []
 
 
 class PPOPolicy:
@@ -260,7 +266,7 @@ class PPOPolicy:
                 )
             layers = [(z[f"w{i}"], z[f"b{i}"]) for i in range(int(meta["layers"]))]
         # files before regimes were named say only whether training always had a secondary
-        old = ["without_secondary"] if meta.get("trained_with_secondary") else []
+        old = [regime_for(False)] if meta.get("trained_with_secondary") else []
         kwargs.setdefault("heuristic_regimes", meta.get("heuristic_regimes", old))
         policy = cls(MLPActor(layers, meta.get("activation", "Tanh")), observation_format=fmt,
                      **kwargs)

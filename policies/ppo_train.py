@@ -26,7 +26,7 @@ from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.experiment import Workload, run_policy
 from rtlm_adapt.observation import Observation
 from rtlm_adapt.policies.action_space import OBSERVATION_FORMAT
-from rtlm_adapt.policies.ppo import REGIMES, untrained_regimes
+from rtlm_adapt.policies.ppo import REGIMES, regime_for, untrained_regimes
 
 #: Trace fractions: training windows start in the first, evaluation windows in the second.
 TRAIN_SLICE = (0.0, 0.8)
@@ -430,6 +430,34 @@ def export_model(
     return dest
 
 
+@dataclass
+class Validation:
+    """A run's validation episodes (the training space's held-out windows) and the heuristic's
+    mean response time on each, for scoring the run's models against."""
+
+    config: TrainConfig
+    cases: list[EvalCase]
+    heuristic_rt_s: list[float]
+
+    @classmethod
+    def of_run(cls, run: str | Path, episodes: int = 48, seed: int = 30_000) -> Validation:
+        config = TrainConfig(**{**json.loads((Path(run) / "config.json").read_text()),
+                                "eval_episodes": episodes})
+        cases = training_eval_cases(config, seed=seed)
+        return cls(config, cases, [run_case("heuristic", c, config.env)[0] for c in cases])
+
+    def ratios(self, model: str | Path) -> list[float]:
+        """The model's (the actor alone) mean response time over the heuristic's, per episode.
+        The guard is off: its judgement would blur the comparison."""
+        from .ppo import PPOPolicy
+
+        loaded = PPOPolicy.load(model, guard=None)
+        actor, fmt = loaded.actor, loaded.observation_format
+        rts = [run_case(PPOPolicy(actor, guard=None, observation_format=fmt), case,
+                        self.config.env)[0] for case in self.cases]
+        return [float(r) for r in np.divide(rts, self.heuristic_rt_s)]
+
+
 def validate_checkpoints(
     run: str | Path, episodes: int = 48, seed: int = 30_000
 ) -> list[tuple[str, float]]:
@@ -437,23 +465,12 @@ def validate_checkpoints(
     ``episodes`` validation episodes drawn from the *training* space (held-out windows, a seed
     neither training nor ``benchmarks/ppo_eval.py`` uses), so a model can be chosen without
     looking at the held-out grid. Returns ``(model file, mean ratio)``, best first."""
-    from .ppo import PPOPolicy
-
     run = Path(run)
-    config = TrainConfig(**{**json.loads((run / "config.json").read_text()),
-                            "eval_episodes": episodes})
-    cases = training_eval_cases(config, seed=seed)
-    heuristic = [run_case("heuristic", case, config.env)[0] for case in cases]
+    validation = Validation.of_run(run, episodes, seed)
     files = sorted((run / "checkpoints").glob("*.zip")) + [run / "best_model.zip",
                                                            run / "model.zip"]
-    ranked = []
-    for file in (f for f in files if f.is_file()):
-        loaded = PPOPolicy.load(file, guard=None)
-        actor, fmt = loaded.actor, loaded.observation_format
-        # the actor alone (guard=None): the guard's judgement would blur the comparison
-        rts = [run_case(PPOPolicy(actor, guard=None, observation_format=fmt), case,
-                        config.env)[0] for case in cases]
-        ranked.append((str(file.relative_to(run)), float(np.mean(np.divide(rts, heuristic)))))
+    ranked = [(str(file.relative_to(run)), float(np.mean(validation.ratios(file))))
+              for file in files if file.is_file()]
     return sorted(ranked, key=lambda item: item[1])
 
 
@@ -463,16 +480,8 @@ def validate_by_regime(
     """A run's ``model``'s (the actor alone) mean response time over the heuristic's, per
     regime (:data:`~rtlm_adapt.policies.ppo.REGIMES`), over ``episodes`` validation episodes
     drawn from the training space (the first of them are :func:`validate_checkpoints`')."""
-    from .ppo import PPOPolicy
-
-    run = Path(run)
-    config = TrainConfig(**{**json.loads((run / "config.json").read_text()),
-                            "eval_episodes": episodes})
-    loaded = PPOPolicy.load(run / model, guard=None)
+    validation = Validation.of_run(run, episodes, seed)
     ratios: dict[str, list[float]] = {}
-    for case in training_eval_cases(config, seed=seed):
-        policy = PPOPolicy(loaded.actor, guard=None, observation_format=loaded.observation_format)
-        regime = REGIMES[0] if case.scenario.secondary else REGIMES[1]
-        rt = run_case(policy, case, config.env)[0]
-        ratios.setdefault(regime, []).append(rt / run_case("heuristic", case, config.env)[0])
+    for case, ratio in zip(validation.cases, validation.ratios(Path(run) / model), strict=True):
+        ratios.setdefault(regime_for(case.scenario.secondary), []).append(ratio)
     return {regime: float(np.mean(r)) for regime, r in ratios.items()}

@@ -16,7 +16,12 @@ import numpy as np
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.data import PromptSample, TokenCounter, load_prompts
 from rtlm_adapt.engines.vllm_bench import BenchRequest, build_requests
-from rtlm_adapt.engines.vllm_replay import compare_on_engine
+from rtlm_adapt.engines.vllm_replay import (
+    compare_on_engine,
+    decode_s_per_token,
+    matched_pace,
+    pooled_sim_pace,
+)
 from rtlm_adapt.request import Completion
 
 
@@ -68,3 +73,22 @@ def replay_recorded(
         block_size=kv.get("block_size"),
         handoff_s=handoff_s,
     )
+
+
+def at_run_pace(
+    real: Mapping[str, Any],
+    chosen: list[PromptSample],
+    requests: list[BenchRequest],
+    results: Mapping[str, list[list[Completion]]],
+    profile: str | StepCost,
+) -> StepCost:
+    """``profile`` slowed until the replay's decode time per token, over every policy's
+    requests, is the run's own (``vllm_replay.matched_pace``; what ``--compare-sim`` writes as
+    ``sim_fidelity_run_pace``)."""
+    real_pace = decode_s_per_token([c for runs in results.values() for r in runs for c in r])
+
+    def pace_of(cost: StepCost) -> float:
+        return pooled_sim_pace(replay_recorded(real, chosen, requests, results, profile=cost))
+
+    base = profile if isinstance(profile, StepCost) else StepCost.load(profile)
+    return matched_pace(base, pace_of, real_pace)

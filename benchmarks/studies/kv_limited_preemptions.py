@@ -17,16 +17,13 @@ import json
 import sys
 from pathlib import Path
 
-from _vllm_run import rebuild_run, replay_recorded
+from _vllm_run import at_run_pace, rebuild_run, replay_recorded
 from gateway_vs_replay import completions
 
 from rtlm_adapt.calibration.cli import fit_vllm_run
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.engines.vllm_replay import (
-    decode_s_per_token,
     engine_profile,
-    matched_pace,
-    pooled_sim_pace,
     replay,
     replay_requests,
     slowed,
@@ -114,20 +111,17 @@ def main(path: str) -> None:
         print(f"{label}: (preemptions, mean RT s) {counts}")
 
     if "completions" in real:
-        at_run_pace(real, chosen, bench, per_repeat)
+        replay_at_run_pace(real, chosen, bench, per_repeat)
 
 
-def at_run_pace(real: dict, chosen: list, bench: list, real_per_repeat: dict[str, float]) -> None:
+def replay_at_run_pace(real: dict, chosen: list, bench: list,
+                       real_per_repeat: dict[str, float]) -> None:
     """The replay ``--compare-sim`` writes as ``sim_fidelity_run_pace``: each profile slowed
     until the replay's decode time per token is the run's own, on the run's own requests."""
     results = {name: [completions(rows) for rows in repeats]
                for name, repeats in real["completions"].items()}  # fmt: skip
-    real_pace = decode_s_per_token([c for runs in results.values() for r in runs for c in r])
     for profile in ("vllm-cpu-smollm2-135m", "vllm-cpu-smollm2-135m-16"):
-        def pace_of(cost: StepCost) -> float:
-            return pooled_sim_pace(replay_recorded(real, chosen, bench, results, profile=cost))
-
-        matched = matched_pace(StepCost.load(profile), pace_of, real_pace)
+        matched = at_run_pace(real, chosen, bench, results, profile)
         figures = replay_recorded(real, chosen, bench, results, profile=matched)
         cells = {
             policy: (round(f["mean_rt_ratio_sim_over_real"], 3), round(f["spearman"], 3),

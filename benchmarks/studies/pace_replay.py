@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _vllm_run import rebuild_run, replay_recorded
+from _vllm_run import at_run_pace, rebuild_run, replay_recorded
 from gateway_vs_replay import completions
 
 from rtlm_adapt.calibration.cli import fit_vllm_run, probe_of_run
@@ -46,9 +46,6 @@ from rtlm_adapt.calibration.engine_fit import CapacityProbe, fit_engine_profile
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.engines.vllm_replay import (
     DEFAULT_ENGINE_PROFILE,
-    decode_s_per_token,
-    matched_pace,
-    pooled_sim_pace,
     slowed,
 )
 
@@ -122,11 +119,7 @@ def replay_run(path: str, folder: Path, profile: str) -> dict[str, Any]:
     files = step_costs(path, real, folder, profile, float(context))
     # the packaged profile slowed until the replay's own decode pace is the run's (what
     # --compare-sim writes as sim_fidelity_run_pace)
-    real_pace = decode_s_per_token([c for runs in results.values() for r in runs for c in r])
-    def pace_of(cost: StepCost) -> float:
-        return pooled_sim_pace(replay_recorded(real, chosen, requests, results, profile=cost))
-
-    matched = matched_pace(StepCost.load(profile), pace_of, real_pace)
+    matched = at_run_pace(real, chosen, requests, results, profile)
     files["matched"] = str(folder / f"{Path(path).stem}-matched.json")
     matched.save(files["matched"])
     out: dict[str, Any] = {

@@ -14,7 +14,9 @@ policies' real means are printed beside theirs, to read the replay's error again
         --policies heuristic,ppo,ppo-unguarded,ppo:OLD.npz --json OUT.json
 
 Runs with ``--lengths dataset`` and per-request records only (the rebuild needs the dataset's
-lengths). Names are ``make_policy``'s (``ppo:PATH``, ``ppo-unguarded:PATH``, ...).
+lengths). Names are ``make_policy``'s (``ppo:PATH``, ``ppo-unguarded:PATH``, ...). The pace is
+matched on the recorded policies' replays, and a recorded ``ppo`` replays as the model packaged
+*now*: after the packaged model changes, give the old one as ``ppo:PATH`` to compare.
 """
 
 from __future__ import annotations
@@ -24,15 +26,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _vllm_run import rebuild_run, replay_recorded
+from _vllm_run import at_run_pace, rebuild_run, replay_recorded
 from gateway_vs_replay import completions
 
-from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.engines.vllm_replay import (
     DEFAULT_ENGINE_PROFILE,
-    decode_s_per_token,
-    matched_pace,
-    pooled_sim_pace,
 )
 
 
@@ -44,12 +42,7 @@ def replay_policies(path: str, policies: list[str], profile: str) -> dict[str, A
     chosen, _, requests = rebuild_run(real)
     recorded = {name: [completions(rows) for rows in repeats]
                 for name, repeats in real["completions"].items()}  # fmt: skip
-    real_pace = decode_s_per_token([c for runs in recorded.values() for r in runs for c in r])
-
-    def pace_of(cost: StepCost) -> float:
-        return pooled_sim_pace(replay_recorded(real, chosen, requests, recorded, profile=cost))
-
-    cost = matched_pace(StepCost.load(profile), pace_of, real_pace)
+    cost = at_run_pace(real, chosen, requests, recorded, profile)
     lengths = next(iter(recorded.values()))  # every policy served the same lengths
     figures = replay_recorded(real, chosen, requests, dict.fromkeys(policies, lengths),
                               profile=cost)

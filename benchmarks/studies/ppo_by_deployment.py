@@ -21,28 +21,21 @@ from typing import Any
 
 import numpy as np
 
-from rtlm_adapt.policies.ppo import PPOPolicy
-from rtlm_adapt.policies.ppo_train import TrainConfig, run_case, training_eval_cases
+from rtlm_adapt.policies.ppo_train import Validation
 
 VALIDATION_SEED = 30_000  # validate_checkpoints'
 
 
 def by_deployment(run: Path, models: list[str], episodes: int) -> dict[str, Any]:
-    """Per model and deployment (profile, +s with a secondary): episodes and mean RT ratio."""
-    config = TrainConfig(**{**json.loads((run / "config.json").read_text()),
-                            "eval_episodes": episodes})
-    cases = training_eval_cases(config, seed=VALIDATION_SEED)
-    heuristic = [run_case("heuristic", c, config.env)[0] for c in cases]
+    """Per model and deployment (profile, +secondary): episodes and mean RT ratio."""
+    validation = Validation.of_run(run, episodes, VALIDATION_SEED)
     out: dict[str, Any] = {}
     for model in models:
-        loaded = PPOPolicy.load(run / model, guard=None)
         groups: dict[str, list[float]] = {}
-        for case, h in zip(cases, heuristic, strict=True):
-            policy = PPOPolicy(loaded.actor, guard=None,
-                               observation_format=loaded.observation_format)
+        for case, ratio in zip(validation.cases, validation.ratios(run / model), strict=True):
             sc = case.scenario
             key = sc.profile + (" +secondary" if sc.secondary else "")
-            groups.setdefault(key, []).append(run_case(policy, case, config.env)[0] / h)
+            groups.setdefault(key, []).append(ratio)
         ratios = [r for rs in groups.values() for r in rs]
         out[model] = {"all": float(np.mean(ratios)),
                       **{k: {"episodes": len(v), "rt_over_heuristic": float(np.mean(v))}

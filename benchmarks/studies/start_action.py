@@ -45,11 +45,11 @@ from knob_ceiling import (
 )
 
 from rtlm_adapt.policies.action_space import LogKnobsActionMap
+from rtlm_adapt.policies.ppo import REGIMES, regime_for
 from rtlm_adapt.policies.ppo_train import TrainConfig, run_case, training_eval_cases
 
 CHOICE_SEED = 40_000
 MISS_TOLERANCE = 0.01  # issue 17: no more than 1 point of deadline misses above the heuristic
-REGIMES = {"with_secondary": True, "without_secondary": False}
 
 
 #: knob_ceiling's action3 values, with no uncertainty weight and almost no aging added: without
@@ -131,8 +131,8 @@ def main() -> None:
         return
     out: dict[str, Any] = {"command": " ".join(sys.argv), "seed": CHOICE_SEED,
                            "episodes": args.episodes, "regimes": {}}
-    for regime, secondary in REGIMES.items():
-        mine = [c for c in cases if c.scenario.secondary == secondary]
+    for regime in REGIMES:
+        mine = [c for c in cases if regime_for(c.scenario.secondary) == regime]
         out["regimes"][regime] = result = run_regime(mine, grid())
         print(f"{regime} ({len(mine)} episodes; heuristic mean RT "
               f"{result['heuristic_mean_rt_s']:.1f} s):")
