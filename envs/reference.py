@@ -20,6 +20,8 @@ expectation is unchanged; what goes is the part of each return that the input al
 (3.0, 8.0, 12.0)
 >>> ref.misses(0.0, 5.0), ref.misses(5.0, 10.0)  # deadline misses completed in (t0, t1]
 (0, 1)
+>>> ref.quantile(0.5), ref.tail_excess(0.0, 10.0, 5.0)  # sum of max(0, rt - 5) over (t0, t1]
+(6.0, 3.0)
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ REFERENCES = ("heuristic",)
 
 
 class ReferenceRun:
-    """What a reference policy accrued over an episode: response time and deadline misses."""
+    """What a reference policy accrued over an episode: response time, deadline misses and
+    the response times themselves (for a tail threshold and the excess over it)."""
 
     def __init__(self, completions: Sequence[Completion]) -> None:
         self._arrivals = np.array([c.arrival_time for c in completions], dtype=float)
@@ -49,6 +52,10 @@ class ReferenceRun:
         self._miss_times = np.sort(
             np.array([c.finish_time for c in completions if c.missed_deadline], dtype=float)
         )
+        # response times in order of finish, so those finishing in (t0, t1] are one slice
+        order = np.argsort(self._finishes, kind="stable")
+        self._finish_order = self._finishes[order]
+        self._response_times = (self._finishes - self._arrivals)[order]
 
     @classmethod
     def serve(
@@ -79,3 +86,14 @@ class ReferenceRun:
         """Deadline misses completed in ``(t0, t1]``."""
         times = self._miss_times
         return int(np.searchsorted(times, t1, "right") - np.searchsorted(times, t0, "right"))
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile of the reference's response times (``np.quantile``'s default,
+        linear interpolation)."""
+        return float(np.quantile(self._response_times, q))
+
+    def tail_excess(self, t0: float, t1: float, tau: float) -> float:
+        """The sum of ``max(0, response time - tau)`` over completions finishing in
+        ``(t0, t1]``."""
+        lo, hi = np.searchsorted(self._finish_order, (t0, t1), "right")
+        return float(np.sum(np.maximum(self._response_times[lo:hi] - tau, 0.0)))

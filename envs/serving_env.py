@@ -10,17 +10,18 @@ the controller's policy: it sets the Knobs once per scheduling epoch.
 Spaces
 ------
 - **Action**: ``Box(-1, 1, (6,), float32)``, mapped to Knobs by the action map of the model
-  format (``model_format``, default
-  :class:`rtlm_adapt.policies.action_space.LogKnobsActionMap`, format 3: length, uncertainty,
+  format (``model_format``, default 4,
+  :class:`rtlm_adapt.policies.action_space.LogKnobsActionMap`: length, uncertainty,
   aging and slack weights; the batch cap on a log scale up to the primary's maximum and the
-  offload threshold on a log scale of predicted tokens; format 2 scales the last two by the
-  knee and the waiting requests' median predicted length).
+  offload threshold on a log scale of predicted tokens; format 5 scales that threshold to the
+  prompt mix's typical predicted length, format 2 sets the last two relative to the knee and
+  the waiting requests' median predicted length).
 - **Observation**: ``Box(-1, 2, (15,), float32)``, :meth:`Observation.scale_free_speed_vector`
-  (observation formats 2-4: queue per batch slot, executor utilisations, whether a secondary
+  (observation formats 2-5: queue per batch slot, executor utilisations, whether a secondary
   exists and its share of the slots, the knee over the batch cap, predicted-length quantiles
   over their mean, mean uncertainty, oldest wait and smallest slack over the service time,
-  offered load, recent response time over the service time and miss rate; format 4, the
-  default, adds how many times slower the secondary serves a request than the primary). Only
+  offered load, recent response time over the service time and miss rate; formats 4 and 5
+  add how many times slower the secondary serves a request than the primary). Only
   ratios, so one policy reads any executor and prompt mix.
 - **Reward** per epoch ``[t0, t1)``::
 
@@ -34,8 +35,23 @@ Spaces
   heuristic serving the same requests (:class:`~rtlm_adapt.envs.reference.ReferenceRun`, run
   once per episode): the return becomes the agent's gain over the heuristic, and the part of
   it that the episode's input alone decides no longer reaches PPO's advantages.
+  With ``tail_weight > 0`` (which needs a reference) the reward also weighs the tail of the
+  response times: each epoch loses::
+
+      tail_weight * (agent's excess - reference's excess) / ((1 - q) * S)
+
+  where ``q`` is ``tail_quantile``, ``tau`` the reference run's ``q`` quantile of its response
+  times on that episode, and an excess the sum of ``max(0, response time - tau)`` over the
+  requests completed in the epoch (by the agent, or by the reference in the same interval).
+  That is the excess part of the Rockafellar-Uryasev bound of the tail's mean,
+  ``CVaR_q(RT) <= tau + E[(RT - tau)+] / (1 - q)``, tight when ``tau`` is the ``q`` quantile:
+  over an episode the term is ``-(n / S) * tail_weight`` times the agent's bound minus the
+  reference's, so ``tail_weight=1`` weighs a second of the tail's mean like a second of the
+  mean response time.
 - **Episode end**: ``terminated`` once every request of the window has finished;
-  ``truncated`` after ``max_episode_steps`` epochs (a safety net).
+  ``truncated`` after ``max_episode_steps`` epochs (a safety net). The last step's info carries
+  ``mean_response_s``, ``miss_rate`` and ``tail_response_s`` (the mean of the agent's response
+  times at or above their ``tail_quantile`` quantile).
 
 >>> env = ServingEnv(n_requests=20, load=0.9)
 >>> obs, info = env.reset(seed=0)
@@ -137,6 +153,12 @@ class ServingEnv(gym.Env):
     reference
         ``"heuristic"``: rewards relative to the heuristic on the same episode (see the
         module docstring); None (default): absolute rewards. Simulated executors only.
+    tail_weight
+        Weight of the tail term in the reward (see the module docstring), >= 0; default 0 (no
+        tail term). Above 0 it needs a ``reference``, whose run sets the tail threshold.
+    tail_quantile
+        The quantile ``q`` in (0, 1) where the tail starts (default 0.95): the tail term's
+        threshold and the ``tail_response_s`` of the episode's last info.
     model_format
         The observation and action map a policy trained here reads and uses
         (:data:`~rtlm_adapt.policies.action_space.ACTION_MAPS`; default
@@ -170,6 +192,8 @@ class ServingEnv(gym.Env):
         hf_max_tokens: int = 256,
         model_format: int = OBSERVATION_FORMAT,
         reference: str | None = None,
+        tail_weight: float = 0.0,
+        tail_quantile: float = 0.95,
     ) -> None:
         super().__init__()
         if render_mode is not None:
@@ -223,6 +247,17 @@ class ServingEnv(gym.Env):
         self.reference = reference
         self._reference_run: ReferenceRun | None = None
         self._reference_work = 0.0  # W(now) of the reference run, as _work is the agent's
+        if not (math.isfinite(tail_weight) and tail_weight >= 0):
+            raise ValueError(f"tail_weight must be a finite number >= 0, got {tail_weight!r}")
+        if not 0 < tail_quantile < 1:
+            raise ValueError(f"tail_quantile must lie strictly between 0 and 1, "
+                             f"got {tail_quantile!r}")
+        if tail_weight > 0 and reference is None:
+            raise ValueError(f"tail_weight > 0 needs a reference (its run sets the tail "
+                             f"threshold); got tail_weight={tail_weight!r}, reference=None")
+        self.tail_weight = float(tail_weight)
+        self.tail_quantile = float(tail_quantile)
+        self._tail_tau = math.inf  # the episode's tail threshold (the reference's quantile)
         self.action_map = ACTION_MAPS[self.model_format]()
         self.action_space = spaces.Box(-1.0, 1.0, (KnobsActionMap.size,), dtype=np.float32)
         n_obs = len(OBSERVATION_FORMATS[self.model_format][1])
@@ -287,6 +322,11 @@ class ServingEnv(gym.Env):
             self._reference_run = ReferenceRun.serve(
                 self.reference, wl, primary_cost=self.episode_cost,
                 secondary_cost=secondary_cost, epoch_s=self.epoch_s, batching=self.batching)
+            if self.tail_weight > 0:
+                # The reference's quantile, not the agent's own: it is known before the episode
+                # and the agent cannot move it, so the term is a sum over completions, paid as
+                # they finish; the bound holds at any threshold and is tight for the reference.
+                self._tail_tau = self._reference_run.quantile(self.tail_quantile)
         # prefix sums of arrival times, in arrival order, for the O(1) accrued-work formula
         self._arrival_cumsum = [0.0]
         for t in sorted(r.arrival_time for r in wl.requests):
@@ -297,6 +337,8 @@ class ServingEnv(gym.Env):
         self._rt_sum = 0.0
         self._misses = 0
         self._epoch_misses = 0
+        self._response_times: list[float] = []
+        self._epoch_excess = 0.0  # sum over the epoch's completions of max(0, rt - tau)
         self._steps = 0
         self._work = 0.0  # W(now): response time accrued so far, over all requests
         self.loop.advance(0.0)
@@ -312,23 +354,30 @@ class ServingEnv(gym.Env):
         knobs = self.knobs_for(action)
         self.controller.set_knobs(knobs, hold=True)
         self._epoch_misses = 0
+        self._epoch_excess = 0.0
         started = self.loop.now
         done = self.loop.advance(started + self.epoch_s)
         self._steps += 1
         work = self._accrued(self.loop.now)
         rise, misses = work - self._work, self._epoch_misses
+        # The agent's last epoch settles what is left of the reference's run too: an agent that
+        # finishes first must not lose the credit for the reference's last requests.
+        until = math.inf if done else self.loop.now
         if self._reference_run is not None:
-            reference_work = self._reference_run.work(self.loop.now)
+            reference_work = self._reference_run.work(until)
             rise -= reference_work - self._reference_work
-            misses -= self._reference_run.misses(started, self.loop.now)
+            misses -= self._reference_run.misses(started, until)
             self._reference_work = reference_work
         reward = -rise / self._service_s - self.miss_penalty * misses
+        if self.tail_weight > 0:  # skipped at 0: the reward stays exactly what it was without
+            reward -= self._tail_term(started, until)
         self._work = work
         truncated = not done and self._steps >= self.max_episode_steps
         info: dict[str, Any] = {"time": self.loop.now, "completed": self._n_done}
         if done or truncated:
             info["mean_response_s"] = self._rt_sum / max(1, self._n_done)
             info["miss_rate"] = self._misses / max(1, self._n_done)
+            info["tail_response_s"] = tail_mean(self._response_times, self.tail_quantile)
         return self._obs(), float(reward), bool(done), bool(truncated), info
 
     # -- helpers -------------------------------------------------------------------------------
@@ -378,9 +427,20 @@ class ServingEnv(gym.Env):
         self._n_done += 1
         self._finish_sum += c.finish_time
         self._rt_sum += c.response_time
+        self._response_times.append(c.response_time)
+        self._epoch_excess += max(0.0, c.response_time - self._tail_tau)
         if c.missed_deadline:
             self._misses += 1
             self._epoch_misses += 1
+
+    def _tail_term(self, started: float, until: float) -> float:
+        """What the tail term takes from the reward of the epoch ``(started, until]``: the
+        weighted excess over the threshold, the agent's minus the reference's (module
+        docstring)."""
+        assert self._reference_run is not None
+        reference = self._reference_run.tail_excess(started, until, self._tail_tau)
+        scale = (1.0 - self.tail_quantile) * self._service_s
+        return self.tail_weight * (self._epoch_excess - reference) / scale
 
     def _accrued(self, t: float) -> float:
         """W(t) = sum over arrived requests of (min(finish, t) - arrival), in O(1).
@@ -392,3 +452,15 @@ class ServingEnv(gym.Env):
         n_arrived = self.loop.result.submitted
         open_ = n_arrived - self._n_done
         return self._finish_sum + open_ * t - self._arrival_cumsum[n_arrived]
+
+
+def tail_mean(values: list[float], q: float) -> float:
+    """The mean of the values at or above their ``q`` quantile (0 for none).
+
+    >>> tail_mean([1.0, 2.0, 3.0, 10.0], 0.5), tail_mean([], 0.95)
+    (6.5, 0.0)
+    """
+    if not values:
+        return 0.0
+    array = np.asarray(values, dtype=float)
+    return float(np.mean(array[array >= np.quantile(array, q)]))

@@ -22,8 +22,10 @@ index  knob                    mapping of ``a`` in [-1, 1]
 Log scales where a knob spans orders of magnitude (aging, token thresholds); the batch cap is a
 fraction so one policy fits executors of any size. That is format 1 (:class:`KnobsActionMap`);
 format 2 (:class:`RelativeKnobsActionMap`) scales the last two entries by the knee batch and the
-queue's median predicted length; format 3 (:class:`LogKnobsActionMap`, what new models use) maps
-them on log scales that reach the full batch cap and 8 predicted tokens, whatever the queue.
+queue's median predicted length; format 3 (:class:`LogKnobsActionMap`) maps them on log scales
+that reach the full batch cap and 8 predicted tokens, whatever the queue; format 5
+(:class:`TypicalLengthActionMap`, what new models use) scales that token threshold to the prompt
+mix's typical predicted length.
 
 >>> amap = KnobsActionMap()
 >>> knobs = amap.to_knobs([1, 0, -1, -1, 1, 1], primary_max_batch=16)
@@ -62,14 +64,16 @@ OBS_LOW, OBS_HIGH = -1.0, 2.0
 #: Model formats, by number: the observation vector a learned policy reads and its field names
 #: (the action map of each is :data:`ACTION_MAPS`). Format 3 reads format 2's scale-free vector
 #: and differs in its action map only; format 4 adds the secondary's slowdown to the vector and
-#: keeps format 3's map; 1-3 are kept so older models still run.
+#: keeps format 3's map; format 5 reads format 4's vector and scales the offload threshold to
+#: the prompt mix; 1-4 are kept so older models still run.
 OBSERVATION_FORMATS: dict[int, tuple[Callable[[Observation], list[float]], tuple[str, ...]]] = {
     1: (Observation.as_vector, Observation.VECTOR_FIELDS),
     2: (Observation.scale_free_vector, Observation.SCALE_FREE_FIELDS),
     3: (Observation.scale_free_vector, Observation.SCALE_FREE_FIELDS),
     4: (Observation.scale_free_speed_vector, Observation.SCALE_FREE_SPEED_FIELDS),
+    5: (Observation.scale_free_speed_vector, Observation.SCALE_FREE_SPEED_FIELDS),
 }
-#: The format the environment (and so every newly trained model) uses.
+#: The format the environment (and so every newly trained model) uses unless told otherwise.
 OBSERVATION_FORMAT = 4
 
 
@@ -316,10 +320,50 @@ class LogKnobsActionMap(KnobsActionMap):
         return knobs
 
 
+class TypicalLengthActionMap(LogKnobsActionMap):
+    """Action format 5: format 3's map with the offload threshold scaled to the prompt mix.
+
+    Format 3's threshold is a token count, and token counts belong to the prompts: a policy
+    trained where a typical answer is 250-500 tokens offloads almost nothing of a mix whose
+    answers are 70 tokens (BENCHMARKS.md 4.5). Here the threshold is format 3's times
+    ``typical_len / reference_len``, with ``typical_len`` the smoothed predicted length of the
+    requests arriving (:attr:`Observation.typical_len`, known with an empty queue too). At the
+    reference length (256 tokens, within the training mixes' range) both maps agree, so a
+    format-4 model's weights start a format-5 run where they stood; before the first arrival the
+    reference length stands in.
+
+    >>> from rtlm_adapt.observation import Observation
+    >>> short = Observation(now=0.0, queue_length=0, primary_running=4, primary_max_batch=64,
+    ...     secondary_running=0, secondary_max_batch=4, pred_len_mean=0.0, pred_len_p90=0.0,
+    ...     uncertainty_mean=0.0, oldest_wait_s=0.0, min_slack_s=float("inf"), arrival_rate=1.0,
+    ...     service_time_s=10.0, load=0.9, recent_response_s=20.0, recent_miss_rate=0.0,
+    ...     step_time_s=0.1, primary_knee_batch=16, typical_len=64.0)
+    >>> action = [1, 0, 0, -1, 0.5, 0]             # format 3: offload above 128 tokens
+    >>> TypicalLengthActionMap().knobs(action, short).offload_threshold   # a mix 4x shorter
+    32.0
+    >>> TypicalLengthActionMap().knobs(action, replace(short, typical_len=0.0)).offload_threshold
+    128.0
+    """
+
+    def __init__(self, *, reference_len: float = 256.0, **kwargs: float) -> None:
+        super().__init__(**kwargs)
+        if not reference_len > 0:
+            raise ValueError(f"reference_len must be positive, got {reference_len!r}")
+        self.reference_len = float(reference_len)
+
+    def knobs(self, action: Sequence[float] | np.ndarray, obs: Observation) -> Knobs:
+        knobs = super().knobs(action, obs)
+        if obs.typical_len > 0 and math.isfinite(knobs.offload_threshold):
+            scaled = knobs.offload_threshold * obs.typical_len / self.reference_len
+            knobs = replace(knobs, offload_threshold=scaled)
+        return knobs
+
+
 #: The action map of each model format (the same numbers as the observation formats).
 ACTION_MAPS: dict[int, type[KnobsActionMap]] = {
     1: KnobsActionMap,
     2: RelativeKnobsActionMap,
     3: LogKnobsActionMap,
     4: LogKnobsActionMap,
+    5: TypicalLengthActionMap,
 }

@@ -24,6 +24,7 @@ import numpy as np
 from rtlm_adapt.calibration.step_cost import DEFAULT_PROFILE, StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.experiment import Workload, run_policy
+from rtlm_adapt.metrics import Summary
 from rtlm_adapt.observation import Observation
 from rtlm_adapt.policies.action_space import OBSERVATION_FORMAT
 from rtlm_adapt.policies.ppo import REGIMES, regime_for, untrained_regimes
@@ -93,6 +94,10 @@ class TrainConfig:
     #: :func:`start_at_action`), or one per regime, ``{"with_secondary": [...],
     #: "without_secondary": [...]}``; None: SB3's random initialisation.
     initial_action: list[float] | dict[str, list[float]] | None = None
+    #: Warm start from a trained model (an SB3 ``.zip`` reading the same observation size): its
+    #: actor and critic replace the fresh ones, e.g. to carry a format-4 model into format 5,
+    #: whose vector is the same. Excludes ``initial_action``.
+    init_model: str | None = None
 
     @classmethod
     def quick(cls, **overrides: Any) -> TrainConfig:
@@ -182,10 +187,10 @@ def training_eval_cases(config: TrainConfig, seed: int = 10_000) -> list[EvalCas
     return scenario_cases(scenarios, 1, config.env, seed)
 
 
-def run_case(policy: Any, case: EvalCase, env_options: dict[str, Any]) -> tuple[float, float]:
-    """Mean response time and deadline-miss rate of one episode (the same controller, loop and
-    simulated executors as ``rtlm-adapt simulate``). A callable ``policy`` is a factory: each
-    episode gets a fresh policy (a guard's judgement does not carry over)."""
+def run_summary(policy: Any, case: EvalCase, env_options: dict[str, Any]) -> Summary:
+    """One episode served by ``policy`` (the same controller, loop and simulated executors as
+    ``rtlm-adapt simulate``): its summary. A callable ``policy`` is a factory: each episode
+    gets a fresh policy (a guard's judgement does not carry over)."""
     from rtlm_adapt.envs.episodes import shared_scorer
     from rtlm_adapt.envs.scenarios import scenario_cost
 
@@ -200,7 +205,13 @@ def run_case(policy: Any, case: EvalCase, env_options: dict[str, Any]) -> tuple[
     run = run_policy(policy, case.workload, batching=env_options.get("batching", "continuous"),
                      primary_cost=primary,
                      secondary_cost=secondary, controller_factory=factory)
-    return run.summary.mean_rt_s, run.summary.deadline_miss_rate
+    return run.summary
+
+
+def run_case(policy: Any, case: EvalCase, env_options: dict[str, Any]) -> tuple[float, float]:
+    """Mean response time and deadline-miss rate of one episode (see :func:`run_summary`)."""
+    summary = run_summary(policy, case, env_options)
+    return summary.mean_rt_s, summary.deadline_miss_rate
 
 
 def evaluate(policy: Any, cases: list[EvalCase], env_options: dict[str, Any]) -> dict[str, float]:
@@ -286,8 +297,12 @@ def build_model(config: TrainConfig, env: Any, tensorboard_log: str | None = Non
         policy_kwargs={"log_std_init": config.log_std_init}, tensorboard_log=tensorboard_log,
         device="cpu", verbose=0,
     )
+    if config.initial_action is not None and config.init_model:
+        raise ValueError("give initial_action or init_model, not both")
     if config.initial_action is not None:
         start_at_action(model, config.initial_action)
+    if config.init_model:
+        model.set_parameters(config.init_model, exact_match=True, device="cpu")
     return model
 
 
@@ -370,7 +385,7 @@ def train(config: TrainConfig) -> Path:
     # and the deployed actor must see the raw vector) keeps the value targets near unit scale.
     venv = VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=config.gamma)
     model = build_model(config, venv, tensorboard_log=str(out / "tb"))
-    if config.initial_action is not None:  # the start point, for validation to compare with
+    if config.initial_action is not None or config.init_model:  # the start, for validation
         (out / "checkpoints").mkdir(exist_ok=True)
         model.save(out / "checkpoints" / "ppo_0_steps.zip")
     try:

@@ -125,7 +125,9 @@ class ControllerCheckpoint:
             )
             counts.failures[FailureReason.SHUTDOWN.value] += int(counters["in_flight"])
             saved = state["signals"]
-            signals = {name: float(saved[name]) for name in ServingSignals.SAVED}
+            # a signal added since the file was written starts from its default
+            signals = {name: float(saved[name]) for name in ServingSignals.SAVED
+                       if name in saved}
             return cls(
                 policy=state["policy"],
                 predictor=predictor,

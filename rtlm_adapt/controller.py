@@ -191,8 +191,9 @@ class AdaptiveController(Checkpointed):
             self._counts.submitted += 1
             self._signals.arrivals_in_epoch += 1
             # smoothed isolated service time: the time scale of the observation and of aging
-            self._signals.record_service(
+            self._signals.record_submit(
                 latency.service_time(prompt_tokens, prediction.length),
+                prediction.length,
                 first=self._counts.submitted == 1,
             )
 

@@ -7,7 +7,7 @@ read it for a learned policy:
   ratios (queue per batch slot, waits and slack over the service time, length quantiles over
   their mean, the knee over the batch cap), the load, and rates; no seconds, no tokens, no batch
   sizes. One policy then reads a small CPU model and a large GPU one alike.
-- ``scale_free_speed_vector`` (format 4, ``SCALE_FREE_SPEED_FIELDS``): the same and the
+- ``scale_free_speed_vector`` (formats 4 and 5, ``SCALE_FREE_SPEED_FIELDS``): the same and the
   secondary's slowdown over the primary, so a policy can tell a secondary worth offloading to
   from one that only slows requests down.
 - ``as_vector`` (format 1, ``VECTOR_FIELDS``), kept so models trained on it still load: it has
@@ -57,8 +57,12 @@ class Observation:
     #: How many times longer a typical request takes on the secondary than on the primary, each
     #: at its full batch, per the learned latency models (0 without a secondary). Offloading to a
     #: secondary pays when it is not much slower; a CPU secondary beside a fast engine loses.
-    #: Only in the format-4 vector.
+    #: Only in the format-4 (and 5) vector.
     secondary_slowdown: float = 0.0
+    #: Smoothed predicted output length of arriving requests (tokens; 0 before the first): the
+    #: prompt mix's length scale, which format 5's offload threshold is relative to. In no
+    #: vector: the observation stays scale-free.
+    typical_len: float = 0.0
 
     VECTOR_FIELDS = (
         "queue_length",

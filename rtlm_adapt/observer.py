@@ -87,6 +87,7 @@ def observe(
         primary_knee_batch=knee_batch(latency, batch, _TYPICAL_PROMPT_TOKENS + mean_len / 2),
         pred_len_p50=lengths[n // 2] if n else 0.0,
         secondary_slowdown=slowdown,
+        typical_len=signals.length_ewma,
     )
 
 

@@ -21,12 +21,16 @@ from dataclasses import dataclass, field
 class ServingSignals:
     """The smoothed signals; :data:`SAVED` names those a checkpoint keeps."""
 
-    SAVED = ("arrival_rate", "service_ewma", "response_ewma", "miss_ewma", "step_ewma")
+    SAVED = ("arrival_rate", "service_ewma", "length_ewma", "response_ewma", "miss_ewma",
+             "step_ewma")
 
     #: Requests per second, smoothed over scheduling epochs.
     arrival_rate: float = 0.0
     #: Isolated service time of a request on the primary, as predicted at submit (s).
     service_ewma: float = 0.0
+    #: Predicted output length of submitted requests (tokens): the prompt mix's length scale,
+    #: known even while nothing waits.
+    length_ewma: float = 0.0
     #: Response time of finished requests (s).
     response_ewma: float = 0.0
     #: Share of finished requests that missed their deadline.
@@ -48,12 +52,14 @@ class ServingSignals:
         self.arrivals_in_epoch = 0
         self.epoch_start = now
 
-    def record_service(self, isolated_s: float, *, first: bool) -> None:
-        """A request was submitted whose isolated service time is predicted as ``isolated_s``."""
+    def record_submit(self, isolated_s: float, predicted_tokens: float, *, first: bool) -> None:
+        """A request was submitted whose isolated service time is predicted as ``isolated_s``
+        and its output as ``predicted_tokens``."""
         if first:
-            self.service_ewma = isolated_s
+            self.service_ewma, self.length_ewma = isolated_s, predicted_tokens
         else:
             self.service_ewma += 0.05 * (isolated_s - self.service_ewma)
+            self.length_ewma += 0.05 * (predicted_tokens - self.length_ewma)
 
     def record_finish(self, response_s: float, missed_deadline: bool) -> None:
         """A request finished with a result."""

@@ -151,20 +151,23 @@ def test_format_3_needs_nothing_from_the_queue():
     assert log.knobs(action, _observation(secondary_max_batch=0)).offload_threshold == math.inf
 
 
-def test_env_uses_format_4_and_still_trains_formats_2_and_3():
+def test_env_uses_format_4_and_trains_formats_2_3_and_5_too():
     from rtlm_adapt.policies.action_space import (
         ACTION_MAPS,
         OBSERVATION_FORMAT,
         LogKnobsActionMap,
         RelativeKnobsActionMap,
+        TypicalLengthActionMap,
         observation_format_for_size,
     )
 
-    assert OBSERVATION_FORMAT == 4 and set(ACTION_MAPS) == {1, 2, 3, 4}
+    assert OBSERVATION_FORMAT == 4 and set(ACTION_MAPS) == {1, 2, 3, 4, 5}
     assert observation_format_for_size(14) == 2  # a file without the number predates format 3
     assert observation_format_for_size(15) == 4
     env = ServingEnv(**SMALL)
-    assert env.model_format == 4 and isinstance(env.action_map, LogKnobsActionMap)
+    assert env.model_format == 4 and type(env.action_map) is LogKnobsActionMap
+    five = ServingEnv(**SMALL, model_format=5)
+    assert isinstance(five.action_map, TypicalLengthActionMap)
     old = ServingEnv(**SMALL, model_format=2)
     assert isinstance(old.action_map, RelativeKnobsActionMap)
     three = ServingEnv(**SMALL, model_format=3)
@@ -173,7 +176,8 @@ def test_env_uses_format_4_and_still_trains_formats_2_and_3():
     obs2, _ = old.reset(seed=0)
     obs3, _ = three.reset(seed=0)
     np.testing.assert_array_equal(obs2, obs3)  # formats 2 and 3: the same observation
-    np.testing.assert_array_equal(obs[:-1], obs3)  # format 4: that and the slowdown
+    np.testing.assert_array_equal(obs[:-1], obs3)  # formats 4 and 5: that and the slowdown
+    np.testing.assert_array_equal(five.reset(seed=0)[0], obs)
     assert obs.shape == (15,)
     with pytest.raises(ValueError, match="model_format"):
         ServingEnv(**SMALL, model_format=9)
@@ -321,5 +325,128 @@ def test_a_reference_reward_is_the_gain_over_the_heuristic_on_the_same_requests(
         env.miss_penalty * ref.misses(-math.inf, math.inf))
     assert sum(relative) < -1.0
     assert sum(relative) == pytest.approx(sum(absolute) - heuristic_return, rel=1e-6)
+    # so does an agent whose last epoch ends before the reference's last request: that epoch
+    # settles the reference's remaining requests (strong aging at the full cap, no offloading)
+    def aging(env: ServingEnv) -> np.ndarray:
+        return np.array([0, 0, 1, -1, 1, 1], dtype=np.float32)
+
+    relative = _episode_rewards(env, 4, aging)
+    ref = env._reference_run
+    assert ref.work(math.inf) > ref.work(env.loop.now)  # the reference was still serving
+    absolute = _episode_rewards(ServingEnv(**options), 4, aging)
+    heuristic_return = -ref.work(math.inf) / env.workload.mean_service_s - (
+        env.miss_penalty * ref.misses(-math.inf, math.inf))
+    assert sum(relative) == pytest.approx(sum(absolute) - heuristic_return, rel=1e-6)
     with pytest.raises(ValueError, match="reference"):
         ServingEnv(**SMALL, reference="fcfs")
+
+
+# -- the tail term (issue #17) ----------------------------------------------------------------
+# no secondary: the action map can express the heuristic's knobs exactly (as above)
+TAIL_OPTIONS = dict(SMALL, secondary_profile=None, profile="vllm-cpu-smollm2-135m", load=0.95)
+
+
+def _plays_heuristic(env: ServingEnv) -> np.ndarray:
+    from rtlm_adapt.policies.action_space import LogKnobsActionMap
+    from rtlm_adapt.policies.heuristic import RTLMHeuristic
+
+    obs = env.observation()
+    return LogKnobsActionMap().to_action(RTLMHeuristic().decide(obs), obs.primary_max_batch)
+
+
+def _one_at_a_time(env: ServingEnv) -> np.ndarray:
+    return np.array([1, 0, 0, -1, -1, 1], dtype=np.float32)
+
+
+def test_the_tail_term_is_zero_for_an_agent_that_plays_the_reference():
+    env = ServingEnv(**TAIL_OPTIONS, reference="heuristic", tail_weight=1.0)
+    rewards = _episode_rewards(env, 0, _plays_heuristic)
+    assert len(rewards) > 10 and max(abs(r) for r in rewards) < 1e-9
+    # not for want of a tail: the reference's slowest requests exceed the threshold
+    assert env._reference_run.tail_excess(-math.inf, math.inf, env._tail_tau) > 0
+
+
+def test_the_tail_term_adds_up_to_the_cvar_bounds_excess_agent_minus_reference():
+    import functools
+
+    from rtlm_adapt.controller import AdaptiveController
+    from rtlm_adapt.envs.episodes import shared_scorer
+    from rtlm_adapt.experiment import run_policy
+
+    weight, q = 2.0, 0.9
+    tailed = ServingEnv(**TAIL_OPTIONS, reference="heuristic", tail_weight=weight,
+                        tail_quantile=q)
+    with_tail = _episode_rewards(tailed, 1, _one_at_a_time)
+    plain = ServingEnv(**TAIL_OPTIONS, reference="heuristic")
+    without = _episode_rewards(plain, 1, _one_at_a_time)
+    assert len(with_tail) == len(without)
+
+    # the same requests served by the heuristic, independently of the environment
+    workload = tailed.workload
+    factory = functools.partial(AdaptiveController, epoch_s=tailed.epoch_s,
+                                scorer=shared_scorer())
+    reference = run_policy("heuristic", workload, batching=tailed.batching,
+                           primary_cost=tailed.episode_cost, secondary_cost=None,
+                           controller_factory=factory).completions
+    agent = tailed.loop.result.completions
+    assert len(agent) == len(reference) == SMALL["n_requests"]
+    # the agent finishes last, so every reference completion fell in one of its epochs
+    assert max(c.finish_time for c in reference) <= tailed.loop.now
+    tau = np.quantile([c.response_time for c in reference], q)
+
+    def excess(completions) -> float:
+        return sum(max(0.0, c.response_time - tau) for c in completions)
+
+    expected = -weight * (excess(agent) - excess(reference)) / (
+        (1 - q) * workload.mean_service_s)
+    assert expected < -1.0  # one request at a time has the longer tail
+    difference = sum(a - b for a, b in zip(with_tail, without, strict=True))
+    assert difference == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_tail_options_are_validated():
+    for bad in ({"tail_weight": 1.0}, {"tail_weight": -0.5, "reference": "heuristic"},
+                {"tail_weight": math.nan, "reference": "heuristic"},
+                {"tail_quantile": 0.0}, {"tail_quantile": 1.0}):
+        with pytest.raises(ValueError, match="tail_"):
+            ServingEnv(**SMALL, **bad)
+    with pytest.raises(ValueError, match="tail_weight.*reference"):
+        ServingEnv(**SMALL, tail_weight=0.5)
+    env = ServingEnv(**SMALL)
+    assert env.tail_weight == 0.0 and env.tail_quantile == 0.95
+
+
+def test_the_last_info_carries_the_tail_response_time():
+    env = ServingEnv(**SMALL, tail_quantile=0.8)
+    env.reset(seed=2)
+    while True:
+        _, _, terminated, truncated, info = env.step(np.zeros(6, dtype=np.float32))
+        if terminated or truncated:
+            break
+        assert "tail_response_s" not in info
+    times = np.array([c.response_time for c in env.loop.result.completions])
+    slowest = times[times >= np.quantile(times, 0.8)]
+    assert len(slowest) >= 4  # a fifth of 20 requests
+    assert info["tail_response_s"] == pytest.approx(slowest.mean())
+    assert info["tail_response_s"] > info["mean_response_s"]
+
+
+def test_train_passes_the_tail_options_to_the_environments(monkeypatch, tmp_path, capsys):
+    from rtlm_adapt.cli import main
+    from rtlm_adapt.policies import ppo_train
+
+    seen = []
+    monkeypatch.setattr(ppo_train, "train", lambda config: seen.append(config) or "model.zip")
+    out = str(tmp_path / "run")
+    assert main(["train", "--out", out, "--reference", "heuristic", "--tail-weight", "0.5",
+                 "--tail-quantile", "0.9"]) == 0
+    assert seen[-1].env["tail_weight"] == 0.5 and seen[-1].env["tail_quantile"] == 0.9
+    assert seen[-1].env["reference"] == "heuristic"
+    assert main(["train", "--out", out]) == 0  # not given: the environment's defaults
+    assert "tail_weight" not in seen[-1].env and "tail_quantile" not in seen[-1].env
+    # a tail without a reference is refused before training starts
+    assert main(["train", "--out", out, "--tail-weight", "0.5"]) == 2
+    assert "--tail-weight needs --reference" in capsys.readouterr().err and len(seen) == 2
+    for bad in (["--tail-weight", "-1"], ["--tail-weight", "nan"], ["--tail-quantile", "1"]):
+        with pytest.raises(SystemExit):
+            main(["train", "--out", out, *bad])

@@ -116,6 +116,7 @@ def test_the_state_file_keeps_its_layout():
     assert set(state["signals"]) == {
         "arrival_rate",
         "service_ewma",
+        "length_ewma",
         "response_ewma",
         "miss_ewma",
         "step_ewma",

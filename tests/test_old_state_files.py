@@ -129,3 +129,20 @@ def test_a_class_of_another_package_that_is_missing_is_not_blamed_on_an_old_vers
     with pytest.raises(ValueError, match="not a readable LengthPredictor file") as caught:
         LengthPredictor.load(path)
     assert not isinstance(caught.value, OlderStateFileError)
+
+
+def test_a_controller_file_from_before_the_length_signal_loads(monkeypatch, tmp_path):
+    from rtlm_adapt.request import Request
+    from rtlm_adapt.signals import ServingSignals
+
+    ctl = AdaptiveController("heuristic")
+    for i in range(5):
+        ctl.submit(Request(f"r{i}", f"Write a poem about topic {i}.", arrival_time=float(i)))
+    path = tmp_path / "old.controller"
+    old_saved = tuple(n for n in ServingSignals.SAVED if n != "length_ewma")
+    with monkeypatch.context() as m:  # what a controller wrote before the signal existed
+        m.setattr(ServingSignals, "SAVED", old_saved)
+        ctl.save(path)
+    restored = AdaptiveController.load(path)._signals
+    assert restored.length_ewma == 0.0  # starts afresh
+    assert ctl._signals.length_ewma > 0 and restored.service_ewma == ctl._signals.service_ewma

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -363,3 +364,54 @@ def test_export_leaves_a_regime_to_the_heuristic_where_validation_found_no_gain(
     assert not PPOPolicy.load(kept, guard=None).heuristic_regimes
     with pytest.raises(ValueError, match="unknown regimes"):
         PPOPolicy(policy.actor, heuristic_regimes=["gpu"])
+
+
+def test_format_5_scales_the_offload_threshold_to_the_prompt_mix():
+    from rtlm_adapt.controller import AdaptiveController
+    from rtlm_adapt.policies.action_space import LogKnobsActionMap, TypicalLengthActionMap
+    from rtlm_adapt.request import Request
+
+    # the controller reports the smoothed predicted length of arrivals, queue or none
+    ctl = AdaptiveController("heuristic")
+    ctl.submit(Request("a", "Say hi.", arrival_time=0.0))
+    first = ctl.predictor.predict_one(ctl.prompt_features("Say hi.")).length
+    assert ctl.observe(0.0).typical_len == pytest.approx(first)
+    ctl.submit(Request("b", "Write a long essay on the history of Rome.", arrival_time=1.0))
+    assert ctl.observe(1.0).typical_len != pytest.approx(first)
+
+    # format 5 is format 3's threshold times typical_len / 256; the weights and cap are alike
+    action = [1.0, 0.0, 0.0, -1.0, 0.5, 0.0]  # format 3: offload above 128 tokens
+    obs = replace(_obs(10, 300.0), secondary_max_batch=4)
+    three = LogKnobsActionMap().knobs(action, obs)
+    for typical, expected in ((64.0, 32.0), (512.0, 256.0), (0.0, 128.0)):
+        five = TypicalLengthActionMap().knobs(action, replace(obs, typical_len=typical))
+        assert three.offload_threshold == 128.0 and five.offload_threshold == expected
+        assert five.replace(offload_threshold=128.0) == three
+    # off stays off, and nothing is offloaded without a secondary
+    off = TypicalLengthActionMap().knobs([1, 0, 0, -1, 0.5, 1], replace(obs, typical_len=64.0))
+    assert off.offload_threshold == math.inf
+    alone = replace(obs, typical_len=64.0, secondary_max_batch=0)
+    assert TypicalLengthActionMap().knobs(action, alone).offload_threshold == math.inf
+    with pytest.raises(ValueError, match="reference_len"):
+        TypicalLengthActionMap(reference_len=0.0)
+
+
+def test_a_run_can_start_from_a_trained_model(tmp_path):
+    from rtlm_adapt.envs import ServingEnv
+    from rtlm_adapt.policies.action_space import OBS_HIGH, OBS_LOW
+    from rtlm_adapt.policies.ppo_train import TrainConfig, build_model
+
+    env = ServingEnv(n_requests=20, load=0.9)
+    start = [1.0, -0.5, 0.13, -1.0, 0.25, 0.0]
+    trained = build_model(TrainConfig(initial_action=start, seed=3), env)
+    trained.save(tmp_path / "trained.zip")
+    carried = build_model(TrainConfig(init_model=str(tmp_path / "trained.zip")), env)
+    observations = np.random.default_rng(2).uniform(
+        OBS_LOW, OBS_HIGH, size=(6, env.observation_space.shape[0])).astype(np.float32)
+    for obs in observations:  # the same actor and critic, not SB3's fresh ones
+        np.testing.assert_allclose(carried.predict(obs, deterministic=True)[0], start, atol=1e-6)
+    for key, value in trained.policy.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), carried.policy.state_dict()[key].numpy())
+    with pytest.raises(ValueError, match="not both"):
+        build_model(TrainConfig(initial_action=start, init_model=str(tmp_path / "trained.zip")),
+                    env)

@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from rtlm_adapt.cli.arguments import positive_float, positive_int
 
 HELP = "train the PPO knob policy on ServingEnvs (needs [rl])"
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def open_unit_float(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, "
+                                         f"got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     """Train the PPO knob policy (the same run as examples/train_ppo.py)."""
+    if args.tail_weight and not args.reference:
+        # caught before training starts, rather than by every ServingEnv it builds
+        raise ValueError("--tail-weight needs --reference: the tail threshold is the "
+                         "reference run's quantile")
     from rtlm_adapt.policies.ppo_train import best_constant_action, make_config, train
 
     warm: dict[str, object] = {}
@@ -18,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         warm["initial_action"] = best_constant_action(args.initial_action)
     if args.log_std_init is not None:
         warm["log_std_init"] = args.log_std_init
+    if args.init_model:
+        warm["init_model"] = args.init_model
 
     if args.reference:
         warm["reference"] = args.reference
@@ -36,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         **warm,
     )
+    if args.tail_weight is not None:
+        config.env["tail_weight"] = args.tail_weight
+    if args.tail_quantile is not None:
+        config.env["tail_quantile"] = args.tail_quantile
     print(f"saved {train(config)}")
     return 0
 
@@ -76,6 +110,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reference", choices=("heuristic",),
         help="reward each epoch relative to this policy serving the same requests (an "
         "input-dependent baseline: less variance in PPO's advantages); default absolute rewards",
+    )
+    parser.add_argument(
+        "--tail-weight", type=non_negative_float, metavar="W",
+        help="also penalise the tail of the response times (needs --reference): each epoch "
+        "loses W times the requests' excess over the reference's --tail-quantile response "
+        "time, the agent's minus the reference's (a CVaR bound); W=1 weighs a second of the "
+        "tail's mean like a second of the mean response time (default 0: no tail term)",
+    )
+    parser.add_argument(
+        "--tail-quantile", type=open_unit_float, metavar="Q",
+        help="where the tail starts, a quantile in (0, 1) of the response times (default 0.95)",
+    )
+    parser.add_argument(
+        "--init-model", metavar="PATH",
+        help="start from a trained model (an SB3 .zip whose observation has the same size, "
+        "e.g. a format-4 model carried into format 5); excludes --initial-action",
     )
     parser.add_argument(
         "--log-std-init", type=float,
