@@ -9,9 +9,10 @@ out from training, and so are the windows (the last 20% of a trace, or arrival s
 never uses). Every policy serves the very same requests in a cell through the same controller,
 loop and simulated executors (``rtlm_adapt.experiment.run_policy``); each policy object is fresh
 per window. ``ppo`` is the policy as deployed (the guard on); ``ppo-unguarded`` is the learned
-actor alone. Writes ``ppo_eval.json`` (per cell, the held-out lists, the summary against #17's
-bar), ``ppo_eval.md`` and, given ``--runs``, ``ppo_learning_curve.png`` from the training's
-``evaluations.json``.
+actor alone. Per cell and policy it records the mean over the windows of each window's mean
+response time, deadline-miss rate and p99 response time. Writes ``ppo_eval.json`` (per cell, the
+held-out lists, the summary against #17's bar), ``ppo_eval.md`` and, given ``--runs``,
+``ppo_learning_curve.png`` from the training's ``evaluations.json``.
 """
 
 from __future__ import annotations

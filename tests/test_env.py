@@ -450,3 +450,18 @@ def test_train_passes_the_tail_options_to_the_environments(monkeypatch, tmp_path
     for bad in (["--tail-weight", "-1"], ["--tail-weight", "nan"], ["--tail-quantile", "1"]):
         with pytest.raises(SystemExit):
             main(["train", "--out", out, *bad])
+
+
+def test_train_passes_the_model_format_and_a_start_model(monkeypatch, tmp_path):
+    from rtlm_adapt.cli import main
+    from rtlm_adapt.policies import ppo_train
+
+    seen = []
+    monkeypatch.setattr(ppo_train, "train", lambda config: seen.append(config) or "model.zip")
+    out = str(tmp_path / "run")
+    assert main(["train", "--out", out, "--model-format", "5", "--init-model", "m.zip"]) == 0
+    assert seen[-1].model_format == 5 and seen[-1].init_model == "m.zip"
+    assert main(["train", "--out", out]) == 0
+    assert seen[-1].model_format == 4 and seen[-1].init_model is None
+    with pytest.raises(SystemExit):
+        main(["train", "--out", out, "--model-format", "9"])

@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         warm["log_std_init"] = args.log_std_init
     if args.init_model:
         warm["init_model"] = args.init_model
+    if args.model_format is not None:
+        warm["model_format"] = args.model_format
 
     if args.reference:
         warm["reference"] = args.reference
@@ -121,6 +123,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tail-quantile", type=open_unit_float, metavar="Q",
         help="where the tail starts, a quantile in (0, 1) of the response times (default 0.95)",
+    )
+    parser.add_argument(
+        "--model-format", type=int, choices=(2, 3, 4, 5),
+        help="the observation and action map to learn with (default 4; 5 scales the offload "
+        "threshold to the prompt mix's typical predicted length)",
     )
     parser.add_argument(
         "--init-model", metavar="PATH",
