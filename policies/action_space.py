@@ -24,7 +24,7 @@ fraction so one policy fits executors of any size. That is format 1 (:class:`Kno
 format 2 (:class:`RelativeKnobsActionMap`) scales the last two entries by the knee batch and the
 queue's median predicted length; format 3 (:class:`LogKnobsActionMap`) maps them on log scales
 that reach the full batch cap and 8 predicted tokens, whatever the queue; format 5
-(:class:`TypicalLengthActionMap`, what new models use) scales that token threshold to the prompt
+(:class:`TypicalLengthActionMap`, opt-in) scales that token threshold to the prompt
 mix's typical predicted length.
 
 >>> amap = KnobsActionMap()

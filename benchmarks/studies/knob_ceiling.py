@@ -22,8 +22,8 @@ Two families of constant policies are tried (``--family``):
   whatever the queue holds. A smaller grid than ``action``'s (162 settings).
 
 Every setting serves the very same requests as ``ppo_eval.py`` (its cells, its seeds
-``BENCH_SEED + cell index``, 4 windows x 100 requests, ``ppo_train.run_case``). Reported per cell,
-as the ratio of mean response time to the heuristic's (as ``ppo_eval.py`` does):
+``HELD_OUT_SEED + cell index``, 4 windows x 100 requests, ``ppo_train.run_case``). Reported per
+cell, as the ratio of mean response time to the heuristic's (as ``ppo_eval.py`` does):
 
 - *hindsight*: the best setting chosen and scored on all 4 windows (an optimistic bound: it is
   also fitted to the windows' noise);
@@ -81,11 +81,11 @@ from rtlm_adapt.policies.ppo_train import (
     HELD_OUT_ARRIVALS,
     HELD_OUT_LOADS,
     HELD_OUT_PROMPTS,
+    HELD_OUT_SEED,
     run_case,
     scenario_cases,
 )
 
-BENCH_SEED = 20_000  # ppo_eval.py's seed: the very same requests per cell
 CHOOSE, SCORE = (0, 1), (2, 3)  # windows the held-out choice is made on / scored on
 RT_BAR, MISS_BAR, MEAN_BAR = 1.02, 0.01, 0.95  # issue 17's bar
 
@@ -215,7 +215,7 @@ def action3_settings() -> list[Setting]:
 
 
 def cells(caps: Sequence[int]) -> list[tuple[int, Scenario]]:
-    """``ppo_eval.py``'s grid with each cell's index (its seed is ``BENCH_SEED + index``)."""
+    """``ppo_eval.py``'s grid with each cell's index (its seed is ``HELD_OUT_SEED + index``)."""
     scenarios = grid(HELD_OUT_PROMPTS, HELD_OUT_ARRIVALS, HELD_OUT_LOADS, [4, 16, 64],
                      secondary=True)
     return [(i, sc) for i, sc in enumerate(scenarios) if sc.max_batch in caps]
@@ -231,7 +231,7 @@ def evaluate_cell(sc: Scenario, index: int, settings: list[Setting],
                   done: dict[str, Any]) -> dict[str, Any]:
     """Every setting (and the references) on the cell's windows; ``done`` holds results kept
     from an earlier run. Settings that run as the same knobs in this cell run once."""
-    cases = scenario_cases([sc], 4, {"n_requests": 100}, seed=BENCH_SEED + index)
+    cases = scenario_cases([sc], 4, {"n_requests": 100}, seed=HELD_OUT_SEED + index)
     out = {"heuristic": done.get("heuristic") or run_windows("heuristic", cases),
            "heuristic+oracle": done.get("heuristic+oracle")
            or run_windows("heuristic+oracle", cases),

@@ -30,11 +30,10 @@ from rtlm_adapt.policies.ppo_train import (
     HELD_OUT_ARRIVALS,
     HELD_OUT_LOADS,
     HELD_OUT_PROMPTS,
+    HELD_OUT_SEED,
     run_case,
     scenario_cases,
 )
-
-BENCH_SEED = 20_000  # ppo_eval.py's: the same windows per cell
 
 
 class ThresholdRecorder:
@@ -81,7 +80,7 @@ def main() -> None:
     for i, cell in enumerate(cells):
         if cell.max_batch not in caps:
             continue
-        cases = scenario_cases([cell], args.windows, {"n_requests": 100}, seed=BENCH_SEED + i)
+        cases = scenario_cases([cell], args.windows, {"n_requests": 100}, seed=HELD_OUT_SEED + i)
         heuristic = np.mean([run_case("heuristic", c, {})[0] for c in cases])
         result = {"cell": cell.label()}
         for label, swap in (("ppo", False), ("ppo_heuristic_threshold", True)):

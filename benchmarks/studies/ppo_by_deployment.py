@@ -23,12 +23,10 @@ import numpy as np
 
 from rtlm_adapt.policies.ppo_train import Validation
 
-VALIDATION_SEED = 30_000  # validate_checkpoints'
-
 
 def by_deployment(run: Path, models: list[str], episodes: int) -> dict[str, Any]:
     """Per model and deployment (profile, +secondary): episodes and mean RT ratio."""
-    validation = Validation.of_run(run, episodes, VALIDATION_SEED)
+    validation = Validation.of_run(run, episodes)  # validate_checkpoints' seed
     out: dict[str, Any] = {}
     for model in models:
         groups: dict[str, list[float]] = {}

@@ -4,19 +4,31 @@ length predictor's tier, and loading the prompts a command was given."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 from rtlm_adapt.data import PromptSample, TokenCounter, load_prompts
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+def float_where(accept: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """An argparse type: a number that ``accept`` takes (NaN never is), else an error saying
+    it expected ``expected``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if math.isnan(value) or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_float = float_where(lambda v: 0 < v < math.inf, "a positive number")
+non_negative_float = float_where(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+open_unit_float = float_where(lambda v: 0 < v < 1, "a number strictly between 0 and 1")
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import math
 
-from rtlm_adapt.cli.arguments import positive_float, positive_int
+from rtlm_adapt.cli.arguments import (
+    non_negative_float,
+    open_unit_float,
+    positive_float,
+    positive_int,
+)
 
 HELP = "train the PPO knob policy on ServingEnvs (needs [rl])"
-
-
-def non_negative_float(text: str) -> float:
-    """An argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def open_unit_float(text: str) -> float:
-    """An argparse type: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, "
-                                         f"got {text!r}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,9 +31,6 @@ def run(args: argparse.Namespace) -> int:
         warm["init_model"] = args.init_model
     if args.model_format is not None:
         warm["model_format"] = args.model_format
-
-    if args.reference:
-        warm["reference"] = args.reference
     config = make_config(
         out=args.out,
         timesteps=args.timesteps,
@@ -66,12 +44,11 @@ def run(args: argparse.Namespace) -> int:
         progress_bar=not args.no_progress,
         max_minutes=args.max_minutes,
         learning_rate=args.learning_rate,
+        reference=args.reference,
+        tail_weight=args.tail_weight,
+        tail_quantile=args.tail_quantile,
         **warm,
     )
-    if args.tail_weight is not None:
-        config.env["tail_weight"] = args.tail_weight
-    if args.tail_quantile is not None:
-        config.env["tail_quantile"] = args.tail_quantile
     print(f"saved {train(config)}")
     return 0
 
