@@ -32,6 +32,7 @@ the problem.
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import zipfile
@@ -193,6 +194,7 @@ class PPOPolicy:
             )
         self.guard: PerformanceGuard | None = PerformanceGuard() if guard is _DEFAULT else guard
         self.fallback = fallback if fallback is not None else RTLMHeuristic()
+        self._fresh_fallback = copy.deepcopy(self.fallback)  # as it was before deciding anything
         self.online = online
         unknown = set(heuristic_regimes) - set(REGIMES)
         if unknown:
@@ -297,6 +299,25 @@ class PPOPolicy:
         return cls(MLPActor.from_state_dict(state, name), **kwargs)
 
     # -- Policy protocol -----------------------------------------------------------------------
+    def attach(self, controller: Any) -> None:
+        """Called by the controller that takes this policy: a guard that replays the
+        controller's traffic (:class:`~rtlm_adapt.policies.shadow_guard.ShadowGuard`) starts
+        watching it."""
+        attach = getattr(self.guard, "attach", None)
+        if callable(attach):
+            attach(controller, learned=self.unguarded, heuristic=self.fresh_fallback)
+
+    def unguarded(self) -> PPOPolicy:
+        """A fresh copy of this policy without its guard (the same actor, regimes and
+        fallback): what a shadow replay runs as the learned policy."""
+        return PPOPolicy(self.actor, name=self.name, action_map=self.action_map, guard=None,
+                         fallback=self.fresh_fallback(), heuristic_regimes=self.heuristic_regimes,
+                         observation_format=self.observation_format)
+
+    def fresh_fallback(self) -> Any:
+        """A fresh copy of the fallback policy, as it was before it decided anything."""
+        return copy.deepcopy(self._fresh_fallback)
+
     def decide(self, observation: Observation) -> Knobs:
         """Knobs for the next epoch: the learned actor's, or the fallback's if the guard says so."""
         if self.heuristic_regimes and regime_of(observation) in self.heuristic_regimes:

@@ -41,7 +41,7 @@ from rtlm_adapt.knobs import Knobs, Policy
 from rtlm_adapt.latency import LatencyModel
 from rtlm_adapt.live_request import LiveRequest, rank_length
 from rtlm_adapt.observation import Observation
-from rtlm_adapt.predictor import LengthPredictor
+from rtlm_adapt.predictor import LengthPrediction, LengthPredictor
 from rtlm_adapt.request import (
     FAILURE_REASONS,
     Completion,
@@ -52,6 +52,7 @@ from rtlm_adapt.request import (
 )
 from rtlm_adapt.serving.base import ExecutorState, StepResult
 from rtlm_adapt.signals import ServingSignals
+from rtlm_adapt.traffic import TrafficLog
 from rtlm_adapt.uncertainty import UncertaintyScorer
 from rtlm_adapt.waiting_room import WaitingRoom
 
@@ -118,7 +119,6 @@ class AdaptiveController(Checkpointed):
         self._init_autosave(autosave_path, autosave_every)
         self._cancel_marks: set[str] = set()  # running requests the loop should abort
         self._closed = False
-        self.policy: Policy = policy
         # Default: the lexical tier from its packaged ShareGPT prior, useful on request one.
         self.predictor = predictor if predictor is not None else LengthPredictor.pretrained()
         self.scorer = scorer if scorer is not None else UncertaintyScorer()
@@ -135,6 +135,9 @@ class AdaptiveController(Checkpointed):
         self._external_knobs = False
         self._counts = RequestCounts()  # the accounting invariant
         self._signals = ServingSignals()  # what the observation reports of recent serving
+        #: Recent requests and their outcomes, kept only for a policy that asked for them.
+        self.traffic: TrafficLog | None = None
+        self.policy = policy
 
     # -- the loop's calls ------------------------------------------------------------------------
     def submit(self, request: Request, features: Mapping[Any, float] | None = None) -> None:
@@ -168,7 +171,7 @@ class AdaptiveController(Checkpointed):
             uncertainty = features.get("uncertainty")
             if uncertainty is None:  # not precomputed upstream along with the features
                 uncertainty = features["uncertainty"] = self.scorer.score(features)
-            prediction = self.predictor.predict_one(features)
+            prediction = self.predict_length(request, features)
             prompt_tokens = request.prompt_tokens or max(
                 1, int(features.get("prompt_tokens_est", 1))
             )
@@ -189,6 +192,10 @@ class AdaptiveController(Checkpointed):
             )
             self._room.admit(live)
             self._counts.submitted += 1
+            if self.traffic is not None:
+                self.traffic.record_submit(
+                    request, prediction, uncertainty=uncertainty, prompt_tokens=prompt_tokens
+                )
             self._signals.arrivals_in_epoch += 1
             # smoothed isolated service time: the time scale of the observation and of aging
             self._signals.record_submit(
@@ -196,6 +203,13 @@ class AdaptiveController(Checkpointed):
                 prediction.length,
                 first=self._counts.submitted == 1,
             )
+
+    def predict_length(
+        self, request: Request, features: Mapping[Any, float]
+    ) -> LengthPrediction:
+        """The predicted output length of ``request`` at submit (the predictor's, from
+        ``features``); a replay of recorded traffic overrides it to reuse the recorded one."""
+        return self.predictor.predict_one(features)
 
     def prompt_features(self, prompt: str) -> Mapping[Any, float]:
         """The features :meth:`submit` computes when given none. It touches no queue state, so
@@ -271,6 +285,8 @@ class AdaptiveController(Checkpointed):
                     "(unknown, never scheduled, or already finished)"
                 )
             self._cancel_marks.discard(rid)
+            if self.traffic is not None:
+                self.traffic.record_end(rid, output_tokens=completion.output_tokens)
             if completion.failure is not None:
                 self._counts.count_failure(completion.failure)
             else:
@@ -304,6 +320,8 @@ class AdaptiveController(Checkpointed):
             if entry is None:
                 return None
             self._counts.count_failure(reason)
+            if self.traffic is not None:
+                self.traffic.record_withdrawn(request_id)
             return entry.request
 
     def entry(self, request_id: str) -> LiveRequest | None:
@@ -337,6 +355,8 @@ class AdaptiveController(Checkpointed):
             while (entry := self._queue.oldest()) is not None:
                 self._queue.remove(entry.request_id)
                 self._counts.count_failure(reason)
+                if self.traffic is not None:
+                    self.traffic.record_withdrawn(entry.request_id)
                 out.append(entry.request)
             return out
 
@@ -403,6 +423,22 @@ class AdaptiveController(Checkpointed):
         return ctl
 
     # -- knobs -----------------------------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        """The policy that sets the knobs every epoch."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        # A policy with ``attach(controller)`` watches the controller that runs it (a learned
+        # policy's shadow guard replays its traffic); it is told of every controller it joins.
+        _check_policy(policy)
+        with self._lock:
+            self._policy = policy
+            attach = getattr(policy, "attach", None)
+            if callable(attach):
+                attach(self)
+
     def set_knobs(self, knobs: Knobs, *, hold: bool = True) -> None:
         """Apply knobs now (re-keys the queue). ``hold`` keeps them until the next call,
         suspending the policy (the RL environment drives the controller this way)."""
@@ -411,6 +447,24 @@ class AdaptiveController(Checkpointed):
                 raise TypeError(f"set_knobs() takes Knobs, got {type(knobs).__name__}")
             self._external_knobs = hold
             self._room.set_knobs(knobs)
+
+    def watch_traffic(self, log: TrafficLog | None) -> None:
+        """Record every accepted request, its prediction and its outcome into ``log`` from now
+        on (None stops): what a shadow replay serves again (:mod:`rtlm_adapt.traffic`)."""
+        with self._lock:
+            if log is not None and not isinstance(log, TrafficLog):
+                raise TypeError(f"watch_traffic() takes a TrafficLog, got {type(log).__name__}")
+            self.traffic = log
+
+    def executor_states(self) -> dict[str, ExecutorState]:
+        """The latest state each executor reported, by name."""
+        with self._lock:
+            return dict(self._executors.states)
+
+    @property
+    def primary_name(self) -> str | None:
+        """The primary executor's name (None until one reports)."""
+        return self._executors.primary
 
     def observe(self, now: float) -> Observation:
         """The current observation (see :func:`rtlm_adapt.observer.observe`)."""
@@ -471,13 +525,17 @@ def _failure_reason(reason: FailureReason | str) -> FailureReason:
         ) from None
 
 
+def _check_policy(policy: Policy) -> None:
+    for attr in _POLICY_ATTRIBUTES:
+        if not hasattr(policy, attr):
+            raise TypeError(f"policy {policy!r} lacks {attr!r}: not a Policy")
+
+
 def _check_settings(
     policy: Policy, batching: str, epoch_s: float, max_queue: int | None, autosave_every: int
 ) -> None:
     """Refuse a controller's settings that cannot work, naming the one at fault."""
-    for attr in _POLICY_ATTRIBUTES:
-        if not hasattr(policy, attr):
-            raise TypeError(f"policy {policy!r} lacks {attr!r}: not a Policy")
+    _check_policy(policy)
     if batching not in ("continuous", "static"):
         raise ValueError(f"unknown batching mode {batching!r}; expected 'continuous' or 'static'")
     if not (isinstance(epoch_s, (int, float)) and epoch_s > 0 and math.isfinite(epoch_s)):

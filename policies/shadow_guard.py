@@ -1,0 +1,180 @@
+"""ShadowGuard: a deployed learned policy is compared with the heuristic on the same requests,
+in simulation, and hands the knobs back when it does worse.
+
+The interleaved guard (:class:`~rtlm_adapt.policies.ppo_guard.PerformanceGuard`) lets each
+policy serve stretches of live traffic and compares the stretches. On bursty traffic two
+stretches differ more than two policies do, so it hands good policies back by mistake
+(BENCHMARKS.md 4.5: 34 of 96 windows), and every stretch the heuristic serves to keep its
+figure recent is a stretch the better policy does not. This guard compares the two on the
+*same* requests instead, and never lets the heuristic serve to find out:
+
+1. The controller records what it serves in a :class:`~rtlm_adapt.traffic.TrafficLog`: the
+   last ``window`` requests, with their predictions and true lengths.
+2. Every ``judge_every`` accepted requests the guard replays the log twice
+   (:func:`rtlm_adapt.shadow.replay`), once under the learned policy and once under the
+   heuristic, on simulated executors that cost what the controller's latency models learned.
+3. The learned policy is judged worse when its replay's mean response time exceeds the
+   heuristic's by more than ``margin`` (a fraction), or its deadline-miss rate by more than
+   ``miss_margin``. It gets the knobs back after ``resume_after`` judgements in a row where
+   it is no worse on both.
+
+Both replays share the arrivals, the lengths and the simulator's errors, so what differs is
+the policy. A replay of 200 requests costs about 0.1 s of CPU; with the defaults the guard
+spends about twice the simulation of the traffic it watches.
+
+Every hand-over is logged (logger ``rtlm_adapt.policies.shadow_guard``, WARNING when the knobs
+go back to the heuristic) and counted (``handbacks``, ``resumes``; ``metrics()`` for
+exporters, with the latest replays' ratio).
+
+The guard works only inside a controller: :class:`~rtlm_adapt.policies.ppo.PPOPolicy` attaches
+it when a controller takes the policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from rtlm_adapt.knobs import Policy
+from rtlm_adapt.observation import Observation
+from rtlm_adapt.traffic import TrafficLog
+
+if TYPE_CHECKING:
+    from rtlm_adapt.controller import AdaptiveController
+    from rtlm_adapt.shadow import ShadowRun
+
+logger = logging.getLogger(__name__)
+
+
+def miss_rate(run: ShadowRun) -> float:
+    """The share of a replay's requests that missed their deadline."""
+    done = run.completions
+    return sum(c.missed_deadline for c in done) / len(done) if done else 0.0
+
+
+class ShadowGuard:
+    """Chooses who sets the knobs, the learned policy or the heuristic, from shadow replays of
+    the live traffic under each (see the module docstring).
+
+    Parameters
+    ----------
+    window
+        Recent requests a judgement replays.
+    judge_every
+        Accepted requests between judgements (the first comes after this many too). Counting
+        arrivals, not completions, keeps a policy that finishes little from delaying its own
+        judgement.
+    margin
+        How much longer the learned policy's mean response time may be, as a fraction of the
+        heuristic's, before it counts as worse.
+    miss_margin
+        How much higher its deadline-miss rate may be (a share of requests).
+    resume_after
+        Judgements in a row, no worse on both figures, before a policy that was handed back
+        takes the knobs again.
+    """
+
+    def __init__(
+        self, *, window: int = 200, judge_every: int = 50, margin: float = 0.02,
+        miss_margin: float = 0.01, resume_after: int = 2,
+    ) -> None:
+        counts = {"window": window, "judge_every": judge_every, "resume_after": resume_after}
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ShadowGuard {name} must be an int >= 1, got {value!r}")
+        for name, value in {"margin": margin, "miss_margin": miss_margin}.items():
+            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+                raise ValueError(f"ShadowGuard {name} must be a number >= 0, got {value!r}")
+        self.judge_every = judge_every
+        self.margin = float(margin)
+        self.miss_margin = float(miss_margin)
+        self.resume_after = resume_after
+        self.traffic = TrafficLog(capacity=window)
+        self.active = "learned"
+        self.judgements = 0
+        self.handbacks = 0
+        self.resumes = 0
+        #: The latest judgement's mean response times (learned, heuristic), in seconds.
+        self.last_means: tuple[float, float] | None = None
+        self._no_worse_in_a_row = 0
+        self._next_judgement = judge_every
+        self._controller: Callable[[], AdaptiveController | None] | None = None
+        self._policies: dict[str, Callable[[], Policy]] = {}
+        self._warned_unattached = False
+
+    def attach(
+        self, controller: AdaptiveController, *, learned: Callable[[], Policy],
+        heuristic: Callable[[], Policy],
+    ) -> None:
+        """Watch ``controller``'s traffic from now on; ``learned`` and ``heuristic`` make a
+        fresh copy of each policy for a replay."""
+        self._controller = weakref.ref(controller)  # the controller owns the policy, not we it
+        self._policies = {"learned": learned, "heuristic": heuristic}
+        self.traffic.clear()
+        self._next_judgement = self.judge_every
+        controller.watch_traffic(self.traffic)
+
+    def choose(self, obs: Observation) -> str:
+        """Who decides the epoch starting at ``obs``: ``"learned"`` or ``"heuristic"``."""
+        if self.traffic.accepted >= self._next_judgement:
+            self._next_judgement = self.traffic.accepted + self.judge_every
+            self._judge()
+        return self.active
+
+    def metrics(self) -> dict[str, float]:
+        """Figures for an exporter: hand-backs, resumes, judgements (``trials``), who is active
+        (1: learned) and the latest replays' mean response time ratio, learned over heuristic."""
+        ratio = math.nan if self.last_means is None else self.last_means[0] / self.last_means[1]
+        return {"handbacks": float(self.handbacks), "resumes": float(self.resumes),
+                "trials": float(self.judgements), "learned_active": float(self.active == "learned"),
+                "shadow_ratio": ratio}
+
+    def _judge(self) -> None:
+        from rtlm_adapt.shadow import ShadowSetup, replay  # the simulator: only when judging
+
+        controller = self._controller() if self._controller is not None else None
+        if controller is None:
+            if not self._warned_unattached:
+                self._warned_unattached = True
+                logger.warning("PPO shadow guard: no controller attached, so it cannot judge; "
+                               "the learned policy keeps the knobs")
+            return
+        setup = ShadowSetup.of(controller)
+        records = self.traffic.records()
+        if setup is None or not records:
+            return
+        runs = {source: replay(records, make(), setup, scorer=controller.scorer)
+                for source, make in self._policies.items()}
+        learned, heuristic = runs["learned"], runs["heuristic"]
+        self.judgements += 1
+        self.last_means = (learned.mean_response_s, heuristic.mean_response_s)
+        extra_time = learned.mean_response_s / heuristic.mean_response_s - 1.0
+        extra_misses = miss_rate(learned) - miss_rate(heuristic)
+        worse = extra_time > self.margin or extra_misses > self.miss_margin
+        self._no_worse_in_a_row = 0 if (extra_time > 0 or extra_misses > 0) else (
+            self._no_worse_in_a_row + 1)
+        detail = (f"shadow replays of the last {len(records)} requests: mean response time "
+                  f"{learned.mean_response_s:.2f} s under the learned policy, "
+                  f"{heuristic.mean_response_s:.2f} s under the heuristic ({extra_time:+.1%}, "
+                  f"margin {self.margin:.0%}); deadline misses {miss_rate(learned):.1%} and "
+                  f"{miss_rate(heuristic):.1%} (margin {self.miss_margin:.0%})")
+        if self.active == "learned" and worse:
+            self.active = "heuristic"
+            self.handbacks += 1
+            logger.warning("PPO shadow guard: the learned policy does worse than the heuristic: "
+                           "handing the knobs back to the heuristic; %s", detail)
+        elif self.active == "heuristic" and self._no_worse_in_a_row >= self.resume_after:
+            self.active = "learned"
+            self.resumes += 1
+            logger.info("PPO shadow guard: the learned policy does as well as the heuristic "
+                        "again: it takes the knobs back; %s", detail)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A saved controller pickles its policy: the links to the controller are remade when a
+        # restored controller attaches the policy again, and the log starts over there.
+        state = dict(self.__dict__)
+        state.update(_controller=None, _policies={}, traffic=TrafficLog(self.traffic.capacity))
+        return state

@@ -1,0 +1,191 @@
+"""Shadow replays: recorded traffic served again, in virtual time, under any policy.
+
+A controller that keeps a :class:`~rtlm_adapt.traffic.TrafficLog` knows the requests it served
+lately: when each arrived, its prompt length and deadline, what it predicted for it, and how
+many tokens it really generated. :func:`replay` serves those requests again on simulated
+executors that cost what the controller's latency models have learned, under the policy given,
+and says what each request's response time would have been. Two replays of the same records
+under two policies compare the policies on the very same arrivals and lengths, at no serving
+cost: what the shadow guard of a learned policy does (:mod:`rtlm_adapt.policies.shadow_guard`).
+
+What a replay takes as given:
+
+- Requests still running when the replay starts are served for their predicted length (their
+  true one is not known yet); ended ones for the tokens they really generated.
+- The replay starts empty at the first record's arrival: the requests that were live before
+  it are not in the log. Both sides of a comparison start so.
+- The predictions are the recorded ones: the replayed controller does not predict or learn
+  lengths again, so the policy under test sees what the live one saw.
+
+>>> from rtlm_adapt.predictor import LengthPrediction
+>>> from rtlm_adapt.request import Request
+>>> from rtlm_adapt.traffic import TrafficLog
+>>> log = TrafficLog()
+>>> for i in range(6):
+...     log.record_submit(Request(f"r{i}", "Tell me a story.", 2.0 * i), LengthPrediction(
+...         100.0, 50.0, 200.0), uncertainty=0.4, prompt_tokens=8)
+...     log.record_end(f"r{i}", output_tokens=50 + 40 * i)
+>>> setup = ShadowSetup(primary=ShadowExecutor("gpu", StepCost.default(), 4))
+>>> run = replay(log.records(), "fcfs", setup)
+>>> len(run.completions), run.mean_response_s > 0
+(6, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rtlm_adapt.calibration.step_cost import StepCost
+from rtlm_adapt.controller import AdaptiveController
+from rtlm_adapt.experiment import engine_priorities
+from rtlm_adapt.knobs import Policy
+from rtlm_adapt.predictor import LengthPrediction
+from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
+from rtlm_adapt.serving.loop import ServingLoop
+from rtlm_adapt.serving.simulated import simulated_executor
+from rtlm_adapt.traffic import TrafficRecord
+from rtlm_adapt.uncertainty import UncertaintyScorer
+
+if TYPE_CHECKING:
+    from rtlm_adapt.serving.base import ExecutorState
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowExecutor:
+    """One simulated executor of a replay: its name, what a step costs, its batch size."""
+
+    name: str
+    cost: StepCost
+    max_batch_size: int
+
+    @classmethod
+    def of(cls, state: ExecutorState, cost: StepCost) -> ShadowExecutor:
+        return cls(state.name, cost, state.max_batch_size)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowSetup:
+    """The executors and controller settings a replay serves with."""
+
+    primary: ShadowExecutor
+    secondary: ShadowExecutor | None = None
+    epoch_s: float = 1.0
+    batching: str = "continuous"
+    reference_batch: int = 8
+
+    @classmethod
+    def of(cls, controller: AdaptiveController) -> ShadowSetup | None:
+        """What ``controller`` serves with now: its executors at their reported batch sizes,
+        costing what its latency models have learned; None before the primary has reported."""
+        states = controller.executor_states()
+        primary = states.get(controller.primary_name or "")
+        if primary is None:
+            return None
+        secondary = next((s for s in states.values() if s.role != "primary"), None)
+
+        def shadow(state: ExecutorState) -> ShadowExecutor:
+            return ShadowExecutor.of(state, controller.latency[state.name].coefficients())
+
+        return cls(shadow(primary), shadow(secondary) if secondary is not None else None,
+                   controller.epoch_s, controller.batching, controller.reference_batch)
+
+
+@dataclass(slots=True)
+class ShadowRun:
+    """What a replay served: one completion per record."""
+
+    completions: list[Completion]
+
+    @property
+    def mean_response_s(self) -> float:
+        times = [c.response_time for c in self.completions]
+        return sum(times) / len(times) if times else math.nan
+
+
+class _RecordedLengths:
+    """The predictor of a replayed controller: it neither predicts nor learns (the recorded
+    predictions are used); ``predict_one`` answers only the observation's "typical length"."""
+
+    def __init__(self, typical: LengthPrediction) -> None:
+        self._typical = typical
+
+    def predict_one(self, features: Mapping[Any, float]) -> LengthPrediction:
+        return self._typical
+
+    def learn_one(self, features: Mapping[Any, float], length: float) -> None:
+        pass
+
+
+class ReplayController(AdaptiveController):
+    """A controller that takes each request's uncertainty and predicted length from its
+    record instead of scoring and predicting again."""
+
+    def __init__(
+        self, policy: Policy | str, records: Mapping[str, TrafficRecord], **kwargs: Any
+    ) -> None:
+        self._records = records
+        lengths = sorted(r.prediction.length for r in records.values()) or [1.0]
+        median = lengths[len(lengths) // 2]
+        kwargs.setdefault("predictor", _RecordedLengths(LengthPrediction(median, median, median)))
+        super().__init__(policy, **kwargs)
+
+    def submit(self, request: Request, features: Mapping[Any, float] | None = None) -> None:
+        if features is None:
+            features = {"uncertainty": self._records[request.id].uncertainty}
+        super().submit(request, features)
+
+    def predict_length(
+        self, request: Request, features: Mapping[Any, float]
+    ) -> LengthPrediction:
+        return self._records[request.id].prediction
+
+
+def replay_requests(records: Sequence[TrafficRecord]) -> list[Request]:
+    """The records as requests to serve again, on a clock that starts at the first arrival,
+    each carrying the length it is served for (see the module docstring)."""
+    if not records:
+        return []
+    t0 = records[0].request.arrival_time
+    out = []
+    for record in records:
+        live = record.request
+        tokens = record.output_tokens
+        if tokens is None:  # still live: its prediction is the best guess
+            tokens = round(record.prediction.length)
+        tokens = min(max(1, int(tokens)), live.max_tokens)
+        deadline = None if live.deadline is None else live.deadline - t0
+        out.append(Request(live.id, live.prompt, live.arrival_time - t0, deadline=deadline,
+                           max_tokens=live.max_tokens, prompt_tokens=record.prompt_tokens,
+                           metadata={TRUE_LENGTH_KEY: tokens}))
+    return out
+
+
+def replay(
+    records: Sequence[TrafficRecord],
+    policy: Policy | str,
+    setup: ShadowSetup,
+    *,
+    scorer: UncertaintyScorer | None = None,
+) -> ShadowRun:
+    """Serve ``records`` again under ``policy`` (a fresh one: a replay changes its state) on
+    ``setup``'s simulated executors. ``scorer`` saves building one (it is only carried)."""
+    by_id = {r.request.id: r for r in records}
+    profiles = {setup.primary.name: setup.primary.cost}
+    if setup.secondary is not None:
+        profiles[setup.secondary.name] = setup.secondary.cost
+    controller = ReplayController(
+        policy, by_id, scorer=scorer, profiles=profiles, epoch_s=setup.epoch_s,
+        batching=setup.batching, reference_batch=setup.reference_batch,
+    )
+    priority_of = engine_priorities(controller)
+
+    def executor(shadow: ShadowExecutor):
+        return simulated_executor(shadow.name, shadow.cost, batching=setup.batching,
+                                  priority_of=priority_of, max_batch_size=shadow.max_batch_size)
+
+    secondary = executor(setup.secondary) if setup.secondary is not None else None
+    loop = ServingLoop(controller, executor(setup.primary), secondary, batching=setup.batching)
+    return ShadowRun(loop.run(replay_requests(records)).completions)
