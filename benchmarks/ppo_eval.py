@@ -2,17 +2,18 @@
 
     python benchmarks/ppo_eval.py --model ppo --runs runs/ppo17 --out benchmarks/results
 
-Cells: prompt sets x arrival processes x loads x primary batch caps (4, 16, 64), with the
-secondary executor. The prompt sets (``ppo_train.HELD_OUT_PROMPTS``), traces
-(``HELD_OUT_ARRIVALS``) and loads (``HELD_OUT_LOADS``: bands training never draws from) are held
-out from training, and so are the windows (the last 20% of a trace, or arrival seeds training
-never uses). Every policy serves the very same requests in a cell through the same controller,
-loop and simulated executors (``rtlm_adapt.experiment.run_policy``); each policy object is fresh
-per window. ``ppo`` is the policy as deployed (the guard on); ``ppo-unguarded`` is the learned
-actor alone. Per cell and policy it records the mean over the windows of each window's mean
-response time, deadline-miss rate and p99 response time. Writes ``ppo_eval.json`` (per cell, the
-held-out lists, the summary against #17's bar), ``ppo_eval.md`` and, given ``--runs``,
-``ppo_learning_curve.png`` from the training's ``evaluations.json``.
+Cells: prompt sets x arrival processes x loads x primary batch caps (4, 16, 64), with the secondary
+executor. The prompt sets (``ppo_train.HELD_OUT_PROMPTS``), traces (``HELD_OUT_ARRIVALS``) and loads
+(``HELD_OUT_LOADS``: bands training never draws from) are held out from training, and so are the
+windows (the last 20% of a trace, or arrival seeds training never uses). Every policy serves the
+very same requests in a cell through the same controller, loop and simulated executors
+(``rtlm_adapt.experiment.run_policy``); each policy object is fresh per window. ``ppo`` is the
+policy as deployed (the shadow guard on); ``ppo-unguarded`` is the learned actor alone;
+``ppo-interleaved`` has the guard of interleaved live trials. Per cell and policy it records the
+mean over the windows of each window's mean response time, deadline-miss rate and p99 response
+time. Writes ``ppo_eval.json`` (per cell, the held-out lists, the summary against #17's bar),
+``ppo_eval.md`` and, given ``--runs``, ``ppo_learning_curve.png`` from the training's
+``evaluations.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def policy_factories(model: str) -> dict[str, Any]:
         **{name: name for name in BASELINES},  # names: run_policy builds a fresh one per run
         "ppo": lambda: make_policy(f"ppo{path}"),
         "ppo-unguarded": lambda: make_policy(f"ppo-unguarded{path}"),
+        "ppo-interleaved": lambda: make_policy(f"ppo-interleaved{path}"),
     }
 
 

@@ -7,11 +7,14 @@ same action map (:data:`~rtlm_adapt.policies.action_space.ACTION_MAPS`) the envi
 The deterministic action (the Gaussian's mean, clipped to [-1, 1]) is what SB3's
 ``predict(deterministic=True)`` returns.
 
-The guard is on by default: a :class:`~rtlm_adapt.policies.ppo_guard.PerformanceGuard`
-compares the learned policy online with the RT-LM heuristic (interleaved trials) and hands the
-knobs back when it does worse, with a log line and a count (``guard.metrics()``). ``guard=None``
-(or the policy name ``ppo-unguarded``) switches it off. With ``online=True`` the policy also keeps
-learning from the live loop (see :class:`~rtlm_adapt.policies.ppo_online.OnlinePPO`).
+The guard is on by default: a :class:`~rtlm_adapt.policies.shadow_guard.ShadowGuard` replays
+the controller's recent traffic in simulation under the learned policy and under the RT-LM
+heuristic, and hands the knobs back when the learned policy does worse on those same requests,
+with a log line and a count (``guard.metrics()``). The controller that takes the policy attaches
+the guard (:meth:`PPOPolicy.attach`). ``guard=PerformanceGuard()`` (the policy name
+``ppo-interleaved``) guards with interleaved live trials instead, which needs no controller;
+``guard=None`` (or ``ppo-unguarded``) switches the guard off. With ``online=True`` the policy
+also keeps learning from the live loop (see :class:`~rtlm_adapt.policies.ppo_online.OnlinePPO`).
 
 Model files: :meth:`PPOPolicy.save` writes the actor as ``.npz`` (numpy only, the format the
 packaged model uses, :data:`PACKAGED_MODEL`); :meth:`PPOPolicy.load` reads those and SB3
@@ -57,13 +60,14 @@ from .heuristic import RTLMHeuristic
 from .mlp_actor import ACTIVATIONS, MLPActor
 from .ppo_guard import PerformanceGuard
 from .ppo_online import epoch_cost
+from .shadow_guard import ShadowGuard
 
 #: The trained model that ships with the package (``--policies ppo``); its training config and
 #: learning curve are ``ppo.json`` beside it.
 PACKAGED_MODEL = Path(__file__).parent / "models" / "ppo.npz"
 #: Version of the ``.npz`` model file layout written by :meth:`PPOPolicy.save`.
 MODEL_FILE_VERSION = 1
-_DEFAULT = object()  # "a fresh PerformanceGuard", the default for ``guard``
+_DEFAULT = object()  # "a fresh ShadowGuard", the default for ``guard``
 
 
 def _activation_from_data(data: dict[str, Any]) -> str:
@@ -143,8 +147,9 @@ class PPOPolicy:
         Must match the environment the actor was trained in (the default, the map of the
         model's format, :data:`~rtlm_adapt.policies.action_space.ACTION_MAPS`, does).
     guard
-        The :class:`PerformanceGuard` (default: a fresh one); ``decide`` hands over to
-        ``fallback`` whenever it judges the learned policy worse. ``None`` switches it off.
+        A :class:`ShadowGuard` (default: a fresh one) or :class:`PerformanceGuard`; ``decide``
+        hands over to ``fallback`` whenever it judges the learned policy worse. ``None``
+        switches it off.
     fallback
         The policy to fall back to (default: :class:`RTLMHeuristic`).
     online
@@ -192,7 +197,8 @@ class PPOPolicy:
                 f"the actor outputs {actor.action_size} numbers, the action map takes "
                 f"{self.action_map.size}"
             )
-        self.guard: PerformanceGuard | None = PerformanceGuard() if guard is _DEFAULT else guard
+        self.guard: ShadowGuard | PerformanceGuard | None = (
+            ShadowGuard() if guard is _DEFAULT else guard)
         self.fallback = fallback if fallback is not None else RTLMHeuristic()
         self._fresh_fallback = copy.deepcopy(self.fallback)  # as it was before deciding anything
         self.online = online

@@ -33,16 +33,22 @@ POLICIES: dict[str, Callable[[], Policy]] = {
 }
 
 
+#: The learned policy's names, before an optional ``:PATH``.
+PPO_NAMES = ("ppo", "ppo-unguarded", "ppo-interleaved")
+
+
 def _ppo(name: str, base: str, path: str | None) -> Policy:
-    """``ppo``: the packaged model; ``ppo:PATH``: a trained one; both guarded (the guard hands
-    the knobs back to the heuristic when the learned policy does worse) unless
-    ``ppo-unguarded``."""
+    """``ppo``: the packaged model; ``ppo:PATH``: a trained one; both guarded by shadow
+    replays (the guard hands the knobs back to the heuristic when the learned policy does
+    worse on the same requests). ``ppo-unguarded``: without a guard; ``ppo-interleaved``: with
+    the guard that lets the heuristic serve trials instead (it needs no controller)."""
     from .ppo import PACKAGED_MODEL, PPOPolicy
+    from .ppo_guard import PerformanceGuard
 
     if path == "":
         raise ValueError(f"policy {name!r}: give a model path after the colon, or drop it")
-    kwargs = {"guard": None} if base == "ppo-unguarded" else {}
-    return PPOPolicy.load(path or PACKAGED_MODEL, name=name, **kwargs)
+    guards = {"ppo-unguarded": {"guard": None}, "ppo-interleaved": {"guard": PerformanceGuard()}}
+    return PPOPolicy.load(path or PACKAGED_MODEL, name=name, **guards.get(base, {}))
 
 
 def make_policy(name: str) -> Policy:
@@ -50,14 +56,15 @@ def make_policy(name: str) -> Policy:
     if not isinstance(name, str):
         raise TypeError(f"policy name must be a string, got {type(name).__name__}")
     base, colon, path = name.partition(":")
-    if base in ("ppo", "ppo-unguarded"):
+    if base in PPO_NAMES:
         return _ppo(name, base, path if colon else None)
     base, _, suffix = name.partition("+")
     if base not in POLICIES or suffix not in ("", "oracle"):
         known = ", ".join(sorted(POLICIES))
         raise ValueError(
             f"unknown policy {name!r}; known: {known} (append +oracle to rank by true lengths, "
-            "ppo (the packaged model), ppo:PATH, or ppo-unguarded[:PATH] without the guard)"
+            "ppo (the packaged model), ppo:PATH, ppo-unguarded[:PATH] without the guard, or "
+            "ppo-interleaved[:PATH] with the interleaved-trials guard)"
         )
     policy = POLICIES[base]()
     if suffix == "oracle":

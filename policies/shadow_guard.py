@@ -119,6 +119,10 @@ class ShadowGuard:
 
     def choose(self, obs: Observation) -> str:
         """Who decides the epoch starting at ``obs``: ``"learned"`` or ``"heuristic"``."""
+        if self._controller is None and not self._warned_unattached:
+            self._warned_unattached = True
+            logger.warning("PPO shadow guard: not attached to a controller, so it sees no "
+                           "traffic and cannot judge; the learned policy keeps the knobs")
         if self.traffic.accepted >= self._next_judgement:
             self._next_judgement = self.traffic.accepted + self.judge_every
             self._judge()
@@ -136,13 +140,7 @@ class ShadowGuard:
         from rtlm_adapt.shadow import ShadowSetup, replay  # the simulator: only when judging
 
         controller = self._controller() if self._controller is not None else None
-        if controller is None:
-            if not self._warned_unattached:
-                self._warned_unattached = True
-                logger.warning("PPO shadow guard: no controller attached, so it cannot judge; "
-                               "the learned policy keeps the knobs")
-            return
-        setup = ShadowSetup.of(controller)
+        setup = ShadowSetup.of(controller) if controller is not None else None
         records = self.traffic.records()
         if setup is None or not records:
             return
