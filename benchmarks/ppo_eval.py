@@ -59,13 +59,23 @@ def policy_factories(model: str) -> dict[str, Any]:
 
 def evaluate_cell(cases: list[Any], factories: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per policy, the mean over the cell's windows of each window's mean response time,
-    deadline-miss rate and p99 response time."""
+    deadline-miss rate and p99 response time; for a guarded policy, the hand-backs and the
+    windows with at least one."""
     rows = {}
     for name, factory in factories.items():
-        runs = [run_summary(factory, case, {}) for case in cases]
+        runs, handbacks = [], []
+        for case in cases:
+            policy = factory() if callable(factory) else factory
+            runs.append(run_summary(policy, case, {}))
+            guard = getattr(policy, "guard", None)
+            if guard is not None:
+                handbacks.append(guard.handbacks)
         rows[name] = {"mean_rt_s": float(np.mean([r.mean_rt_s for r in runs])),
                       "miss_rate": float(np.mean([r.deadline_miss_rate for r in runs])),
                       "p99_rt_s": float(np.mean([r.p99_rt_s for r in runs]))}
+        if handbacks:
+            rows[name].update(handbacks=sum(handbacks),
+                              windows_handed_back=sum(h > 0 for h in handbacks))
     return rows
 
 
@@ -81,7 +91,10 @@ def summarize_grid(cells: list[dict[str, Any]], policy: str) -> dict[str, Any]:
     # files written before the p99 was recorded have none
     p99 = [c["policies"][policy]["p99_rt_s"] / c["policies"]["heuristic"]["p99_rt_s"]
            for c in cells if "p99_rt_s" in c["policies"][policy]]
+    guarded = [c["policies"][policy] for c in cells if "handbacks" in c["policies"][policy]]
     return {
+        "windows_handed_back": (sum(r["windows_handed_back"] for r in guarded)
+                                if guarded else None),
         "mean_rt_ratio": float(np.mean(ratios)),
         "worst_rt_ratio": float(np.max(ratios)),
         "best_rt_ratio": float(np.min(ratios)),
@@ -192,14 +205,18 @@ def main() -> None:
     }
     (out / "ppo_eval.json").write_text(json.dumps(payload, indent=1) + "\n")
     names = list(factories)
+    n_windows = len(cells) * args.windows
     lines = ["| policy | mean RT / heuristic over cells | worst cell | p99 / heuristic's, mean "
-             "(worst) | mean miss diff | worst miss diff | cells past the bar (2%, 1 pt) |",
-             "|---|---|---|---|---|---|---|"]
+             "(worst) | mean miss diff | worst miss diff | cells past the bar (2%, 1 pt) | "
+             "windows the guard handed back |",
+             "|---|---|---|---|---|---|---|---|"]
     for n, s in summary.items():
         lines.append(f"| {n} | {s['mean_rt_ratio']:.3f} | {s['worst_rt_ratio']:.3f} | "
                      f"{s['mean_p99_ratio']:.3f} ({s['worst_p99_ratio']:.3f}) | "
                      f"{s['mean_miss_diff_pt']:+.1f} pt | {s['worst_miss_diff_pt']:+.1f} pt | "
-                     f"{len(s['cells_worse_than_bar'])} of {len(cells)} |")
+                     f"{len(s['cells_worse_than_bar'])} of {len(cells)} | "
+                     f"{'' if s['windows_handed_back'] is None else s['windows_handed_back']} "
+                     f"{'' if s['windows_handed_back'] is None else f'of {n_windows}'} |")
     text = "\n".join([
         "# PPO vs baselines on deployments held out from training", "",
         f"- command: `{command}`", f"- date: {when}; machine: {machine}",

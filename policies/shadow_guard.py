@@ -14,9 +14,12 @@ figure recent is a stretch the better policy does not. This guard compares the t
    (:func:`rtlm_adapt.shadow.replay`), once under the learned policy and once under the
    heuristic, on simulated executors that cost what the controller's latency models learned.
 3. The learned policy is judged worse when its replay's mean response time exceeds the
-   heuristic's by more than ``margin`` (a fraction), or its deadline-miss rate by more than
-   ``miss_margin``. It gets the knobs back after ``resume_after`` judgements in a row where
-   it is no worse on both.
+   heuristic's by more than ``margin`` (a fraction), or when it misses more deadlines than
+   the heuristic by more than ``miss_margin`` of the requests plus what chance explains
+   (:func:`extra_misses`: a window of 50 requests differs by a miss or two between two
+   policies that are equally good). It gets the knobs back after ``resume_after`` judgements
+   in a row where its mean response time is no longer than the heuristic's and its misses
+   are not worse.
 
 Both replays share the arrivals, the lengths and the simulator's errors, so what differs is
 the policy. A replay of 200 requests costs about 0.1 s of CPU; with the defaults the guard
@@ -49,10 +52,31 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+#: Standard deviations of chance a difference in deadline misses must exceed (see
+#: :func:`extra_misses`).
+MISS_Z = 2.0
+
+
 def miss_rate(run: ShadowRun) -> float:
     """The share of a replay's requests that missed their deadline."""
     done = run.completions
     return sum(c.missed_deadline for c in done) / len(done) if done else 0.0
+
+
+def extra_misses(learned: ShadowRun, heuristic: ShadowRun) -> tuple[int, float]:
+    """Deadline misses the learned policy adds over the heuristic on the same requests, and
+    the spread that chance alone gives that figure.
+
+    A paired comparison (McNemar's): only the requests that one replay misses and the other
+    does not tell the policies apart. If neither policy were worse, each such request would
+    fall on either side like a coin, so their difference has a standard deviation of the
+    square root of their number.
+    """
+    missed_by_heuristic = {c.request_id for c in heuristic.completions if c.missed_deadline}
+    missed_by_learned = {c.request_id for c in learned.completions if c.missed_deadline}
+    only_learned = len(missed_by_learned - missed_by_heuristic)
+    only_heuristic = len(missed_by_heuristic - missed_by_learned)
+    return only_learned - only_heuristic, math.sqrt(only_learned + only_heuristic)
 
 
 class ShadowGuard:
@@ -150,15 +174,17 @@ class ShadowGuard:
         self.judgements += 1
         self.last_means = (learned.mean_response_s, heuristic.mean_response_s)
         extra_time = learned.mean_response_s / heuristic.mean_response_s - 1.0
-        extra_misses = miss_rate(learned) - miss_rate(heuristic)
-        worse = extra_time > self.margin or extra_misses > self.miss_margin
-        self._no_worse_in_a_row = 0 if (extra_time > 0 or extra_misses > 0) else (
-            self._no_worse_in_a_row + 1)
+        misses, chance = extra_misses(learned, heuristic)
+        worse_misses = misses > self.miss_margin * len(records) + MISS_Z * chance
+        worse = extra_time > self.margin or worse_misses
+        no_worse = extra_time <= 0.0 and not worse_misses
+        self._no_worse_in_a_row = self._no_worse_in_a_row + 1 if no_worse else 0
         detail = (f"shadow replays of the last {len(records)} requests: mean response time "
                   f"{learned.mean_response_s:.2f} s under the learned policy, "
                   f"{heuristic.mean_response_s:.2f} s under the heuristic ({extra_time:+.1%}, "
                   f"margin {self.margin:.0%}); deadline misses {miss_rate(learned):.1%} and "
-                  f"{miss_rate(heuristic):.1%} (margin {self.miss_margin:.0%})")
+                  f"{miss_rate(heuristic):.1%}: {misses:+d} requests (margin "
+                  f"{self.miss_margin:.0%} + {MISS_Z:g} x {chance:.1f} of chance)")
         if self.active == "learned" and worse:
             self.active = "heuristic"
             self.handbacks += 1

@@ -93,6 +93,10 @@ class AdaptiveController(Checkpointed):
     :class:`~rtlm_adapt.request.FailureReason`, and :meth:`stats` always balances.
     """
 
+    #: Whether ``on_step`` teaches the latency models (a replay, whose simulated executors
+    #: charge what the models already believe, has nothing to teach them).
+    learns_latency = True
+
     def __init__(
         self,
         policy: Policy | str = "heuristic",
@@ -258,13 +262,14 @@ class AdaptiveController(Checkpointed):
                 raise TypeError(f"on_step() takes a StepResult, got {type(result).__name__}")
             if result.iterations <= 0:  # the executor computed nothing (it waited): no timing
                 return
-            self._executors.latency_for(executor).learn_step(
-                result.batch_size,
-                result.context_tokens,
-                result.prefill_tokens,
-                result.duration_s,
-                iterations=result.iterations,
-            )
+            if self.learns_latency:
+                self._executors.latency_for(executor).learn_step(
+                    result.batch_size,
+                    result.context_tokens,
+                    result.prefill_tokens,
+                    result.duration_s,
+                    iterations=result.iterations,
+                )
             if executor == self._executors.primary:
                 self._signals.record_step(result.duration_s / result.iterations)
 

@@ -121,7 +121,10 @@ class _RecordedLengths:
 
 class ReplayController(AdaptiveController):
     """A controller that takes each request's uncertainty and predicted length from its
-    record instead of scoring and predicting again."""
+    record instead of scoring and predicting again, and learns no timings (its simulated
+    executors charge what its latency models start from)."""
+
+    learns_latency = False
 
     def __init__(
         self, policy: Policy | str, records: Mapping[str, TrafficRecord], **kwargs: Any

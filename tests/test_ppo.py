@@ -21,6 +21,7 @@ from rtlm_adapt.policies.heuristic import RTLMHeuristic  # noqa: E402
 from rtlm_adapt.policies.mlp_actor import MLPActor  # noqa: E402
 from rtlm_adapt.policies.ppo import PPOPolicy  # noqa: E402
 from rtlm_adapt.policies.ppo_online import PerformanceGuard  # noqa: E402
+from rtlm_adapt.policies.shadow_guard import ShadowGuard  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +86,14 @@ def _bad_policy(**kwargs) -> PPOPolicy:
 
 
 @pytest.mark.parametrize("arrivals,load", [("poisson", 0.9), ("azure-conv", 0.7)])
-def test_guard_hands_a_bad_policy_back_within_two_trials(arrivals, load, caplog):
+def test_interleaved_guard_hands_a_bad_policy_back_within_two_trials(arrivals, load, caplog):
     from rtlm_adapt.calibration.step_cost import StepCost
     from rtlm_adapt.envs.episodes import cached_prompts
     from rtlm_adapt.experiment import build_workload, run_policy
 
     samples = cached_prompts("alpaca:gpt4_1106_preview")
     workload = build_workload(samples, arrivals=arrivals, load=load, n=200, seed=1)
-    policy = _bad_policy()  # the guard is on by default
-    assert isinstance(policy.guard, PerformanceGuard)
+    policy = _bad_policy(guard=PerformanceGuard())
     judged_at = []
     decide = policy.decide
 
@@ -149,7 +149,8 @@ def test_guard_gives_the_knobs_back_once_the_learned_policy_recovers():
 
 def test_guard_can_be_switched_off(tiny_model):
     path, _ = tiny_model
-    assert make_policy(f"ppo:{path}").guard is not None
+    assert isinstance(make_policy(f"ppo:{path}").guard, ShadowGuard)  # on by default
+    assert isinstance(make_policy(f"ppo-interleaved:{path}").guard, PerformanceGuard)
     assert make_policy(f"ppo-unguarded:{path}").guard is None
     assert PPOPolicy.load(path, guard=None).guard is None
     with pytest.raises(ValueError, match="model path"):

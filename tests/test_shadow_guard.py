@@ -1,0 +1,250 @@
+"""Shadow replays and the shadow guard: the controller's traffic log, a replay that reproduces
+the run it recorded, and a guard that hands a bad policy back on the same requests."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+import numpy as np
+import pytest
+
+from rtlm_adapt.calibration.step_cost import StepCost
+from rtlm_adapt.controller import AdaptiveController
+from rtlm_adapt.experiment import build_workload, run_policy
+from rtlm_adapt.knobs import Knobs
+from rtlm_adapt.observation import Observation
+from rtlm_adapt.policies import make_policy
+from rtlm_adapt.policies.action_space import KnobsActionMap
+from rtlm_adapt.policies.mlp_actor import MLPActor
+from rtlm_adapt.policies.ppo import PPOPolicy
+from rtlm_adapt.policies.shadow_guard import ShadowGuard
+from rtlm_adapt.predictor import LengthPrediction
+from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
+from rtlm_adapt.serving.base import ExecutorState
+from rtlm_adapt.shadow import ShadowExecutor, ShadowSetup, replay, replay_requests
+from rtlm_adapt.traffic import TrafficLog
+
+SECONDARY = StepCost.default_secondary()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    from rtlm_adapt.data.datasets import load_prompts
+
+    return load_prompts("alpaca:gpt4_1106_preview")
+
+
+def _bad_policy(**kwargs) -> PPOPolicy:
+    """A deliberately bad learned policy: a batch cap of 1/16 of the primary's, arrival order,
+    no offloading (format 1's action map)."""
+    actor = MLPActor([(np.zeros((6, 14)), np.array([-1.0, -1.0, -1.0, -1.0, -1.0, 1.0]))])
+    return PPOPolicy(actor, action_map=KnobsActionMap(), **kwargs)
+
+
+def _request(i: int, arrival: float = 0.0) -> Request:
+    return Request(f"r{i}", "Write a short poem about the sea.", arrival)
+
+
+# -- the traffic log -----------------------------------------------------------------------------
+def test_traffic_log_keeps_the_last_requests_and_refuses_a_bad_capacity():
+    log = TrafficLog(capacity=3)
+    for i in range(5):
+        log.record_submit(_request(i, i), LengthPrediction(10.0, 5.0, 20.0), uncertainty=0.5,
+                          prompt_tokens=7)
+    assert [r.request.id for r in log.records()] == ["r2", "r3", "r4"]
+    assert log.accepted == 5 and len(log) == 3
+    log.record_end("r0", output_tokens=9)  # long gone from the log: nothing to update
+    log.record_withdrawn("r3")
+    assert [r.request.id for r in log.records()] == ["r2", "r4"]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="capacity"):
+            TrafficLog(capacity=bad)
+
+
+def test_controller_records_what_it_accepts_and_how_it_ended():
+    ctl = AdaptiveController("fcfs")
+    log = TrafficLog()
+    ctl.watch_traffic(log)
+    for i in range(4):
+        ctl.submit(_request(i, 0.1 * i))
+    primary = ExecutorState("gpu", "primary", running=0, max_batch_size=2, now=1.0)
+    first, second = ctl.next_batch(primary)
+    ctl.on_finish(Completion(first.id, 42, arrival_time=first.arrival_time, start_time=1.0,
+                             finish_time=2.0, executor="gpu"))
+    ctl.cancel("r3")  # withdrawn while it waited: it never ran, so a replay skips it
+    ctl.fail_queued()  # r2
+    records = {r.request.id: r for r in log.records()}
+    assert sorted(records) == ["r0", "r1"]
+    assert records["r0"].output_tokens == 42 and records["r1"].output_tokens is None
+    assert records["r1"].prediction == ctl.entry("r1").prediction
+    assert log.accepted == 4
+    with pytest.raises(TypeError, match="TrafficLog"):
+        ctl.watch_traffic([])
+
+
+def test_a_policy_with_attach_is_attached_to_each_controller_that_takes_it():
+    class Watching:
+        name, length_source, consolidate = "watching", "predicted", True
+
+        def __init__(self):
+            self.controllers = []
+
+        def decide(self, observation: Observation) -> Knobs:
+            return Knobs()
+
+        def attach(self, controller):
+            self.controllers.append(controller)
+
+    policy = Watching()
+    ctl = AdaptiveController(policy)
+    other = AdaptiveController("fcfs")
+    other.policy = policy  # as a gateway swapping the policy of a resumed state does
+    assert policy.controllers == [ctl, other]
+    with pytest.raises(TypeError, match="not a Policy"):
+        other.policy = object()
+
+
+# -- replays -------------------------------------------------------------------------------------
+def _recorded_run(policy, workload, secondary=SECONDARY):
+    """Serve ``workload`` under ``policy`` with a traffic log as long as the workload."""
+    log = TrafficLog(capacity=len(workload.requests))
+
+    def factory(p, **kwargs):
+        ctl = AdaptiveController(p, **kwargs)
+        ctl.watch_traffic(log)
+        return ctl
+
+    return run_policy(policy, workload, secondary_cost=secondary, controller_factory=factory), log
+
+
+@pytest.mark.parametrize("policy", ["heuristic", "fcfs"])
+def test_a_replay_of_a_finished_run_reproduces_it(samples, policy):
+    workload = build_workload(samples, arrivals="azure-conv", load=0.9, n=120, seed=3)
+    run, log = _recorded_run(policy, workload)
+    primary = StepCost.default()
+    setup = ShadowSetup(ShadowExecutor("primary", primary, primary.max_batch_size),
+                        ShadowExecutor("secondary", SECONDARY, SECONDARY.max_batch_size))
+    again = replay(log.records(), make_policy(policy), setup)
+    assert len(again.completions) == len(workload.requests)
+    assert again.mean_response_s == pytest.approx(run.summary.mean_rt_s, rel=0.01)
+    # the controller's own view (executors as reported, costs as learned) comes close too
+    learned = replay(log.records(), make_policy(policy), ShadowSetup.of(run.controller))
+    assert learned.mean_response_s == pytest.approx(run.summary.mean_rt_s, rel=0.05)
+    # and a replay tells the policies apart as the runs do
+    other = "fcfs" if policy == "heuristic" else "heuristic"
+    assert replay(log.records(), make_policy(other), setup).mean_response_s != pytest.approx(
+        again.mean_response_s, rel=0.01)
+
+
+def test_a_replay_serves_live_requests_for_their_prediction_and_starts_its_clock_at_zero():
+    log = TrafficLog()
+    log.record_submit(Request("a", "Hi there.", 100.0, deadline=130.0, max_tokens=64),
+                      LengthPrediction(80.4, 20.0, 200.0), uncertainty=0.2, prompt_tokens=3)
+    log.record_submit(_request(1, 104.0), LengthPrediction(30.0, 10.0, 60.0), uncertainty=0.4,
+                      prompt_tokens=9)
+    log.record_end("r1", output_tokens=55)
+    a, b = replay_requests(log.records())
+    assert (a.arrival_time, a.deadline, b.arrival_time) == (0.0, 30.0, 4.0)
+    # still live: its prediction (80), capped at its max_tokens; ended: what it generated
+    assert a.metadata[TRUE_LENGTH_KEY] == 64 and b.metadata[TRUE_LENGTH_KEY] == 55
+    assert b.prompt_tokens == 9
+    assert ShadowSetup.of(AdaptiveController("fcfs")) is None  # no executor reported yet
+
+
+# -- the shadow guard ----------------------------------------------------------------------------
+@pytest.mark.parametrize("arrivals,load", [("poisson", 0.9), ("azure-conv", 0.7)])
+def test_shadow_guard_hands_a_bad_policy_back_at_its_first_judgement(samples, arrivals, load,
+                                                                     caplog):
+    workload = build_workload(samples, arrivals=arrivals, load=load, n=200, seed=1)
+    policy = _bad_policy()  # the shadow guard is the default
+    assert isinstance(policy.guard, ShadowGuard)
+    handed_back_at = []
+    decide = policy.decide
+
+    def watch(obs):
+        knobs = decide(obs)
+        if policy.guard.handbacks and not handed_back_at:
+            handed_back_at.append(policy.guard.judgements)
+        return knobs
+
+    policy.decide = watch
+    with caplog.at_level("WARNING", logger="rtlm_adapt.policies.shadow_guard"):
+        guarded = run_policy(policy, workload, secondary_cost=SECONDARY)
+    assert handed_back_at == [1]  # the first judgement: after judge_every (50) arrivals
+    assert policy.guard.active == "heuristic" and policy.guard.metrics()["shadow_ratio"] > 2
+    assert any("handing the knobs back to the heuristic" in r.message for r in caplog.records)
+    unguarded = run_policy(_bad_policy(guard=None), workload, secondary_cost=SECONDARY)
+    assert guarded.summary.mean_rt_s < 0.2 * unguarded.summary.mean_rt_s
+
+
+class _Guarded:
+    """A policy that the guard switches between ``learned`` (built by ``make_learned``) and
+    the heuristic, as PPOPolicy does."""
+
+    name, length_source, consolidate = "guarded", "predicted", True
+
+    def __init__(self, guard: ShadowGuard, make_learned) -> None:
+        self.guard, self.make_learned = guard, make_learned
+        self.heuristic = make_policy("heuristic")
+
+    def attach(self, controller):
+        self.guard.attach(controller, learned=lambda: self.make_learned(),
+                          heuristic=lambda: make_policy("heuristic"))
+
+    def decide(self, observation):
+        learned = self.guard.choose(observation) == "learned"
+        return (self.make_learned() if learned else self.heuristic).decide(observation)
+
+
+def test_shadow_guard_keeps_a_policy_as_good_and_gives_back_the_knobs_when_it_recovers(samples):
+    workload = build_workload(samples, arrivals="poisson", load=0.9, n=300, seed=2)
+    # the heuristic as the learned policy: no worse, so never handed back
+    same = _Guarded(ShadowGuard(), lambda: make_policy("heuristic"))
+    run_policy(same, workload, secondary_cost=SECONDARY)
+    assert same.guard.judgements == 6 and same.guard.handbacks == 0
+    assert same.guard.last_means[0] == pytest.approx(same.guard.last_means[1])
+    # bad for the first 100 arrivals, then the heuristic again: handed back, then resumed
+    guard = ShadowGuard(judge_every=50, window=50, resume_after=2)
+
+    def learned():
+        return _bad_policy(guard=None) if guard.traffic.accepted <= 100 else make_policy(
+            "heuristic")
+
+    recovering = _Guarded(guard, learned)
+    run_policy(recovering, workload, secondary_cost=SECONDARY)
+    assert guard.handbacks == 1 and guard.resumes == 1 and guard.active == "learned"
+
+
+def test_shadow_guard_options_and_an_unattached_guard(caplog):
+    for bad in ({"window": 0}, {"judge_every": 1.5}, {"margin": -0.1}, {"miss_margin": "x"},
+                {"resume_after": 0}):
+        with pytest.raises(ValueError, match="ShadowGuard"):
+            ShadowGuard(**bad)
+    policy = _bad_policy()  # never given to a controller: the guard cannot see any traffic
+    obs = Observation(now=0.0, queue_length=3, primary_running=1, primary_max_batch=16,
+                      secondary_running=0, secondary_max_batch=4, pred_len_mean=100.0,
+                      pred_len_p90=200.0, uncertainty_mean=0.3, oldest_wait_s=1.0,
+                      min_slack_s=5.0, arrival_rate=0.1, service_time_s=10.0, load=0.9,
+                      recent_response_s=20.0, recent_miss_rate=0.0, step_time_s=0.1)
+    with caplog.at_level(logging.WARNING, logger="rtlm_adapt.policies.shadow_guard"):
+        policy.decide(obs)
+        policy.decide(obs)
+    warnings = [r for r in caplog.records if "not attached" in r.message]
+    assert len(warnings) == 1 and policy.guard.active == "learned"
+
+
+def test_a_saved_controller_with_a_shadow_guarded_policy_loads_and_guards_again(samples,
+                                                                                 tmp_path):
+    workload = build_workload(samples, arrivals="poisson", load=0.9, n=60, seed=4)
+    run = run_policy(_bad_policy(), workload, secondary_cost=SECONDARY)
+    assert len(run.controller.policy.guard.traffic) == 60
+    path = tmp_path / "state.bin"
+    run.controller.save(path)
+    restored = AdaptiveController.load(path)
+    guard = restored.policy.guard
+    assert isinstance(guard, ShadowGuard) and guard.handbacks == 1
+    assert restored.traffic is guard.traffic and len(guard.traffic) == 0  # watching anew
+    restored.submit(_request(0))
+    assert len(guard.traffic) == 1
+    assert pickle.loads(pickle.dumps(restored.policy)).guard.handbacks == 1
