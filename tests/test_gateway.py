@@ -446,6 +446,32 @@ def test_a_guarded_learned_policy_shows_its_guard_in_metrics() -> None:
         assert gw.metric("rtlm_policy_guard", figure="handbacks") == 1.0
 
 
+def test_the_shadow_guard_hands_a_bad_policy_back_inside_the_gateway(tmp_path, pool) -> None:
+    """The guard sees the gateway's own traffic (the controller's log) and replays it on the
+    gateway's backends as their latency models learned them."""
+    import numpy as np
+
+    from rtlm_adapt.policies.action_space import KnobsActionMap
+    from rtlm_adapt.policies.mlp_actor import MLPActor
+    from rtlm_adapt.policies.ppo import PPOPolicy
+
+    # one request at a time in arrival order: format 1's action map at its lowest batch cap
+    actor = MLPActor([(np.zeros((6, 14)), np.array([-1.0, -1.0, -1.0, -1.0, -1.0, 1.0]))])
+    bad = PPOPolicy(actor, action_map=KnobsActionMap()).save(tmp_path / "bad.npz")
+    with paced() as be, gateway(be, policy=f"ppo:{bad}") as gw:
+        guard = gw.controller.policy.guard
+        assert gw.controller.traffic is guard.traffic  # attached when the gateway took it
+        answers = list(pool.map(lambda i: chat(gw.oai, f"Write {i} words", max_tokens=20),
+                                range(guard.judge_every)))
+        assert all(r.status_code == 200 for r in answers)
+        time.sleep(1.1)  # the next scheduling epoch: the guard judges when the policy decides
+        assert chat(gw.oai).status_code == 200
+        wait_for(lambda: gw.metric("rtlm_policy_guard", figure="handbacks") == 1.0,
+                 what="a hand-back")
+        assert gw.metric("rtlm_policy_guard", figure="learned_active") == 0.0
+        assert gw.metric("rtlm_policy_guard", figure="shadow_ratio") > 1.5
+
+
 def test_oracle_policy_ranks_by_the_oracle_header() -> None:
     with paced() as be, gateway(be, policy="oracle-sjf") as gw:
         raw = chat(gw.oai, extra_headers={"x-rtlm-oracle-tokens": "5"})
