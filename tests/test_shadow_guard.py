@@ -205,7 +205,7 @@ def test_shadow_guard_keeps_a_policy_as_good_and_gives_back_the_knobs_when_it_re
     assert same.guard.judgements == 6 and same.guard.handbacks == 0
     assert same.guard.last_means[0] == pytest.approx(same.guard.last_means[1])
     # bad for the first 100 arrivals, then the heuristic again: handed back, then resumed
-    guard = ShadowGuard(judge_every=50, window=50, resume_after=2)
+    guard = ShadowGuard(judge_every=50, window=50, resume_after=2, recent=1)
 
     def learned():
         return _bad_policy(guard=None) if guard.traffic.accepted <= 100 else make_policy(
@@ -218,7 +218,7 @@ def test_shadow_guard_keeps_a_policy_as_good_and_gives_back_the_knobs_when_it_re
 
 def test_shadow_guard_options_and_an_unattached_guard(caplog):
     for bad in ({"window": 0}, {"judge_every": 1.5}, {"margin": -0.1}, {"miss_margin": "x"},
-                {"resume_after": 0}):
+                {"resume_after": 0}, {"recent": 0}):
         with pytest.raises(ValueError, match="ShadowGuard"):
             ShadowGuard(**bad)
     policy = _bad_policy()  # never given to a controller: the guard cannot see any traffic
