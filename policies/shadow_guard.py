@@ -36,11 +36,14 @@ it when a controller takes the policy.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import weakref
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from rtlm_adapt.knobs import Policy
@@ -105,11 +108,17 @@ class ShadowGuard:
     resume_after
         Judgements in a row, no worse on both figures, before a policy that was handed back
         takes the knobs again.
+    background
+        Replay on a worker thread instead of inside ``choose``, and act on the verdict at the
+        first ``choose`` after it is in. A serving loop on the wall clock (the gateway turns it
+        on) then never pauses for a judgement; in virtual time keep it off, so that runs repeat
+        exactly.
     """
 
     def __init__(
         self, *, window: int = 200, judge_every: int = 50, margin: float = 0.05,
         miss_margin: float = 0.01, resume_after: int = 2, recent: int = 4,
+        background: bool = False,
     ) -> None:
         counts = {"window": window, "judge_every": judge_every, "resume_after": resume_after,
                   "recent": recent}
@@ -123,6 +132,7 @@ class ShadowGuard:
         self.margin = float(margin)
         self.miss_margin = float(miss_margin)
         self.resume_after = resume_after
+        self.background = bool(background)
         self.traffic = TrafficLog(capacity=window)
         self.active = "learned"
         self.judgements = 0
@@ -136,6 +146,7 @@ class ShadowGuard:
         self._controller: Callable[[], AdaptiveController | None] | None = None
         self._policies: dict[str, Callable[[], Policy]] = {}
         self._warned_unattached = False
+        self._pending: Future[tuple[ShadowRun, ShadowRun]] | None = None  # a background verdict
 
     def attach(
         self, controller: AdaptiveController, *, learned: Callable[[], Policy],
@@ -155,10 +166,23 @@ class ShadowGuard:
             self._warned_unattached = True
             logger.warning("PPO shadow guard: not attached to a controller, so it sees no "
                            "traffic and cannot judge; the learned policy keeps the knobs")
-        if self.traffic.accepted >= self._next_judgement:
+        if self._pending is not None and self._pending.done():
+            self._conclude(*self._pending.result())
+            self._pending = None
+        if self.traffic.accepted >= self._next_judgement and self._pending is None:
             self._next_judgement = self.traffic.accepted + self.judge_every
-            self._judge()
+            job = self._replays()
+            if job is not None and self.background:
+                self._pending = _worker().submit(job)
+            elif job is not None:
+                self._conclude(*job())
         return self.active
+
+    def settle(self) -> None:
+        """Wait for a judgement running in the background and act on it (tests, shutdown)."""
+        if self._pending is not None:
+            self._conclude(*self._pending.result())
+            self._pending = None
 
     def metrics(self) -> dict[str, float]:
         """Figures for an exporter: hand-backs, resumes, judgements (``trials``), who is active
@@ -168,27 +192,38 @@ class ShadowGuard:
                 "trials": float(self.judgements), "learned_active": float(self.active == "learned"),
                 "shadow_ratio": ratio}
 
-    def _judge(self) -> None:
+    def _replays(self) -> Callable[[], tuple[ShadowRun, ShadowRun]] | None:
+        """The two replays of a judgement, ready to run anywhere: everything they read from the
+        controller and the log is copied now (None before there is anything to replay)."""
         from rtlm_adapt.shadow import ShadowSetup, replay  # the simulator: only when judging
 
         controller = self._controller() if self._controller is not None else None
         setup = ShadowSetup.of(controller) if controller is not None else None
-        records = self.traffic.records()
-        if setup is None or not records:
-            return
-        runs = {source: replay(records, make(), setup, scorer=controller.scorer)
-                for source, make in self._policies.items()}
-        learned, heuristic = runs["learned"], runs["heuristic"]
+        records = [dataclasses.replace(r) for r in self.traffic.records()]
+        if controller is None or setup is None or not records:
+            return None
+        learned, heuristic = self._policies["learned"](), self._policies["heuristic"]()
+        scorer = controller.scorer
+
+        def run() -> tuple[ShadowRun, ShadowRun]:
+            return (replay(records, learned, setup, scorer=scorer),
+                    replay(records, heuristic, setup, scorer=scorer))
+
+        return run
+
+    def _conclude(self, learned: ShadowRun, heuristic: ShadowRun) -> None:
+        """Judge from the two replays, and hand the knobs over if the verdict says so."""
+        n = len(learned.completions)
         self.judgements += 1
         self.last_means = (learned.mean_response_s, heuristic.mean_response_s)
         self._extra_times.append(learned.mean_response_s / heuristic.mean_response_s - 1.0)
         extra_time = sum(self._extra_times) / len(self._extra_times)
         misses, chance = extra_misses(learned, heuristic)
-        worse_misses = misses > self.miss_margin * len(records) + MISS_Z * chance
+        worse_misses = misses > self.miss_margin * n + MISS_Z * chance
         worse = extra_time > self.margin or worse_misses
         no_worse = extra_time <= 0.0 and not worse_misses
         self._no_worse_in_a_row = self._no_worse_in_a_row + 1 if no_worse else 0
-        detail = (f"shadow replays of the last {len(records)} requests: mean response time "
+        detail = (f"shadow replays of the last {n} requests: mean response time "
                   f"{learned.mean_response_s:.2f} s under the learned policy, "
                   f"{heuristic.mean_response_s:.2f} s under the heuristic ({extra_time:+.1%}, "
                   f"margin {self.margin:.0%}); deadline misses {miss_rate(learned):.1%} and "
@@ -209,5 +244,12 @@ class ShadowGuard:
         # A saved controller pickles its policy: the links to the controller are remade when a
         # restored controller attaches the policy again, and the log starts over there.
         state = dict(self.__dict__)
-        state.update(_controller=None, _policies={}, traffic=TrafficLog(self.traffic.capacity))
+        state.update(_controller=None, _policies={}, _pending=None,
+                     traffic=TrafficLog(self.traffic.capacity))
         return state
+
+
+@functools.cache
+def _worker() -> ThreadPoolExecutor:
+    """The one thread that runs background judgements (started on first use)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow-guard")

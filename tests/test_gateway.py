@@ -447,8 +447,9 @@ def test_a_guarded_learned_policy_shows_its_guard_in_metrics() -> None:
 
 
 def test_the_shadow_guard_hands_a_bad_policy_back_inside_the_gateway(tmp_path, pool) -> None:
-    """The guard sees the gateway's own traffic (the controller's log) and replays it on the
-    gateway's backends as their latency models learned them."""
+    """The guard sees the gateway's own traffic (the controller's log), replays it on the
+    gateway's backends as their latency models learned them, on a worker thread (the event
+    loop must not pause), and acts on the verdict at a later scheduling epoch."""
     import numpy as np
 
     from rtlm_adapt.policies.action_space import KnobsActionMap
@@ -461,13 +462,17 @@ def test_the_shadow_guard_hands_a_bad_policy_back_inside_the_gateway(tmp_path, p
     with paced() as be, gateway(be, policy=f"ppo:{bad}") as gw:
         guard = gw.controller.policy.guard
         assert gw.controller.traffic is guard.traffic  # attached when the gateway took it
+        assert guard.background
         answers = list(pool.map(lambda i: chat(gw.oai, f"Write {i} words", max_tokens=20),
                                 range(guard.judge_every)))
         assert all(r.status_code == 200 for r in answers)
-        time.sleep(1.1)  # the next scheduling epoch: the guard judges when the policy decides
-        assert chat(gw.oai).status_code == 200
-        wait_for(lambda: gw.metric("rtlm_policy_guard", figure="handbacks") == 1.0,
-                 what="a hand-back")
+
+        def handed_back() -> bool:  # the policy decides (and the guard looks) once an epoch
+            time.sleep(1.05)
+            assert chat(gw.oai).status_code == 200
+            return gw.metric("rtlm_policy_guard", figure="handbacks") == 1.0
+
+        wait_for(handed_back, timeout=15.0, what="a hand-back")
         assert gw.metric("rtlm_policy_guard", figure="learned_active") == 0.0
         assert gw.metric("rtlm_policy_guard", figure="shadow_ratio") > 1.5
 

@@ -178,6 +178,15 @@ def test_shadow_guard_hands_a_bad_policy_back_at_its_first_judgement(samples, ar
     assert guarded.summary.mean_rt_s < 0.2 * unguarded.summary.mean_rt_s
 
 
+def test_a_background_guard_judges_on_its_worker_and_acts_on_the_verdict(samples):
+    workload = build_workload(samples, arrivals="poisson", load=0.9, n=120, seed=1)
+    policy = _bad_policy(guard=ShadowGuard(background=True))
+    run_policy(policy, workload, secondary_cost=SECONDARY)
+    policy.guard.settle()  # the run may end before the worker does
+    assert policy.guard.judgements >= 1 and policy.guard.handbacks == 1
+    assert policy.guard.active == "heuristic"
+
+
 class _Guarded:
     """A policy that the guard switches between ``learned`` (built by ``make_learned``) and
     the heuristic, as PPOPolicy does."""

@@ -3,6 +3,10 @@
 A new controller gets the configured policy, predictor tier and cost profile. A restored one keeps
 what it learned; its policy can change at a restart, its predictor's tier cannot (the model's
 features differ), so a mismatch is an error that says what to pass.
+
+A learned policy's shadow guard judges on a worker thread here
+(:func:`judge_in_background`): the gateway's event loop drives the controller, and must not
+pause for the guard's replays.
 """
 
 from __future__ import annotations
@@ -31,8 +35,17 @@ def check_state_tier(predictor: LengthPredictor, tier: str, state: str) -> None:
         )
 
 
+def judge_in_background(controller: AdaptiveController) -> AdaptiveController:
+    """Have the policy's guard, if it replays traffic, judge off the event loop."""
+    guard = getattr(controller.policy, "guard", None)
+    if hasattr(guard, "background"):
+        guard.background = True
+    return controller
+
+
 def make_controller(config: GatewayConfig) -> AdaptiveController:
-    """The controller ``config`` asks for: resumed from ``config.state`` when that file exists."""
+    """The controller ``config`` asks for: resumed from ``config.state`` when that file exists,
+    its guard judging in the background (:func:`judge_in_background`)."""
     state = config.state
     if state is not None and Path(state).exists():
         controller = AdaptiveController.load(
@@ -48,15 +61,15 @@ def make_controller(config: GatewayConfig) -> AdaptiveController:
             controller.policy = make_policy(config.policy)
         controller.max_queue = config.max_queue
         logger.info("resumed the learned state from %s", state)
-        return controller
+        return judge_in_background(controller)
     # Each backend's latency model starts from the configured profile, not the library's
     # default (the transformers executor's, whose prefill cost the gateway never observes).
     prior = StepCost.load(config.profile)
-    return AdaptiveController(
+    return judge_in_background(AdaptiveController(
         config.policy,
         predictor=LengthPredictor.pretrained(config.tier),
         profiles={backend.name: prior for backend in config.backends},
         max_queue=config.max_queue,
         autosave_path=state,
         autosave_every=config.state_every,
-    )
+    ))
