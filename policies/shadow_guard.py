@@ -167,7 +167,7 @@ class ShadowGuard:
             logger.warning("PPO shadow guard: not attached to a controller, so it sees no "
                            "traffic and cannot judge; the learned policy keeps the knobs")
         if self._pending is not None and self._pending.done():
-            self._conclude(*self._pending.result())
+            self._conclude_from(self._pending.result)
             self._pending = None
         if self.traffic.accepted >= self._next_judgement and self._pending is None:
             self._next_judgement = self.traffic.accepted + self.judge_every
@@ -175,13 +175,13 @@ class ShadowGuard:
             if job is not None and self.background:
                 self._pending = _worker().submit(job)
             elif job is not None:
-                self._conclude(*job())
+                self._conclude_from(job)
         return self.active
 
     def settle(self) -> None:
         """Wait for a judgement running in the background and act on it (tests, shutdown)."""
         if self._pending is not None:
-            self._conclude(*self._pending.result())
+            self._conclude_from(self._pending.result)
             self._pending = None
 
     def metrics(self) -> dict[str, float]:
@@ -193,8 +193,9 @@ class ShadowGuard:
                 "shadow_ratio": ratio}
 
     def _replays(self) -> Callable[[], tuple[ShadowRun, ShadowRun]] | None:
-        """The two replays of a judgement, ready to run anywhere: everything they read from the
-        controller and the log is copied now (None before there is anything to replay)."""
+        """The two replays of a judgement, ready to run anywhere: what they read from the
+        controller and the log is copied now, the fresh policies are made when they run (None
+        before there is anything to replay)."""
         from rtlm_adapt.shadow import ShadowSetup, replay  # the simulator: only when judging
 
         controller = self._controller() if self._controller is not None else None
@@ -202,14 +203,24 @@ class ShadowGuard:
         records = [dataclasses.replace(r) for r in self.traffic.records()]
         if controller is None or setup is None or not records:
             return None
-        learned, heuristic = self._policies["learned"](), self._policies["heuristic"]()
-        scorer = controller.scorer
+        make, scorer = dict(self._policies), controller.scorer
 
         def run() -> tuple[ShadowRun, ShadowRun]:
-            return (replay(records, learned, setup, scorer=scorer),
-                    replay(records, heuristic, setup, scorer=scorer))
+            return (replay(records, make["learned"](), setup, scorer=scorer),
+                    replay(records, make["heuristic"](), setup, scorer=scorer))
 
         return run
+
+    def _conclude_from(self, replays: Callable[[], tuple[ShadowRun, ShadowRun]]) -> None:
+        """Judge from ``replays``' result; a judgement that fails is logged and skipped (the
+        guard must never stop the serving it watches) and the knobs stay where they are."""
+        try:
+            learned, heuristic = replays()
+        except Exception:
+            logger.exception("PPO shadow guard: a judgement failed; the %s policy keeps the "
+                             "knobs", self.active)
+            return
+        self._conclude(learned, heuristic)
 
     def _conclude(self, learned: ShadowRun, heuristic: ShadowRun) -> None:
         """Judge from the two replays, and hand the knobs over if the verdict says so."""

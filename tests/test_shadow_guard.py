@@ -225,6 +225,21 @@ def test_shadow_guard_keeps_a_policy_as_good_and_gives_back_the_knobs_when_it_re
     assert guard.handbacks == 1 and guard.resumes == 1 and guard.active == "learned"
 
 
+def test_a_judgement_that_fails_is_logged_and_serving_goes_on(samples, caplog):
+    def broken():
+        raise RuntimeError("no replay today")
+
+    workload = build_workload(samples, arrivals="poisson", load=0.9, n=120, seed=5)
+    policy = _Guarded(ShadowGuard(), broken)
+    policy.make_learned = lambda: make_policy("heuristic")  # the live side works
+    policy.attach = lambda controller: policy.guard.attach(
+        controller, learned=broken, heuristic=lambda: make_policy("heuristic"))
+    with caplog.at_level(logging.ERROR, logger="rtlm_adapt.policies.shadow_guard"):
+        run = run_policy(policy, workload, secondary_cost=SECONDARY)
+    assert len(run.completions) == 120 and policy.guard.judgements == 0
+    assert sum("a judgement failed" in r.message for r in caplog.records) == 2  # at 50 and 100
+
+
 def test_shadow_guard_options_and_an_unattached_guard(caplog):
     for bad in ({"window": 0}, {"judge_every": 1.5}, {"margin": -0.1}, {"miss_margin": "x"},
                 {"resume_after": 0}, {"recent": 0}):
