@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from rtlm_adapt.checkpoint import Checkpointed, ControllerCheckpoint, Controller
 from rtlm_adapt.executor_models import ExecutorModels
 from rtlm_adapt.knobs import Knobs, Policy
 from rtlm_adapt.latency import LatencyModel
-from rtlm_adapt.live_request import LiveRequest, rank_length
+from rtlm_adapt.live_request import LiveRequest
 from rtlm_adapt.observation import Observation
 from rtlm_adapt.predictor import LengthPrediction, LengthPredictor
 from rtlm_adapt.request import (
@@ -179,20 +180,11 @@ class AdaptiveController(Checkpointed):
             prompt_tokens = request.prompt_tokens or max(
                 1, int(features.get("prompt_tokens_est", 1))
             )
-            ranked_by = rank_length(self.policy, request, prediction, prompt_tokens)
             latency = self._executors.primary_latency()
-            live = LiveRequest(
-                rid,
-                request.arrival_time,
-                request=request,
-                features=features,
-                uncertainty=uncertainty,
-                prediction=prediction,
-                prompt_tokens=prompt_tokens,
-                rank_length=ranked_by,
-                service_s=latency.service_time(
-                    prompt_tokens, ranked_by, batch_size=self.reference_batch
-                ),
+            live = LiveRequest.scored(
+                request, features, uncertainty=uncertainty, prediction=prediction,
+                prompt_tokens=prompt_tokens, policy=self.policy, latency=latency,
+                reference_batch=self.reference_batch,
             )
             self._room.admit(live)
             self._counts.submitted += 1
@@ -407,16 +399,12 @@ class AdaptiveController(Checkpointed):
         autosave_every: int = 1000,
     ) -> AdaptiveController:
         """A controller that continues from ``checkpoint``."""
-        config = checkpoint.config
         ctl = cls(
             checkpoint.policy,
             predictor=checkpoint.predictor,
             scorer=checkpoint.scorer,
             profiles=checkpoint.profiles,
-            epoch_s=config.epoch_s,
-            batching=config.batching,
-            max_queue=config.max_queue,
-            reference_batch=config.reference_batch,
+            **asdict(checkpoint.config),  # epoch_s, batching, max_queue, reference_batch
             autosave_path=autosave_path,
             autosave_every=autosave_every,
         )
@@ -465,11 +453,6 @@ class AdaptiveController(Checkpointed):
         """The latest state each executor reported, by name."""
         with self._lock:
             return dict(self._executors.states)
-
-    @property
-    def primary_name(self) -> str | None:
-        """The primary executor's name (None until one reports)."""
-        return self._executors.primary
 
     def observe(self, now: float) -> Observation:
         """The current observation (see :func:`rtlm_adapt.observer.observe`)."""

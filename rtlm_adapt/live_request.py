@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rtlm_adapt.knobs import Policy, engine_priority
+from rtlm_adapt.latency import LatencyModel
 from rtlm_adapt.predictor import LengthPrediction
 from rtlm_adapt.queue import QueueEntry
 from rtlm_adapt.request import Request
@@ -35,6 +36,22 @@ class LiveRequest(QueueEntry):
     service_s: float
     #: The executor it runs on (None while it waits).
     executor: str | None = None
+
+    @classmethod
+    def scored(
+        cls, request: Request, features: Mapping[Any, float], *, uncertainty: float,
+        prediction: LengthPrediction, prompt_tokens: int, policy: Policy, latency: LatencyModel,
+        reference_batch: int,
+    ) -> LiveRequest:
+        """A submitted request as the controller scored it: ranked by the length the policy's
+        ``length_source`` names, its service time from the primary's ``latency`` model."""
+        ranked_by = rank_length(policy, request, prediction, prompt_tokens)
+        return cls(
+            request.id, request.arrival_time, request=request, features=features,
+            uncertainty=uncertainty, prediction=prediction, prompt_tokens=prompt_tokens,
+            rank_length=ranked_by,
+            service_s=latency.service_time(prompt_tokens, ranked_by, batch_size=reference_batch),
+        )
 
     @property
     def engine_priority(self) -> int:

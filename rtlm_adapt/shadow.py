@@ -80,11 +80,11 @@ class ShadowSetup:
     def of(cls, controller: AdaptiveController) -> ShadowSetup | None:
         """What ``controller`` serves with now: its executors at their reported batch sizes,
         costing what its latency models have learned; None before the primary has reported."""
-        states = controller.executor_states()
-        primary = states.get(controller.primary_name or "")
+        states = controller.executor_states().values()  # in the order they first reported
+        primary = next((s for s in states if s.role == "primary"), None)  # the controller's too
         if primary is None:
             return None
-        secondary = next((s for s in states.values() if s.role != "primary"), None)
+        secondary = next((s for s in states if s.role != "primary"), None)
 
         def shadow(state: ExecutorState) -> ShadowExecutor:
             return ShadowExecutor.of(state, controller.latency[state.name].coefficients())
