@@ -35,6 +35,7 @@ from typing import Any
 
 from rtlm_adapt import observer
 from rtlm_adapt.accounting import ControllerStats, RequestCounts
+from rtlm_adapt.arrival import ArrivalScore, prompt_features, score_arrival
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.checkpoint import Checkpointed, ControllerCheckpoint, ControllerConfig
 from rtlm_adapt.executor_models import ExecutorModels
@@ -42,7 +43,7 @@ from rtlm_adapt.knobs import Knobs, Policy
 from rtlm_adapt.latency import LatencyModel
 from rtlm_adapt.live_request import LiveRequest
 from rtlm_adapt.observation import Observation
-from rtlm_adapt.predictor import LengthPrediction, LengthPredictor
+from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.request import (
     FAILURE_REASONS,
     Completion,
@@ -171,49 +172,31 @@ class AdaptiveController(Checkpointed):
                 raise QueueFullError(
                     f"queue is full ({self.max_queue} waiting); request {rid!r} rejected"
                 )
-            if features is None:
-                features = self.prompt_features(request.prompt)
-            uncertainty = features.get("uncertainty")
-            if uncertainty is None:  # not precomputed upstream along with the features
-                uncertainty = features["uncertainty"] = self.scorer.score(features)
-            prediction = self.predict_length(request, features)
-            prompt_tokens = request.prompt_tokens or max(
-                1, int(features.get("prompt_tokens_est", 1))
-            )
+            score = self.score(request, features)
             latency = self._executors.primary_latency()
-            live = LiveRequest.scored(
-                request, features, uncertainty=uncertainty, prediction=prediction,
-                prompt_tokens=prompt_tokens, policy=self.policy, latency=latency,
-                reference_batch=self.reference_batch,
-            )
+            live = LiveRequest.scored(request, score, policy=self.policy, latency=latency,
+                                      reference_batch=self.reference_batch)
             self._room.admit(live)
             self._counts.submitted += 1
             if self.traffic is not None:
-                self.traffic.record_submit(
-                    request, prediction, uncertainty=uncertainty, prompt_tokens=prompt_tokens
-                )
+                self.traffic.record_submit(request, score)
             self._signals.arrivals_in_epoch += 1
             # smoothed isolated service time: the time scale of the observation and of aging
-            self._signals.record_submit(
-                latency.service_time(prompt_tokens, prediction.length),
-                prediction.length,
-                first=self._counts.submitted == 1,
-            )
+            length = score.prediction.length
+            self._signals.record_submit(latency.service_time(score.prompt_tokens, length), length,
+                                        first=self._counts.submitted == 1)
 
-    def predict_length(
-        self, request: Request, features: Mapping[Any, float]
-    ) -> LengthPrediction:
-        """The predicted output length of ``request`` at submit (the predictor's, from
-        ``features``); a replay of recorded traffic overrides it to reuse the recorded one."""
-        return self.predictor.predict_one(features)
+    def score(self, request: Request, features: Mapping[Any, float] | None = None) -> ArrivalScore:
+        """``request`` scored as :meth:`submit` does (:mod:`rtlm_adapt.arrival`); a replay of
+        recorded traffic overrides it to reuse the score each request got live."""
+        if features is None:
+            features = self.prompt_features(request.prompt)
+        return score_arrival(request, features, scorer=self.scorer, predictor=self.predictor)
 
     def prompt_features(self, prompt: str) -> Mapping[Any, float]:
         """The features :meth:`submit` computes when given none. It touches no queue state, so
         a front end may run it on another thread (the encoder tier's embedding takes ms)."""
-        features = self.scorer.features(prompt)
-        features["uncertainty"] = self.scorer.score(features)  # first: predictor reads it
-        extend = getattr(self.predictor, "features", None)  # hashed words, embedding
-        return extend(prompt, base=features) if callable(extend) else features
+        return prompt_features(prompt, self.scorer, self.predictor)
 
     def next_batch(self, state: ExecutorState, *, limit: int | None = None) -> list[Request]:
         """The requests that should join ``state``'s executor now (possibly none).

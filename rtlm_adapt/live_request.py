@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from rtlm_adapt.arrival import ArrivalScore
 from rtlm_adapt.knobs import Policy, engine_priority
 from rtlm_adapt.latency import LatencyModel
 from rtlm_adapt.predictor import LengthPrediction
@@ -39,18 +40,18 @@ class LiveRequest(QueueEntry):
 
     @classmethod
     def scored(
-        cls, request: Request, features: Mapping[Any, float], *, uncertainty: float,
-        prediction: LengthPrediction, prompt_tokens: int, policy: Policy, latency: LatencyModel,
+        cls, request: Request, score: ArrivalScore, *, policy: Policy, latency: LatencyModel,
         reference_batch: int,
     ) -> LiveRequest:
-        """A submitted request as the controller scored it: ranked by the length the policy's
+        """A submitted request with its ``score``: ranked by the length the policy's
         ``length_source`` names, its service time from the primary's ``latency`` model."""
-        ranked_by = rank_length(policy, request, prediction, prompt_tokens)
+        tokens = score.prompt_tokens
+        ranked_by = rank_length(policy, request, score.prediction, tokens)
         return cls(
-            request.id, request.arrival_time, request=request, features=features,
-            uncertainty=uncertainty, prediction=prediction, prompt_tokens=prompt_tokens,
+            request.id, request.arrival_time, request=request, features=score.features,
+            uncertainty=score.uncertainty, prediction=score.prediction, prompt_tokens=tokens,
             rank_length=ranked_by,
-            service_s=latency.service_time(prompt_tokens, ranked_by, batch_size=reference_batch),
+            service_s=latency.service_time(tokens, ranked_by, batch_size=reference_batch),
         )
 
     @property

@@ -17,13 +17,14 @@ What a replay takes as given:
 - The predictions are the recorded ones: the replayed controller does not predict or learn
   lengths again, so the policy under test sees what the live one saw.
 
+>>> from rtlm_adapt.arrival import ArrivalScore
 >>> from rtlm_adapt.predictor import LengthPrediction
 >>> from rtlm_adapt.request import Request
 >>> from rtlm_adapt.traffic import TrafficLog
 >>> log = TrafficLog()
+>>> score = ArrivalScore({}, 0.4, LengthPrediction(100.0, 50.0, 200.0), prompt_tokens=8)
 >>> for i in range(6):
-...     log.record_submit(Request(f"r{i}", "Tell me a story.", 2.0 * i), LengthPrediction(
-...         100.0, 50.0, 200.0), uncertainty=0.4, prompt_tokens=8)
+...     log.record_submit(Request(f"r{i}", "Tell me a story.", 2.0 * i), score)
 ...     log.record_end(f"r{i}", output_tokens=50 + 40 * i)
 >>> setup = ShadowSetup(primary=ShadowExecutor("gpu", StepCost.default(), 4))
 >>> run = replay(log.records(), "fcfs", setup)
@@ -38,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from rtlm_adapt.arrival import ArrivalScore
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.experiment import engine_priorities
@@ -120,7 +122,7 @@ class _RecordedLengths:
 
 
 class ReplayController(AdaptiveController):
-    """A controller that takes each request's uncertainty and predicted length from its
+    """A controller that takes each request's score (uncertainty, predicted length) from its
     record instead of scoring and predicting again, and learns no timings (its simulated
     executors charge what its latency models start from)."""
 
@@ -130,20 +132,13 @@ class ReplayController(AdaptiveController):
         self, policy: Policy | str, records: Mapping[str, TrafficRecord], **kwargs: Any
     ) -> None:
         self._records = records
-        lengths = sorted(r.prediction.length for r in records.values()) or [1.0]
+        lengths = sorted(r.score.prediction.length for r in records.values()) or [1.0]
         median = lengths[len(lengths) // 2]
         kwargs.setdefault("predictor", _RecordedLengths(LengthPrediction(median, median, median)))
         super().__init__(policy, **kwargs)
 
-    def submit(self, request: Request, features: Mapping[Any, float] | None = None) -> None:
-        if features is None:
-            features = {"uncertainty": self._records[request.id].uncertainty}
-        super().submit(request, features)
-
-    def predict_length(
-        self, request: Request, features: Mapping[Any, float]
-    ) -> LengthPrediction:
-        return self._records[request.id].prediction
+    def score(self, request: Request, features: Mapping[Any, float] | None = None) -> ArrivalScore:
+        return self._records[request.id].score
 
 
 def replay_requests(records: Sequence[TrafficRecord]) -> list[Request]:
@@ -157,11 +152,11 @@ def replay_requests(records: Sequence[TrafficRecord]) -> list[Request]:
         live = record.request
         tokens = record.output_tokens
         if tokens is None:  # still live: its prediction is the best guess
-            tokens = round(record.prediction.length)
+            tokens = round(record.score.prediction.length)
         tokens = min(max(1, int(tokens)), live.max_tokens)
         deadline = None if live.deadline is None else live.deadline - t0
         out.append(Request(live.id, live.prompt, live.arrival_time - t0, deadline=deadline,
-                           max_tokens=live.max_tokens, prompt_tokens=record.prompt_tokens,
+                           max_tokens=live.max_tokens, prompt_tokens=record.score.prompt_tokens,
                            metadata={TRUE_LENGTH_KEY: tokens}))
     return out
 

@@ -9,12 +9,14 @@ the learned policy and under the heuristic and compares the two.
 A log keeps the last ``capacity`` requests. A request withdrawn while it waited (cancelled,
 shed) leaves the log: it was never served, so a replay should not serve it either.
 
+>>> from rtlm_adapt.arrival import ArrivalScore
 >>> from rtlm_adapt.predictor import LengthPrediction
 >>> from rtlm_adapt.request import Request
 >>> log = TrafficLog(capacity=2)
+>>> score = ArrivalScore({}, uncertainty=0.3, prediction=LengthPrediction(50.0, 20.0, 90.0),
+...                      prompt_tokens=4)
 >>> for i in range(3):
-...     log.record_submit(Request(f"r{i}", "Hi.", float(i)), LengthPrediction(50.0, 20.0, 90.0),
-...                       uncertainty=0.3, prompt_tokens=4)
+...     log.record_submit(Request(f"r{i}", "Hi.", float(i)), score)
 >>> log.record_end("r2", output_tokens=70)
 >>> [(r.request.id, r.output_tokens) for r in log.records()], log.accepted
 ([('r1', None), ('r2', 70)], 3)
@@ -25,7 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from rtlm_adapt.predictor import LengthPrediction
+from rtlm_adapt.arrival import ArrivalScore
 from rtlm_adapt.request import Request
 
 
@@ -34,9 +36,7 @@ class TrafficRecord:
     """One accepted request: as submitted, as the controller scored it, and its outcome."""
 
     request: Request
-    prediction: LengthPrediction
-    uncertainty: float
-    prompt_tokens: int
+    score: ArrivalScore
     #: Tokens it generated, once it ended (None while it is live).
     output_tokens: int | None = None
 
@@ -52,12 +52,10 @@ class TrafficLog:
         #: Requests accepted since the log began.
         self.accepted = 0
 
-    def record_submit(
-        self, request: Request, prediction: LengthPrediction, *, uncertainty: float,
-        prompt_tokens: int,
-    ) -> None:
-        """A request was accepted; the oldest record goes once ``capacity`` are kept."""
-        self._records[request.id] = TrafficRecord(request, prediction, uncertainty, prompt_tokens)
+    def record_submit(self, request: Request, score: ArrivalScore) -> None:
+        """A request was accepted with ``score``; the oldest record goes once ``capacity`` are
+        kept."""
+        self._records[request.id] = TrafficRecord(request, score)
         self.accepted += 1
         if len(self._records) > self.capacity:
             self._records.popitem(last=False)

@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
+from rtlm_adapt.arrival import ArrivalScore
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.experiment import build_workload, run_policy
@@ -42,6 +43,10 @@ def _bad_policy(**kwargs) -> PPOPolicy:
     return PPOPolicy(actor, action_map=KnobsActionMap(), **kwargs)
 
 
+def _score(length: float, prompt_tokens: int = 7) -> ArrivalScore:
+    return ArrivalScore({}, 0.5, LengthPrediction(length, length / 2, length * 2), prompt_tokens)
+
+
 def _request(i: int, arrival: float = 0.0) -> Request:
     return Request(f"r{i}", "Write a short poem about the sea.", arrival)
 
@@ -50,8 +55,7 @@ def _request(i: int, arrival: float = 0.0) -> Request:
 def test_traffic_log_keeps_the_last_requests_and_refuses_a_bad_capacity():
     log = TrafficLog(capacity=3)
     for i in range(5):
-        log.record_submit(_request(i, i), LengthPrediction(10.0, 5.0, 20.0), uncertainty=0.5,
-                          prompt_tokens=7)
+        log.record_submit(_request(i, i), _score(10.0))
     assert [r.request.id for r in log.records()] == ["r2", "r3", "r4"]
     assert log.accepted == 5 and len(log) == 3
     log.record_end("r0", output_tokens=9)  # long gone from the log: nothing to update
@@ -77,7 +81,7 @@ def test_controller_records_what_it_accepts_and_how_it_ended():
     records = {r.request.id: r for r in log.records()}
     assert sorted(records) == ["r0", "r1"]
     assert records["r0"].output_tokens == 42 and records["r1"].output_tokens is None
-    assert records["r1"].prediction == ctl.entry("r1").prediction
+    assert records["r1"].score.prediction == ctl.entry("r1").prediction
     assert log.accepted == 4
     with pytest.raises(TypeError, match="TrafficLog"):
         ctl.watch_traffic([])
@@ -140,9 +144,8 @@ def test_a_replay_of_a_finished_run_reproduces_it(samples, policy):
 def test_a_replay_serves_live_requests_for_their_prediction_and_starts_its_clock_at_zero():
     log = TrafficLog()
     log.record_submit(Request("a", "Hi there.", 100.0, deadline=130.0, max_tokens=64),
-                      LengthPrediction(80.4, 20.0, 200.0), uncertainty=0.2, prompt_tokens=3)
-    log.record_submit(_request(1, 104.0), LengthPrediction(30.0, 10.0, 60.0), uncertainty=0.4,
-                      prompt_tokens=9)
+                      _score(80.4, prompt_tokens=3))
+    log.record_submit(_request(1, 104.0), _score(30.0, prompt_tokens=9))
     log.record_end("r1", output_tokens=55)
     a, b = replay_requests(log.records())
     assert (a.arrival_time, a.deadline, b.arrival_time) == (0.0, 30.0, 4.0)
