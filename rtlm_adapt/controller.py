@@ -333,11 +333,7 @@ class AdaptiveController(Checkpointed):
             reason = _failure_reason(reason)
             out = []
             while (entry := self._queue.oldest()) is not None:
-                self._queue.remove(entry.request_id)
-                self._counts.count_failure(reason)
-                if self.traffic is not None:
-                    self.traffic.record_withdrawn(entry.request_id)
-                out.append(entry.request)
+                out.append(self.withdraw(entry.request_id, reason))
             return out
 
     def close(self) -> None:
