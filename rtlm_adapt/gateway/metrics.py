@@ -90,8 +90,10 @@ class GatewayMetrics:
         self.knob = Gauge("rtlm_knob", "The knobs in force", ["name"], registry=r)
         self.policy_guard = Gauge(
             "rtlm_policy_guard",
-            "A learned policy's guard (ppo): handbacks and resumes so far, trials judged, and "
-            "learned_active (1 while the learned policy holds the knobs, 0 while the heuristic)",
+            "A learned policy's guard (ppo): handbacks and resumes so far, trials judged, "
+            "learned_active (1 while the learned policy holds the knobs, 0 while the heuristic) "
+            "and shadow_ratio (the latest shadow replays' mean response time, learned over "
+            "heuristic)",
             ["figure"],
             registry=r,
         )
