@@ -12,7 +12,8 @@ def test_import_is_light():
     code = (
         "import sys, rtlm_adapt, rtlm_adapt.controller, rtlm_adapt.serving.loop, "
         "rtlm_adapt.serving.sim, rtlm_adapt.data, rtlm_adapt.metrics, rtlm_adapt.policies, "
-        "rtlm_adapt.integrations, rtlm_adapt.integrations.routing\n"
+        "rtlm_adapt.integrations, rtlm_adapt.integrations.routing, rtlm_adapt.shadow, "
+        "rtlm_adapt.policies.ppo, rtlm_adapt.policies.shadow_guard\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -43,3 +44,18 @@ def test_readme_shows_the_example_as_it_runs():
     example = (ROOT / "examples" / "embed_controller.py").read_text()
     assert block in example
     assert len(block.splitlines()) <= 25
+
+
+def test_shadow_replay_example_runs():
+    """The replay of the served traffic under the policy that served it gives the run's own
+    figure; under the heuristic, a shorter one."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "shadow_replay.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    means = {line.split(":")[0]: float(line.split()[-2]) for line in out.stdout.splitlines()}
+    assert means["replayed under fcfs"] == means["served under fcfs"]
+    assert means["replayed under heuristic"] < means["served under fcfs"]
