@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from rtlm_adapt.arrival import prompt_features
 from rtlm_adapt.integrations.routing import OFFLOAD_KW, PREDICTED_TOKENS_KW, PRIORITY_KW
 from rtlm_adapt.knobs import Knobs, engine_priority
 from rtlm_adapt.predictor import LengthPredictor
@@ -73,9 +74,8 @@ class Front:
     def plan(self, prompt: str, *, deadline: float | None = None) -> Plan:
         """Score, predict and key ``prompt`` (arrival is now, on the wall clock shared by the
         replicas, so keys from different replicas compare)."""
-        features = self.scorer.features(prompt)
-        features["uncertainty"] = uncertainty = self.scorer.score(features)
-        features = self.predictor.features(prompt, base=features)
+        features = prompt_features(prompt, self.scorer, self.predictor)  # as the controller's
+        uncertainty = features["uncertainty"]
         predicted = float(self.predictor.predict_one(features).length)
         key = self.knobs.priority(predicted / self.tokens_per_s, uncertainty, time.time(), deadline)
         return Plan(
