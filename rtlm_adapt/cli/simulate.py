@@ -195,8 +195,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated policy names (fcfs, sjf-prompt, sjf, oracle-sjf, heuristic-local "
         "and the baselines use the primary executor alone; heuristic also offloads to the "
         "secondary; NAME+oracle ranks by true lengths; ppo the packaged learned policy, "
-        "ppo:PATH a trained one, both guarded by the heuristic; ppo-unguarded[:PATH] without "
-        "the guard)",
+        "ppo:PATH a trained one, both guarded by shadow replays against the heuristic; "
+        "ppo-interleaved[:PATH] guarded by interleaved live trials; ppo-unguarded[:PATH] "
+        "without a guard)",
     )
     parser.add_argument("--batching", choices=("continuous", "static"), default="continuous")
     parser.add_argument("--profile", default="smollm2-135m-cpu2", help="primary cost profile")
