@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,23 @@ def scenario_cases(
                                  slo=env_options.get("slo", "0.7:2,0.3:10"))
         cases += [EvalCase(sc, sampler.sample(rng, load=sc.load)) for _ in range(windows)]
     return cases
+
+
+def held_out_cells(
+    windows: int, requests: int, *, caps: Sequence[int] = (4, 16, 64), profile: str | None = None
+) -> Iterator[tuple[Any, list[EvalCase]]]:
+    """``benchmarks/ppo_eval.py``'s default grid (held-out prompts, traces and loads, caps 4, 16
+    and 64, with the secondary): each cell whose cap is in ``caps``, with its ``windows``
+    windows of ``requests`` requests, seeded as the grid seeds them (cell ``i``:
+    ``HELD_OUT_SEED + i``), so a study serves the very windows of the grid's cells."""
+    from rtlm_adapt.envs.scenarios import grid
+
+    cells = grid(HELD_OUT_PROMPTS, HELD_OUT_ARRIVALS, HELD_OUT_LOADS, [4, 16, 64],
+                 secondary=True, profile=profile)
+    for i, cell in enumerate(cells):
+        if cell.max_batch in caps:
+            yield cell, scenario_cases([cell], windows, {"n_requests": requests},
+                                       seed=HELD_OUT_SEED + i)
 
 
 def training_eval_cases(config: TrainConfig, seed: int = 10_000) -> list[EvalCase]:

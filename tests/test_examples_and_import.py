@@ -20,15 +20,15 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]", f"heavy modules imported: {out.stdout}"
 
 
+def _run_example(name: str) -> str:
+    """The example's standard output (it must exit 0)."""
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / name)], capture_output=True,
+                         text=True, check=True, timeout=120)
+    return out.stdout
+
+
 def test_embed_controller_example_runs():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "embed_controller.py")],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    lines = out.stdout.strip().splitlines()
+    lines = _run_example("embed_controller.py").strip().splitlines()
     finished = [ln for ln in lines if "tokens" in ln]
     assert len(finished) == 4
     # short answers finish before long ones under the heuristic
@@ -49,13 +49,7 @@ def test_readme_shows_the_example_as_it_runs():
 def test_shadow_replay_example_runs():
     """The replay of the served traffic under the policy that served it gives the run's own
     figure; under the heuristic, a shorter one."""
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "shadow_replay.py")],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    means = {line.split(":")[0]: float(line.split()[-2]) for line in out.stdout.splitlines()}
+    out = _run_example("shadow_replay.py")
+    means = {line.split(":")[0]: float(line.split()[-2]) for line in out.splitlines()}
     assert means["replayed under fcfs"] == means["served under fcfs"]
     assert means["replayed under heuristic"] < means["served under fcfs"]

@@ -30,16 +30,8 @@ import logging
 from pathlib import Path
 
 import rtlm_adapt.shadow as shadow
-from rtlm_adapt.envs.scenarios import grid
 from rtlm_adapt.policies import make_policy
-from rtlm_adapt.policies.ppo_train import (
-    HELD_OUT_ARRIVALS,
-    HELD_OUT_LOADS,
-    HELD_OUT_PROMPTS,
-    HELD_OUT_SEED,
-    run_summary,
-    scenario_cases,
-)
+from rtlm_adapt.policies.ppo_train import held_out_cells, run_summary
 from rtlm_adapt.traffic import TrafficLog, TrafficRecord
 
 FAILING = Path(__file__).resolve().parents[1] / "results/ppo_session17/ppo30_tail05.npz"
@@ -110,10 +102,8 @@ def main() -> None:
         keep_the_backlog()
     if args.variant == "backlog+signals":
         start_from_live_signals()
-    scenarios = grid(HELD_OUT_PROMPTS, HELD_OUT_ARRIVALS, HELD_OUT_LOADS, [4, 16, 64],
-                     secondary=True)
-    i = next(k for k, sc in enumerate(scenarios) if sc.label().startswith(CELL))
-    cases = scenario_cases([scenarios[i]], 2, {"n_requests": 1600}, seed=HELD_OUT_SEED + i)
+    cases = next(cases for sc, cases in held_out_cells(2, 1600, caps=(16,))
+                 if sc.label().startswith(CELL))
     for w, case in enumerate(cases):
         heuristic = run_summary(make_policy("heuristic"), case, {}).mean_rt_s
         for model in (f"ppo:{FAILING}", "ppo"):

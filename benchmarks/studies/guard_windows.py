@@ -17,17 +17,9 @@ import json
 import logging
 from pathlib import Path
 
-from rtlm_adapt.envs.scenarios import grid
 from rtlm_adapt.policies import make_policy
 from rtlm_adapt.policies.ppo import PACKAGED_MODEL, PPOPolicy
-from rtlm_adapt.policies.ppo_train import (
-    HELD_OUT_ARRIVALS,
-    HELD_OUT_LOADS,
-    HELD_OUT_PROMPTS,
-    HELD_OUT_SEED,
-    run_summary,
-    scenario_cases,
-)
+from rtlm_adapt.policies.ppo_train import held_out_cells, run_summary
 from rtlm_adapt.policies.shadow_guard import ShadowGuard
 
 GUARDED = ("ppo", "ppo-interleaved")
@@ -51,12 +43,9 @@ def main() -> None:
     logging.getLogger("rtlm_adapt.policies").setLevel(logging.ERROR)  # the hand-backs: counted
     options = {k: float(v) if "." in v else int(v)
                for k, v in (item.split("=") for item in args.shadow.split(",") if item)}
-    scenarios = grid(HELD_OUT_PROMPTS, HELD_OUT_ARRIVALS, HELD_OUT_LOADS,
-                     [int(c) for c in args.caps.split(",")], secondary=True, profile=args.profile)
+    caps = [int(c) for c in args.caps.split(",")]
     rows = []
-    for i, sc in enumerate(scenarios):
-        cases = scenario_cases([sc], args.windows, {"n_requests": args.requests},
-                               seed=HELD_OUT_SEED + i)
+    for sc, cases in held_out_cells(args.windows, args.requests, caps=caps, profile=args.profile):
         for w, case in enumerate(cases):
             row = {"cell": sc.label(), "window": w}
             for name in ("heuristic", "ppo-unguarded", *GUARDED):

@@ -21,19 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rtlm_adapt.envs.scenarios import grid
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
 from rtlm_adapt.policies import make_policy
 from rtlm_adapt.policies.heuristic import RTLMHeuristic
-from rtlm_adapt.policies.ppo_train import (
-    HELD_OUT_ARRIVALS,
-    HELD_OUT_LOADS,
-    HELD_OUT_PROMPTS,
-    HELD_OUT_SEED,
-    run_case,
-    scenario_cases,
-)
+from rtlm_adapt.policies.ppo_train import held_out_cells, run_case
 
 
 class ThresholdRecorder:
@@ -71,16 +63,11 @@ def main() -> None:
     args = parser.parse_args()
 
     caps = [int(c) for c in args.caps.split(",")]
-    # ppo_eval.py's cells and seeds: its grid has caps 4, 16 and 64 in that order
-    cells = grid(HELD_OUT_PROMPTS, HELD_OUT_ARRIVALS, HELD_OUT_LOADS, [4, 16, 64],
-                 secondary=True, profile=args.profile)
     rows = []
     print("| cell | ppo / heuristic | with the heuristic's threshold | ppo's median threshold "
           "| the heuristic's |\n|---|---|---|---|---|")
-    for i, cell in enumerate(cells):
-        if cell.max_batch not in caps:
-            continue
-        cases = scenario_cases([cell], args.windows, {"n_requests": 100}, seed=HELD_OUT_SEED + i)
+    # ppo_eval.py's cells and windows
+    for cell, cases in held_out_cells(args.windows, 100, caps=caps, profile=args.profile):
         heuristic = np.mean([run_case("heuristic", c, {})[0] for c in cases])
         result = {"cell": cell.label()}
         for label, swap in (("ppo", False), ("ppo_heuristic_threshold", True)):
