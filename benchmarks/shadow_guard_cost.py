@@ -30,7 +30,7 @@ from rtlm_adapt.data.datasets import load_prompts
 from rtlm_adapt.experiment import build_workload, run_policy
 from rtlm_adapt.policies import make_policy
 from rtlm_adapt.shadow import ShadowSetup, replay
-from rtlm_adapt.traffic import TrafficLog
+from rtlm_adapt.traffic import TrafficLog, TrafficWindow
 
 PROFILES = ("default", "vllm-cpu-smollm2-135m")
 SECONDARY = "smollm2-135m-cpu2-secondary"
@@ -55,7 +55,7 @@ def recorded(profile: str, n: int):
 
 def judgement_ms(log: TrafficLog, setup: ShadowSetup, window: int, repeats: int) -> float:
     """The best time of replaying the log's last ``window`` records under both policies."""
-    records = log.records()[-window:]
+    records = TrafficWindow.of(log.records()[-window:])  # no backlog: the cost of the window
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()

@@ -35,5 +35,5 @@ print(f"served under fcfs: mean response time {served.summary.mean_rt_s:.1f} s")
 # 2. the same requests again, under each policy, on the executors as the controller knows them
 setup = ShadowSetup.of(served.controller)
 for name in ("fcfs", "heuristic", "ppo-unguarded"):
-    again = replay(log.records(), make_policy(name), setup)
+    again = replay(log.window(), make_policy(name), setup)
     print(f"replayed under {name}: mean response time {again.mean_response_s:.1f} s")

@@ -9,18 +9,25 @@ figure recent is a stretch the better policy does not. This guard compares the t
 *same* requests instead, and never lets the heuristic serve to find out:
 
 1. The controller records what it serves in a :class:`~rtlm_adapt.traffic.TrafficLog`: the
-   last ``window`` requests, with their predictions and true lengths.
-2. Every ``judge_every`` accepted requests the guard replays the log twice
+   last ``window`` requests, with their predictions and true lengths, and the backlog and
+   smoothed signals the live system had when the oldest of them arrived.
+2. Every ``judge_every`` accepted requests the guard replays that window twice
    (:func:`rtlm_adapt.shadow.replay`), once under the learned policy and once under the
    heuristic, on simulated executors that cost what the controller's latency models learned.
+   Each replay starts from the live state the window opened in: a policy that fails only once
+   a backlog builds (its slow answers feed its observation, which leads it to worse knobs)
+   looks fine from an empty start, and was missed so (BENCHMARKS.md 4.6).
 3. The learned policy is judged worse when its replays' mean response time exceeds the
    heuristic's by more than ``margin`` (a fraction, averaged over the last ``recent``
    judgements: one stretch of 200 requests can favour either policy), or when it misses more
    deadlines than the heuristic by more than ``miss_margin`` of the requests plus what chance
    explains (:func:`extra_misses`: a window of 50 requests differs by a miss or two between
-   two policies that are equally good). It gets the knobs back after ``resume_after``
-   judgements in a row where its mean response time (averaged so) is no longer than the
-   heuristic's and its misses are not worse.
+   two policies that are equally good).
+4. A policy handed back owes what its replays lost: the seconds by which they were slower
+   than the heuristic's over the judgements that handed it back (``debt_s``). The judgements
+   that follow add to that or pay it off. It takes the knobs again once the debt is paid and
+   its last ``resume_after`` judgements were no worse on both figures. A calm stretch alone
+   does not bring back a policy that failed in a burst: it fails again at the next one.
 
 Both replays share the arrivals, the lengths and the simulator's errors, so what differs is
 the policy. A judgement (two replays of 200 requests) costs about 60 ms of CPU on the 2-core
@@ -36,7 +43,6 @@ it when a controller takes the policy.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -107,7 +113,7 @@ class ShadowGuard:
         How much higher its deadline-miss rate may be (a share of requests).
     resume_after
         Judgements in a row, no worse on both figures, before a policy that was handed back
-        takes the knobs again.
+        takes the knobs again (once it has also paid its debt, step 4 above).
     background
         Replay on a worker thread instead of inside ``choose``, and act on the verdict at the
         first ``choose`` after it is in. A serving loop on the wall clock (the gateway turns it
@@ -141,7 +147,11 @@ class ShadowGuard:
         #: The latest judgement's mean response times (learned, heuristic), in seconds.
         self.last_means: tuple[float, float] | None = None
         self._no_worse_in_a_row = 0
+        #: While handed back: seconds of mean response time the learned policy's replays have
+        #: lost to the heuristic's since (and including) the judgements that handed it back.
+        self.debt_s = 0.0
         self._extra_times: deque[float] = deque(maxlen=recent)
+        self._lost_s: deque[float] = deque(maxlen=recent)  # learned minus heuristic, seconds
         self._next_judgement = judge_every
         self._controller: Callable[[], AdaptiveController | None] | None = None
         self._policies: dict[str, Callable[[], Policy]] = {}
@@ -186,11 +196,13 @@ class ShadowGuard:
 
     def metrics(self) -> dict[str, float]:
         """Figures for an exporter: hand-backs, resumes, judgements (``trials``), who is active
-        (1: learned) and the latest replays' mean response time ratio, learned over heuristic."""
+        (1: learned), the latest replays' mean response time ratio, learned over heuristic, and
+        the debt a handed-back policy must pay before it resumes (seconds; 0 while active)."""
         ratio = math.nan if self.last_means is None else self.last_means[0] / self.last_means[1]
+        learned_active = self.active == "learned"
         return {"handbacks": float(self.handbacks), "resumes": float(self.resumes),
-                "trials": float(self.judgements), "learned_active": float(self.active == "learned"),
-                "shadow_ratio": ratio}
+                "trials": float(self.judgements), "learned_active": float(learned_active),
+                "shadow_ratio": ratio, "debt_s": 0.0 if learned_active else self.debt_s}
 
     def _replays(self) -> Callable[[], tuple[ShadowRun, ShadowRun]] | None:
         """The two replays of a judgement, ready to run anywhere: what they read from the
@@ -200,14 +212,14 @@ class ShadowGuard:
 
         controller = self._controller() if self._controller is not None else None
         setup = ShadowSetup.of(controller) if controller is not None else None
-        records = [dataclasses.replace(r) for r in self.traffic.records()]
-        if controller is None or setup is None or not records:
+        if controller is None or setup is None or not self.traffic.records():
             return None
+        window = self.traffic.window()  # copies
         make, scorer = dict(self._policies), controller.scorer
 
         def run() -> tuple[ShadowRun, ShadowRun]:
-            return (replay(records, make["learned"](), setup, scorer=scorer),
-                    replay(records, make["heuristic"](), setup, scorer=scorer))
+            return (replay(window, make["learned"](), setup, scorer=scorer),
+                    replay(window, make["heuristic"](), setup, scorer=scorer))
 
         return run
 
@@ -228,13 +240,16 @@ class ShadowGuard:
         self.judgements += 1
         self.last_means = (learned.mean_response_s, heuristic.mean_response_s)
         self._extra_times.append(learned.mean_response_s / heuristic.mean_response_s - 1.0)
+        self._lost_s.append(learned.mean_response_s - heuristic.mean_response_s)
         extra_time = sum(self._extra_times) / len(self._extra_times)
         misses, chance = extra_misses(learned, heuristic)
         worse_misses = misses > self.miss_margin * n + MISS_Z * chance
         worse = extra_time > self.margin or worse_misses
         no_worse = extra_time <= 0.0 and not worse_misses
         self._no_worse_in_a_row = self._no_worse_in_a_row + 1 if no_worse else 0
-        detail = (f"shadow replays of the last {n} requests: mean response time "
+        backlog = n - sum(c.arrival_time >= learned.start for c in learned.completions)
+        detail = (f"shadow replays of {n} requests ({backlog} of them the backlog the window "
+                  f"opened with): mean response time "
                   f"{learned.mean_response_s:.2f} s under the learned policy, "
                   f"{heuristic.mean_response_s:.2f} s under the heuristic ({extra_time:+.1%}, "
                   f"margin {self.margin:.0%}); deadline misses {miss_rate(learned):.1%} and "
@@ -243,13 +258,20 @@ class ShadowGuard:
         if self.active == "learned" and worse:
             self.active = "heuristic"
             self.handbacks += 1
+            # what handed it back is what it owes: the seconds its replays lost to the
+            # heuristic's over the judgements just averaged
+            self.debt_s = sum(lost for lost in self._lost_s)
             logger.warning("PPO shadow guard: the learned policy does worse than the heuristic: "
                            "handing the knobs back to the heuristic; %s", detail)
-        elif self.active == "heuristic" and self._no_worse_in_a_row >= self.resume_after:
-            self.active = "learned"
-            self.resumes += 1
-            logger.info("PPO shadow guard: the learned policy does as well as the heuristic "
-                        "again: it takes the knobs back; %s", detail)
+        elif self.active == "heuristic":
+            self.debt_s += self._lost_s[-1]
+            if self._no_worse_in_a_row >= self.resume_after and self.debt_s <= 0.0:
+                self.active = "learned"
+                self.resumes += 1
+                self.debt_s = 0.0
+                logger.info("PPO shadow guard: the learned policy does as well as the heuristic "
+                            "again, and its replays have made up what they lost: it takes the "
+                            "knobs back; %s", detail)
 
     def __getstate__(self) -> dict[str, Any]:
         # A saved controller pickles its policy: the links to the controller are remade when a

@@ -179,12 +179,11 @@ class AdaptiveController(Checkpointed):
             self._room.admit(live)
             self._counts.submitted += 1
             if self.traffic is not None:
-                self.traffic.record_submit(request, score)
+                self.traffic.record_submit(request, score, self._signals)
             self._signals.arrivals_in_epoch += 1
             # smoothed isolated service time: the time scale of the observation and of aging
             length = score.prediction.length
-            self._signals.record_submit(latency.service_time(score.prompt_tokens, length), length,
-                                        first=self._counts.submitted == 1)
+            self._signals.record_submit(latency.service_time(score.prompt_tokens, length), length)
 
     def score(self, request: Request, features: Mapping[Any, float] | None = None) -> ArrivalScore:
         """``request`` scored as :meth:`submit` does (:mod:`rtlm_adapt.arrival`); a replay of
@@ -266,7 +265,8 @@ class AdaptiveController(Checkpointed):
                 )
             self._cancel_marks.discard(rid)
             if self.traffic is not None:
-                self.traffic.record_end(rid, output_tokens=completion.output_tokens)
+                self.traffic.record_end(rid, output_tokens=completion.output_tokens,
+                                        finished_at=completion.finish_time)
             if completion.failure is not None:
                 self._counts.count_failure(completion.failure)
             else:

@@ -2,20 +2,26 @@
 
 A controller that keeps a :class:`~rtlm_adapt.traffic.TrafficLog` knows the requests it served
 lately: when each arrived, its prompt length and deadline, what it predicted for it, and how
-many tokens it really generated. :func:`replay` serves those requests again on simulated
-executors that cost what the controller's latency models have learned, under the policy given,
-and says what each request's response time would have been. Two replays of the same records
-under two policies compare the policies on the very same arrivals and lengths, at no serving
-cost: what the shadow guard of a learned policy does (:mod:`rtlm_adapt.policies.shadow_guard`).
+many tokens it really generated. :func:`replay` serves a window of that traffic again on
+simulated executors that cost what the controller's latency models have learned, under the
+policy given, and says what each request's response time would have been. Two replays of the
+same window under two policies compare the policies on the very same arrivals and lengths, at
+no serving cost: what the shadow guard of a learned policy does
+(:mod:`rtlm_adapt.policies.shadow_guard`).
 
-What a replay takes as given:
+A replay starts from the live state at the moment the window opened, so that a policy is judged
+in the situation it made: the window's backlog (requests still waiting or running then) is
+queued at that moment, and the replayed controller starts from the smoothed signals the live
+one had then. What it takes as given:
 
-- Requests still running when the replay starts are served for their predicted length (their
-  true one is not known yet); ended ones for the tokens they really generated.
-- The replay starts empty at the first record's arrival: the requests that were live before
-  it are not in the log. Both sides of a comparison start so.
+- The backlog is queued afresh: a request that was running when the window opened is served
+  from its first token, on either policy.
+- Requests still live when the replay is made are served for their predicted length (their true
+  one is not known yet); ended ones for the tokens they really generated.
 - The predictions are the recorded ones: the replayed controller does not predict or learn
   lengths again, so the policy under test sees what the live one saw.
+- Response times count from the window's opening: the wait a backlog request had before it is
+  the same under any policy.
 
 >>> from rtlm_adapt.arrival import ArrivalScore
 >>> from rtlm_adapt.predictor import LengthPrediction
@@ -25,9 +31,9 @@ What a replay takes as given:
 >>> score = ArrivalScore({}, 0.4, LengthPrediction(100.0, 50.0, 200.0), prompt_tokens=8)
 >>> for i in range(6):
 ...     log.record_submit(Request(f"r{i}", "Tell me a story.", 2.0 * i), score)
-...     log.record_end(f"r{i}", output_tokens=50 + 40 * i)
+...     log.record_end(f"r{i}", output_tokens=50 + 40 * i, finished_at=2.0 * i + 1.0)
 >>> setup = ShadowSetup(primary=ShadowExecutor("gpu", StepCost.default(), 4))
->>> run = replay(log.records(), "fcfs", setup)
+>>> run = replay(log.window(), "fcfs", setup)
 >>> len(run.completions), run.mean_response_s > 0
 (6, True)
 """
@@ -35,8 +41,8 @@ What a replay takes as given:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from rtlm_adapt.arrival import ArrivalScore
@@ -48,7 +54,8 @@ from rtlm_adapt.predictor import LengthPrediction
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
 from rtlm_adapt.serving.loop import ServingLoop
 from rtlm_adapt.serving.simulated import simulated_executor
-from rtlm_adapt.traffic import TrafficRecord
+from rtlm_adapt.signals import ServingSignals
+from rtlm_adapt.traffic import TrafficRecord, TrafficWindow
 from rtlm_adapt.uncertainty import UncertaintyScorer
 
 if TYPE_CHECKING:
@@ -97,13 +104,17 @@ class ShadowSetup:
 
 @dataclass(slots=True)
 class ShadowRun:
-    """What a replay served: one completion per record."""
+    """What a replay served: one completion per record, from a window that opened at
+    ``start``."""
 
     completions: list[Completion]
+    start: float = 0.0
 
     @property
     def mean_response_s(self) -> float:
-        times = [c.response_time for c in self.completions]
+        """Mean response time, counted from the window's opening for the backlog (see the
+        module docstring)."""
+        times = [c.finish_time - max(c.arrival_time, self.start) for c in self.completions]
         return sum(times) / len(times) if times else math.nan
 
 
@@ -140,37 +151,38 @@ class ReplayController(AdaptiveController):
     def score(self, request: Request, features: Mapping[Any, float] | None = None) -> ArrivalScore:
         return self._records[request.id].score
 
+    def resume_signals(self, signals: ServingSignals, now: float) -> None:
+        """Carry on from the live controller's smoothed ``signals``, with an epoch opening at
+        ``now`` (what the backlog's submits added to them is dropped)."""
+        self._signals = replace(signals, arrivals_in_epoch=0, epoch_start=now)
 
-def replay_requests(records: Sequence[TrafficRecord]) -> list[Request]:
-    """The records as requests to serve again, on a clock that starts at the first arrival,
-    each carrying the length it is served for (see the module docstring)."""
-    if not records:
-        return []
-    t0 = records[0].request.arrival_time
+
+def replay_requests(window: TrafficWindow) -> list[Request]:
+    """The window's records as requests to serve again, backlog first, each carrying the
+    length it is served for (see the module docstring)."""
     out = []
-    for record in records:
+    for record in window.records:
         live = record.request
         tokens = record.output_tokens
         if tokens is None:  # still live: its prediction is the best guess
             tokens = round(record.score.prediction.length)
         tokens = min(max(1, int(tokens)), live.max_tokens)
-        deadline = None if live.deadline is None else live.deadline - t0
-        out.append(Request(live.id, live.prompt, live.arrival_time - t0, deadline=deadline,
-                           max_tokens=live.max_tokens, prompt_tokens=record.score.prompt_tokens,
+        out.append(replace(live, prompt_tokens=record.score.prompt_tokens,
                            metadata={TRUE_LENGTH_KEY: tokens}))
     return out
 
 
 def replay(
-    records: Sequence[TrafficRecord],
+    window: TrafficWindow,
     policy: Policy | str,
     setup: ShadowSetup,
     *,
     scorer: UncertaintyScorer | None = None,
 ) -> ShadowRun:
-    """Serve ``records`` again under ``policy`` (a fresh one: a replay changes its state) on
-    ``setup``'s simulated executors. ``scorer`` saves building one (it is only carried)."""
-    by_id = {r.request.id: r for r in records}
+    """Serve ``window`` again under ``policy`` (a fresh one: a replay changes its state) on
+    ``setup``'s simulated executors, from the state the window opened in. ``scorer`` saves
+    building one (it is only carried)."""
+    by_id = {r.request.id: r for r in window.records}
     profiles = {setup.primary.name: setup.primary.cost}
     if setup.secondary is not None:
         profiles[setup.secondary.name] = setup.secondary.cost
@@ -186,4 +198,12 @@ def replay(
 
     secondary = executor(setup.secondary) if setup.secondary is not None else None
     loop = ServingLoop(controller, executor(setup.primary), secondary, batching=setup.batching)
-    return ShadowRun(loop.run(replay_requests(records)).completions)
+    requests = replay_requests(window)
+    loop.advance(window.start)  # nothing to serve before the window opens: the clock moves
+    backlog = [r for r in requests if r.arrival_time < window.start]
+    for request in backlog:
+        loop.submit_now(request)
+    if window.signals is not None:
+        controller.resume_signals(window.signals, now=window.start)
+    result = loop.run(requests[len(backlog):])
+    return ShadowRun(result.completions, window.start)

@@ -52,10 +52,10 @@ class ServingSignals:
         self.arrivals_in_epoch = 0
         self.epoch_start = now
 
-    def record_submit(self, isolated_s: float, predicted_tokens: float, *, first: bool) -> None:
+    def record_submit(self, isolated_s: float, predicted_tokens: float) -> None:
         """A request was submitted whose isolated service time is predicted as ``isolated_s``
-        and its output as ``predicted_tokens``."""
-        if first:
+        and its output as ``predicted_tokens`` (the first one sets both figures)."""
+        if self.service_ewma == 0.0 and self.length_ewma == 0.0:
             self.service_ewma, self.length_ewma = isolated_s, predicted_tokens
         else:
             self.service_ewma += 0.05 * (isolated_s - self.service_ewma)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from rtlm_adapt.predictor import LengthPrediction
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
 from rtlm_adapt.serving.base import ExecutorState
 from rtlm_adapt.shadow import ShadowExecutor, ShadowSetup, replay, replay_requests
-from rtlm_adapt.traffic import TrafficLog
+from rtlm_adapt.traffic import TrafficLog, TrafficWindow
 
 SECONDARY = StepCost.default_secondary()
 
@@ -57,10 +58,11 @@ def test_traffic_log_keeps_the_last_requests_and_refuses_a_bad_capacity():
     for i in range(5):
         log.record_submit(_request(i, i), _score(10.0))
     assert [r.request.id for r in log.records()] == ["r2", "r3", "r4"]
-    assert log.accepted == 5 and len(log) == 3
-    log.record_end("r0", output_tokens=9)  # long gone from the log: nothing to update
+    assert log.accepted == 5 and len(log) == 5  # r0 and r1 still live: the window's backlog
+    log.record_end("r0", output_tokens=9, finished_at=1.5)  # ended before the window opened
     log.record_withdrawn("r3")
     assert [r.request.id for r in log.records()] == ["r2", "r4"]
+    assert [r.request.id for r in log.window().records] == ["r1", "r2", "r4"]
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="capacity"):
             TrafficLog(capacity=bad)
@@ -129,30 +131,88 @@ def test_a_replay_of_a_finished_run_reproduces_it(samples, policy):
     primary = StepCost.default()
     setup = ShadowSetup(ShadowExecutor("primary", primary, primary.max_batch_size),
                         ShadowExecutor("secondary", SECONDARY, SECONDARY.max_batch_size))
-    again = replay(log.records(), make_policy(policy), setup)
+    again = replay(log.window(), make_policy(policy), setup)
     assert len(again.completions) == len(workload.requests)
     assert again.mean_response_s == pytest.approx(run.summary.mean_rt_s, rel=0.01)
     # the controller's own view (executors as reported, costs as learned) comes close too
-    learned = replay(log.records(), make_policy(policy), ShadowSetup.of(run.controller))
+    learned = replay(log.window(), make_policy(policy), ShadowSetup.of(run.controller))
     assert learned.mean_response_s == pytest.approx(run.summary.mean_rt_s, rel=0.05)
     # and a replay tells the policies apart as the runs do
     other = "fcfs" if policy == "heuristic" else "heuristic"
-    assert replay(log.records(), make_policy(other), setup).mean_response_s != pytest.approx(
+    assert replay(log.window(), make_policy(other), setup).mean_response_s != pytest.approx(
         again.mean_response_s, rel=0.01)
 
 
-def test_a_replay_serves_live_requests_for_their_prediction_and_starts_its_clock_at_zero():
+def test_a_replay_serves_live_requests_for_their_prediction_on_the_live_clock():
     log = TrafficLog()
     log.record_submit(Request("a", "Hi there.", 100.0, deadline=130.0, max_tokens=64),
                       _score(80.4, prompt_tokens=3))
     log.record_submit(_request(1, 104.0), _score(30.0, prompt_tokens=9))
-    log.record_end("r1", output_tokens=55)
-    a, b = replay_requests(log.records())
-    assert (a.arrival_time, a.deadline, b.arrival_time) == (0.0, 30.0, 4.0)
+    log.record_end("r1", output_tokens=55, finished_at=110.0)
+    a, b = replay_requests(log.window())
+    assert (a.arrival_time, a.deadline, b.arrival_time) == (100.0, 130.0, 104.0)
     # still live: its prediction (80), capped at its max_tokens; ended: what it generated
     assert a.metadata[TRUE_LENGTH_KEY] == 64 and b.metadata[TRUE_LENGTH_KEY] == 55
     assert b.prompt_tokens == 9
     assert ShadowSetup.of(AdaptiveController("fcfs")) is None  # no executor reported yet
+    with pytest.raises(ValueError, match="empty"):
+        TrafficLog().window()
+
+
+def test_the_log_keeps_the_backlog_the_window_opened_with():
+    log = TrafficLog(capacity=2)
+    for i in range(3):  # r0..r2 arrive at 0, 1, 2
+        log.record_submit(_request(i, float(i)), _score(10.0))
+    log.record_end("r1", output_tokens=5, finished_at=1.5)
+    window = log.window()  # r1, r2: the window opens at 1.0, while r0 still runs
+    assert window.start == 1.0 and [r.request.id for r in window.backlog] == ["r0"]
+    log.record_end("r0", output_tokens=5, finished_at=2.5)
+    log.record_submit(_request(3, 3.0), _score(10.0))  # opens at 2.0: r0 ran until 2.5
+    assert [r.request.id for r in log.window().backlog] == ["r0"]
+    log.record_submit(_request(4, 4.0), _score(10.0))  # opens at 3.0: r0 and r1 had ended
+    assert [r.request.id for r in log.window().records] == ["r2", "r3", "r4"]
+    assert [r.request.id for r in log.window().backlog] == ["r2"]  # r2 is still live
+    log.record_withdrawn("r2")
+    assert len(log) == 2 and log.window().backlog == []
+
+
+def _watching(observations):
+    class Watching:
+        name, length_source, consolidate = "watching", "predicted", True
+
+        def decide(self, observation: Observation) -> Knobs:
+            observations.append(observation)
+            return Knobs()
+
+    return Watching()
+
+
+def test_a_replay_starts_from_the_backlog_and_the_signals_of_the_window():
+    ctl = AdaptiveController("fcfs")
+    log = TrafficLog(capacity=4)
+    ctl.watch_traffic(log)
+    for i in range(8):  # a backlog of four that never ran, then four more
+        ctl.submit(_request(i, 2.0 * i))
+    ctl._signals.response_ewma = 77.0  # as if recent answers were slow
+    ctl.submit(_request(8, 16.0))
+    window = log.window()
+    assert window.start == 10.0 and len(window.backlog) == 5
+    assert window.signals.response_ewma == 0.0  # as r5 arrived, not as now
+    setup = ShadowSetup(ShadowExecutor("gpu", StepCost.default(), 2))
+    seen: list[Observation] = []
+    from_state = replay(window, _watching(seen), setup)
+    assert len(from_state.completions) == 9
+    assert seen[0].now == 10.0 and seen[0].queue_length == 6  # the backlog, and r5 arriving
+    # the same window with nothing before it, from fresh signals
+    empty = replay(TrafficWindow.of(window.records[5:]), _watching([]), setup)
+    assert len(empty.completions) == 4
+    assert from_state.mean_response_s > empty.mean_response_s  # the backlog goes first
+    # the signals the window opened with reach the policy (and what the backlog's own submits
+    # would have added is not there)
+    window_slow = replace(window, signals=replace(window.signals, response_ewma=42.0))
+    seen.clear()
+    replay(window_slow, _watching(seen), setup)
+    assert seen[0].recent_response_s == 42.0 and seen[0].arrival_rate == window.signals.arrival_rate
 
 
 # -- the shadow guard ----------------------------------------------------------------------------
@@ -209,23 +269,31 @@ class _Guarded:
         return (self.make_learned() if learned else self.heuristic).decide(observation)
 
 
-def test_shadow_guard_keeps_a_policy_as_good_and_gives_back_the_knobs_when_it_recovers(samples):
+def test_shadow_guard_keeps_a_policy_as_good_and_gives_back_the_knobs_once_it_made_up_for_it(
+    samples,
+):
     workload = build_workload(samples, arrivals="poisson", load=0.9, n=300, seed=2)
     # the heuristic as the learned policy: no worse, so never handed back
     same = _Guarded(ShadowGuard(), lambda: make_policy("heuristic"))
     run_policy(same, workload, secondary_cost=SECONDARY)
     assert same.guard.judgements == 6 and same.guard.handbacks == 0
     assert same.guard.last_means[0] == pytest.approx(same.guard.last_means[1])
-    # bad for the first 100 arrivals, then the heuristic again: handed back, then resumed
-    guard = ShadowGuard(judge_every=50, window=50, resume_after=2, recent=1)
+    # worse than the heuristic for the first 100 arrivals (fcfs), then better (the packaged
+    # model): handed back, and it takes the knobs again once its replays made up what they lost
+    workload = build_workload(samples, arrivals="poisson", load=0.9, n=500, seed=2)
+    for then, resumes in (("ppo-unguarded", 1), ("heuristic", 0)):
+        guard = ShadowGuard(judge_every=50, window=50, resume_after=2, recent=1)
 
-    def learned():
-        return _bad_policy(guard=None) if guard.traffic.accepted <= 100 else make_policy(
-            "heuristic")
+        def learned(guard=guard, then=then):
+            return make_policy("fcfs" if guard.traffic.accepted <= 100 else then)
 
-    recovering = _Guarded(guard, learned)
-    run_policy(recovering, workload, secondary_cost=SECONDARY)
-    assert guard.handbacks == 1 and guard.resumes == 1 and guard.active == "learned"
+        run_policy(_Guarded(guard, learned), workload, secondary_cost=SECONDARY)
+        assert guard.handbacks == 1 and guard.resumes == resumes, then
+        if resumes == 0:  # only as good as the heuristic afterwards: it never pays its debt
+            assert guard.active == "heuristic" and guard.debt_s > 0
+            assert guard.metrics()["debt_s"] == guard.debt_s
+        else:
+            assert guard.active == "learned" and guard.metrics()["debt_s"] == 0.0
 
 
 def test_a_judgement_that_fails_is_logged_and_serving_goes_on(samples, caplog):

@@ -92,8 +92,9 @@ class GatewayMetrics:
             "rtlm_policy_guard",
             "A learned policy's guard (ppo): handbacks and resumes so far, trials judged, "
             "learned_active (1 while the learned policy holds the knobs, 0 while the heuristic) "
-            "and shadow_ratio (the latest shadow replays' mean response time, learned over "
-            "heuristic)",
+            "shadow_ratio (the latest shadow replays' mean response time, learned over "
+            "heuristic) and debt_s (what a handed-back policy's replays must make up before it "
+            "resumes, seconds)",
             ["figure"],
             registry=r,
         )
