@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import pickle
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from rtlm_adapt.shadow import ShadowExecutor, ShadowSetup, replay, replay_reques
 from rtlm_adapt.traffic import TrafficLog, TrafficWindow
 
 SECONDARY = StepCost.default_secondary()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +296,26 @@ def test_shadow_guard_keeps_a_policy_as_good_and_gives_back_the_knobs_once_it_ma
             assert guard.metrics()["debt_s"] == guard.debt_s
         else:
             assert guard.active == "learned" and guard.metrics()["debt_s"] == 0.0
+
+
+def test_shadow_guard_catches_a_policy_that_fails_only_once_a_backlog_builds():
+    """A model trained with the tail term (BENCHMARKS.md 4.6) runs 17x the heuristic in this
+    held-out cell: its slow answers feed its observation, which leads it to worse knobs. Replays
+    from an empty start never saw it (session 17); replays from the live state must."""
+    from rtlm_adapt.policies.ppo_train import held_out_cells, run_summary
+
+    failing = ROOT / "benchmarks/results/ppo_session17/ppo30_tail05.npz"
+    cell = "alpaca:phi-2 | gamma:4 | load 0.9 | cap 16"
+    case = next(cases for sc, cases in held_out_cells(1, 1600, caps=(16,))
+                if sc.label().startswith(cell))[0]
+    heuristic = run_summary(make_policy("heuristic"), case, {}).mean_rt_s
+    assert run_summary(make_policy(f"ppo-unguarded:{failing}"), case, {}).mean_rt_s > 10 * heuristic
+    guarded = make_policy(f"ppo:{failing}")
+    assert run_summary(guarded, case, {}).mean_rt_s < 1.15 * heuristic
+    assert guarded.guard.handbacks == 1 and guarded.guard.resumes == 0  # no second failure
+    packaged = make_policy("ppo")  # the packaged model does well here: never handed back
+    assert run_summary(packaged, case, {}).mean_rt_s < heuristic
+    assert packaged.guard.handbacks == 0
 
 
 def test_a_judgement_that_fails_is_logged_and_serving_goes_on(samples, caplog):

@@ -1,77 +1,66 @@
-"""The shadow guard's blind spot: a policy that fails only once a backlog builds, and what a
-replay from the live state would see.
+"""The shadow guard's blind spot: a policy that fails only once a backlog builds, and what each
+way of starting the replays and of resuming makes of it.
 
     python benchmarks/studies/guard_blind_spot.py --json benchmarks/results/guard_blind_spot.json
 
-The failing policy is a model trained this session with the tail term
+The failing policy is a model trained in session 17 with the tail term
 (``benchmarks/results/ppo_session17/ppo30_tail05.npz``). In the main grid's cell phi-2, gamma:4,
-load 0.9, cap 16, with 1,600-request windows, it runs 17-22x the heuristic's mean response time,
-and the shadow guard as built never hands back. The replays start empty, with fresh smoothed
-signals, so the policy's own feedback loop (a long backlog, long recent response times, worse
-knobs) never shows in them.
+load 0.9, cap 16, with 1,600-request windows, it runs 17-22x the heuristic's mean response time
+unguarded: its slow answers feed its observation (long recent response times), which leads it
+to worse knobs.
 
-Three variants of the guard, on that cell and with the packaged model as the control:
+Three guards, on that cell and with the packaged model as the control:
 
-- ``as-built``: the guard as shipped.
-- ``backlog``: the traffic log evicts only ended requests, so a replay carries every request
-  still waiting or running, however old.
-- ``backlog+signals``: that, and each replay's controller starts from the live controller's
-  smoothed signals (arrival rate, recent response time, ...).
+- ``empty-start``: session 17's guard. Replays start from an empty system with fresh smoothed
+  signals, and a handed-back policy resumes after 2 calm judgements (patched in here).
+- ``live-state``: replays start from the backlog and the signals the window opened with (the
+  library's), and resuming is as before: 2 calm judgements (patched in here).
+- ``as-built``: the library's guard: live-state replays, and a handed-back policy resumes only
+  once its replays have made up what they lost (``ShadowGuard.debt_s``).
 
-The two variants are experiments, patched in here, not library behaviour. SIMULATED.
+SIMULATED (virtual time).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
+import math
+from dataclasses import replace
 from pathlib import Path
 
-import rtlm_adapt.shadow as shadow
 from rtlm_adapt.policies import make_policy
 from rtlm_adapt.policies.ppo_train import held_out_cells, run_summary
-from rtlm_adapt.traffic import TrafficLog, TrafficRecord
+from rtlm_adapt.policies.shadow_guard import ShadowGuard
+from rtlm_adapt.traffic import TrafficLog, TrafficWindow
 
 FAILING = Path(__file__).resolve().parents[1] / "results/ppo_session17/ppo30_tail05.npz"
 CELL = "alpaca:phi-2 | gamma:4 | load 0.9 | cap 16"
-VARIANTS = ("as-built", "backlog", "backlog+signals")
+VARIANTS = ("empty-start", "live-state", "as-built")
 
 
-def keep_the_backlog() -> None:
-    """Patch TrafficLog: past its capacity it evicts the oldest *ended* record only."""
+def start_empty() -> None:
+    """Patch TrafficLog: a window is the last requests alone, from fresh signals."""
 
-    def record_submit(self: TrafficLog, request, score) -> None:
-        self._records[request.id] = TrafficRecord(request, score)
-        self.accepted += 1
-        if len(self._records) > self.capacity:
-            ended = next((rid for rid, r in self._records.items() if r.output_tokens is not None),
-                         None)
-            if ended is not None:
-                del self._records[ended]
+    def window(self: TrafficLog) -> TrafficWindow:
+        records = [replace(r) for r in self.records()]
+        return TrafficWindow(records[0].request.arrival_time, tuple(records), signals=None)
 
-    TrafficLog.record_submit = record_submit
+    TrafficLog.window = window
 
 
-def start_from_live_signals() -> None:
-    """Patch the replay: its controller starts from the live controller's smoothed signals."""
-    live: dict[str, object] = {}
-    setup_of = shadow.ShadowSetup.of.__func__
-    replay_init = shadow.ReplayController.__init__
+def resume_when_calm() -> None:
+    """Patch ShadowGuard: a handed-back policy owes nothing, so 2 calm judgements bring it
+    back."""
+    conclude = ShadowGuard._conclude
 
-    def of(cls, controller):
-        live["signals"] = dataclasses.replace(controller._signals, arrivals_in_epoch=0,
-                                              epoch_start=0.0)
-        return setup_of(cls, controller)
+    def forgiving(self: ShadowGuard, learned, heuristic) -> None:
+        conclude(self, learned, heuristic)
+        if self.active == "heuristic":
+            self.debt_s = -math.inf
 
-    def init(self, *args, **kwargs):
-        replay_init(self, *args, **kwargs)
-        if "signals" in live:
-            self._signals = dataclasses.replace(live["signals"])
-
-    shadow.ShadowSetup.of = classmethod(of)
-    shadow.ReplayController.__init__ = init
+    ShadowGuard._conclude = forgiving
 
 
 def main() -> None:
@@ -98,10 +87,10 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({"cell": CELL, "rows": rows}, indent=1) + "\n")
         return
     logging.getLogger("rtlm_adapt.policies").setLevel(logging.ERROR)
-    if args.variant != "as-built":
-        keep_the_backlog()
-    if args.variant == "backlog+signals":
-        start_from_live_signals()
+    if args.variant == "empty-start":
+        start_empty()
+    if args.variant in ("empty-start", "live-state"):
+        resume_when_calm()
     cases = next(cases for sc, cases in held_out_cells(2, 1600, caps=(16,))
                  if sc.label().startswith(CELL))
     for w, case in enumerate(cases):
