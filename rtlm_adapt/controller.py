@@ -52,6 +52,7 @@ from rtlm_adapt.request import (
     QueueFullError,
     Request,
 )
+from rtlm_adapt.running import RunningRequests
 from rtlm_adapt.serving.base import ExecutorState, StepResult
 from rtlm_adapt.signals import ServingSignals
 from rtlm_adapt.traffic import TrafficLog
@@ -123,7 +124,6 @@ class AdaptiveController(Checkpointed):
         # single lock costs less than finer-grained schemes and makes each call atomic.
         self._lock = threading.RLock()
         self._init_autosave(autosave_path, autosave_every)
-        self._cancel_marks: set[str] = set()  # running requests the loop should abort
         self._closed = False
         # Default: the lexical tier from its packaged ShareGPT prior, useful on request one.
         self.predictor = predictor if predictor is not None else LengthPredictor.pretrained()
@@ -136,7 +136,7 @@ class AdaptiveController(Checkpointed):
         self._room = WaitingRoom()
         # Looked up and withdrawn from directly; only the room adds to it and orders it.
         self._queue = self._room.queue
-        self._running: dict[str, LiveRequest] = {}
+        self._running = RunningRequests()  # on executors, with their cancellation marks
         self._next_epoch = 0.0  # when the policy decides next
         self._external_knobs = False
         self._counts = RequestCounts()  # the accounting invariant
@@ -225,8 +225,7 @@ class AdaptiveController(Checkpointed):
             else:
                 entries = self._room.take(room, now, offload_only=not primary)
             for live in entries:
-                live.executor = state.name
-                self._running[live.request_id] = live
+                self._running.start(live, state.name)
             return [live.request for live in entries]
 
     def on_step(self, executor: str, result: StepResult) -> None:
@@ -257,13 +256,12 @@ class AdaptiveController(Checkpointed):
             if not isinstance(completion, Completion):
                 raise TypeError(f"on_finish() takes a Completion, got {type(completion).__name__}")
             rid = completion.request_id
-            tracked = self._running.pop(rid, None)
+            tracked = self._running.end(rid)
             if tracked is None:
                 raise ValueError(
                     f"on_finish for request {rid!r}, which is not running "
                     "(unknown, never scheduled, or already finished)"
                 )
-            self._cancel_marks.discard(rid)
             if self.traffic is not None:
                 self.traffic.record_end(rid, output_tokens=completion.output_tokens,
                                         finished_at=completion.finish_time)
@@ -286,8 +284,8 @@ class AdaptiveController(Checkpointed):
         """
         with self._lock:
             request = self.withdraw(request_id, FailureReason.CANCELLED)
-            if request is None and request_id in self._running:
-                self._cancel_marks.add(request_id)
+            if request is None:
+                self._running.mark_cancelled(request_id)
             return request
 
     def withdraw(self, request_id: str, reason: FailureReason | str) -> Request | None:
@@ -308,24 +306,18 @@ class AdaptiveController(Checkpointed):
         """What the controller knows of a live request (waiting or running): its prediction,
         uncertainty, service-time estimate and priority ``key``; None once it has ended."""
         with self._lock:
-            running = self._running.get(request_id)
-            return running if running is not None else self._queue.get(request_id)
+            return self._running.get(request_id) or self._queue.get(request_id)
 
     def take_cancellations(self) -> list[str]:
         """Running requests marked by :meth:`cancel` since the last call (the loop aborts them)."""
         with self._lock:
-            marks = [rid for rid in self._cancel_marks if rid in self._running]
-            self._cancel_marks.clear()
-            return marks
+            return self._running.take_cancellations()
 
     def work_ahead(self, request_id: str) -> float:
         """Predicted service seconds of the waiting requests that would run before this one
         (smaller keys): what it waits behind, for deadline admission. O(queue length)."""
         with self._lock:
-            me = self._queue.get(request_id)
-            if me is None:
-                return 0.0
-            return sum(live.service_s for live in self._queue if live.key < me.key)
+            return self._room.work_ahead(request_id)
 
     def fail_queued(self, reason: FailureReason | str = FailureReason.SHUTDOWN) -> list[Request]:
         """Withdraw every waiting request as failed with ``reason``; returns them."""

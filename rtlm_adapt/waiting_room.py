@@ -105,3 +105,11 @@ class WaitingRoom:
             self.queue.push(entry)
         self._aging_due = -math.inf
         return chosen
+
+    def work_ahead(self, request_id: str) -> float:
+        """Predicted service seconds of the waiting requests that would go before this one
+        (smaller keys; 0 if it is not waiting). O(queue length)."""
+        me = self.queue.get(request_id)
+        if me is None:
+            return 0.0
+        return sum(live.service_s for live in self.queue if live.key < me.key)
