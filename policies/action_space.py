@@ -46,6 +46,8 @@ import numpy as np
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
 
+from .heuristic import hard_aging_bound_s
+
 #: Names of the action entries, in order.
 ACTION_FIELDS = (
     "length_weight",
@@ -65,13 +67,15 @@ OBS_LOW, OBS_HIGH = -1.0, 2.0
 #: (the action map of each is :data:`ACTION_MAPS`). Format 3 reads format 2's scale-free vector
 #: and differs in its action map only; format 4 adds the secondary's slowdown to the vector and
 #: keeps format 3's map; format 5 reads format 4's vector and scales the offload threshold to
-#: the prompt mix; 1-4 are kept so older models still run.
+#: the prompt mix; format 6 reads format 4's vector and adds the heuristic's hard aging bound to
+#: format 4's knobs; 1-4 are kept so older models still run.
 OBSERVATION_FORMATS: dict[int, tuple[Callable[[Observation], list[float]], tuple[str, ...]]] = {
     1: (Observation.as_vector, Observation.VECTOR_FIELDS),
     2: (Observation.scale_free_vector, Observation.SCALE_FREE_FIELDS),
     3: (Observation.scale_free_vector, Observation.SCALE_FREE_FIELDS),
     4: (Observation.scale_free_speed_vector, Observation.SCALE_FREE_SPEED_FIELDS),
     5: (Observation.scale_free_speed_vector, Observation.SCALE_FREE_SPEED_FIELDS),
+    6: (Observation.scale_free_speed_vector, Observation.SCALE_FREE_SPEED_FIELDS),
 }
 #: The format the environment (and so every newly trained model) uses unless told otherwise.
 OBSERVATION_FORMAT = 4
@@ -359,6 +363,32 @@ class TypicalLengthActionMap(LogKnobsActionMap):
         return knobs
 
 
+class AgingBoundActionMap(LogKnobsActionMap):
+    """Action format 6: format 3's (and 4's) map, with the RT-LM heuristic's hard aging bound
+    (:func:`~rtlm_adapt.policies.heuristic.hard_aging_bound_s`) as the knobs' ``max_wait_s``.
+
+    The action has no entry for the bound, so the other maps leave it off: a learned policy
+    then bounds no request's wait, and over long runs its p99 was no better than the
+    heuristic's (BENCHMARKS.md 4.6). The bound comes from the observation, as the heuristic's
+    does.
+
+    >>> from rtlm_adapt.observation import Observation
+    >>> obs = Observation(now=0.0, queue_length=3, primary_running=4, primary_max_batch=16,
+    ...     secondary_running=0, secondary_max_batch=0, pred_len_mean=200.0, pred_len_p90=400.0,
+    ...     uncertainty_mean=0.2, oldest_wait_s=5.0, min_slack_s=9.0, arrival_rate=1.0,
+    ...     service_time_s=2.0, load=0.9, recent_response_s=10.0, recent_miss_rate=0.0,
+    ...     step_time_s=0.05)
+    >>> action = [1, 0, 0, -1, 0.5, 0]
+    >>> LogKnobsActionMap().knobs(action, obs).max_wait_s
+    inf
+    >>> AgingBoundActionMap().knobs(action, obs).max_wait_s
+    30.0
+    """
+
+    def knobs(self, action: Sequence[float] | np.ndarray, obs: Observation) -> Knobs:
+        return replace(super().knobs(action, obs), max_wait_s=hard_aging_bound_s(obs))
+
+
 #: The action map of each model format (the same numbers as the observation formats).
 ACTION_MAPS: dict[int, type[KnobsActionMap]] = {
     1: KnobsActionMap,
@@ -366,4 +396,5 @@ ACTION_MAPS: dict[int, type[KnobsActionMap]] = {
     3: LogKnobsActionMap,
     4: LogKnobsActionMap,
     5: TypicalLengthActionMap,
+    6: AgingBoundActionMap,
 }

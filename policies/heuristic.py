@@ -36,6 +36,27 @@ from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
 
 
+def hard_aging_bound_s(
+    obs: Observation, *, service_factor: float = 8.0, response_factor: float = 3.0
+) -> float:
+    """The hard aging bound at ``obs``: a request that has waited this long runs next on the
+    primary. ``service_factor`` times the smoothed isolated service time (1 s before any is
+    known), or ``response_factor`` times the smoothed response time where that is longer (under
+    load a bound below the typical response time would put every request first).
+
+    >>> from rtlm_adapt.observation import Observation
+    >>> obs = Observation(now=0.0, queue_length=3, primary_running=4, primary_max_batch=4,
+    ...     secondary_running=0, secondary_max_batch=0, pred_len_mean=200.0, pred_len_p90=400.0,
+    ...     uncertainty_mean=0.2, oldest_wait_s=5.0, min_slack_s=9.0, arrival_rate=1.0,
+    ...     service_time_s=2.0, load=0.9, recent_response_s=10.0, recent_miss_rate=0.0,
+    ...     step_time_s=0.05)
+    >>> hard_aging_bound_s(obs)  # 3 x 10 s beats 8 x 2 s
+    30.0
+    """
+    service = obs.service_time_s if obs.service_time_s > 0 else 1.0
+    return max(service_factor * service, response_factor * obs.recent_response_s)
+
+
 def _on_grid(tokens: float) -> float:
     # quarter octaves, so small moves of a quantile don't re-flag the whole queue
     return 2.0 ** (round(4 * math.log2(max(1.0, tokens))) / 4)
@@ -94,7 +115,6 @@ class RTLMHeuristic:
         self.length_source = length_source
 
     def decide(self, obs: Observation) -> Knobs:
-        svc = obs.service_time_s if obs.service_time_s > 0 else 1.0
         can_offload = self.offload and obs.secondary_max_batch > 0
         cap = max(1, obs.primary_max_batch)
         # The knee gives up to 5% of the primary's throughput: affordable while the load leaves
@@ -114,9 +134,8 @@ class RTLMHeuristic:
             slack_weight=self.slack_weight,
             max_batch_size=cap,
             offload_threshold=threshold,
-            max_wait_s=max(
-                self.max_wait_factor * svc, self.max_wait_response_factor * obs.recent_response_s
-            ),
+            max_wait_s=hard_aging_bound_s(obs, service_factor=self.max_wait_factor,
+                                          response_factor=self.max_wait_response_factor),
         )
 
     def __repr__(self) -> str:

@@ -151,7 +151,7 @@ def test_format_3_needs_nothing_from_the_queue():
     assert log.knobs(action, _observation(secondary_max_batch=0)).offload_threshold == math.inf
 
 
-def test_env_uses_format_4_and_trains_formats_2_3_and_5_too():
+def test_env_uses_format_4_and_trains_formats_2_3_5_and_6_too():
     from rtlm_adapt.policies.action_space import (
         ACTION_MAPS,
         OBSERVATION_FORMAT,
@@ -161,7 +161,7 @@ def test_env_uses_format_4_and_trains_formats_2_3_and_5_too():
         observation_format_for_size,
     )
 
-    assert OBSERVATION_FORMAT == 4 and set(ACTION_MAPS) == {1, 2, 3, 4, 5}
+    assert OBSERVATION_FORMAT == 4 and set(ACTION_MAPS) == {1, 2, 3, 4, 5, 6}
     assert observation_format_for_size(14) == 2  # a file without the number predates format 3
     assert observation_format_for_size(15) == 4
     env = ServingEnv(**SMALL)
@@ -178,6 +178,10 @@ def test_env_uses_format_4_and_trains_formats_2_3_and_5_too():
     np.testing.assert_array_equal(obs2, obs3)  # formats 2 and 3: the same observation
     np.testing.assert_array_equal(obs[:-1], obs3)  # formats 4 and 5: that and the slowdown
     np.testing.assert_array_equal(five.reset(seed=0)[0], obs)
+    six = ServingEnv(**SMALL, model_format=6)  # format 4's observation, knobs with a bound
+    np.testing.assert_array_equal(six.reset(seed=0)[0], obs)
+    assert six.knobs_for(np.zeros(6)).max_wait_s < math.inf
+    assert env.knobs_for(np.zeros(6)).max_wait_s == math.inf
     assert obs.shape == (15,)
     with pytest.raises(ValueError, match="model_format"):
         ServingEnv(**SMALL, model_format=9)

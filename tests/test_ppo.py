@@ -397,6 +397,28 @@ def test_format_5_scales_the_offload_threshold_to_the_prompt_mix():
         TypicalLengthActionMap(reference_len=0.0)
 
 
+def test_format_6_gives_the_learned_knobs_the_heuristics_hard_aging_bound(tmp_path):
+    from rtlm_adapt.policies.action_space import AgingBoundActionMap, LogKnobsActionMap
+    from rtlm_adapt.policies.ppo import PACKAGED_MODEL
+
+    action = [1.0, 0.0, 0.0, -1.0, 0.5, 0.0]
+    for recent_s in (4.0, 200.0):  # 8 x 35 s of service, or 3 x 200 s of response time
+        obs = replace(_obs(10, 300.0), secondary_max_batch=4, recent_response_s=recent_s)
+        four, six = LogKnobsActionMap().knobs(action, obs), AgingBoundActionMap().knobs(action, obs)
+        assert four.max_wait_s == math.inf  # the action has no entry for it
+        assert six.max_wait_s == RTLMHeuristic().decide(obs).max_wait_s < math.inf
+        assert six.replace(max_wait_s=math.inf) == four  # the rest is format 4's
+    # the packaged model's weights read as format 6: saved, loaded and run with the bound
+    packaged = PPOPolicy.load(PACKAGED_MODEL, guard=None)
+    bounded = PPOPolicy(packaged.actor, observation_format=6, guard=None)
+    path = bounded.save(tmp_path / "bounded.npz")
+    loaded = PPOPolicy.load(path, guard=None)
+    assert loaded.observation_format == 6 and isinstance(loaded.action_map, AgingBoundActionMap)
+    obs = replace(_obs(10, 300.0), secondary_max_batch=4)
+    assert loaded.decide(obs) == packaged.decide(obs).replace(
+        max_wait_s=RTLMHeuristic().decide(obs).max_wait_s)
+
+
 def test_a_run_can_start_from_a_trained_model(tmp_path):
     from rtlm_adapt.envs import ServingEnv
     from rtlm_adapt.policies.action_space import OBS_HIGH, OBS_LOW

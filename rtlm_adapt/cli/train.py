@@ -102,9 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the tail starts, a quantile in (0, 1) of the response times (default 0.95)",
     )
     parser.add_argument(
-        "--model-format", type=int, choices=(2, 3, 4, 5),
+        "--model-format", type=int, choices=(2, 3, 4, 5, 6),
         help="the observation and action map to learn with (default 4; 5 scales the offload "
-        "threshold to the prompt mix's typical predicted length)",
+        "threshold to the prompt mix's typical predicted length; 6 adds the heuristic's hard "
+        "aging bound to format 4's knobs)",
     )
     parser.add_argument(
         "--init-model", metavar="PATH",
