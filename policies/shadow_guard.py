@@ -218,8 +218,8 @@ class ShadowGuard:
         make, scorer = dict(self._policies), controller.scorer
 
         def run() -> tuple[ShadowRun, ShadowRun]:
-            return (replay(window, make["learned"](), setup, scorer=scorer),
-                    replay(window, make["heuristic"](), setup, scorer=scorer))
+            return tuple(replay(window, make[side](), setup, repeat_arrivals=True, scorer=scorer)
+                         for side in ("learned", "heuristic"))
 
         return run
 

@@ -23,6 +23,15 @@ one had then. What it takes as given:
 - Response times count from the window's opening: the wait a backlog request had before it is
   the same under any policy.
 
+What happens after the window matters too. Served to the end on an idle system, a replay lets a
+policy that leaves work behind (long requests put off, a secondary left unused) drain it with
+no one else waiting, which live serving never does: such a policy looks better in the window
+and does worse over a long run (BENCHMARKS.md 4.7). With ``repeat_arrivals`` (what the shadow
+guard uses) the window's arrivals come a second time after it, at the same pace, so that what a
+policy leaves behind meets new requests as it would live. The replay's figure is then the time
+every request spent in the system up to the second copy's last arrival (``ShadowRun.end``):
+later time is cut off in both replays alike.
+
 >>> from rtlm_adapt.arrival import ArrivalScore
 >>> from rtlm_adapt.predictor import LengthPrediction
 >>> from rtlm_adapt.request import Request
@@ -109,12 +118,15 @@ class ShadowRun:
 
     completions: list[Completion]
     start: float = 0.0
+    #: Where time stops counting (infinite: every request until it finished).
+    end: float = math.inf
 
     @property
     def mean_response_s(self) -> float:
-        """Mean response time, counted from the window's opening for the backlog (see the
-        module docstring)."""
-        times = [c.finish_time - max(c.arrival_time, self.start) for c in self.completions]
+        """Mean time in the system per request, between the window's opening (for the
+        backlog; arrival for the others) and its finish or ``end``, whichever is first."""
+        end, start = self.end, self.start
+        times = [min(c.finish_time, end) - max(c.arrival_time, start) for c in self.completions]
         return sum(times) / len(times) if times else math.nan
 
 
@@ -172,17 +184,42 @@ def replay_requests(window: TrafficWindow) -> list[Request]:
     return out
 
 
+def repeated(requests: list[Request], start: float) -> list[Request]:
+    """A second copy of the window's arriving ``requests`` (``start``: when it opened), right
+    after them at the same pace: ids marked ``#again``, arrivals and deadlines moved on by the
+    window's span plus one mean gap between arrivals."""
+    if not requests:
+        return []
+    last = requests[-1].arrival_time
+    gap = (last - start) / max(1, len(requests) - 1) or 1.0
+    shift = last - start + gap
+    return [replace(r, id=f"{r.id}#again", arrival_time=r.arrival_time + shift,
+                    deadline=None if r.deadline is None else r.deadline + shift)
+            for r in requests]
+
+
 def replay(
     window: TrafficWindow,
     policy: Policy | str,
     setup: ShadowSetup,
     *,
+    repeat_arrivals: bool = False,
     scorer: UncertaintyScorer | None = None,
 ) -> ShadowRun:
     """Serve ``window`` again under ``policy`` (a fresh one: a replay changes its state) on
-    ``setup``'s simulated executors, from the state the window opened in. ``scorer`` saves
-    building one (it is only carried)."""
+    ``setup``'s simulated executors, from the state the window opened in; with
+    ``repeat_arrivals``, followed by a second copy of its arrivals (see the module docstring).
+    ``scorer`` saves building one (it is only carried)."""
     by_id = {r.request.id: r for r in window.records}
+    requests = replay_requests(window)
+    backlog = [r for r in requests if r.arrival_time < window.start]
+    arriving = requests[len(backlog):]
+    end = math.inf
+    if repeat_arrivals and arriving:
+        again = repeated(arriving, window.start)
+        by_id.update((r.id, by_id[r.id.removesuffix("#again")]) for r in again)
+        arriving += again
+        end = again[-1].arrival_time
     profiles = {setup.primary.name: setup.primary.cost}
     if setup.secondary is not None:
         profiles[setup.secondary.name] = setup.secondary.cost
@@ -198,12 +235,9 @@ def replay(
 
     secondary = executor(setup.secondary) if setup.secondary is not None else None
     loop = ServingLoop(controller, executor(setup.primary), secondary, batching=setup.batching)
-    requests = replay_requests(window)
     loop.advance(window.start)  # nothing to serve before the window opens: the clock moves
-    backlog = [r for r in requests if r.arrival_time < window.start]
     for request in backlog:
         loop.submit_now(request)
     if window.signals is not None:
         controller.resume_signals(window.signals, now=window.start)
-    result = loop.run(requests[len(backlog):])
-    return ShadowRun(result.completions, window.start)
+    return ShadowRun(loop.run(arriving).completions, window.start, end)
