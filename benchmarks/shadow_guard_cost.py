@@ -3,8 +3,9 @@ and how much longer a simulated run takes with the guard on.
 
     python benchmarks/shadow_guard_cost.py --json benchmarks/results/shadow_guard_cost.json
 
-A judgement replays the last ``window`` requests twice (learned policy, heuristic). The table
-gives its time for several windows, on the batch model and on the engine model of vLLM, with
+A judgement replays the last ``window`` requests twice (learned policy, heuristic), each
+followed by a second copy of their arrivals, as the guard does (``repeat_arrivals``). The
+table gives its time for several windows, on the batch model and on the engine model of vLLM, with
 the CPU secondary; per accepted request the guard spends a judgement's time over
 ``judge_every`` (50 by default). The requests come from a recorded run of the packaged model on
 AlpacaEval gpt4 lengths with azure-conv arrivals at load 0.9. Times are the best of
@@ -59,8 +60,8 @@ def judgement_ms(log: TrafficLog, setup: ShadowSetup, window: int, repeats: int)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        replay(records, make_policy("ppo-unguarded"), setup)
-        replay(records, make_policy("heuristic"), setup)
+        replay(records, make_policy("ppo-unguarded"), setup, repeat_arrivals=True)
+        replay(records, make_policy("heuristic"), setup, repeat_arrivals=True)
         best = min(best, time.perf_counter() - t)
     return 1e3 * best
 

@@ -16,7 +16,11 @@ figure recent is a stretch the better policy does not. This guard compares the t
    heuristic, on simulated executors that cost what the controller's latency models learned.
    Each replay starts from the live state the window opened in: a policy that fails only once
    a backlog builds (its slow answers feed its observation, which leads it to worse knobs)
-   looks fine from an empty start, and was missed so (BENCHMARKS.md 4.6).
+   looks fine from an empty start, and was missed so (BENCHMARKS.md 4.6). And each serves the
+   window's arrivals a second time after it, so that the work a policy leaves behind meets new
+   requests as it would live instead of draining on an idle system, where a policy that puts
+   long requests off looks better than it is (``repeat_arrivals``, BENCHMARKS.md 4.7). The
+   replays' mean response time is over both copies.
 3. The learned policy is judged worse when its replays' mean response time exceeds the
    heuristic's by more than ``margin`` (a fraction, averaged over the last ``recent``
    judgements: one stretch of 200 requests can favour either policy), or when it misses more

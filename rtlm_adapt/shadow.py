@@ -28,9 +28,10 @@ policy that leaves work behind (long requests put off, a secondary left unused) 
 no one else waiting, which live serving never does: such a policy looks better in the window
 and does worse over a long run (BENCHMARKS.md 4.7). With ``repeat_arrivals`` (what the shadow
 guard uses) the window's arrivals come a second time after it, at the same pace, so that what a
-policy leaves behind meets new requests as it would live. The replay's figure is then the time
-every request spent in the system up to the second copy's last arrival (``ShadowRun.end``):
-later time is cut off in both replays alike.
+policy leaves behind meets new requests as it would live; the replay's figure is then over both
+copies. (Cutting the time off at the second copy's last arrival instead was tried: under
+overload most requests are still waiting there under either policy, so the two replays look
+alike and a losing policy passes.)
 
 >>> from rtlm_adapt.arrival import ArrivalScore
 >>> from rtlm_adapt.predictor import LengthPrediction
@@ -118,15 +119,12 @@ class ShadowRun:
 
     completions: list[Completion]
     start: float = 0.0
-    #: Where time stops counting (infinite: every request until it finished).
-    end: float = math.inf
 
     @property
     def mean_response_s(self) -> float:
-        """Mean time in the system per request, between the window's opening (for the
-        backlog; arrival for the others) and its finish or ``end``, whichever is first."""
-        end, start = self.end, self.start
-        times = [min(c.finish_time, end) - max(c.arrival_time, start) for c in self.completions]
+        """Mean response time, counted from the window's opening for the backlog (see the
+        module docstring)."""
+        times = [c.finish_time - max(c.arrival_time, self.start) for c in self.completions]
         return sum(times) / len(times) if times else math.nan
 
 
@@ -214,12 +212,10 @@ def replay(
     requests = replay_requests(window)
     backlog = [r for r in requests if r.arrival_time < window.start]
     arriving = requests[len(backlog):]
-    end = math.inf
     if repeat_arrivals and arriving:
         again = repeated(arriving, window.start)
         by_id.update((r.id, by_id[r.id.removesuffix("#again")]) for r in again)
         arriving += again
-        end = again[-1].arrival_time
     profiles = {setup.primary.name: setup.primary.cost}
     if setup.secondary is not None:
         profiles[setup.secondary.name] = setup.secondary.cost
@@ -240,4 +236,4 @@ def replay(
         loop.submit_now(request)
     if window.signals is not None:
         controller.resume_signals(window.signals, now=window.start)
-    return ShadowRun(loop.run(arriving).completions, window.start, end)
+    return ShadowRun(loop.run(arriving).completions, window.start)
