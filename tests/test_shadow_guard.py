@@ -25,7 +25,13 @@ from rtlm_adapt.policies.shadow_guard import ShadowGuard
 from rtlm_adapt.predictor import LengthPrediction
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
 from rtlm_adapt.serving.base import ExecutorState
-from rtlm_adapt.shadow import ShadowExecutor, ShadowSetup, replay, replay_requests
+from rtlm_adapt.shadow import (
+    ShadowExecutor,
+    ShadowSetup,
+    repeated,
+    replay,
+    replay_requests,
+)
 from rtlm_adapt.traffic import TrafficLog, TrafficWindow
 
 SECONDARY = StepCost.default_secondary()
@@ -176,6 +182,24 @@ def test_the_log_keeps_the_backlog_the_window_opened_with():
     assert [r.request.id for r in log.window().backlog] == ["r2"]  # r2 is still live
     log.record_withdrawn("r2")
     assert len(log) == 2 and log.window().backlog == []
+
+
+def test_a_replay_can_serve_the_windows_arrivals_a_second_time_after_it():
+    log = TrafficLog()
+    for i in range(4):  # arrivals at 10, 12, 14, 16 s
+        log.record_submit(_request(i, 10.0 + 2.0 * i), _score(40.0))
+        log.record_end(f"r{i}", output_tokens=40, finished_at=30.0)
+    requests = replay_requests(log.window())
+    again = repeated(requests, start=10.0)
+    # the same pace, one mean gap (2 s) after the last arrival
+    assert [r.arrival_time for r in again] == [18.0, 20.0, 22.0, 24.0]
+    assert [r.id for r in again] == ["r0#again", "r1#again", "r2#again", "r3#again"]
+    assert all(a.metadata == r.metadata for a, r in zip(again, requests, strict=True))
+    setup = ShadowSetup(ShadowExecutor("gpu", StepCost.default(), 2))
+    once = replay(log.window(), "fcfs", setup)
+    twice = replay(log.window(), "fcfs", setup, repeat_arrivals=True)
+    assert len(once.completions) == 4 and len(twice.completions) == 8
+    assert {c.request_id for c in twice.completions} >= {r.id for r in again}
 
 
 def _watching(observations):
