@@ -222,8 +222,10 @@ class ShadowGuard:
         make, scorer = dict(self._policies), controller.scorer
 
         def run() -> tuple[ShadowRun, ShadowRun]:
-            return tuple(replay(window, make[side](), setup, repeat_arrivals=True, scorer=scorer)
-                         for side in ("learned", "heuristic"))
+            def under(side: str) -> ShadowRun:
+                return replay(window, make[side](), setup, repeat_arrivals=True, scorer=scorer)
+
+            return under("learned"), under("heuristic")
 
         return run
 
@@ -264,7 +266,7 @@ class ShadowGuard:
             self.handbacks += 1
             # what handed it back is what it owes: the seconds its replays lost to the
             # heuristic's over the judgements just averaged
-            self.debt_s = sum(lost for lost in self._lost_s)
+            self.debt_s = sum(self._lost_s)
             logger.warning("PPO shadow guard: the learned policy does worse than the heuristic: "
                            "handing the knobs back to the heuristic; %s", detail)
         elif self.active == "heuristic":
@@ -284,6 +286,14 @@ class ShadowGuard:
         state.update(_controller=None, _policies={}, _pending=None,
                      traffic=TrafficLog(self.traffic.capacity))
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A guard saved before the debt and the log's backlog existed (session 17) loads with
+        # no debt and an empty log of the new kind.
+        state.setdefault("debt_s", 0.0)
+        state.setdefault("_lost_s", deque(maxlen=state["_extra_times"].maxlen))
+        state["traffic"] = TrafficLog(state["traffic"].capacity)
+        self.__dict__.update(state)
 
 
 @functools.cache

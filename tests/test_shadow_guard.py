@@ -389,3 +389,14 @@ def test_a_saved_controller_with_a_shadow_guarded_policy_loads_and_guards_again(
     restored.submit(_request(0))
     assert len(guard.traffic) == 1
     assert pickle.loads(pickle.dumps(restored.policy)).guard.handbacks == 1
+    # a guard saved by session 17: no debt, and a log without the backlog
+    state = guard.__getstate__()
+    del state["debt_s"], state["_lost_s"]
+    old_log = TrafficLog.__new__(TrafficLog)
+    old_log.__dict__.update(capacity=200, _records={}, accepted=0)
+    state["traffic"] = old_log
+    old = ShadowGuard.__new__(ShadowGuard)
+    old.__setstate__(state)
+    assert old.debt_s == 0.0 and old.handbacks == 1 and old.metrics()["debt_s"] == 0.0
+    old.traffic.record_submit(_request(0), _score(10.0))
+    assert len(old.traffic.window().records) == 1
