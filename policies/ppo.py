@@ -224,7 +224,9 @@ class PPOPolicy:
         A ``model.zip`` needs torch (to read ``policy.pth``) but not gymnasium or
         stable-baselines3, unless ``online=True``, which loads the whole SB3 model to keep
         training it. Other keyword arguments go to the constructor (``guard``, ``fallback``,
-        ``name``, ...).
+        ``name``, ...); ``observation_format`` reads the model in another format with the same
+        observation, e.g. the packaged format-4 model as format 6, whose knobs carry the
+        heuristic's hard aging bound (BENCHMARKS.md 4.7).
         """
         path = Path(path)
         if not path.is_file():
@@ -265,7 +267,9 @@ class PPOPolicy:
                     f"{path}: model file version {version!r}; this rtlm-adapt reads version "
                     f"{MODEL_FILE_VERSION} (re-export it with PPOPolicy.save from its model.zip)"
                 )
-            fmt = int(meta["observation_format"])
+            # a caller may read the model in another format with the same observation, e.g. a
+            # format-4 model as format 6 (its knobs plus the heuristic's hard aging bound)
+            fmt = int(kwargs.pop("observation_format", None) or meta["observation_format"])
             if fmt not in OBSERVATION_FORMATS:
                 raise ValueError(
                     f"{path}: the model reads observation format {fmt}, which this rtlm-adapt "

@@ -417,6 +417,11 @@ def test_format_6_gives_the_learned_knobs_the_heuristics_hard_aging_bound(tmp_pa
     obs = replace(_obs(10, 300.0), secondary_max_batch=4)
     assert loaded.decide(obs) == packaged.decide(obs).replace(
         max_wait_s=RTLMHeuristic().decide(obs).max_wait_s)
+    # or read in format 6 straight from the file; an observation of another size is refused
+    assert PPOPolicy.load(PACKAGED_MODEL, observation_format=6, guard=None).decide(obs) == (
+        loaded.decide(obs))
+    with pytest.raises(ValueError, match="format 1"):
+        PPOPolicy.load(PACKAGED_MODEL, observation_format=1, guard=None)
 
 
 def test_a_run_can_start_from_a_trained_model(tmp_path):
