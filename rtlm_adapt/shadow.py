@@ -72,6 +72,10 @@ if TYPE_CHECKING:
     from rtlm_adapt.serving.base import ExecutorState
 
 
+#: What marks the id of a repeated arrival (``replay(..., repeat_arrivals=True)``).
+REPEAT_SUFFIX = "#again"
+
+
 @dataclass(frozen=True, slots=True)
 class ShadowExecutor:
     """One simulated executor of a replay: its name, what a step costs, its batch size."""
@@ -119,6 +123,16 @@ class ShadowRun:
 
     completions: list[Completion]
     start: float = 0.0
+
+    @property
+    def window_requests(self) -> int:
+        """The window's requests, its backlog's included (not their repeated arrivals)."""
+        return sum(not c.request_id.endswith(REPEAT_SUFFIX) for c in self.completions)
+
+    @property
+    def backlog_requests(self) -> int:
+        """The requests that were live when the window opened."""
+        return sum(c.arrival_time < self.start for c in self.completions)
 
     @property
     def mean_response_s(self) -> float:
@@ -184,14 +198,14 @@ def replay_requests(window: TrafficWindow) -> list[Request]:
 
 def repeated(requests: list[Request], start: float) -> list[Request]:
     """A second copy of the window's arriving ``requests`` (``start``: when it opened), right
-    after them at the same pace: ids marked ``#again``, arrivals and deadlines moved on by the
-    window's span plus one mean gap between arrivals."""
+    after them at the same pace: ids marked with :data:`REPEAT_SUFFIX`, arrivals and deadlines
+    moved on by the window's span plus one mean gap between arrivals."""
     if not requests:
         return []
     last = requests[-1].arrival_time
     gap = (last - start) / max(1, len(requests) - 1) or 1.0
     shift = last - start + gap
-    return [replace(r, id=f"{r.id}#again", arrival_time=r.arrival_time + shift,
+    return [replace(r, id=r.id + REPEAT_SUFFIX, arrival_time=r.arrival_time + shift,
                     deadline=None if r.deadline is None else r.deadline + shift)
             for r in requests]
 
@@ -214,7 +228,7 @@ def replay(
     arriving = requests[len(backlog):]
     if repeat_arrivals and arriving:
         again = repeated(arriving, window.start)
-        by_id.update((r.id, by_id[r.id.removesuffix("#again")]) for r in again)
+        by_id.update((r.id, by_id[r.id.removesuffix(REPEAT_SUFFIX)]) for r in again)
         arriving += again
     profiles = {setup.primary.name: setup.primary.cost}
     if setup.secondary is not None:

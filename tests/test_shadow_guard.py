@@ -200,6 +200,7 @@ def test_a_replay_can_serve_the_windows_arrivals_a_second_time_after_it():
     twice = replay(log.window(), "fcfs", setup, repeat_arrivals=True)
     assert len(once.completions) == 4 and len(twice.completions) == 8
     assert {c.request_id for c in twice.completions} >= {r.id for r in again}
+    assert (twice.window_requests, twice.backlog_requests) == (4, 0)
 
 
 def _watching(observations):
@@ -227,7 +228,7 @@ def test_a_replay_starts_from_the_backlog_and_the_signals_of_the_window():
     setup = ShadowSetup(ShadowExecutor("gpu", StepCost.default(), 2))
     seen: list[Observation] = []
     from_state = replay(window, _watching(seen), setup)
-    assert len(from_state.completions) == 9
+    assert len(from_state.completions) == 9 and from_state.backlog_requests == 5
     assert seen[0].now == 10.0 and seen[0].queue_length == 6  # the backlog, and r5 arriving
     # the same window with nothing before it, from fresh signals
     empty = replay(TrafficWindow.of(window.records[5:]), _watching([]), setup)
