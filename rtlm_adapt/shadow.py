@@ -118,8 +118,8 @@ class ShadowSetup:
 
 @dataclass(slots=True)
 class ShadowRun:
-    """What a replay served: one completion per record, from a window that opened at
-    ``start``."""
+    """What a replay served: one completion per request (the window's, and with
+    ``repeat_arrivals`` their second copy's), from a window that opened at ``start``."""
 
     completions: list[Completion]
     start: float = 0.0
@@ -225,7 +225,7 @@ def replay(
     by_id = {r.request.id: r for r in window.records}
     requests = replay_requests(window)
     backlog = [r for r in requests if r.arrival_time < window.start]
-    arriving = requests[len(backlog):]
+    arriving = [r for r in requests if r.arrival_time >= window.start]
     if repeat_arrivals and arriving:
         again = repeated(arriving, window.start)
         by_id.update((r.id, by_id[r.id.removesuffix(REPEAT_SUFFIX)]) for r in again)
