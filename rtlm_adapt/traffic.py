@@ -36,7 +36,6 @@ replay should not serve it either.
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -108,7 +107,7 @@ class TrafficLog:
     ) -> None:
         """A request was accepted with ``score``, when the controller's smoothed signals were
         ``signals`` (copied); the oldest record leaves the window once ``capacity`` are kept."""
-        snapshot = copy.copy(signals) if signals is not None else None
+        snapshot = signals.snapshot() if signals is not None else None
         self._records[request.id] = TrafficRecord(request, score, signals=snapshot)
         self.accepted += 1
         if len(self._records) > self.capacity:

@@ -76,6 +76,19 @@ def test_traffic_log_keeps_the_last_requests_and_refuses_a_bad_capacity():
             TrafficLog(capacity=bad)
 
 
+def test_a_signals_snapshot_copies_every_field_and_stays_put():
+    import dataclasses
+
+    from rtlm_adapt.signals import ServingSignals
+
+    names = [f.name for f in dataclasses.fields(ServingSignals)]
+    live = ServingSignals(**{name: float(i + 1) for i, name in enumerate(names)})
+    kept = live.snapshot()
+    assert dataclasses.astuple(kept) == dataclasses.astuple(live) and kept is not live
+    live.response_ewma = 99.0
+    assert kept.response_ewma != 99.0
+
+
 def test_controller_records_what_it_accepts_and_how_it_ended():
     ctl = AdaptiveController("fcfs")
     log = TrafficLog()
