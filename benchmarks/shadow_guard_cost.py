@@ -10,12 +10,14 @@ the CPU secondary; per accepted request the guard spends a judgement's time over
 ``judge_every`` (50 by default). The requests come from a recorded run of the packaged model on
 AlpacaEval gpt4 lengths with azure-conv arrivals at load 0.9. Times are the best of
 ``--repeats`` (the machine is shared). The last line times whole simulated runs of the packaged
-model with and without the guard, alternating the order.
+model with and without the guard, alternating the order, and the last what the traffic log
+adds to the controller's ``submit`` (the per-request path), with and without a log watching.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -30,6 +32,7 @@ from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.data.datasets import load_prompts
 from rtlm_adapt.experiment import build_workload, run_policy
 from rtlm_adapt.policies import make_policy
+from rtlm_adapt.request import Request
 from rtlm_adapt.shadow import ShadowSetup, replay
 from rtlm_adapt.traffic import TrafficLog, TrafficWindow
 
@@ -79,6 +82,27 @@ def run_seconds(workload, primary: StepCost, repeats: int) -> dict[str, float]:
     return {name: min(ts) for name, ts in times.items()}
 
 
+def submit_us(repeats: int, n: int = 2000) -> dict[str, float]:
+    """Best time of ``AdaptiveController.submit`` per request (features computed beforehand,
+    as a front end does), with and without a traffic log, alternating the order."""
+    prompts = [f"Write a short note about topic number {i}, please." for i in range(n)]
+    features = [AdaptiveController("heuristic").prompt_features(p) for p in prompts]
+    times: dict[str, list[float]] = {"no log": [], "log": []}
+    for i in range(2 * repeats):
+        for name in (["no log", "log"] if i % 2 == 0 else ["log", "no log"]):
+            ctl = AdaptiveController("heuristic")
+            if name == "log":
+                ctl.watch_traffic(TrafficLog())
+            requests = [Request(f"r{j}", p, float(j)) for j, p in enumerate(prompts)]
+            copies = [dict(f) for f in features]
+            gc.collect()
+            t = time.perf_counter()
+            for request, f in zip(requests, copies, strict=True):
+                ctl.submit(request, f)
+            times[name].append((time.perf_counter() - t) / n * 1e6)
+    return {name: min(ts) for name, ts in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", default="50,100,200,400")
@@ -102,8 +126,11 @@ def main() -> None:
     print(f"whole run of {len(workload.requests)} requests ({PROFILES[-1]}): guarded "
           f"{whole['ppo']:.2f} s, unguarded {whole['ppo-unguarded']:.2f} s "
           f"({whole['ppo'] / whole['ppo-unguarded']:.1f}x)")
+    submit = submit_us(args.repeats)
+    print(f"controller.submit per request: {submit['log']:.1f} us with a traffic log, "
+          f"{submit['no log']:.1f} us without")
     if args.json:
-        payload = {"judgements": rows, "whole_run_s": whole,
+        payload = {"judgements": rows, "whole_run_s": whole, "submit_us": submit,
                    "whole_run_requests": len(workload.requests),
                    "command": shlex.join(["python", *sys.argv]),
                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average "
