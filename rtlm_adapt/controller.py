@@ -180,7 +180,6 @@ class AdaptiveController(Checkpointed):
             self._counts.submitted += 1
             if self.traffic is not None:
                 self.traffic.record_submit(request, score, self._signals)
-            self._signals.arrivals_in_epoch += 1
             # smoothed isolated service time: the time scale of the observation and of aging
             length = score.prediction.length
             self._signals.record_submit(latency.service_time(score.prompt_tokens, length), length)
@@ -237,12 +236,8 @@ class AdaptiveController(Checkpointed):
                 return
             if self.learns_latency:
                 self._executors.latency_for(executor).learn_step(
-                    result.batch_size,
-                    result.context_tokens,
-                    result.prefill_tokens,
-                    result.duration_s,
-                    iterations=result.iterations,
-                )
+                    result.batch_size, result.context_tokens, result.prefill_tokens,
+                    result.duration_s, iterations=result.iterations)
             if executor == self._executors.primary:
                 self._signals.record_step(result.duration_s / result.iterations)
 
@@ -428,14 +423,8 @@ class AdaptiveController(Checkpointed):
     def observe(self, now: float) -> Observation:
         """The current observation (see :func:`rtlm_adapt.observer.observe`)."""
         with self._lock:
-            return observer.observe(
-                now,
-                self._queue,
-                self._executors,
-                self._signals,
-                self.predictor,
-                self.reference_batch,
-            )
+            return observer.observe(now, self._queue, self._executors, self._signals,
+                                    self.predictor, self.reference_batch)
 
     def stats(self) -> ControllerStats:
         with self._lock:

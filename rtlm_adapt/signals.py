@@ -37,7 +37,7 @@ class ServingSignals:
     miss_ewma: float = 0.0
     #: Duration of one decode iteration on the primary (s).
     step_ewma: float = 0.0
-    #: Submits since the current scheduling epoch began (the submit path counts them).
+    #: Submits since the current scheduling epoch began (:meth:`record_submit` counts them).
     arrivals_in_epoch: int = field(default=0, repr=False)
     #: When the current epoch began (0 before the first one ended).
     epoch_start: float = field(default=0.0, repr=False)
@@ -54,7 +54,9 @@ class ServingSignals:
 
     def record_submit(self, isolated_s: float, predicted_tokens: float) -> None:
         """A request was submitted whose isolated service time is predicted as ``isolated_s``
-        and its output as ``predicted_tokens`` (the first one sets both figures)."""
+        and its output as ``predicted_tokens`` (the first one sets both figures). It counts
+        toward this epoch's arrival rate."""
+        self.arrivals_in_epoch += 1
         if self.service_ewma == 0.0 and self.length_ewma == 0.0:
             self.service_ewma, self.length_ewma = isolated_s, predicted_tokens
         else:
