@@ -22,6 +22,8 @@ one had then. What it takes as given:
   lengths again, so the policy under test sees what the live one saw.
 - Response times count from the window's opening: the wait a backlog request had before it is
   the same under any policy.
+- Several primaries (a gateway's backends) are replayed as several primaries, each at its
+  reported batch size and learned cost; the controller's router among them is the replay's too.
 
 What happens after the window matters too. Served to the end on an idle system, a replay lets a
 policy that leaves work behind (long requests put off, a secondary left unused) drain it with
@@ -91,29 +93,37 @@ class ShadowExecutor:
 
 @dataclass(frozen=True, slots=True)
 class ShadowSetup:
-    """The executors and controller settings a replay serves with."""
+    """The executors and controller settings a replay serves with: a primary, any more
+    primaries beside it (a gateway's other backends), and an optional secondary."""
 
     primary: ShadowExecutor
     secondary: ShadowExecutor | None = None
     epoch_s: float = 1.0
     batching: str = "continuous"
     reference_batch: int = 8
+    more_primaries: tuple[ShadowExecutor, ...] = ()
+
+    @property
+    def primaries(self) -> tuple[ShadowExecutor, ...]:
+        """Every primary, in the order the live ones first reported."""
+        return (self.primary, *self.more_primaries)
 
     @classmethod
     def of(cls, controller: AdaptiveController) -> ShadowSetup | None:
         """What ``controller`` serves with now: its executors at their reported batch sizes,
-        costing what its latency models have learned; None before the primary has reported."""
+        costing what its latency models have learned; None before a primary has reported."""
         states = controller.executor_states().values()  # in the order they first reported
-        primary = next((s for s in states if s.role == "primary"), None)  # the controller's too
-        if primary is None:
+        primaries = [s for s in states if s.role == "primary"]
+        if not primaries:
             return None
         secondary = next((s for s in states if s.role != "primary"), None)
 
         def shadow(state: ExecutorState) -> ShadowExecutor:
             return ShadowExecutor.of(state, controller.latency[state.name].coefficients())
 
-        return cls(shadow(primary), shadow(secondary) if secondary is not None else None,
-                   controller.epoch_s, controller.batching, controller.reference_batch)
+        return cls(shadow(primaries[0]), shadow(secondary) if secondary is not None else None,
+                   controller.epoch_s, controller.batching, controller.reference_batch,
+                   tuple(shadow(s) for s in primaries[1:]))
 
 
 @dataclass(slots=True)
@@ -230,9 +240,8 @@ def replay(
         again = repeated(arriving, window.start)
         by_id.update((r.id, by_id[r.id.removesuffix(REPEAT_SUFFIX)]) for r in again)
         arriving += again
-    profiles = {setup.primary.name: setup.primary.cost}
-    if setup.secondary is not None:
-        profiles[setup.secondary.name] = setup.secondary.cost
+    executors = [*setup.primaries, *([setup.secondary] if setup.secondary is not None else [])]
+    profiles = {shadow.name: shadow.cost for shadow in executors}
     controller = ReplayController(
         policy, by_id, scorer=scorer, profiles=profiles, epoch_s=setup.epoch_s,
         batching=setup.batching, reference_batch=setup.reference_batch,
@@ -244,7 +253,9 @@ def replay(
                                   priority_of=priority_of, max_batch_size=shadow.max_batch_size)
 
     secondary = executor(setup.secondary) if setup.secondary is not None else None
-    loop = ServingLoop(controller, executor(setup.primary), secondary, batching=setup.batching)
+    # registered in the live order, so the replayed controller takes the same one as its primary
+    primaries = [executor(shadow) for shadow in setup.primaries]
+    loop = ServingLoop(controller, primaries, secondary, batching=setup.batching)
     loop.advance(window.start)  # nothing to serve before the window opens: the clock moves
     for request in backlog:
         loop.submit_now(request)

@@ -479,6 +479,19 @@ def test_the_shadow_guard_hands_a_bad_policy_back_inside_the_gateway(tmp_path, p
         assert gw.metric("rtlm_policy_guard", figure="shadow_ratio") > 1.0
 
 
+def test_the_shadow_guard_replays_every_primary_backend() -> None:
+    """A pool of two backends is replayed as two primaries (replayed on one, the judgement
+    would serve twice the load on half the seats; BENCHMARKS.md 4.8)."""
+    from rtlm_adapt.shadow import ShadowSetup
+
+    with paced() as a, paced() as b, gateway(a, b, policy="ppo") as gw:
+        assert chat(gw.oai).status_code == 200
+        setup = ShadowSetup.of(gw.controller)
+        names = [backend.name for backend in gw.gateway.backends]
+        assert len(set(names)) == 2
+        assert sorted(shadow.name for shadow in setup.primaries) == sorted(names)
+
+
 def test_oracle_policy_ranks_by_the_oracle_header() -> None:
     with paced() as be, gateway(be, policy="oracle-sjf") as gw:
         raw = chat(gw.oai, extra_headers={"x-rtlm-oracle-tokens": "5"})

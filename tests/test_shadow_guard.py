@@ -14,7 +14,7 @@ import pytest
 from rtlm_adapt.arrival import ArrivalScore
 from rtlm_adapt.calibration.step_cost import StepCost
 from rtlm_adapt.controller import AdaptiveController
-from rtlm_adapt.experiment import build_workload, run_policy
+from rtlm_adapt.experiment import build_workload, engine_priorities, run_policy
 from rtlm_adapt.knobs import Knobs
 from rtlm_adapt.observation import Observation
 from rtlm_adapt.policies import make_policy
@@ -25,6 +25,8 @@ from rtlm_adapt.policies.shadow_guard import ShadowGuard
 from rtlm_adapt.predictor import LengthPrediction
 from rtlm_adapt.request import TRUE_LENGTH_KEY, Completion, Request
 from rtlm_adapt.serving.base import ExecutorState
+from rtlm_adapt.serving.loop import ServingLoop
+from rtlm_adapt.serving.simulated import simulated_executor
 from rtlm_adapt.shadow import (
     ShadowExecutor,
     ShadowSetup,
@@ -162,6 +164,34 @@ def test_a_replay_of_a_finished_run_reproduces_it(samples, policy):
     other = "fcfs" if policy == "heuristic" else "heuristic"
     assert replay(log.window(), make_policy(other), setup).mean_response_s != pytest.approx(
         again.mean_response_s, rel=0.01)
+
+
+def test_a_replay_serves_every_primary_the_live_controller_had(samples):
+    # A gateway with two backends: two primaries, and arrivals at 0.85 of what the two serve.
+    workload = build_workload(samples, arrivals="azure-conv", load=1.7, n=160, seed=5)
+    log = TrafficLog(capacity=len(workload.requests))
+    ctl = AdaptiveController("heuristic")
+    ctl.watch_traffic(log)
+    cost = StepCost.default()
+    replicas = [simulated_executor(name, cost, priority_of=engine_priorities(ctl))
+                for name in ("gpu-a", "gpu-b")]
+    live = ServingLoop(ctl, replicas).run(workload.requests)
+    assert {c.executor for c in live.completions} == {"gpu-a", "gpu-b"}
+    live_mean = float(np.mean([c.response_time for c in live.completions]))
+
+    setup = ShadowSetup.of(ctl)
+    assert [shadow.name for shadow in setup.primaries] == ["gpu-a", "gpu-b"]
+    again = replay(log.window(), make_policy("heuristic"), setup)
+    assert {c.executor for c in again.completions} == {"gpu-a", "gpu-b"}
+    assert again.mean_response_s == pytest.approx(live_mean, rel=0.05)
+    # replayed on the first backend alone, the same traffic overloads it: the judgement would
+    # compare the policies in a situation the deployment is not in
+    alone = replay(log.window(), make_policy("heuristic"), replace(setup, more_primaries=()))
+    assert alone.mean_response_s > 1.5 * live_mean
+    with pytest.raises(ValueError, match="different names"):
+        ServingLoop(ctl, [replicas[0], replicas[0]])
+    with pytest.raises(ValueError, match="at least one primary"):
+        ServingLoop(ctl, [])
 
 
 def test_a_replay_serves_live_requests_for_their_prediction_on_the_live_clock():

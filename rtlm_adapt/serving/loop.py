@@ -60,7 +60,9 @@ class ServingLoop:
         An :class:`~rtlm_adapt.controller.AdaptiveController` (anything with ``submit``,
         ``next_batch``, ``on_step``, ``on_finish``).
     primary, secondary
-        The executors; ``secondary`` (optional) receives offloaded requests.
+        The executors; ``secondary`` (optional) receives offloaded requests. ``primary`` may be
+        several executors (a router's replicas, as behind a gateway with several backends):
+        each asks the controller for work as a primary.
     batching
         ``continuous`` or ``static``.
     on_completion
@@ -82,7 +84,7 @@ class ServingLoop:
     def __init__(
         self,
         controller,
-        primary: Executor,
+        primary: Executor | Sequence[Executor],
         secondary: Executor | None = None,
         *,
         batching: str = "continuous",
@@ -107,11 +109,15 @@ class ServingLoop:
         self.step_timeout_s = step_timeout_s
         self.wall_timeout_s = wall_timeout_s
         self.keep_completions = keep_completions
-        self._lanes = [Lane(primary, "primary")]
+        primaries = list(primary) if isinstance(primary, Sequence) else [primary]
+        if not primaries:
+            raise ValueError("ServingLoop needs at least one primary executor")
+        self._lanes = [Lane(ex, "primary") for ex in primaries]
         if secondary is not None:
-            if secondary.name == primary.name:
-                raise ValueError("primary and secondary executors need different names")
             self._lanes.append(Lane(secondary, "secondary"))
+        names = [lane.executor.name for lane in self._lanes]
+        if len(set(names)) < len(names):
+            raise ValueError(f"the executors need different names, got {names}")
         register = getattr(controller, "register_executor", None)
         if callable(register):  # the first policy epoch then already sees both executors
             for lane in self._lanes:
