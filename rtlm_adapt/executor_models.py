@@ -8,8 +8,9 @@ lengths into predicted service times. A latency model starts from the executor's
 >>> from rtlm_adapt.serving.base import ExecutorState
 >>> models = ExecutorModels()
 >>> models.update(ExecutorState("gpu", "primary", running=0, max_batch_size=8, now=0.0))
->>> models.primary, sorted(models.latency)
-('gpu', ['gpu'])
+>>> models.update(ExecutorState("gpu-2", "primary", running=0, max_batch_size=8, now=0.0))
+>>> models.primary, [s.name for s in models.primaries()], sorted(models.latency)
+('gpu', ['gpu', 'gpu-2'], ['gpu', 'gpu-2'])
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ExecutorModels:
         if not isinstance(state, ExecutorState):
             raise TypeError(f"next_batch() takes an ExecutorState, got {type(state).__name__}")
         if state.name not in self.states:
-            if state.role == "primary":
+            if state.role == "primary" and self.primary is None:
                 self.primary = state.name
             self.latency_for(state.name)
         self.states[state.name] = state
@@ -55,6 +56,10 @@ class ExecutorModels:
     def primary_latency(self) -> LatencyModel:
         """The primary's latency model (one named ``primary`` before any executor reported)."""
         return self.latency_for(self.primary or "primary")
+
+    def primaries(self) -> list[ExecutorState]:
+        """Every primary's latest state (a router's replicas, a gateway's backends)."""
+        return [s for s in self.states.values() if s.role == "primary"]
 
     def secondary(self) -> ExecutorState | None:
         """The first executor that is not the primary, if any reported."""
