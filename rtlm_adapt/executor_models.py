@@ -9,8 +9,8 @@ lengths into predicted service times. A latency model starts from the executor's
 >>> models = ExecutorModels()
 >>> models.update(ExecutorState("gpu", "primary", running=0, max_batch_size=8, now=0.0))
 >>> models.update(ExecutorState("gpu-2", "primary", running=0, max_batch_size=8, now=0.0))
->>> models.primary, [s.name for s in models.primaries()], sorted(models.latency)
-('gpu', ['gpu', 'gpu-2'], ['gpu', 'gpu-2'])
+>>> models.primary, sorted(models.latency)  # the first primary stays the primary
+('gpu', ['gpu', 'gpu-2'])
 """
 
 from __future__ import annotations
@@ -56,10 +56,6 @@ class ExecutorModels:
     def primary_latency(self) -> LatencyModel:
         """The primary's latency model (one named ``primary`` before any executor reported)."""
         return self.latency_for(self.primary or "primary")
-
-    def primaries(self) -> list[ExecutorState]:
-        """Every primary's latest state (a router's replicas, a gateway's backends)."""
-        return [s for s in self.states.values() if s.role == "primary"]
 
     def secondary(self) -> ExecutorState | None:
         """The first executor that is not the primary, if any reported."""

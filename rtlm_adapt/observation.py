@@ -41,8 +41,7 @@ class Observation:
     arrival_rate: float
     #: Smoothed isolated service time of a request on the primary, as predicted (s).
     service_time_s: float
-    #: Offered load: arrival rate over the primaries' estimated capacity, summed over a pool of
-    #: primaries (a gateway's backends) since all serve the one queue (1.0 = saturated).
+    #: Offered load: arrival rate over the primary's estimated capacity (1.0 = saturated).
     load: float
     #: Recent mean response time (s) and deadline-miss rate of finished requests.
     recent_response_s: float

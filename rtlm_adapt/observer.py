@@ -14,7 +14,6 @@ True
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from rtlm_adapt.executor_models import ExecutorModels
 from rtlm_adapt.latency import LatencyModel
@@ -23,9 +22,6 @@ from rtlm_adapt.observation import Observation
 from rtlm_adapt.predictor import LengthPredictor
 from rtlm_adapt.queue import RequestQueue
 from rtlm_adapt.signals import ServingSignals
-
-if TYPE_CHECKING:
-    from rtlm_adapt.serving.base import ExecutorState
 
 #: Waiting requests an observation summarises (a sample: the queue may hold thousands).
 OBSERVE_SAMPLE = 128
@@ -64,11 +60,7 @@ def observe(
     batch = max(1, primary.max_batch_size if primary else reference_batch)
     mean_len = sum(lengths) / n if n else predictor.predict_one({}).length
     per_request = latency.service_time(_TYPICAL_PROMPT_TOKENS, mean_len, batch_size=batch)
-    # the load is the pool's: every primary serves the one queue (a gateway's backends)
     capacity = batch / max(1e-9, per_request)
-    for other in executors.primaries():
-        if other is not primary:
-            capacity += _capacity(executors.latency_for(other.name), other, mean_len)
     slowdown = 0.0
     if secondary is not None and secondary.max_batch_size > 0:
         on_secondary = executors.latency_for(secondary.name).service_time(
@@ -97,13 +89,6 @@ def observe(
         secondary_slowdown=slowdown,
         typical_len=signals.length_ewma,
     )
-
-
-def _capacity(latency: LatencyModel, state: ExecutorState, mean_len: float) -> float:
-    """Requests per second ``state``'s executor serves at its batch size, per its model."""
-    batch = max(1, state.max_batch_size)
-    return batch / max(1e-9, latency.service_time(_TYPICAL_PROMPT_TOKENS, mean_len,
-                                                  batch_size=batch))
 
 
 def knee_batch(

@@ -1,5 +1,4 @@
 import math
-from dataclasses import replace
 
 import pytest
 from conftest import make_request
@@ -269,23 +268,3 @@ def test_a_step_that_computed_nothing_teaches_no_timing(caplog):
     ctl.on_step("primary", StepResult(duration_s=0.05, iterations=2, batch_size=1))
     assert ctl.latency["primary"].n_learned == 1
 
-
-def test_the_load_is_the_pools_when_several_primaries_serve_the_queue():
-    """A gateway's backends all serve the controller's one queue: the observed load is the
-    arrival rate over their summed capacity, and the first to report stays the primary."""
-    observed = {}
-    for seats in ((8,), (8, 8), (8, 4)):
-        ctl = AdaptiveController("fcfs", epoch_s=1.0)
-        states = [ExecutorState(f"gpu-{i}", "primary", 0, n, 0.0) for i, n in enumerate(seats)]
-        for state in states:
-            ctl.register_executor(state)
-        ctl.next_batch(states[0], limit=0)  # the first epoch opens at 0
-        for i in range(10):
-            ctl.submit(Request(f"r{i}", "Tell me a story about the sea.", arrival_time=0.1 * i))
-        ctl.next_batch(replace(states[0], now=1.0), limit=0)  # closes it: 10 requests/s
-        observed[seats] = ctl.observe(1.0)
-    one, two, uneven = observed[(8,)], observed[(8, 8)], observed[(8, 4)]
-    assert one.load > 0 and one.arrival_rate == two.arrival_rate == 10.0
-    assert two.load == pytest.approx(one.load / 2)
-    assert one.load / 2 < uneven.load < one.load
-    assert (two.primary_max_batch, uneven.primary_max_batch) == (8, 8)  # gpu-0's
