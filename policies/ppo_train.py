@@ -428,6 +428,7 @@ def export_model(
     validation: list[tuple[str, float]] | None = None,
     by_regime: dict[str, float] | None = None,
     min_gain: float = 0.01,
+    formats: list[dict[str, float]] | None = None,
 ) -> Path:
     """Write a training run's model (a file in the run folder) as the numpy ``.npz`` that
     :meth:`PPOPolicy.load` reads without torch, with the run's config and learning curve in its
@@ -437,11 +438,15 @@ def export_model(
     ``by_regime`` (from :func:`validate_by_regime`) is the model's mean response time over the
     heuristic's per regime: where it is above ``1 - min_gain`` (less than 1% better, by
     default), and in any regime training never drew, the exported policy leaves the knobs to
-    the heuristic (``PPOPolicy.heuristic_regimes``). How the packaged model is made::
+    the heuristic (``PPOPolicy.heuristic_regimes``). ``formats`` (from
+    :func:`validate_formats`, best first) reads the model in the best one. How the packaged
+    model is made::
 
         ranked = validate_checkpoints("runs/ppo24")
         regimes = validate_by_regime("runs/ppo24", ranked[0][0])
-        export_model("runs/ppo24", "policies/models/ppo.npz", ranked[0][0], ranked, regimes)
+        formats = validate_formats("runs/ppo24", ranked[0][0])
+        export_model("runs/ppo24", "policies/models/ppo.npz", ranked[0][0], ranked, regimes,
+                     formats=formats)
     """
     from .ppo import PPOPolicy
 
@@ -451,7 +456,9 @@ def export_model(
     curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
     heuristic_regimes = set(untrained_regimes(config))
     heuristic_regimes |= {r for r, ratio in (by_regime or {}).items() if ratio > 1.0 - min_gain}
-    policy = PPOPolicy.load(run / model, guard=None, heuristic_regimes=heuristic_regimes)
+    fmt = int(formats[0]["observation_format"]) if formats else None
+    policy = PPOPolicy.load(run / model, guard=None, heuristic_regimes=heuristic_regimes,
+                            observation_format=fmt)
     # best_model.zip is the evaluation with the lowest mean response time (the callback's rule)
     best = min(curve, key=lambda row: row["ppo"]["mean_rt_s"]) if curve else {}
     chosen = best if model == "best_model.zip" else (curve[-1] if curve else {})
@@ -464,6 +471,8 @@ def export_model(
     extra: dict[str, Any] = {"validation_rt_over_heuristic": validation} if validation else {}
     if by_regime:
         extra["validation_by_regime"] = {"rt_over_heuristic": by_regime, "min_gain": min_gain}
+    if formats:
+        extra["validation_by_format"] = formats
     dest.with_suffix(".json").write_text(
         json.dumps({**training, **extra, "learning_curve": curve}, indent=1) + "\n"
     )
@@ -473,29 +482,54 @@ def export_model(
 @dataclass
 class Validation:
     """A run's validation episodes (the training space's held-out windows) and the heuristic's
-    mean response time on each, for scoring the run's models against."""
+    summary on each, for scoring the run's models against."""
 
     config: TrainConfig
     cases: list[EvalCase]
-    heuristic_rt_s: list[float]
+    heuristic: list[Summary]
 
     @classmethod
     def of_run(cls, run: str | Path, episodes: int = 48, seed: int = 30_000) -> Validation:
         config = TrainConfig(**{**json.loads((Path(run) / "config.json").read_text()),
                                 "eval_episodes": episodes})
         cases = training_eval_cases(config, seed=seed)
-        return cls(config, cases, [run_case("heuristic", c, config.env)[0] for c in cases])
+        return cls(config, cases, [run_summary("heuristic", c, config.env) for c in cases])
 
-    def ratios(self, model: str | Path) -> list[float]:
-        """The model's (the actor alone) mean response time over the heuristic's, per episode.
-        The guard is off: its judgement would blur the comparison."""
+    def summaries(self, model: str | Path, observation_format: int | None = None) -> list[Summary]:
+        """The model's (the actor alone) summary per episode, read in ``observation_format``
+        if given. The guard is off: its judgement would blur the comparison."""
         from .ppo import PPOPolicy
 
-        loaded = PPOPolicy.load(model, guard=None)
+        loaded = PPOPolicy.load(model, guard=None, observation_format=observation_format)
         actor, fmt = loaded.actor, loaded.observation_format
-        rts = [run_case(PPOPolicy(actor, guard=None, observation_format=fmt), case,
-                        self.config.env)[0] for case in self.cases]
-        return [float(r) for r in np.divide(rts, self.heuristic_rt_s)]
+        return [run_summary(PPOPolicy(actor, guard=None, observation_format=fmt), case,
+                            self.config.env) for case in self.cases]
+
+    def ratios(self, model: str | Path, observation_format: int | None = None) -> list[float]:
+        """The model's mean response time over the heuristic's, per episode."""
+        return [s.mean_rt_s / h.mean_rt_s
+                for s, h in zip(self.summaries(model, observation_format), self.heuristic,
+                                strict=True)]
+
+
+def validate_formats(
+    run: str | Path, model: str, formats: Sequence[int] = (4, 6), episodes: int = 48,
+    seed: int = 30_000,
+) -> list[dict[str, float]]:
+    """A run's ``model`` read in each of ``formats`` (the same observation, other knobs: format
+    6 adds the heuristic's hard aging bound) on :func:`validate_checkpoints`' episodes: its mean
+    response time and its p99 over the heuristic's (means over episodes), and ``score``, the
+    average of the two, which weighs the tail as much as the mean. Best score first."""
+    validation = Validation.of_run(run, episodes, seed)
+    rows = []
+    for fmt in formats:
+        runs = list(zip(validation.summaries(Path(run) / model, fmt), validation.heuristic,
+                        strict=True))
+        mean = float(np.mean([s.mean_rt_s / h.mean_rt_s for s, h in runs]))
+        p99 = float(np.mean([s.p99_rt_s / h.p99_rt_s for s, h in runs]))
+        rows.append({"observation_format": fmt, "mean_rt_over_heuristic": mean,
+                     "p99_over_heuristic": p99, "score": (mean + p99) / 2})
+    return sorted(rows, key=lambda row: row["score"])
 
 
 def validate_checkpoints(
