@@ -225,8 +225,8 @@ class PPOPolicy:
         stable-baselines3, unless ``online=True``, which loads the whole SB3 model to keep
         training it. Other keyword arguments go to the constructor (``guard``, ``fallback``,
         ``name``, ...); ``observation_format`` reads the model in another format with the same
-        observation, e.g. the packaged format-4 model as format 6, whose knobs carry the
-        heuristic's hard aging bound (BENCHMARKS.md 4.7).
+        observation, e.g. the packaged model (format 6: its knobs carry the heuristic's hard
+        aging bound) as format 4, without the bound (BENCHMARKS.md 4.7, 4.9).
         """
         path = Path(path)
         if not path.is_file():
@@ -268,7 +268,7 @@ class PPOPolicy:
                     f"{MODEL_FILE_VERSION} (re-export it with PPOPolicy.save from its model.zip)"
                 )
             # a caller may read the model in another format with the same observation, e.g. a
-            # format-4 model as format 6 (its knobs plus the heuristic's hard aging bound)
+            # format-6 model as format 4 (its knobs without the heuristic's hard aging bound)
             fmt = int(kwargs.pop("observation_format", None) or meta["observation_format"])
             if fmt not in OBSERVATION_FORMATS:
                 raise ValueError(
