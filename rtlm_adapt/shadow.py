@@ -23,7 +23,8 @@ one had then. What it takes as given:
 - Response times count from the window's opening: the wait a backlog request had before it is
   the same under any policy.
 - Several primaries (a gateway's backends) are replayed as several primaries, each at its
-  reported batch size and learned cost; the controller's router among them is the replay's too.
+  reported batch size and learned cost. Each takes work from the controller when it has room;
+  the gateway's own choice among free backends (least predicted work first) is not replayed.
 
 What happens after the window matters too. Served to the end on an idle system, a replay lets a
 policy that leaves work behind (long requests put off, a secondary left unused) drain it with

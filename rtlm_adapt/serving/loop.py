@@ -119,7 +119,7 @@ class ServingLoop:
         if len(set(names)) < len(names):
             raise ValueError(f"the executors need different names, got {names}")
         register = getattr(controller, "register_executor", None)
-        if callable(register):  # the first policy epoch then already sees both executors
+        if callable(register):  # the first policy epoch then already sees every executor
             for lane in self._lanes:
                 ex = lane.executor
                 register(ExecutorState(ex.name, lane.role, 0, ex.max_batch_size, 0.0))
