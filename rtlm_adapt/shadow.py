@@ -195,38 +195,16 @@ class ReplayController(AdaptiveController):
 def replay_requests(window: TrafficWindow) -> list[Request]:
     """The window's records as requests to serve again, backlog first, each carrying the
     length it is served for (see the module docstring)."""
-    pace = _decode_pace(window)
     out = []
     for record in window.records:
         live = record.request
-        tokens = _served_tokens(record, window, pace)
+        tokens = record.output_tokens
+        if tokens is None:  # still live: its prediction is the best guess
+            tokens = round(record.score.prediction.length)
         tokens = min(max(1, int(tokens)), live.max_tokens)
         out.append(replace(live, prompt_tokens=record.score.prompt_tokens,
                            metadata={TRUE_LENGTH_KEY: tokens}))
     return out
-
-
-def _decode_pace(window: TrafficWindow) -> float:
-    """Seconds per generated token on the primary, as the live controller last saw it (0:
-    unknown)."""
-    latest = next((r.signals for r in reversed(window.records) if r.signals is not None), None)
-    return latest.step_ewma if latest is not None else 0.0
-
-
-def _served_tokens(record: TrafficRecord, window: TrafficWindow, pace: float) -> float:
-    """The tokens a replay serves ``record`` for. An ended request: what it generated. A live
-    one: its prediction, or more where it has already run longer than that (the requests still
-    running are the long ones: BENCHMARKS.md 4.10). A backlog request that was running when
-    the window opened: only what it had left then."""
-    started, generated = record.started_at, 0.0
-    tokens = record.output_tokens
-    if tokens is None:
-        tokens = round(record.score.prediction.length)
-        if started is not None and window.taken_at is not None and pace > 0:
-            tokens = max(tokens, round((window.taken_at - started) / pace) + 1)
-    if started is not None and started < window.start and pace > 0:
-        generated = (window.start - started) / pace
-    return max(1.0, tokens - generated)
 
 
 def repeated(requests: list[Request], start: float) -> list[Request]:
