@@ -186,7 +186,7 @@ class ShadowGuard:
             self._pending = None
         if self.traffic.accepted >= self._next_judgement and self._pending is None:
             self._next_judgement = self.traffic.accepted + self.judge_every
-            job = self._replays(obs.now)
+            job = self._replays()
             if job is not None and self.background:
                 self._pending = _worker().submit(job)
             elif job is not None:
@@ -209,17 +209,17 @@ class ShadowGuard:
                 "trials": float(self.judgements), "learned_active": float(learned_active),
                 "shadow_ratio": ratio, "debt_s": 0.0 if learned_active else self.debt_s}
 
-    def _replays(self, now: float) -> Callable[[], tuple[ShadowRun, ShadowRun]] | None:
-        """The two replays of a judgement made at ``now``, ready to run anywhere: what they
-        read from the controller and the log is copied now, the fresh policies are made when
-        they run (None before there is anything to replay)."""
+    def _replays(self) -> Callable[[], tuple[ShadowRun, ShadowRun]] | None:
+        """The two replays of a judgement, ready to run anywhere: what they read from the
+        controller and the log is copied now, the fresh policies are made when they run (None
+        before there is anything to replay)."""
         from rtlm_adapt.shadow import ShadowSetup, replay  # the simulator: only when judging
 
         controller = self._controller() if self._controller is not None else None
         setup = ShadowSetup.of(controller) if controller is not None else None
         if controller is None or setup is None or not self.traffic.records():
             return None
-        window = self.traffic.window(taken_at=now)  # copies
+        window = self.traffic.window()  # copies
         make, scorer = dict(self._policies), controller.scorer
 
         def run() -> tuple[ShadowRun, ShadowRun]:

@@ -225,8 +225,6 @@ class AdaptiveController(Checkpointed):
                 entries = self._room.take(room, now, offload_only=not primary)
             for live in entries:
                 self._running.start(live, state.name)
-                if self.traffic is not None:
-                    self.traffic.record_start(live.request_id, now)
             return [live.request for live in entries]
 
     def on_step(self, executor: str, result: StepResult) -> None:

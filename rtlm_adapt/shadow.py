@@ -14,12 +14,10 @@ in the situation it made: the window's backlog (requests still waiting or runnin
 queued at that moment, and the replayed controller starts from the smoothed signals the live
 one had then. What it takes as given:
 
-- The backlog is queued afresh: a request that was running when the window opened waits for a
-  seat again, on either policy, and is served for the tokens it had left then.
+- The backlog is queued afresh: a request that was running when the window opened is served
+  from its first token, on either policy.
 - Requests still live when the replay is made are served for their predicted length (their true
-  one is not known yet), or for twice what they have generated where that is more
-  (:data:`LIVE_LENGTH_FACTOR`): the requests still running are the long ones. Ended ones are
-  served for the tokens they really generated.
+  one is not known yet); ended ones for the tokens they really generated.
 - The predictions are the recorded ones: the replayed controller does not predict or learn
   lengths again, so the policy under test sees what the live one saw.
 - Response times count from the window's opening: the wait a backlog request had before it is
@@ -79,11 +77,6 @@ if TYPE_CHECKING:
 
 #: What marks the id of a repeated arrival (``replay(..., repeat_arrivals=True)``).
 REPEAT_SUFFIX = "#again"
-#: A request still running after ``g`` generated tokens is served for this many times ``g``
-#: (at least its prediction): answer lengths are heavy-tailed, so one that has run long has
-#: about as far again to go. With 1x (what it is known to reach) replays ran under-loaded;
-#: with 2x they came within 0.855 of the live run (BENCHMARKS.md 4.10).
-LIVE_LENGTH_FACTOR = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,39 +195,16 @@ class ReplayController(AdaptiveController):
 def replay_requests(window: TrafficWindow) -> list[Request]:
     """The window's records as requests to serve again, backlog first, each carrying the
     length it is served for (see the module docstring)."""
-    pace = _decode_pace(window)
     out = []
     for record in window.records:
         live = record.request
-        tokens = _served_tokens(record, window, pace)
+        tokens = record.output_tokens
+        if tokens is None:  # still live: its prediction is the best guess
+            tokens = round(record.score.prediction.length)
         tokens = min(max(1, int(tokens)), live.max_tokens)
         out.append(replace(live, prompt_tokens=record.score.prompt_tokens,
                            metadata={TRUE_LENGTH_KEY: tokens}))
     return out
-
-
-def _decode_pace(window: TrafficWindow) -> float:
-    """Seconds per generated token on the primary, as the live controller last saw it (0:
-    unknown)."""
-    latest = next((r.signals for r in reversed(window.records) if r.signals is not None), None)
-    return latest.step_ewma if latest is not None else 0.0
-
-
-def _served_tokens(record: TrafficRecord, window: TrafficWindow, pace: float) -> float:
-    """The tokens a replay serves ``record`` for (see the module docstring): an ended request,
-    what it generated; a live one, its prediction, or :data:`LIVE_LENGTH_FACTOR` times what it
-    has generated where that is more; a backlog request that was running when the window
-    opened, only what it had left then. Generated tokens are counted at the primary's pace."""
-    started, generated = record.started_at, 0.0
-    tokens = record.output_tokens
-    if tokens is None:
-        tokens = round(record.score.prediction.length)
-        if started is not None and window.taken_at is not None and pace > 0:
-            so_far = (window.taken_at - started) / pace
-            tokens = max(tokens, round(LIVE_LENGTH_FACTOR * so_far) + 1)
-    if started is not None and started < window.start and pace > 0:
-        generated = (window.start - started) / pace
-    return max(1.0, tokens - generated)
 
 
 def repeated(requests: list[Request], start: float) -> list[Request]:

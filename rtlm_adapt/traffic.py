@@ -57,8 +57,6 @@ class TrafficRecord:
     finished_at: float | None = None
     #: The controller's smoothed signals just before it arrived (None if not recorded).
     signals: ServingSignals | None = None
-    #: When the controller handed it to an executor (None while it waits, or not recorded).
-    started_at: float | None = None
 
     def live_at(self, t: float) -> bool:
         """Whether it had arrived and not yet ended at time ``t``."""
@@ -69,14 +67,12 @@ class TrafficRecord:
 @dataclass(frozen=True, slots=True)
 class TrafficWindow:
     """What a replay serves: the records of a stretch of traffic that opened at ``start``,
-    with those that were still live then (the backlog, arrived before ``start``) first, the
-    controller's smoothed ``signals`` when it opened (None: fresh ones), and when it was taken
-    (``taken_at``; None: not said)."""
+    with those that were still live then (the backlog, arrived before ``start``) first, and
+    the controller's smoothed ``signals`` when it opened (None: fresh ones)."""
 
     start: float
     records: tuple[TrafficRecord, ...]
     signals: ServingSignals | None = None
-    taken_at: float | None = None
 
     @classmethod
     def of(cls, records: Sequence[TrafficRecord]) -> TrafficWindow:
@@ -120,12 +116,6 @@ class TrafficLog:
             if oldest.live_at(opens):  # still live when the window now opens: backlog
                 self._backlog[rid] = oldest
 
-    def record_start(self, request_id: str, at: float) -> None:
-        """A request was handed to an executor at ``at`` (the first time counts)."""
-        record = self._records.get(request_id) or self._backlog.get(request_id)
-        if record is not None and record.started_at is None:
-            record.started_at = at
-
     def record_end(self, request_id: str, *, output_tokens: int, finished_at: float) -> None:
         """A request that ran ended at ``finished_at``, after ``output_tokens`` tokens."""
         record = self._records.get(request_id) or self._backlog.get(request_id)
@@ -138,9 +128,9 @@ class TrafficLog:
         self._records.pop(request_id, None)
         self._backlog.pop(request_id, None)
 
-    def window(self, taken_at: float | None = None) -> TrafficWindow:
-        """The window as it stands at ``taken_at`` (the live clock's now), backlog first, as
-        copies a replay may keep (raises ValueError while the log is empty)."""
+    def window(self) -> TrafficWindow:
+        """The window as it stands, backlog first, as copies a replay may keep (raises
+        ValueError while the log is empty)."""
         if not self._records:
             raise ValueError("the traffic log is empty: there is no window to replay")
         first = next(iter(self._records.values()))
@@ -149,7 +139,7 @@ class TrafficLog:
         for rid in [rid for rid, r in self._backlog.items() if not r.live_at(start)]:
             del self._backlog[rid]
         records = [*self._backlog.values(), *self._records.values()]
-        return TrafficWindow(start, tuple(replace(r) for r in records), first.signals, taken_at)
+        return TrafficWindow(start, tuple(replace(r) for r in records), first.signals)
 
     def records(self) -> list[TrafficRecord]:
         """The window's records, oldest first (without the backlog)."""

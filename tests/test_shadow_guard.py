@@ -34,7 +34,6 @@ from rtlm_adapt.shadow import (
     replay,
     replay_requests,
 )
-from rtlm_adapt.signals import ServingSignals
 from rtlm_adapt.traffic import TrafficLog, TrafficWindow
 
 SECONDARY = StepCost.default_secondary()
@@ -209,38 +208,6 @@ def test_a_replay_serves_live_requests_for_their_prediction_on_the_live_clock():
     assert ShadowSetup.of(AdaptiveController("fcfs")) is None  # no executor reported yet
     with pytest.raises(ValueError, match="empty"):
         TrafficLog().window()
-
-
-def test_a_replay_serves_what_a_running_request_has_shown_of_its_length():
-    """The requests still running when a window is taken are the long ones (BENCHMARKS.md
-    4.10): one is served for twice what it has generated at the primary's pace, where that is
-    more than its prediction; a backlog request that was running when the window opened, for
-    what it had left."""
-    pace = ServingSignals(step_ewma=0.05)  # 20 tokens a second on the primary
-    log = TrafficLog(capacity=3)
-    log.record_submit(_request(0, 0.0), _score(200.0), pace)  # running since 1 s: the backlog
-    log.record_start("r0", 1.0)
-    log.record_start("r0", 3.0)  # a retry's start does not count
-    for i, predicted in ((1, 50.0), (2, 500.0), (3, 50.0)):
-        log.record_submit(_request(i, 2.0 + i), _score(predicted), pace)
-    log.record_start("r1", 4.0)
-    log.record_start("r2", 4.0)  # r3 still waits
-    log.record_end("r0", output_tokens=300, finished_at=40.0)
-    window = log.window(taken_at=14.0)  # opens at 3.0; r0 had run 2 s (40 tokens) by then
-    assert window.start == 3.0 and window.taken_at == 14.0
-    served = {r.id: r.metadata[TRUE_LENGTH_KEY] for r in replay_requests(window)}
-    # r0: 300 - 40 left; r1: 10 s run = 200 tokens, served for 2 x 200 + 1 > its 50 predicted;
-    # r2: its 500 predicted covers 401; r3 has not started: its prediction
-    assert served == {"r0": 260, "r1": 401, "r2": 500, "r3": 50}
-    # a window taken without a time, or records without starts, are served as predicted
-    assert [r.metadata[TRUE_LENGTH_KEY] for r in replay_requests(log.window())] == [
-        260, 50, 500, 50]
-    # the controller records when it hands a request to an executor
-    ctl = AdaptiveController("fcfs")
-    ctl.watch_traffic(log := TrafficLog())
-    ctl.submit(_request(7, 0.0))
-    ctl.next_batch(ExecutorState("gpu", "primary", 0, 4, now=2.5))
-    assert log.records()[0].started_at == 2.5
 
 
 def test_the_log_keeps_the_backlog_the_window_opened_with():

@@ -11,15 +11,11 @@ replay of the heuristic under itself from the live run it replays.
 
 Each held-out grid cell (main grid, with the CPU secondary; 1,600 requests, one window) is served
 live by the heuristic with a traffic log watching. Every 200 arrivals from the 400th on, the log's
-window is replayed (as the guard does, without the second copy of the arrivals) three times:
+window is replayed (as the guard does, without the second copy of the arrivals) twice:
 
-- ``predicted``: as session 18's replays read it (no start times): a live request served for its
-  prediction, the backlog from its first token;
-- ``as-the-guard``: the window exactly as the log holds it at that moment (since session 19: a
-  live request is served for twice what it has generated at the primary's pace where that is
-  more than its prediction; a running backlog request for what it had left when the window
-  opened);
-- ``true-lengths``: that, with every request's true length filled in from the end of the run.
+- ``as-the-guard``: the window exactly as the log holds it at that moment;
+- ``true-lengths``: the same window with every request's true length filled in from the end of
+  the run, which leaves only the backlog's fresh start between the replay and the run.
 
 Figures: the replay's mean response time of the window's own arrivals over the live run's for the
 same requests, and the same for its backlog (counted from the window's opening in both); and, for
@@ -52,19 +48,12 @@ from rtlm_adapt.traffic import TrafficLog, TrafficWindow
 
 SECONDARY = StepCost.load("smollm2-135m-cpu2-secondary")  # the grid's (ppo_train.run_summary)
 EVERY = 200
-VARIANTS = ("predicted", "as-the-guard", "true-lengths")
 
 
 def with_true_lengths(window: TrafficWindow, lengths: dict[str, int]) -> TrafficWindow:
     """``window`` with each record's output as the run finally generated it."""
     records = tuple(replace(r, output_tokens=lengths[r.request.id]) for r in window.records)
     return replace(window, records=records)
-
-
-def without_starts(window: TrafficWindow) -> TrafficWindow:
-    """``window`` as session 18's replays read it: no start times, so every live request is
-    served for its prediction and the backlog from its first token."""
-    return replace(window, records=tuple(replace(r, started_at=None) for r in window.records))
 
 
 def ratios(window: TrafficWindow, replayed, live: dict[str, Completion]) -> dict[str, float]:
@@ -99,9 +88,8 @@ def cell_rows(case) -> list[dict]:
     loop.add_requests(requests)
     windows = []
     for k in range(2 * EVERY, len(requests), EVERY):
-        now = requests[k].arrival_time
-        loop.advance(now)  # the k-th request has just arrived
-        windows.append((log.window(taken_at=now), ShadowSetup.of(ctl)))
+        loop.advance(requests[k].arrival_time)  # the k-th request has just arrived
+        windows.append((log.window(), ShadowSetup.of(ctl)))
     live = {c.request_id: c for c in loop.run().completions}
     lengths = {rid: c.output_tokens for rid, c in live.items()}
     rows = []
@@ -115,7 +103,7 @@ def cell_rows(case) -> list[dict]:
                           if unended else None,
                           "true": float(np.mean([lengths[r.request.id] for r in unended]))
                           if unended else None}
-        for variant, w in (("predicted", without_starts(window)), ("as-the-guard", window),
+        for variant, w in (("as-the-guard", window),
                            ("true-lengths", with_true_lengths(window, lengths))):
             row[variant] = ratios(w, replay(w, make_policy("heuristic"), setup), live)
         rows.append(row)
@@ -133,12 +121,12 @@ def main() -> None:
         rows = cell_rows(cases[0])
         out.append({"cell": cell.label(), "windows": rows})
         summary = {v: {p: float(np.mean([r[v][p] for r in rows if p in r[v]]))
-                       for p in ("arrivals", "backlog")} for v in VARIANTS}
+                       for p in ("arrivals", "backlog")} for v in ("as-the-guard", "true-lengths")}
         print(f"{cell.label():<60} " + "  ".join(
             f"{v}: arrivals {s['arrivals']:.3f}, backlog {s['backlog']:.3f}"
             for v, s in summary.items()), flush=True)
     print()
-    for v in VARIANTS:
+    for v in ("as-the-guard", "true-lengths"):
         for p in ("arrivals", "backlog"):
             values = [r[v][p] for c in out for r in c["windows"] if p in r[v]]
             print(f"{v:<14} {p:<9} replay / live: mean {np.mean(values):.3f}, "
