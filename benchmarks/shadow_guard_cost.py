@@ -37,7 +37,6 @@ from rtlm_adapt.shadow import ShadowSetup, replay
 from rtlm_adapt.traffic import TrafficLog, TrafficWindow
 
 PROFILES = ("default", "vllm-cpu-smollm2-135m")
-SECONDARY = "smollm2-135m-cpu2-secondary"
 
 
 def recorded(profile: str, n: int):
@@ -53,7 +52,7 @@ def recorded(profile: str, n: int):
         return ctl
 
     run = run_policy("ppo-unguarded", workload, primary_cost=primary,
-                     secondary_cost=StepCost.load(SECONDARY), controller_factory=factory)
+                     secondary_cost=StepCost.default_secondary(), controller_factory=factory)
     return run, log, workload, primary
 
 
@@ -76,7 +75,7 @@ def run_seconds(workload, primary: StepCost, repeats: int) -> dict[str, float]:
         for name in (["ppo", "ppo-unguarded"] if i % 2 == 0 else ["ppo-unguarded", "ppo"]):
             t = time.perf_counter()
             run_policy(make_policy(name), workload, primary_cost=primary,
-                       secondary_cost=StepCost.load(SECONDARY),
+                       secondary_cost=StepCost.default_secondary(),
                        controller_factory=lambda p, **kw: AdaptiveController(p, epoch_s=5.0, **kw))
             times[name].append(time.perf_counter() - t)
     return {name: min(ts) for name, ts in times.items()}
@@ -86,7 +85,8 @@ def submit_us(repeats: int, n: int = 2000) -> dict[str, float]:
     """Best time of ``AdaptiveController.submit`` per request (features computed beforehand,
     as a front end does), with and without a traffic log, alternating the order."""
     prompts = [f"Write a short note about topic number {i}, please." for i in range(n)]
-    features = [AdaptiveController("heuristic").prompt_features(p) for p in prompts]
+    extractor = AdaptiveController("heuristic")  # features touch no controller state
+    features = [extractor.prompt_features(p) for p in prompts]
     times: dict[str, list[float]] = {"no log": [], "log": []}
     for i in range(2 * repeats):
         for name in (["no log", "log"] if i % 2 == 0 else ["log", "no log"]):

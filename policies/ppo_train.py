@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from rtlm_adapt.calibration.step_cost import DEFAULT_PROFILE, StepCost
+from rtlm_adapt.calibration.step_cost import DEFAULT_PROFILE, DEFAULT_SECONDARY_PROFILE, StepCost
 from rtlm_adapt.controller import AdaptiveController
 from rtlm_adapt.experiment import Workload, run_policy
 from rtlm_adapt.metrics import Summary
@@ -220,7 +220,7 @@ def run_summary(policy: Any, case: EvalCase, env_options: dict[str, Any]) -> Sum
     from rtlm_adapt.envs.scenarios import scenario_cost
 
     primary = scenario_cost(case.scenario, env_options.get("profile", DEFAULT_PROFILE))
-    second = env_options.get("secondary_profile", "smollm2-135m-cpu2-secondary")
+    second = env_options.get("secondary_profile", DEFAULT_SECONDARY_PROFILE)
     secondary = StepCost.load(second) if second and case.scenario.secondary else None
     factory = functools.partial(
         AdaptiveController, epoch_s=env_options.get("epoch_s", 5.0), scorer=shared_scorer()

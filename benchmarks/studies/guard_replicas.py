@@ -51,7 +51,7 @@ from rtlm_adapt.traffic import TrafficLog
 
 VARIANTS = ("heuristic", "unguarded", "guarded", "guarded-first")
 BACKENDS = ("backend-a", "backend-b")
-SECONDARY = StepCost.load("smollm2-135m-cpu2-secondary")  # the grid's (ppo_train.run_summary)
+SECONDARY = StepCost.default_secondary()  # the grid's (ppo_train.run_summary)
 
 
 def first_primary_only() -> None:

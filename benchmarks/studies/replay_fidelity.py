@@ -46,7 +46,7 @@ from rtlm_adapt.serving.simulated import simulated_executor
 from rtlm_adapt.shadow import ShadowSetup, replay
 from rtlm_adapt.traffic import TrafficLog, TrafficWindow
 
-SECONDARY = StepCost.load("smollm2-135m-cpu2-secondary")  # the grid's (ppo_train.run_summary)
+SECONDARY = StepCost.default_secondary()  # the grid's (ppo_train.run_summary)
 EVERY = 200
 
 
